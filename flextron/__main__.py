@@ -1,0 +1,5 @@
+import sys
+
+from flextron.cli import main
+
+sys.exit(main())

@@ -1,0 +1,168 @@
+"""`flextron convert`: a source model in, a permuted nested elastic checkpoint out, with measured parity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from flextron.data import BUILTIN_CORPUS, token_windows
+from flextron.elastic import (
+    IMPORTANCE_FILE,
+    SPEC_FILE,
+    ElasticModel,
+    identity_order,
+    importance_order,
+    measure_importance,
+    permute_weights,
+    spec_from_model,
+)
+from flextron.errors import FlextronError
+from flextron.models import DEFAULT_MODEL, adapter_for, load_source
+from flextron.progress import progress
+from flextron.rundir import RunDir, write_json_atomic
+from flextron.spec import DEFAULT_ALIGNMENT, DEFAULT_HEAD_CHOICES, DEFAULT_MLP_CHOICES
+
+CONFIG_FILE = "convert_config.json"
+PARITY_TOLERANCE = 1e-4
+PARITY_TOLERANCE_FP64 = 1e-8
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    model: str = DEFAULT_MODEL
+    out: str = "runs/demo"
+    alignment: int = DEFAULT_ALIGNMENT
+    mlp_choices: int = DEFAULT_MLP_CHOICES
+    head_choices: int = DEFAULT_HEAD_CHOICES
+    rank: bool = True  # False keeps the stored order (first-k slicing), the baseline ranking is measured against
+    corpus: str = BUILTIN_CORPUS
+    calib_windows: int = 32
+    calib_seq_len: int = 256
+    overwrite: bool = False
+
+    def __post_init__(self):
+        for name in ("alignment", "mlp_choices", "head_choices", "calib_windows", "calib_seq_len"):
+            if getattr(self, name) < 1:
+                raise FlextronError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+def _check_out_dir(run: RunDir, cfg: ConvertConfig) -> dict | None:
+    """Return the existing convert config if this run already converted the same thing; refuse a
+    directory that holds another run or unrelated files (unless --overwrite)."""
+    prev_cfg = run / CONFIG_FILE
+    if prev_cfg.is_file() and (run.elastic / SPEC_FILE).is_file():
+        prev = json.loads(prev_cfg.read_text())
+        same = {k: v for k, v in prev.items() if k not in ("out", "overwrite")} == {
+            k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")
+        }
+        if same and not cfg.overwrite:
+            return prev
+        if not cfg.overwrite:
+            raise FlextronError(
+                f"{run.root} already holds a run converted from {prev.get('model')!r} with other settings; "
+                "choose a new --out, or pass --overwrite to replace it (its later stages are removed too)"
+            )
+    elif run.root.exists() and any(run.root.iterdir()) and not cfg.overwrite:
+        raise FlextronError(
+            f"{run.root} exists and is not an empty flextron run directory; choose a new --out or pass --overwrite"
+        )
+    return None
+
+
+@torch.no_grad()
+def _logits64(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits in float64 with eager attention (the model is cast there and back; fp32 -> fp64 ->
+    fp32 is lossless). Eager, because PyTorch's CPU SDPA kernel keeps ~1e-5 of error even in fp64,
+    which would hide whether the permutation itself is exact."""
+    impl = model.config._attn_implementation
+    model.to(torch.float64)
+    model.set_attn_implementation("eager")
+    try:
+        return model(input_ids=ids, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(impl)
+        model.to(torch.float32)
+
+
+@torch.no_grad()
+def convert(cfg: ConvertConfig) -> dict:
+    """Convert `cfg.model` into `cfg.out/elastic`. Returns the JSON summary (spec, parity, seconds)."""
+    run = RunDir(cfg.out)
+    prev = _check_out_dir(run, cfg)
+    if prev is not None:
+        report = json.loads((run.elastic / "convert_report.json").read_text())
+        return {**report, "reused": True}
+    t0 = time.perf_counter()
+    model, tok = load_source(cfg.model)
+    adapter = adapter_for(model.config)
+    spec = spec_from_model(model, cfg.alignment, cfg.mlp_choices, cfg.head_choices)
+    t_load = time.perf_counter() - t0
+
+    parity_ids = token_windows(tok, adapter, "validation", 128, max_windows=2, corpus=cfg.corpus)
+    ref_logits = model(input_ids=parity_ids, use_cache=False).logits
+    ref_logits64 = _logits64(model, parity_ids)
+
+    if cfg.rank:
+        calib = token_windows(tok, adapter, "calibration", cfg.calib_seq_len, cfg.calib_windows, corpus=cfg.corpus)
+        importance = measure_importance(model, calib, progress=lambda it: progress(it, desc="importance"))
+        order = importance_order(importance, spec.num_kv_heads)
+    else:
+        importance, order = None, identity_order(spec)
+    permute_weights(model, order)
+
+    # Write the new checkpoint beside the old one and swap at the end: a failure leaves the
+    # previous run untouched.
+    run.root.mkdir(parents=True, exist_ok=True)
+    tmp = run.root / "elastic.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    spec.save(tmp / SPEC_FILE)
+    if importance is not None:
+        (tmp / IMPORTANCE_FILE).write_text(json.dumps({**importance, "order": order}))
+
+    # Parity is measured on the checkpoint as written, reloaded the way every later stage loads it.
+    elastic = ElasticModel.load(tmp)
+    full_logits = elastic(input_ids=parity_ids, use_cache=False).logits
+    parity = (full_logits - ref_logits).abs().max().item()
+    parity64 = (_logits64(elastic.model, parity_ids) - ref_logits64).abs().max().item()
+    fp32_floor = (ref_logits.double() - ref_logits64).abs().max().item()
+    # The permutation reorders sums, which is exact in real arithmetic: in fp64 the difference
+    # must vanish. In fp32 it may not exceed 1e-4 or, for deep models whose own fp32 rounding
+    # already exceeds that, twice the original's distance from its own fp64 result.
+    fp32_bound = max(PARITY_TOLERANCE, 2 * fp32_floor)
+    if parity64 > PARITY_TOLERANCE_FP64 or parity > fp32_bound:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FlextronError(
+            f"full-width elastic logits differ from the original by {parity:.3g} in fp32 (bound {fp32_bound:.3g}) "
+            f"and {parity64:.3g} in fp64 (bound {PARITY_TOLERANCE_FP64}); the conversion was not written. "
+            "Please report this model with its config.json"
+        )
+    report = {
+        "model": cfg.model,
+        "family": spec.family,
+        "spec": spec.summary(),
+        "parity_max_abs_diff": parity,
+        "parity_fp64_max_abs_diff": parity64,
+        "fp32_noise_floor": fp32_floor,
+        "parity_tokens": parity_ids.numel(),
+        "ranked": cfg.rank,
+        "calibration_tokens": importance["tokens"] if importance else 0,
+        "load_s": round(t_load, 2),
+        "convert_s": round(time.perf_counter() - t0, 2),
+    }
+    (tmp / "convert_report.json").write_text(json.dumps(report, indent=1))
+    if cfg.overwrite and run.root.exists():
+        # Later stages describe the old weights; they would silently mix with the new ones.
+        for stale in ("elastic", "profile", "latency_model", "search", "router", "train", "export", "reports"):
+            shutil.rmtree(run / stale, ignore_errors=True)
+    else:
+        shutil.rmtree(run.elastic, ignore_errors=True)
+    tmp.rename(run.elastic)
+    write_json_atomic(run / CONFIG_FILE, asdict(cfg))
+    return {**report, "reused": False}

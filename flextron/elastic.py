@@ -1,0 +1,262 @@
+"""The nested elastic model: importance ranking, a one-time permutation, and prefix slicing.
+
+After `permute_by_importance`, every smaller width is a prefix of every larger one: MLP neuron j
+is the j-th most important, and heads are ordered by KV group (most important group first), then by
+importance inside the group. `ElasticLinear` then runs any width as a view of the same weights, so
+one checkpoint serves every SubnetConfig without copying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flextron.errors import FlextronError
+from flextron.models import FamilyAdapter, adapter_for
+from flextron.spec import ElasticSpec, SubnetConfig
+
+SPEC_FILE = "elastic_spec.json"
+IMPORTANCE_FILE = "importance.json"
+
+
+class ElasticLinear(nn.Linear):
+    """An nn.Linear that runs on the prefix `[:active_out, :active_in]` of its weight.
+
+    It shares the Parameter objects of the Linear it replaces, so state-dict keys, tying and
+    optimizers are unchanged. At full size the weight is used as-is (same kernel as the original).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.active_in = linear.in_features
+        self.active_out = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.active_out == self.out_features and self.active_in == self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        w = self.weight[: self.active_out, : self.active_in]
+        b = None if self.bias is None else self.bias[: self.active_out]
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        return f"in={self.active_in}/{self.in_features}, out={self.active_out}/{self.out_features}"
+
+
+def spec_from_model(model, alignment: int, mlp_choices: int, head_choices: int) -> ElasticSpec:
+    c = model.config
+    adapter = adapter_for(c)
+    layer0 = adapter.layers(model)[0]
+    attn = adapter.attn_of(layer0)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return ElasticSpec.build(
+        family=c.model_type,
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads,
+        head_dim=head_dim,
+        vocab_size=c.vocab_size,
+        tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+        attention_bias=getattr(attn, adapter.q).bias is not None,
+        alignment=alignment,
+        mlp_choices=mlp_choices,
+        head_choices=head_choices,
+    )
+
+
+# ---- importance ------------------------------------------------------------------------------------
+@torch.no_grad()
+def measure_importance(model, windows: torch.Tensor, batch_size: int = 4, progress=None) -> dict:
+    """Mean activation magnitude per MLP neuron (input of down_proj) and per head (L2 of the head's
+    slice of the input of o_proj), averaged over calibration tokens. Returns lists per layer."""
+    adapter = adapter_for(model.config)
+    layers = adapter.layers(model)
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    mlp_sum = [None] * len(layers)
+    head_sum = [None] * len(layers)
+    hooks = []
+
+    def mlp_hook(i):
+        def hook(_mod, args):
+            x = args[0].float()
+            s = x.abs().reshape(-1, x.shape[-1]).sum(0)
+            mlp_sum[i] = s if mlp_sum[i] is None else mlp_sum[i] + s
+        return hook
+
+    def head_hook(i):
+        def hook(_mod, args):
+            x = args[0].float()
+            x = x.reshape(-1, x.shape[-1] // head_dim, head_dim)
+            s = x.norm(dim=-1).sum(0)
+            head_sum[i] = s if head_sum[i] is None else head_sum[i] + s
+        return hook
+
+    for i, layer in enumerate(layers):
+        hooks.append(getattr(adapter.mlp_of(layer), adapter.down).register_forward_pre_hook(mlp_hook(i)))
+        hooks.append(getattr(adapter.attn_of(layer), adapter.o).register_forward_pre_hook(head_hook(i)))
+    try:
+        batches = list(windows.split(batch_size))
+        for ids in (progress(batches) if progress else batches):
+            model(input_ids=ids.to(model.device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    n_tokens = windows.numel()
+    return {
+        "mlp": [(s / n_tokens).tolist() for s in mlp_sum],
+        "heads": [(s / n_tokens).tolist() for s in head_sum],
+        "tokens": n_tokens,
+    }
+
+
+def importance_order(importance: dict, num_kv_heads: int) -> dict:
+    """Permutations per layer: MLP neurons by importance; KV groups as units by summed importance,
+    then query heads inside each group by their own importance."""
+    mlp_orders, head_orders, group_orders = [], [], []
+    for mlp_imp, head_imp in zip(importance["mlp"], importance["heads"]):
+        mlp_orders.append(torch.argsort(torch.tensor(mlp_imp), descending=True, stable=True).tolist())
+        h = torch.tensor(head_imp)
+        per_group = len(head_imp) // num_kv_heads
+        groups = h.view(num_kv_heads, per_group)
+        g_order = torch.argsort(groups.sum(1), descending=True, stable=True).tolist()
+        heads = []
+        for g in g_order:
+            within = torch.argsort(groups[g], descending=True, stable=True).tolist()
+            heads.extend(g * per_group + j for j in within)
+        group_orders.append(g_order)
+        head_orders.append(heads)
+    return {"mlp": mlp_orders, "heads": head_orders, "groups": group_orders}
+
+
+def identity_order(spec: ElasticSpec) -> dict:
+    """No ranking: smaller widths keep the first-k neurons and heads as the model stores them."""
+    L = spec.num_layers
+    return {
+        "mlp": [list(range(spec.intermediate_size))] * L,
+        "heads": [list(range(spec.num_heads))] * L,
+        "groups": [list(range(spec.num_kv_heads))] * L,
+    }
+
+
+@torch.no_grad()
+def permute_weights(model, order: dict) -> None:
+    """Permute the weights in place so each ranking becomes a prefix. The function the model
+    computes at full width is unchanged (up to float summation order)."""
+    adapter = adapter_for(model.config)
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    def rows(lin, idx, block):
+        idx_full = (torch.tensor(idx)[:, None] * block + torch.arange(block)).flatten()
+        lin.weight.copy_(lin.weight[idx_full])
+        if lin.bias is not None:
+            lin.bias.copy_(lin.bias[idx_full])
+
+    def cols(lin, idx, block):
+        idx_full = (torch.tensor(idx)[:, None] * block + torch.arange(block)).flatten()
+        lin.weight.copy_(lin.weight[:, idx_full])
+
+    for i, layer in enumerate(adapter.layers(model)):
+        mlp, attn = adapter.mlp_of(layer), adapter.attn_of(layer)
+        rows(getattr(mlp, adapter.gate), order["mlp"][i], 1)
+        rows(getattr(mlp, adapter.up), order["mlp"][i], 1)
+        cols(getattr(mlp, adapter.down), order["mlp"][i], 1)
+        rows(getattr(attn, adapter.q), order["heads"][i], head_dim)
+        rows(getattr(attn, adapter.k), order["groups"][i], head_dim)
+        rows(getattr(attn, adapter.v), order["groups"][i], head_dim)
+        cols(getattr(attn, adapter.o), order["heads"][i], head_dim)
+
+
+# ---- the elastic model -----------------------------------------------------------------------------
+class ElasticModel:
+    """A transformers causal LM whose layers run any SubnetConfig of `spec` by prefix slicing.
+
+    `model` is the ordinary transformers model (generate, caches and attention kernels are its own);
+    only its q/k/v/o and gate/up/down Linears are swapped for ElasticLinears sharing the weights.
+    """
+
+    def __init__(self, model, tokenizer, spec: ElasticSpec):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.adapter: FamilyAdapter = adapter_for(model.config)
+        self._linears: list[dict[str, ElasticLinear]] = []
+        for layer in self.adapter.layers(model):
+            found = {}
+            for part, parent in (("q", "attn"), ("k", "attn"), ("v", "attn"), ("o", "attn"),
+                                 ("gate", "mlp"), ("up", "mlp"), ("down", "mlp")):
+                holder = getattr(layer, getattr(self.adapter, parent))
+                name = getattr(self.adapter, part)
+                lin = getattr(holder, name)
+                if not isinstance(lin, ElasticLinear):
+                    lin = ElasticLinear(lin)
+                    setattr(holder, name, lin)
+                found[part] = lin
+            self._linears.append(found)
+        self.config = spec.full()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def set_config(self, cfg: SubnetConfig) -> None:
+        self.spec.validate(cfg)
+        d, r = self.spec.head_dim, self.spec.q_per_kv
+        for lin, w, h in zip(self._linears, cfg.mlp_width, cfg.heads):
+            lin["gate"].active_out = lin["up"].active_out = lin["down"].active_in = w
+            lin["q"].active_out = lin["o"].active_in = h * d
+            lin["k"].active_out = lin["v"].active_out = (h // r) * d
+        self.config = cfg
+
+    @contextlib.contextmanager
+    def use(self, cfg: SubnetConfig):
+        """Run the block under `cfg`, then restore the previous config."""
+        prev = self.config
+        self.set_config(cfg)
+        try:
+            yield self
+        finally:
+            self.set_config(prev)
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def to(self, device=None, dtype=None) -> "ElasticModel":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    @classmethod
+    def load(cls, elastic_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ElasticModel":
+        """Load a converted model (safetensors only, no remote code)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        elastic_dir = Path(elastic_dir)
+        if not (elastic_dir / SPEC_FILE).is_file():
+            raise FlextronError(f"{elastic_dir} holds no converted model; run `flextron convert` first")
+        spec = ElasticSpec.load(elastic_dir / SPEC_FILE)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                elastic_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False
+            )
+            tok = AutoTokenizer.from_pretrained(elastic_dir, trust_remote_code=False)
+        except Exception as e:
+            raise FlextronError(
+                f"cannot load the elastic checkpoint in {elastic_dir} ({type(e).__name__}: {str(e)[:200]}); "
+                "it may be corrupt: re-run `flextron convert`"
+            ) from e
+        return cls(model.to(device).eval(), tok, spec)
+
+
+def load_importance(elastic_dir: str | Path) -> dict | None:
+    p = Path(elastic_dir) / IMPORTANCE_FILE
+    return json.loads(p.read_text()) if p.is_file() else None

@@ -1,0 +1,105 @@
+"""Quality of a sub-network: mean next-token loss and perplexity on held-out windows."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from flextron.data import BUILTIN_CORPUS, token_windows
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.spec import ElasticSpec, SubnetConfig
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    run: str = "runs/demo"
+    config: str = "full"
+    split: str = "validation"
+    seq_len: int = 256
+    windows: int = 32  # 32 x 256 = 8192 tokens: a fast CPU default
+    batch_size: int = 8
+    corpus: str = BUILTIN_CORPUS
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.split in ("calibration", "train"):
+            raise FlextronError(f"--split {self.split} was seen while building the model; evaluate on validation or test")
+        for name in ("seq_len", "windows", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FlextronError(f"--{name.replace('_', '-')} must be positive")
+
+
+def parse_config(spec: ElasticSpec, text: str) -> SubnetConfig:
+    """`full`, `smallest`, `uniform:F` (MLP fraction), `uniform:F:H` (MLP and heads fractions),
+    a JSON object, or a path to a JSON file holding one."""
+    text = text.strip()
+    if text == "full":
+        return spec.full()
+    if text == "smallest":
+        return spec.smallest()
+    if text.startswith("uniform:"):
+        parts = text.split(":")[1:]
+        try:
+            fracs = [float(p) for p in parts]
+        except ValueError:
+            raise FlextronError(f"cannot read {text!r}; write uniform:0.5 or uniform:0.5:0.67") from None
+        if len(fracs) not in (1, 2):
+            raise FlextronError(f"cannot read {text!r}; write uniform:MLP_FRACTION[:HEADS_FRACTION]")
+        return spec.uniform(*fracs)
+    if text.startswith("{"):
+        return spec.validate(SubnetConfig.from_json(text))
+    path = Path(text)
+    if not path.is_file():
+        raise FlextronError(
+            f"config {text!r} is not full, smallest, uniform:FRACTION, a JSON object, or an existing JSON file"
+        )
+    raw = path.read_text()
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise FlextronError(f"config file {path} is not valid JSON ({e})") from e
+    if isinstance(obj, dict) and "config" in obj and isinstance(obj["config"], dict):
+        obj = obj["config"]  # accept lookup rows and export records, which wrap the config
+    return spec.validate(SubnetConfig.from_dict(obj))
+
+
+@torch.no_grad()
+def mean_loss(elastic: ElasticModel, cfg: SubnetConfig, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy (nats) of `cfg` over `windows` [n, seq_len]."""
+    total, count = 0.0, 0
+    with elastic.use(cfg):
+        for ids in windows.split(batch_size):
+            ids = ids.to(elastic.device)
+            logits = elastic(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            total += loss.item()
+            count += ids[:, 1:].numel()
+    return total / count
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    from flextron.rundir import RunDir
+
+    run = RunDir(cfg.run)
+    elastic = ElasticModel.load(run.require("elastic"), device=cfg.device)
+    sub = parse_config(elastic.spec, cfg.config)
+    windows = token_windows(elastic.tokenizer, elastic.adapter, cfg.split, cfg.seq_len, cfg.windows, cfg.corpus)
+    loss = mean_loss(elastic, sub, windows, cfg.batch_size)
+    return {
+        "config": cfg.config,
+        "split": cfg.split,
+        "loss": round(loss, 5),
+        "ppl": round(perplexity(loss), 4),
+        "tokens": int(windows[:, 1:].numel()),
+        "params": sub.param_count(elastic.spec),
+    }

@@ -1,0 +1,379 @@
+"""The shared nouns: ElasticSpec (what may be cut), SubnetConfig (one cut), Regime (where it runs).
+
+Every package uses these definitions; none keeps its own copy of a shape or a cost formula.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from flextron.errors import FlextronError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DEFAULT_ALIGNMENT = 64
+DEFAULT_MLP_CHOICES = 8
+DEFAULT_HEAD_CHOICES = 4
+
+
+def aligned_widths(full: int, n_choices: int, alignment: int) -> tuple[int, ...]:
+    """Widths k/n * full rounded to the alignment, plus the full width itself.
+
+    Widths that are not a multiple of the alignment fall back to slower GEMM tiles on a GPU
+    (several times slower on H100 for odd widths), so only aligned prefixes are offered. The full
+    width is always kept even if the base model's own width is unaligned.
+    """
+    if n_choices < 1:
+        raise FlextronError(f"--mlp-choices must be at least 1, got {n_choices}")
+    out = {full}
+    for k in range(1, n_choices):
+        w = int(round(full * k / n_choices / alignment)) * alignment
+        if alignment <= w < full:
+            out.add(w)
+    return tuple(sorted(out))
+
+
+def group_head_counts(num_heads: int, num_kv_heads: int, n_choices: int) -> tuple[int, ...]:
+    """Head counts that drop whole KV groups, so the KV cache shrinks with the heads.
+
+    Keeping the query-per-KV ratio fixed keeps GQA kernels valid and makes fewer heads pay where
+    decode pays: in KV-cache reads.
+    """
+    per_group = num_heads // num_kv_heads
+    groups = set()
+    for k in range(1, n_choices + 1):
+        g = int(round(num_kv_heads * k / n_choices))
+        if g >= 1:
+            groups.add(g)
+    groups.add(num_kv_heads)
+    return tuple(sorted(g * per_group for g in groups))
+
+
+@dataclass(frozen=True)
+class SubnetConfig:
+    """One choice per layer: the MLP width and the attention head count of each decoder layer."""
+
+    mlp_width: tuple[int, ...]
+    heads: tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "mlp_width", tuple(int(w) for w in self.mlp_width))
+        object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+        if len(self.mlp_width) != len(self.heads):
+            raise FlextronError(
+                f"SubnetConfig has {len(self.mlp_width)} mlp_width entries but {len(self.heads)} "
+                "heads entries; give one of each per layer"
+            )
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.mlp_width)
+
+    def to_dict(self) -> dict:
+        return {"mlp_width": list(self.mlp_width), "heads": list(self.heads)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SubnetConfig":
+        if not isinstance(d, dict) or "mlp_width" not in d or "heads" not in d:
+            raise FlextronError(
+                'a SubnetConfig is a JSON object {"mlp_width": [...], "heads": [...]} '
+                f"with one entry per layer; got {str(d)[:200]}"
+            )
+        return cls(tuple(d["mlp_width"]), tuple(d["heads"]))
+
+    @classmethod
+    def from_json(cls, text: str) -> "SubnetConfig":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise FlextronError(f"config is not valid JSON ({e}); expected a SubnetConfig object") from e
+
+    @property
+    def key(self) -> str:
+        """A short stable string for tables and caches."""
+        return "m" + ".".join(map(str, self.mlp_width)) + "-h" + ".".join(map(str, self.heads))
+
+    # ---- analytic costs (per forward pass; shapes come from the spec) -------------------------
+    def param_count(self, spec: "ElasticSpec") -> int:
+        """Parameters this sub-network touches: embeddings, every layer's slices, norms, LM head."""
+        d, hd = spec.hidden_size, spec.head_dim
+        n = spec.vocab_size * d * (1 if spec.tie_word_embeddings else 2) + d
+        q_per_kv = spec.num_heads // spec.num_kv_heads
+        for w, h in zip(self.mlp_width, self.heads):
+            kv = h // q_per_kv
+            n += d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * w + 2 * d
+            if spec.attention_bias:
+                n += h * hd + 2 * kv * hd
+        return n
+
+    def matmul_params(self, spec: "ElasticSpec") -> int:
+        """Parameters that take part in matmuls for every token (embeddings are a gather)."""
+        return self.param_count(spec) - spec.vocab_size * spec.hidden_size * (
+            0 if spec.tie_word_embeddings else 1
+        ) - spec.hidden_size * (1 + 2 * self.num_layers)
+
+    def kv_bytes_per_token(self, spec: "ElasticSpec", dtype: str = "bfloat16") -> int:
+        """KV-cache bytes one token occupies across all layers."""
+        q_per_kv = spec.num_heads // spec.num_kv_heads
+        return sum(2 * (h // q_per_kv) * spec.head_dim * DTYPE_BYTES[dtype] for h in self.heads)
+
+    def flops(self, spec: "ElasticSpec", regime: "Regime") -> float:
+        """Forward FLOPs for the whole batch in this regime (2 per multiply-add)."""
+        tokens = regime.batch * regime.new_tokens
+        attn_ctx = regime.seq_len if regime.phase == "decode" else (regime.seq_len + 1) / 2
+        f = 2.0 * self.matmul_params(spec) * tokens
+        for h in self.heads:
+            f += 2 * 2 * h * spec.head_dim * attn_ctx * tokens  # QK^T and PV
+        return f
+
+    def bytes_moved(self, spec: "ElasticSpec", regime: "Regime") -> float:
+        """Minimum bytes read and written per forward: weights once, KV cache, activations in/out."""
+        b = DTYPE_BYTES[regime.dtype]
+        kv = self.kv_bytes_per_token(spec, regime.dtype)
+        weights = self.matmul_params(spec) * b
+        if regime.phase == "decode":
+            kv_traffic = regime.batch * (regime.seq_len * kv + kv)  # read context, write new token
+        else:
+            kv_traffic = regime.batch * regime.seq_len * kv  # written once
+        acts = regime.batch * regime.new_tokens * (2 * spec.hidden_size * b + spec.vocab_size * b)
+        return weights + kv_traffic + acts
+
+    def flops_per_token(self, spec: "ElasticSpec", regime: "Regime") -> float:
+        return self.flops(spec, regime) / (regime.batch * regime.new_tokens)
+
+    def bytes_per_token(self, spec: "ElasticSpec", regime: "Regime") -> float:
+        return self.bytes_moved(spec, regime) / (regime.batch * regime.new_tokens)
+
+
+@dataclass(frozen=True)
+class ElasticSpec:
+    """The base architecture and the allowed choices per layer.
+
+    `mlp_widths[l]` and `head_counts[l]` are sorted ascending; the last entry is the full size.
+    """
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    alignment: int = DEFAULT_ALIGNMENT
+    mlp_widths: tuple[tuple[int, ...], ...] = field(default=())
+    head_counts: tuple[tuple[int, ...], ...] = field(default=())
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise FlextronError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        object.__setattr__(self, "mlp_widths", tuple(tuple(int(x) for x in ws) for ws in self.mlp_widths))
+        object.__setattr__(self, "head_counts", tuple(tuple(int(x) for x in hs) for hs in self.head_counts))
+        if len(self.mlp_widths) != self.num_layers or len(self.head_counts) != self.num_layers:
+            raise FlextronError(
+                f"ElasticSpec needs choices for all {self.num_layers} layers, got "
+                f"{len(self.mlp_widths)} MLP and {len(self.head_counts)} head lists"
+            )
+        q_per_kv = self.num_heads // self.num_kv_heads
+        for layer, (ws, hs) in enumerate(zip(self.mlp_widths, self.head_counts)):
+            if not ws or max(ws) != self.intermediate_size or min(ws) < 1:
+                raise FlextronError(
+                    f"layer {layer}: MLP widths {list(ws)} must be positive and end at the full "
+                    f"width {self.intermediate_size}"
+                )
+            for w in ws:
+                if w != self.intermediate_size and w % self.alignment:
+                    raise FlextronError(
+                        f"layer {layer}: MLP width {w} is not a multiple of the alignment "
+                        f"{self.alignment}; unaligned widths run several times slower on GPUs"
+                    )
+            if not hs or max(hs) != self.num_heads or any(h % q_per_kv or h < 1 for h in hs):
+                raise FlextronError(
+                    f"layer {layer}: head counts {list(hs)} must be multiples of the GQA group "
+                    f"size {q_per_kv} and end at {self.num_heads}"
+                )
+
+    @classmethod
+    def build(
+        cls,
+        family: str,
+        num_layers: int,
+        hidden_size: int,
+        intermediate_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        vocab_size: int,
+        tie_word_embeddings: bool = True,
+        attention_bias: bool = False,
+        alignment: int = DEFAULT_ALIGNMENT,
+        mlp_choices: int = DEFAULT_MLP_CHOICES,
+        head_choices: int = DEFAULT_HEAD_CHOICES,
+    ) -> "ElasticSpec":
+        """The default grid: `mlp_choices` aligned widths and `head_choices` KV-group counts, every layer."""
+        if alignment < 1:
+            raise FlextronError(f"--alignment must be positive, got {alignment}")
+        ws = aligned_widths(intermediate_size, mlp_choices, alignment)
+        hs = group_head_counts(num_heads, num_kv_heads, head_choices)
+        return cls(
+            family=family,
+            num_layers=num_layers,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            vocab_size=vocab_size,
+            tie_word_embeddings=tie_word_embeddings,
+            attention_bias=attention_bias,
+            alignment=alignment,
+            mlp_widths=(ws,) * num_layers,
+            head_counts=(hs,) * num_layers,
+        )
+
+    # ---- configs ------------------------------------------------------------------------------
+    def full(self) -> SubnetConfig:
+        return SubnetConfig(tuple(ws[-1] for ws in self.mlp_widths), tuple(hs[-1] for hs in self.head_counts))
+
+    def smallest(self) -> SubnetConfig:
+        return SubnetConfig(tuple(ws[0] for ws in self.mlp_widths), tuple(hs[0] for hs in self.head_counts))
+
+    def uniform(self, mlp_fraction: float, heads_fraction: float | None = None) -> SubnetConfig:
+        """The allowed choice nearest to `fraction` of the full size, in every layer."""
+        if not 0 < mlp_fraction <= 1:
+            raise FlextronError(f"uniform fraction must be in (0, 1], got {mlp_fraction}")
+        hf = 1.0 if heads_fraction is None else heads_fraction
+        if not 0 < hf <= 1:
+            raise FlextronError(f"uniform heads fraction must be in (0, 1], got {hf}")
+
+        def nearest(choices, target):
+            return min(choices, key=lambda c: (abs(c - target), -c))
+
+        return SubnetConfig(
+            tuple(nearest(ws, mlp_fraction * self.intermediate_size) for ws in self.mlp_widths),
+            tuple(nearest(hs, hf * self.num_heads) for hs in self.head_counts),
+        )
+
+    def validate(self, cfg: SubnetConfig) -> SubnetConfig:
+        """Raise a FlextronError naming the first bad layer and its allowed values."""
+        if cfg.num_layers != self.num_layers:
+            raise FlextronError(f"config has {cfg.num_layers} layers but the model has {self.num_layers}")
+        for layer, (w, h) in enumerate(zip(cfg.mlp_width, cfg.heads)):
+            if w not in self.mlp_widths[layer]:
+                raise FlextronError(
+                    f"layer {layer}: MLP width {w} is not allowed; choose one of {list(self.mlp_widths[layer])}"
+                )
+            if h not in self.head_counts[layer]:
+                raise FlextronError(
+                    f"layer {layer}: head count {h} is not allowed; choose one of {list(self.head_counts[layer])}"
+                )
+        return cfg
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    # ---- io -----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mlp_widths"] = [list(w) for w in self.mlp_widths]
+        d["head_counts"] = [list(h) for h in self.head_counts]
+        return d
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ElasticSpec":
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ElasticSpec":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise FlextronError(f"{path} is not a valid elastic_spec.json ({e}); re-run `flextron convert`") from e
+
+    def summary(self) -> dict:
+        return {
+            "family": self.family,
+            "layers": self.num_layers,
+            "hidden": self.hidden_size,
+            "mlp_widths": list(self.mlp_widths[0]),
+            "head_counts": list(self.head_counts[0]),
+            "kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "subnetworks": math.prod(len(w) * len(h) for w, h in zip(self.mlp_widths, self.head_counts)),
+        }
+
+
+_REGIME_RE = re.compile(r"^(prefill|decode):b(\d+):(s|ctx)(\d+)((?::[a-z0-9_]+)*)$")
+MODES = ("eager", "cuda_graph")
+
+
+@dataclass(frozen=True)
+class Regime:
+    """The deployment scenario a latency belongs to.
+
+    prefill: `batch` sequences of `seq_len` prompt tokens in one forward.
+    decode: `batch` sequences each adding one token on top of a KV cache of `seq_len` tokens.
+    """
+
+    phase: str
+    batch: int
+    seq_len: int
+    dtype: str = "float32"
+    mode: str = "eager"
+
+    def __post_init__(self):
+        if self.phase not in ("prefill", "decode"):
+            raise FlextronError(f"regime phase must be prefill or decode, got {self.phase!r}")
+        if self.batch < 1 or self.seq_len < 1:
+            raise FlextronError(f"regime batch and length must be positive, got b{self.batch} len {self.seq_len}")
+        if self.dtype not in DTYPE_BYTES:
+            raise FlextronError(f"regime dtype {self.dtype!r} unknown; use one of {sorted(DTYPE_BYTES)}")
+        if self.mode not in MODES:
+            raise FlextronError(f"regime mode {self.mode!r} unknown; use one of {list(MODES)}")
+
+    @property
+    def new_tokens(self) -> int:
+        return 1 if self.phase == "decode" else self.seq_len
+
+    @property
+    def key(self) -> str:
+        length = f"ctx{self.seq_len}" if self.phase == "decode" else f"s{self.seq_len}"
+        return f"{self.phase}:b{self.batch}:{length}:{self.dtype}:{self.mode}"
+
+    @classmethod
+    def parse(cls, text: str, dtype: str = "float32", mode: str = "eager") -> "Regime":
+        """`decode:b1:ctx1024` or `prefill:b8:s1024`, optionally `:bfloat16` and/or `:cuda_graph`."""
+        m = _REGIME_RE.match(text.strip())
+        if not m:
+            raise FlextronError(
+                f"cannot read regime {text!r}; write decode:bBATCH:ctxCONTEXT or prefill:bBATCH:sLENGTH, "
+                "optionally followed by :DTYPE and :eager|cuda_graph (e.g. decode:b1:ctx1024:bfloat16:cuda_graph)"
+            )
+        phase, batch, unit, length, extra = m.groups()
+        if (phase == "decode") != (unit == "ctx"):
+            raise FlextronError(f"regime {text!r}: decode takes ctxN (KV context), prefill takes sN (prompt length)")
+        for part in filter(None, extra.split(":")):
+            if part in DTYPE_BYTES:
+                dtype = part
+            elif part in MODES:
+                mode = part
+            else:
+                raise FlextronError(f"regime {text!r}: unknown part {part!r}; dtypes {sorted(DTYPE_BYTES)}, modes {list(MODES)}")
+        return cls(phase, int(batch), int(length), dtype, mode)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
