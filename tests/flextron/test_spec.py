@@ -1,0 +1,69 @@
+import pytest
+
+from flextron.errors import FlextronError
+from flextron.spec import ElasticSpec, Regime, SubnetConfig, aligned_widths
+
+
+def smol_spec(**kw):
+    return ElasticSpec.build("llama", 30, 576, 1536, 9, 3, 64, 49152, **kw)
+
+
+def test_widths_are_aligned_and_end_at_full():
+    spec = smol_spec()
+    assert spec.mlp_widths[0] == (192, 384, 576, 768, 960, 1152, 1344, 1536)
+    assert all(w % 64 == 0 for w in spec.mlp_widths[0])
+    # An unaligned full width (11008 = 172*64 is aligned; 11000 is not) is kept as the full choice.
+    assert aligned_widths(11000, 8, 64)[-1] == 11000
+    assert all(w % 64 == 0 for w in aligned_widths(11000, 8, 64)[:-1])
+
+
+def test_head_choices_drop_whole_kv_groups():
+    assert smol_spec().head_counts[0] == (3, 6, 9)
+    mha = ElasticSpec.build("llama", 2, 4096, 11008, 32, 32, 128, 32000)
+    assert mha.head_counts[0] == (8, 16, 24, 32)
+
+
+def test_validate_names_layer_and_allowed_values():
+    spec = smol_spec()
+    bad = SubnetConfig((1536,) * 29 + (1000,), (9,) * 30)
+    with pytest.raises(FlextronError, match=r"layer 29: MLP width 1000 is not allowed; choose one of \[192"):
+        spec.validate(bad)
+    with pytest.raises(FlextronError, match=r"layer 0: head count 4"):
+        spec.validate(SubnetConfig((1536,) * 30, (4,) + (9,) * 29))
+    with pytest.raises(FlextronError, match="30"):
+        spec.validate(SubnetConfig((1536,), (9,)))
+
+
+def test_json_round_trip():
+    spec = smol_spec()
+    cfg = SubnetConfig(tuple([192, 1536] * 15), tuple([3, 9] * 15))
+    assert SubnetConfig.from_json(cfg.to_json()) == cfg
+    assert hash(SubnetConfig.from_json(cfg.to_json())) == hash(cfg)
+    assert ElasticSpec.from_dict(spec.to_dict()) == spec
+    with pytest.raises(FlextronError, match="not valid JSON"):
+        SubnetConfig.from_json("{nope")
+
+
+def test_costs_scale_with_width():
+    spec = smol_spec()
+    full, small = spec.full(), spec.smallest()
+    # SmolLM2-135M has 134.5M parameters with tied embeddings.
+    assert abs(full.param_count(spec) - 134_515_008) < 1e5
+    assert small.param_count(spec) < full.param_count(spec)
+    assert full.kv_bytes_per_token(spec, "bfloat16") == 30 * 2 * 3 * 64 * 2
+    assert small.kv_bytes_per_token(spec, "bfloat16") * 3 == full.kv_bytes_per_token(spec, "bfloat16")
+    dec, pre = Regime.parse("decode:b1:ctx1024"), Regime.parse("prefill:b1:s512")
+    assert full.flops(spec, pre) > 500 * full.flops(spec, dec) / 1.5
+    assert small.bytes_moved(spec, dec) < full.bytes_moved(spec, dec)
+    # decode is bandwidth bound: about one weight read per token
+    assert full.bytes_per_token(spec, dec) > 4 * (full.param_count(spec) - 49152 * 576)
+
+
+def test_regime_parse_and_errors():
+    r = Regime.parse("decode:b64:ctx1024:bfloat16:cuda_graph")
+    assert (r.phase, r.batch, r.seq_len, r.dtype, r.mode) == ("decode", 64, 1024, "bfloat16", "cuda_graph")
+    assert Regime.parse(r.key) == r
+    assert Regime.parse("prefill:b8:s1024").new_tokens == 1024
+    for bad in ("decode:b1:s1024", "prefill:b1", "decode:b1:ctx10:fp8"):
+        with pytest.raises(FlextronError):
+            Regime.parse(bad)
