@@ -173,7 +173,11 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int) -> 
         "coef_attn": float(model.coef_[0]), "coef_mlp": float(model.coef_[1]), "intercept_ms": model.intercept_,
         "heldout_keys": [configs[i].key for i in test],
     }
-    return model, metrics
+    held = np.zeros(len(rows), bool)
+    held[test] = True
+    preds = {"regime": regime_key, "config_key": [c.key for c in configs], "measured_ms": y,
+             "predicted_ms": model.predict(X), "naive_ms": model.naive_predict(X), "heldout": held}
+    return model, metrics, preds
 
 
 def fit(cfg: FitConfig) -> dict:
@@ -192,15 +196,17 @@ def fit(cfg: FitConfig) -> dict:
     if len(devices) > 1:
         raise FlextronError(f"the profile mixes devices {sorted(devices)}; fit one device per run directory")
     t0 = time.perf_counter()
-    models, metrics = {}, {}
+    models, metrics, preds = {}, {}, []
     for regime_key in sorted(set(layers["regime"])):
-        model, m = fit_regime(layers, e2e, regime_key, cfg.holdout_frac, cfg.seed)
+        model, m, p = fit_regime(layers, e2e, regime_key, cfg.holdout_frac, cfg.seed)
         models[regime_key] = model.to_dict()
         metrics[regime_key] = m
+        preds.append(pd.DataFrame(p))
     device = json.loads((prof / DEVICE_FILE).read_text())
     out = run / "latency_model"
     write_json_atomic(out / MODEL_FILE, {"device_name": device["device_name"], "device": device, "regimes": models})
     write_json_atomic(out / METRICS_FILE, metrics)
+    pd.concat(preds, ignore_index=True).to_parquet(out / "predictions.parquet", index=False)
     save_stage_config(out / "fit_config.json", cfg)
     return {
         "device": device["device_name"],

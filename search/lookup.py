@@ -1,0 +1,114 @@
+"""The budget-to-config lookup: what a deployment reads.
+
+For each budget of a device and regime: the best config whose *measured* latency fits, from the
+verified search results and the uniform configs measured by the profiler. More budget never gives a
+worse config: a budget inherits a smaller budget's choice when that one is better.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from flextron.errors import FlextronError
+from flextron.spec import SubnetConfig
+
+LOOKUP_JSON = "lookup.json"
+
+
+@dataclass(frozen=True)
+class LookupRow:
+    regime: str
+    device_name: str
+    budget_ms: float
+    config: SubnetConfig
+    predicted_latency_ms: float
+    measured_latency_ms: float
+    ppl: float
+    source: str
+
+
+class Lookup:
+    def __init__(self, rows: list[LookupRow]):
+        self.rows = rows
+
+    @classmethod
+    def load(cls, run_root) -> "Lookup":
+        from flextron.rundir import RunDir
+
+        path = RunDir(run_root).require("export", LOOKUP_JSON) / LOOKUP_JSON
+        d = json.loads(Path(path).read_text())
+        return cls([LookupRow(**{**r, "config": SubnetConfig.from_dict(r["config"])}) for r in d["rows"]])
+
+    def for_budget(self, budget_ms: float, regime: str | None = None) -> LookupRow:
+        """The row with the largest budget not above `budget_ms` (nearest feasible, never over)."""
+        regimes = sorted({r.regime for r in self.rows})
+        if regime is None and len(regimes) > 1:
+            raise FlextronError(f"the lookup holds several regimes {regimes}; name one with --regime")
+        rk = regime or regimes[0]
+        match = [r for r in self.rows if r.regime == rk or r.regime.startswith(rk + ":")]
+        if not match:
+            raise FlextronError(f"regime {rk} is not in the lookup (it holds {regimes})")
+        fit = [r for r in match if r.budget_ms <= budget_ms]
+        if not fit:
+            lo = min(r.budget_ms for r in match)
+            raise FlextronError(f"budget {budget_ms} ms is below the smallest budget in the lookup ({lo:.4g} ms for {rk})")
+        return max(fit, key=lambda r: r.budget_ms)
+
+
+def build_rows(verified, uniform_e2e, uniform_loss: dict) -> list[dict]:
+    """Per (regime, budget): the lowest-loss candidate measured within budget; then monotone."""
+    rows = []
+    for regime, vg in verified.groupby("regime"):
+        cands = [dict(config=r.config, predicted_latency_ms=r.predicted_latency_ms, measured_latency_ms=r.measured_latency_ms,
+                      loss=r.loss, source=r.source) for r in vg.itertuples()]
+        for r in uniform_e2e[uniform_e2e["regime"] == regime].itertuples():
+            if r.config_key in uniform_loss:
+                cands.append(dict(config=r.config, predicted_latency_ms=float("nan"), measured_latency_ms=r.latency_ms_median,
+                                  loss=uniform_loss[r.config_key], source="uniform"))
+        prev = None
+        for budget in sorted(vg["budget_ms"].unique()):
+            fit = [c for c in cands if c["measured_latency_ms"] <= budget]
+            if not fit:
+                continue
+            best = min(fit, key=lambda c: c["loss"])
+            if prev is not None and prev["loss"] < best["loss"]:
+                best = prev
+            prev = best
+            rows.append({"regime": regime, "device_name": vg["device_name"].iloc[0], "budget_ms": float(budget),
+                         "config": json.loads(best["config"]), "predicted_latency_ms": float(best["predicted_latency_ms"]),
+                         "measured_latency_ms": float(best["measured_latency_ms"]), "ppl": math.exp(best["loss"]),
+                         "source": best["source"]})
+    return rows
+
+
+def write_lookup(run) -> dict:
+    import pandas as pd
+
+    from flextron.rundir import write_json_atomic
+    from search.verify import VERIFIED_FILE
+
+    verified = pd.read_parquet(run.require("verify", VERIFIED_FILE) / VERIFIED_FILE)
+    e2e = pd.read_parquet(run / "profile" / "e2e.parquet")
+    uniform = e2e[e2e["uniform"] & (e2e["status"] == "ok")]
+    cache = run / "search" / "quality_cache.jsonl"
+    losses = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            losses[rec["key"]] = rec["loss"]
+    rows = build_rows(verified, uniform, losses)
+    if not rows:
+        raise FlextronError("no verified config met its budget; widen the budgets or re-run `flextron verify`")
+    out = run / "export"
+    write_json_atomic(out / LOOKUP_JSON, {"rows": rows})
+    flat = pd.DataFrame([{**{k: v for k, v in r.items() if k != "config"}, "config": json.dumps(r["config"])} for r in rows])
+    flat.to_csv(out / "lookup.csv", index=False)
+    return {"lookup": str(out / LOOKUP_JSON), "rows": len(rows),
+            "budgets_ms": [r["budget_ms"] for r in rows], "ppl": [round(r["ppl"], 3) for r in rows],
+            "sources": [r["source"] for r in rows]}

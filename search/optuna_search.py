@@ -1,0 +1,276 @@
+"""`flextron search`: Optuna picks per-layer MLP widths and head counts under latency budgets.
+
+The budget is a hard constraint applied through the latency model *before* any quality
+evaluation: an infeasible trial is told to Optuna with its constraint violation (TPE's
+`constraints_func`) and never costs a forward pass. Uniform configs are seeded with
+`enqueue_trial`. Studies live in an Optuna storage (SQLite in the run by default, any database URL,
+or a journal file for many workers), so a killed search resumes and several processes can share
+one study.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flextron.errors import FlextronError
+from flextron.spec import SubnetConfig
+
+INFEASIBLE_LOSS = 1e6  # told for trials never evaluated; with constraints they rank after every feasible one
+STORAGE_FILE = "optuna.db"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    run: str = "runs/demo"
+    regime: str = ""  # a profiled regime (short form accepted); required when several were profiled
+    budget_ms: tuple[float, ...] = ()
+    budget_frac: tuple[float, ...] = ()  # budgets as fractions of the full model's measured latency
+    trials: int = 24  # quality evaluations per budget (infeasible proposals are free and not counted)
+    frontier: bool = False  # multi-objective search of latency and loss together (no budget)
+    sampler: str = "tpe"  # tpe | random (the baseline the benchmark compares against)
+    storage: str = ""  # default: sqlite in RUN/search; or a database URL, or a *.log journal file
+    study_prefix: str = ""
+    eval_windows: int = 8
+    eval_seq_len: int = 128
+    seed: int = 0
+    device: str = "cpu"
+    skip_infeasible: bool = False  # drop budgets below the smallest sub-network instead of failing
+
+    def __post_init__(self):
+        if self.trials < 1:
+            raise FlextronError(f"--trials must be at least 1, got {self.trials}")
+        if self.sampler not in ("tpe", "random"):
+            raise FlextronError(f"--sampler must be tpe or random, got {self.sampler!r}")
+        if any(b <= 0 for b in self.budget_ms) or any(not 0 < f <= 10 for f in self.budget_frac):
+            raise FlextronError("--budget-ms must be positive and --budget-frac in (0, 10]")
+        if not self.frontier and not self.budget_ms and not self.budget_frac:
+            raise FlextronError("give --budget-ms X or --budget-frac F (repeatable), or --frontier")
+
+
+def open_storage(cfg: SearchConfig, run_root: Path):
+    import optuna
+
+    url = cfg.storage or f"sqlite:///{run_root / 'search' / STORAGE_FILE}"
+    if not cfg.storage:
+        (run_root / "search").mkdir(parents=True, exist_ok=True)
+    try:
+        if url.endswith(".log") and "://" not in url:
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(url))
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=None)
+    except Exception as e:
+        raise FlextronError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+def suggest_config(trial, spec) -> SubnetConfig:
+    return SubnetConfig(
+        tuple(trial.suggest_categorical(f"mlp_{l}", list(spec.mlp_widths[l])) for l in range(spec.num_layers)),
+        tuple(trial.suggest_categorical(f"heads_{l}", list(spec.head_counts[l])) for l in range(spec.num_layers)),
+    )
+
+
+def config_params(cfg: SubnetConfig) -> dict:
+    return {**{f"mlp_{l}": w for l, w in enumerate(cfg.mlp_width)}, **{f"heads_{l}": h for l, h in enumerate(cfg.heads)}}
+
+
+def _constraints(trial):
+    return trial.user_attrs.get("constraint", [0.0])
+
+
+def full_latency_ms(run_root: Path, regime_key: str, spec) -> float:
+    """The full model's measured end-to-end latency in this regime (the reference for fractions)."""
+    import pandas as pd
+
+    e2e = pd.read_parquet(run_root / "profile" / "e2e.parquet")
+    row = e2e[(e2e["regime"] == regime_key) & (e2e["config_key"] == spec.full().key) & (e2e["status"] == "ok")]
+    if row.empty:
+        raise FlextronError(f"the full model was not measured end to end for {regime_key}; re-run `flextron profile`")
+    return float(row["latency_ms_median"].iloc[0])
+
+
+def feasible_range(lat_model, spec) -> tuple[float, float]:
+    from profiler.latency_model import encode
+
+    lo, hi = lat_model.predict(encode([spec.smallest(), spec.full()]))
+    return float(lo), float(hi)
+
+
+def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cfg: SearchConfig, progress=None) -> dict:
+    """Run one budget's study until it holds `cfg.trials` evaluated (feasible) trials."""
+    import optuna
+
+    from profiler.latency_model import encode
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = (optuna.samplers.TPESampler(seed=cfg.seed, constraints_func=_constraints, multivariate=True,
+                                          n_startup_trials=min(8, cfg.trials))
+               if cfg.sampler == "tpe" else optuna.samplers.RandomSampler(seed=cfg.seed))
+    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="minimize",
+                                load_if_exists=True)
+    study.set_user_attr("budget_ms", budget_ms)
+    if not study.trials:
+        for w_frac in (1.0, 0.75, 0.5, 0.25):
+            for h_frac in (1.0, 0.67, 0.34):
+                seed_cfg = spec.uniform(w_frac, h_frac)
+                if lat_model.predict(encode([seed_cfg]))[0] <= budget_ms:
+                    study.enqueue_trial(config_params(seed_cfg), skip_if_exists=True)
+
+    def evaluated():
+        return sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                   if t.user_attrs.get("evaluated"))
+
+    asked, bar = 0, (progress(total=cfg.trials, desc=f"search {budget_ms:.3g} ms") if progress else None)
+    done = evaluated()
+    max_asks = 50 * cfg.trials  # tight budgets reject many proposals; each rejection is cheap, but cap them
+    while done < cfg.trials and asked < max_asks:
+        trial = study.ask()
+        asked += 1
+        sub = suggest_config(trial, spec)
+        pred = float(lat_model.predict(encode([sub]))[0])
+        trial.set_user_attr("predicted_latency_ms", pred)
+        trial.set_user_attr("config", sub.to_json())
+        trial.set_user_attr("constraint", [pred - budget_ms])
+        if pred > budget_ms:
+            trial.set_user_attr("evaluated", False)
+            study.tell(trial, INFEASIBLE_LOSS)
+            continue
+        loss = evaluator.loss(sub)
+        trial.set_user_attr("evaluated", True)
+        study.tell(trial, loss)
+        done = evaluated()
+        if bar:
+            bar.n = min(done, cfg.trials)
+            bar.refresh()
+    if bar:
+        bar.close()
+    return {"study": study_name, "budget_ms": budget_ms, "evaluated": done, "asked_here": asked}
+
+
+def search_frontier(study_name, storage, spec, lat_model, evaluator, cfg: SearchConfig) -> dict:
+    import optuna
+
+    from profiler.latency_model import encode
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=study_name, storage=storage, directions=["minimize", "minimize"],
+                                sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=8),
+                                load_if_exists=True)
+    if not study.trials:
+        for f in (1.0, 0.75, 0.5, 0.25):
+            study.enqueue_trial(config_params(spec.uniform(f)), skip_if_exists=True)
+    while len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) < cfg.trials:
+        trial = study.ask()
+        sub = suggest_config(trial, spec)
+        pred = float(lat_model.predict(encode([sub]))[0])
+        trial.set_user_attr("predicted_latency_ms", pred)
+        trial.set_user_attr("config", sub.to_json())
+        trial.set_user_attr("evaluated", True)
+        study.tell(trial, [pred, evaluator.loss(sub)])
+    return {"study": study_name, "pareto_size": len(study.best_trials)}
+
+
+def collect_trials(storage, run_root: Path, prefix: str):
+    """Every trial of this run's studies as one tidy table."""
+    import optuna
+    import pandas as pd
+
+    rows = []
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if not s.study_name.startswith(prefix):
+            continue
+        study = optuna.load_study(study_name=s.study_name, storage=storage)
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            loss = t.values[-1] if t.values else None
+            rows.append({"study": s.study_name, "trial": t.number, "budget_ms": study.user_attrs.get("budget_ms"),
+                         "config": t.user_attrs.get("config"), "predicted_latency_ms": t.user_attrs.get("predicted_latency_ms"),
+                         "evaluated": bool(t.user_attrs.get("evaluated")),
+                         "loss": loss if t.user_attrs.get("evaluated") else None})
+    return pd.DataFrame(rows)
+
+
+def pareto_front(df):
+    """Non-dominated evaluated rows in (predicted latency, loss), sorted by latency."""
+    ev = df[df["evaluated"]].drop_duplicates("config").sort_values(["predicted_latency_ms", "loss"])
+    keep, best = [], float("inf")
+    for idx, row in ev.iterrows():
+        if row["loss"] < best:
+            keep.append(idx)
+            best = row["loss"]
+    return ev.loc[keep]
+
+
+def search(cfg: SearchConfig) -> dict:
+    from flextron.elastic import ElasticModel
+    from flextron.progress import progress
+    from flextron.rundir import RunDir, save_stage_config, write_json_atomic
+    from profiler.latency_model import LatencyModels
+    from search.quality import QualityEvaluator
+
+    run = RunDir(cfg.run)
+    run.require("elastic")
+    models = LatencyModels.load(run.root)
+    regime_key = models.resolve(cfg.regime)
+    lat_model = models.get(regime_key)
+    storage = open_storage(cfg, run.root)
+    elastic = ElasticModel.load(run.elastic, device=cfg.device)
+    spec = elastic.spec
+    lo, hi = feasible_range(lat_model, spec)
+    budgets = list(cfg.budget_ms)
+    if cfg.budget_frac:
+        full_ms = full_latency_ms(run.root, regime_key, spec)
+        budgets += [round(f * full_ms, 4) for f in cfg.budget_frac]
+    if cfg.skip_infeasible:
+        import sys
+
+        for b in [b for b in budgets if b < lo]:
+            print(f"flextron search: skipping budget {b:.4g} ms, below the smallest sub-network ({lo:.4g} ms)", file=sys.stderr)
+        budgets = [b for b in budgets if b >= lo]
+        if not budgets and not cfg.frontier:
+            raise FlextronError(f"every budget is below the smallest sub-network ({lo:.4g} ms predicted for {regime_key}); "
+                                f"feasible budgets run from {lo:.4g} to {hi:.4g} ms")
+    for b in budgets:
+        if b < lo:
+            raise FlextronError(
+                f"budget {b:.4g} ms is below the smallest sub-network ({lo:.4g} ms predicted for {regime_key} on "
+                f"{models.device_name}); feasible budgets run from {lo:.4g} to {hi:.4g} ms"
+            )
+    evaluator = QualityEvaluator(elastic, run / "search" / "quality_cache.jsonl", cfg.eval_windows, cfg.eval_seq_len)
+    prefix = cfg.study_prefix or f"{models.device_name}|{regime_key}|{cfg.sampler}"
+    t0 = time.perf_counter()
+    results = []
+    if cfg.frontier:
+        results.append(search_frontier(f"{prefix}|frontier", storage, spec, lat_model, evaluator, cfg))
+    for b in sorted(budgets):
+        results.append(search_budget(f"{prefix}|budget={b:.6g}", storage, spec, lat_model, evaluator, b, cfg, progress))
+    trials = collect_trials(storage, run.root, prefix)
+    out = run / "search"
+    out.mkdir(parents=True, exist_ok=True)
+    trials.assign(regime=regime_key, device_name=models.device_name).to_parquet(out / "trials.parquet", index=False)
+    front = pareto_front(trials)
+    front.assign(regime=regime_key).to_parquet(out / "pareto.parquet", index=False)
+    best = []
+    for b in sorted(budgets):
+        ok = trials[(trials["budget_ms"] == b) & trials["evaluated"]]
+        if ok.empty:
+            continue
+        r = ok.loc[ok["loss"].idxmin()]
+        best.append({"budget_ms": b, "regime": regime_key, "config": json.loads(r["config"]),
+                     "predicted_latency_ms": r["predicted_latency_ms"], "loss": r["loss"], "source": "search"})
+    write_json_atomic(out / f"best-{regime_key.replace(':', '_')}.json",
+                      {"regime": regime_key, "device_name": models.device_name, "best": best})
+    save_stage_config(out / "search_config.json", cfg)
+    return {
+        "regime": regime_key, "budgets_ms": budgets, "feasible_ms": [round(lo, 4), round(hi, 4)],
+        "quality_evaluations": evaluator.evaluations,
+        "evaluated_trials": int(trials["evaluated"].sum()) if len(trials) else 0,
+        "infeasible_skipped": int((~trials["evaluated"]).sum()) if len(trials) else 0,
+        "eval_tokens": evaluator.tokens,
+        "best": [{"budget_ms": b["budget_ms"], "ppl": round(math.exp(b["loss"]), 3),
+                  "predicted_ms": round(b["predicted_latency_ms"], 4)} for b in best],
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

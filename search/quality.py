@@ -1,0 +1,67 @@
+"""Quality of sub-networks: validation loss on held-out windows, cached by config on disk.
+
+The cache lives in the run directory, keyed by config and evaluation settings, so no config is
+evaluated twice, across searches, workers (one JSON line per result, appended) and restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from flextron.evaluate import mean_loss, perplexity
+from flextron.spec import SubnetConfig
+
+
+class QualityEvaluator:
+    def __init__(self, elastic, cache_path: str | Path, windows: int = 8, seq_len: int = 128,
+                 split: str = "validation", corpus: str = "wiki", batch_size: int = 8):
+        from flextron.data import token_windows
+
+        self.elastic = elastic
+        self.cache_path = Path(cache_path)
+        self.setting = f"{split}:{corpus}:{windows}x{seq_len}"
+        self.batch_size = batch_size
+        self._windows = token_windows(elastic.tokenizer, elastic.adapter, split, seq_len, windows, corpus)
+        self.evaluations = 0  # real forward evaluations made by this process
+        self._cache: dict[str, float] = {}
+        self._read()
+
+    def _read(self) -> None:
+        if self.cache_path.is_file():
+            for line in self.cache_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill; the config is simply evaluated again
+                if rec.get("setting") == self.setting:
+                    self._cache[rec["key"]] = rec["loss"]
+
+    def cached(self, cfg: SubnetConfig) -> float | None:
+        if cfg.key not in self._cache:
+            self._read()  # another worker may have evaluated it meanwhile
+        return self._cache.get(cfg.key)
+
+    def loss(self, cfg: SubnetConfig) -> float:
+        hit = self.cached(cfg)
+        if hit is not None:
+            return hit
+        value = mean_loss(self.elastic, cfg, self._windows, self.batch_size)
+        self.evaluations += 1
+        self._cache[cfg.key] = value
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"key": cfg.key, "setting": self.setting, "loss": value, "config": cfg.to_dict()}) + "\n"
+        fd = os.open(self.cache_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line.encode())  # one append per line: atomic for lines this short
+        finally:
+            os.close(fd)
+        return value
+
+    def ppl(self, cfg: SubnetConfig) -> float:
+        return perplexity(self.loss(cfg))
+
+    @property
+    def tokens(self) -> int:
+        return int(self._windows[:, 1:].numel())
