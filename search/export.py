@@ -40,7 +40,7 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.budget_ms > 0:
         from search.lookup import Lookup
 
-        row = Lookup.load(run).for_budget(cfg.budget_ms, cfg.regime or None)
+        row = Lookup.load(run.root).for_budget(cfg.budget_ms, cfg.regime or None)
         sub = elastic.spec.validate(row.config)
         extra = {"budget_ms": cfg.budget_ms, "regime": row.regime, "measured_latency_ms": row.measured_latency_ms,
                  "source": row.source}

@@ -82,6 +82,23 @@ def _constraints(trial):
     return trial.user_attrs.get("constraint", [0.0])
 
 
+def _set_constraint(trial, values: list[float]) -> None:
+    """Optuna >= 5 stores constraints on the trial; older releases read them via constraints_func."""
+    trial.set_user_attr("constraint", values)
+    if hasattr(trial, "set_constraint"):
+        for i, v in enumerate(values):
+            trial.set_constraint(f"latency_over_budget_ms_{i}", v)
+
+
+def _tpe(seed: int, n_startup: int):
+    import optuna
+
+    kw = dict(seed=seed, multivariate=True, n_startup_trials=n_startup)
+    if not hasattr(optuna.trial.Trial, "set_constraint"):
+        kw["constraints_func"] = _constraints
+    return optuna.samplers.TPESampler(**kw)
+
+
 def full_latency_ms(run_root: Path, regime_key: str, spec) -> float:
     """The full model's measured end-to-end latency in this regime (the reference for fractions)."""
     import pandas as pd
@@ -107,9 +124,7 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
     from profiler.latency_model import encode
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = (optuna.samplers.TPESampler(seed=cfg.seed, constraints_func=_constraints, multivariate=True,
-                                          n_startup_trials=min(8, cfg.trials))
-               if cfg.sampler == "tpe" else optuna.samplers.RandomSampler(seed=cfg.seed))
+    sampler = _tpe(cfg.seed, min(8, cfg.trials)) if cfg.sampler == "tpe" else optuna.samplers.RandomSampler(seed=cfg.seed)
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="minimize",
                                 load_if_exists=True)
     study.set_user_attr("budget_ms", budget_ms)
@@ -134,7 +149,7 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
         pred = float(lat_model.predict(encode([sub]))[0])
         trial.set_user_attr("predicted_latency_ms", pred)
         trial.set_user_attr("config", sub.to_json())
-        trial.set_user_attr("constraint", [pred - budget_ms])
+        _set_constraint(trial, [pred - budget_ms])
         if pred > budget_ms:
             trial.set_user_attr("evaluated", False)
             study.tell(trial, INFEASIBLE_LOSS)
