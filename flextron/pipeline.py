@@ -18,7 +18,7 @@ class RunConfig:
     out: str = "runs/demo"
     device: str = "cpu"
     regime: tuple[str, ...] = ("decode:b1:ctx256",)
-    budget_frac: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9)
+    budget_frac: tuple[float, ...] = (0.7, 0.8, 0.9)
     trials: int = 12
     e2e_random: int = 16
     eval_windows: int = 8

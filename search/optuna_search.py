@@ -129,11 +129,14 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
                                 load_if_exists=True)
     study.set_user_attr("budget_ms", budget_ms)
     if not study.trials:
-        for w_frac in (1.0, 0.75, 0.5, 0.25):
-            for h_frac in (1.0, 0.67, 0.34):
-                seed_cfg = spec.uniform(w_frac, h_frac)
-                if lat_model.predict(encode([seed_cfg]))[0] <= budget_ms:
-                    study.enqueue_trial(config_params(seed_cfg), skip_if_exists=True)
+        # Seed every uniform config that fits (largest first): at tight budgets random proposals
+        # rarely fit, and the uniform ones are the baseline the search must beat anyway.
+        seeds = [SubnetConfig((w,) * spec.num_layers, (h,) * spec.num_layers)
+                 for w in spec.mlp_widths[0] for h in spec.head_counts[0]]
+        preds = lat_model.predict(encode(seeds))
+        fitting = sorted((p, s) for p, s in zip(preds, seeds) if p <= budget_ms)[::-1]
+        for _, seed_cfg in fitting[: max(1, cfg.trials // 2)]:
+            study.enqueue_trial(config_params(seed_cfg), skip_if_exists=True)
 
     def evaluated():
         return sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -141,7 +144,7 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
 
     asked, bar = 0, (progress(total=cfg.trials, desc=f"search {budget_ms:.3g} ms") if progress else None)
     done = evaluated()
-    max_asks = 50 * cfg.trials  # tight budgets reject many proposals; each rejection is cheap, but cap them
+    max_asks = 20 * cfg.trials  # tight budgets reject many proposals; each rejection is cheap, but cap them
     while done < cfg.trials and asked < max_asks:
         trial = study.ask()
         asked += 1
