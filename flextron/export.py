@@ -68,12 +68,15 @@ def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path,
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
         raise FlextronError(f"{out_dir} exists and is not an exported model; choose an empty --out")
     out_dir.mkdir(parents=True, exist_ok=True)
-    uniform = len(set(cfg.mlp_width)) == 1 and len(set(cfg.heads)) == 1
+    # Plain transformers can load it only if every layer has the same shape and the head count
+    # passes config validation (hidden_size divisible by heads); otherwise load_subnet resizes.
+    uniform = (len(set(cfg.mlp_width)) == 1 and len(set(cfg.heads)) == 1
+               and spec.hidden_size % cfg.heads[0] == 0)
     config = copy.deepcopy(elastic.model.config)
     config.head_dim = spec.head_dim  # stays fixed while heads shrink
-    config.intermediate_size = max(cfg.mlp_width)
-    config.num_attention_heads = max(cfg.heads)
-    config.num_key_value_heads = max(cfg.heads) // spec.q_per_kv
+    config.intermediate_size = max(cfg.mlp_width) if uniform else spec.intermediate_size
+    config.num_attention_heads = cfg.heads[0] if uniform else spec.num_heads
+    config.num_key_value_heads = config.num_attention_heads // spec.q_per_kv
     state = _sliced_state_dict(elastic, cfg)
     if spec.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}

@@ -134,7 +134,7 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
         seeds = [SubnetConfig((w,) * spec.num_layers, (h,) * spec.num_layers)
                  for w in spec.mlp_widths[0] for h in spec.head_counts[0]]
         preds = lat_model.predict(encode(seeds))
-        fitting = sorted((p, s) for p, s in zip(preds, seeds) if p <= budget_ms)[::-1]
+        fitting = sorted(((p, s) for p, s in zip(preds, seeds) if p <= budget_ms), key=lambda ps: -ps[0])
         for _, seed_cfg in fitting[: max(1, cfg.trials // 2)]:
             study.enqueue_trial(config_params(seed_cfg), skip_if_exists=True)
 
