@@ -26,19 +26,13 @@ def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
     import matplotlib.pyplot as plt
     import pandas as pd
 
+    from search.quality import QUALITY_CACHE, read_quality_cache
+
     pngs, numbers = [], {}
     layers = pd.read_parquet(run / "profile" / "layers.parquet")
     e2e = pd.read_parquet(run / "profile" / "e2e.parquet")
     device = layers["device_name"].iloc[0]
-    cache = run / "search" / "quality_cache.jsonl"
-    losses = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                losses[rec["key"]] = rec["loss"]
-            except (json.JSONDecodeError, KeyError):
-                continue
+    losses = read_quality_cache(run / "search" / QUALITY_CACHE)
     verified_path = run / "verify" / "verified.parquet"
     verified = pd.read_parquet(verified_path) if verified_path.is_file() else pd.DataFrame()
 

@@ -88,21 +88,13 @@ def write_lookup(run) -> dict:
     import pandas as pd
 
     from flextron.rundir import write_json_atomic
+    from search.quality import QUALITY_CACHE, read_quality_cache
     from search.verify import VERIFIED_FILE
 
     verified = pd.read_parquet(run.require("verify", VERIFIED_FILE) / VERIFIED_FILE)
     e2e = pd.read_parquet(run / "profile" / "e2e.parquet")
     uniform = e2e[e2e["uniform"] & (e2e["status"] == "ok")]
-    cache = run / "search" / "quality_cache.jsonl"
-    losses = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            losses[rec["key"]] = rec["loss"]
-    rows = build_rows(verified, uniform, losses)
+    rows = build_rows(verified, uniform, read_quality_cache(run / "search" / QUALITY_CACHE))
     if not rows:
         raise FlextronError("no verified config met its budget; widen the budgets or re-run `flextron verify`")
     out = run / "export"

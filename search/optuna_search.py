@@ -227,7 +227,7 @@ def search(cfg: SearchConfig) -> dict:
     from flextron.progress import progress
     from flextron.rundir import RunDir, save_stage_config, write_json_atomic
     from profiler.latency_model import LatencyModels
-    from search.quality import QualityEvaluator
+    from search.quality import QUALITY_CACHE, QualityEvaluator
 
     run = RunDir(cfg.run)
     run.require("elastic")
@@ -257,7 +257,7 @@ def search(cfg: SearchConfig) -> dict:
                 f"budget {b:.4g} ms is below the smallest sub-network ({lo:.4g} ms predicted for {regime_key} on "
                 f"{models.device_name}); feasible budgets run from {lo:.4g} to {hi:.4g} ms"
             )
-    evaluator = QualityEvaluator(elastic, run / "search" / "quality_cache.jsonl", cfg.eval_windows, cfg.eval_seq_len)
+    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len)
     prefix = cfg.study_prefix or f"{models.device_name}|{regime_key}|{cfg.sampler}"
     t0 = time.perf_counter()
     results = []

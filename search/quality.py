@@ -7,11 +7,30 @@ evaluated twice, across searches, workers (one JSON line per result, appended) a
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
-from flextron.evaluate import mean_loss, perplexity
 from flextron.spec import SubnetConfig
+
+QUALITY_CACHE = "quality_cache.jsonl"
+
+
+def read_quality_cache(path: str | Path, setting: str | None = None) -> dict[str, float]:
+    """{config key: loss} from a quality cache file (torch-free, so reports can read it too).
+    Lines cut by a kill are skipped; those configs are simply evaluated again."""
+    path = Path(path)
+    out: dict[str, float] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if setting is None or rec.get("setting") == setting:
+            out[rec["key"]] = rec["loss"]
+    return out
 
 
 class QualityEvaluator:
@@ -29,14 +48,7 @@ class QualityEvaluator:
         self._read()
 
     def _read(self) -> None:
-        if self.cache_path.is_file():
-            for line in self.cache_path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill; the config is simply evaluated again
-                if rec.get("setting") == self.setting:
-                    self._cache[rec["key"]] = rec["loss"]
+        self._cache.update(read_quality_cache(self.cache_path, self.setting))
 
     def cached(self, cfg: SubnetConfig) -> float | None:
         if cfg.key not in self._cache:
@@ -47,6 +59,8 @@ class QualityEvaluator:
         hit = self.cached(cfg)
         if hit is not None:
             return hit
+        from flextron.evaluate import mean_loss
+
         value = mean_loss(self.elastic, cfg, self._windows, self.batch_size)
         self.evaluations += 1
         self._cache[cfg.key] = value
@@ -60,7 +74,7 @@ class QualityEvaluator:
         return value
 
     def ppl(self, cfg: SubnetConfig) -> float:
-        return perplexity(self.loss(cfg))
+        return math.exp(self.loss(cfg))
 
     @property
     def tokens(self) -> int:
