@@ -37,7 +37,7 @@ class ProfileConfig:
     min_time_ms: float = 30.0
     warmup: int = 3
     anchor_every: int = 40  # re-measure the anchor cell after this many cells, to expose drift
-    energy_s: float = 1.0  # GPU: length of each energy-per-token measurement
+    energy_s: float = 0.5  # GPU: length of each energy-per-token measurement (uniform configs); 0 skips
     layers_only: bool = False
 
     def __post_init__(self):
@@ -344,7 +344,8 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
                 med_s = row["latency_ms_median"] / 1e3
                 row["achieved_tflops"] = extra["flops"] / med_s / 1e12
                 row["achieved_gbps"] = extra["bytes"] / med_s / 1e9
-                row["energy_mj_per_token"] = _energy_per_token(tele, bench.forward_fn(sub), regime, cfg.energy_s)
+                row["energy_mj_per_token"] = (_energy_per_token(tele, timer.prepare(bench.forward_fn(sub)), regime, cfg.energy_s)
+                                              if extra["uniform"] and cfg.energy_s > 0 else None)
             e2e_w.add(row)
         e2e_w.flush()
 

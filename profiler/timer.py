@@ -86,11 +86,15 @@ class Timer:
             fn()
         return graph.replay
 
+    def prepare(self, fn):
+        """`fn` as this mode runs it: the callable itself, or the replay of its captured CUDA graph."""
+        with torch.inference_mode():
+            return self._graph(fn) if self.mode == "cuda_graph" else fn
+
     def measure(self, fn) -> Timing:
         """Run `fn` until both min_reps and min_time_s are reached (capped at max_reps)."""
         with torch.inference_mode():
-            if self.mode == "cuda_graph":
-                fn = self._graph(fn)
+            fn = self.prepare(fn)
             for _ in range(self.cfg.warmup):
                 fn()
             if self.device.type == "cuda":
