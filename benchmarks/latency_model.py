@@ -34,14 +34,19 @@ SHAPES = {
 }
 
 
-def shaped_model(shape: str, device: str, dtype: torch.dtype) -> ElasticModel:
+def shaped_llama(shape: str, device: str, dtype: torch.dtype):
+    """A plain transformers Llama of this shape with random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from flextron.models import byte_tokenizer
 
     config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+        return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def shaped_model(shape: str, device: str, dtype: torch.dtype) -> ElasticModel:
+    from flextron.models import byte_tokenizer
+
+    model = shaped_llama(shape, device, dtype)
     spec = spec_from_model(model, alignment=64, mlp_choices=8, head_choices=4)
     return ElasticModel(model, byte_tokenizer(), spec)
 
@@ -92,6 +97,7 @@ def main():
     ap.add_argument("--min-time-ms", type=float, default=30.0)
     ap.add_argument("--energy-s", type=float, default=0.5)
     ap.add_argument("--repeat", action="store_true", help="sweep the layers twice and report per-cell CV")
+    ap.add_argument("--sweep-only", action="store_true", help="time the layer sweep alone, then stop")
     ap.add_argument("--out", default="runs/bench-latency")
     args = ap.parse_args()
     regimes = tuple(args.regime or ["decode:b1:ctx256", "prefill:b1:s128"])
@@ -113,6 +119,11 @@ def main():
     t0 = time.perf_counter()
     sweep = run_sweep(el, out / "profile", replace(pcfg, layers_only=True))
     t_layers = time.perf_counter() - t0
+    if args.sweep_only:
+        print(f"device: {sweep['device']}  torch {torch.__version__}  model {name}  layer sweep {t_layers:.1f} s for "
+              f"{sweep['layer_cells']} cells ({len(regimes)} regimes, min {args.min_time_ms} ms per cell); "
+              f"anchor CV {sweep['anchor_cv']}")
+        return
     repeat = None
     if args.repeat:
         run_sweep(el, out / "profile-repeat", replace(pcfg, layers_only=True, seed=1))
