@@ -26,6 +26,7 @@ class EvalConfig:
     batch_size: int = 8
     corpus: str = BUILTIN_CORPUS
     device: str = "cpu"
+    weights: str = "auto"  # elastic (one-shot) | trained | auto (trained when `flextron train` made it)
 
     def __post_init__(self):
         if self.split in ("calibration", "train"):
@@ -91,12 +92,14 @@ def evaluate(cfg: EvalConfig) -> dict:
     from flextron.rundir import RunDir
 
     run = RunDir(cfg.run)
-    elastic = ElasticModel.load(run.require("elastic"), device=cfg.device)
+    wname, wdir = run.weights(cfg.weights)
+    elastic = ElasticModel.load(wdir, device=cfg.device)
     sub = parse_config(elastic.spec, cfg.config)
     windows = token_windows(elastic.tokenizer, elastic.adapter, cfg.split, cfg.seq_len, cfg.windows, cfg.corpus)
     loss = mean_loss(elastic, sub, windows, cfg.batch_size)
     return {
         "config": cfg.config,
+        "weights": wname,
         "split": cfg.split,
         "loss": round(loss, 5),
         "ppl": round(perplexity(loss), 4),

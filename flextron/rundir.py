@@ -16,7 +16,10 @@ STAGES = {
     "latency_model": "flextron fit --run {run}",
     "search": "flextron search --run {run} --regime REGIME --budget-ms X",
     "router": "flextron route --run {run} --regime REGIME",
+    "routers": "flextron route --run {run} --regime REGIME",
+    "trained": "flextron train --run {run}",
 }
+WEIGHTS = ("auto", "elastic", "trained")
 
 
 class RunDir:
@@ -29,6 +32,15 @@ class RunDir:
     @property
     def elastic(self) -> Path:
         return self.root / "elastic"
+
+    def weights(self, choice: str = "auto") -> tuple[str, Path]:
+        """Which elastic weights a stage uses: `elastic` (one-shot, as converted), `trained` (after
+        `flextron train`), or `auto` (trained when it exists). Returns (name, folder)."""
+        if choice not in WEIGHTS:
+            raise FlextronError(f"--weights must be one of {list(WEIGHTS)}, got {choice!r}")
+        if choice == "auto":
+            choice = "trained" if (self.root / "trained" / "config.json").is_file() else "elastic"
+        return choice, self.require(choice)
 
     def require(self, stage: str, marker: str | None = None) -> Path:
         """The stage folder, or a FlextronError naming the command that makes it."""

@@ -26,13 +26,13 @@ def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from search.quality import QUALITY_CACHE, read_quality_cache
+    from search.quality import QUALITY_CACHE, read_quality_cache, search_quality_setting
 
     pngs, numbers = [], {}
     layers = pd.read_parquet(run / "profile" / "layers.parquet")
     e2e = pd.read_parquet(run / "profile" / "e2e.parquet")
     device = layers["device_name"].iloc[0]
-    losses = read_quality_cache(run / "search" / QUALITY_CACHE)
+    losses = read_quality_cache(run / "search" / QUALITY_CACHE, search_quality_setting(run))
     verified_path = run / "verify" / "verified.parquet"
     verified = pd.read_parquet(verified_path) if verified_path.is_file() else pd.DataFrame()
 

@@ -15,6 +15,7 @@ class ExportConfig:
     budget_ms: float = 0.0  # export the lookup's config for this budget (needs --regime if several)
     regime: str = ""
     lookup: bool = False
+    weights: str = "auto"  # elastic | trained | auto (trained when it exists)
 
     def __post_init__(self):
         modes = sum([bool(self.config), self.budget_ms > 0, self.lookup])
@@ -35,7 +36,7 @@ def export(cfg: ExportConfig) -> dict:
         from search.lookup import write_lookup
 
         return write_lookup(run)
-    elastic = ElasticModel.load(run.require("elastic"))
+    elastic = ElasticModel.load(run.weights(cfg.weights)[1])
     extra = {}
     if cfg.budget_ms > 0:
         from search.lookup import Lookup

@@ -78,7 +78,8 @@ def build_rows(verified, uniform_e2e, uniform_loss: dict) -> list[dict]:
                 best = prev
             prev = best
             rows.append({"regime": regime, "device_name": vg["device_name"].iloc[0], "budget_ms": float(budget),
-                         "config": json.loads(best["config"]), "predicted_latency_ms": float(best["predicted_latency_ms"]),
+                         "config": json.loads(best["config"]),
+                         "predicted_latency_ms": None if math.isnan(best["predicted_latency_ms"]) else float(best["predicted_latency_ms"]),
                          "measured_latency_ms": float(best["measured_latency_ms"]), "ppl": math.exp(best["loss"]),
                          "source": best["source"]})
     return rows
@@ -88,13 +89,13 @@ def write_lookup(run) -> dict:
     import pandas as pd
 
     from flextron.rundir import write_json_atomic
-    from search.quality import QUALITY_CACHE, read_quality_cache
+    from search.quality import QUALITY_CACHE, read_quality_cache, search_quality_setting
     from search.verify import VERIFIED_FILE
 
     verified = pd.read_parquet(run.require("verify", VERIFIED_FILE) / VERIFIED_FILE)
     e2e = pd.read_parquet(run / "profile" / "e2e.parquet")
     uniform = e2e[e2e["uniform"] & (e2e["status"] == "ok")]
-    rows = build_rows(verified, uniform, read_quality_cache(run / "search" / QUALITY_CACHE))
+    rows = build_rows(verified, uniform, read_quality_cache(run / "search" / QUALITY_CACHE, search_quality_setting(run.root)))
     if not rows:
         raise FlextronError("no verified config met its budget; widen the budgets or re-run `flextron verify`")
     out = run / "export"

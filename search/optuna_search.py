@@ -39,6 +39,7 @@ class SearchConfig:
     seed: int = 0
     device: str = "cpu"
     skip_infeasible: bool = False  # drop budgets below the smallest sub-network instead of failing
+    weights: str = "auto"  # elastic (one-shot) | trained | auto (trained when `flextron train` made it)
 
     def __post_init__(self):
         if self.trials < 1:
@@ -117,7 +118,8 @@ def feasible_range(lat_model, spec) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cfg: SearchConfig, progress=None) -> dict:
+def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cfg: SearchConfig, progress=None,
+                  routers=None) -> dict:
     """Run one budget's study until it holds `cfg.trials` evaluated (feasible) trials."""
     import optuna
 
@@ -135,8 +137,11 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
                  for w in spec.mlp_widths[0] for h in spec.head_counts[0]]
         preds = lat_model.predict(encode(seeds))
         fitting = sorted(((p, s) for p, s in zip(preds, seeds) if p <= budget_ms), key=lambda ps: -ps[0])
+        if routers is not None:  # the trained static router's answer for this budget goes first
+            rc = routers.config_for(budget_ms, lambda c: float(lat_model.predict(encode([c]))[0]))
+            study.enqueue_trial(config_params(rc), user_attrs={"source": "router"}, skip_if_exists=True)
         for _, seed_cfg in fitting[: max(1, cfg.trials // 2)]:
-            study.enqueue_trial(config_params(seed_cfg), skip_if_exists=True)
+            study.enqueue_trial(config_params(seed_cfg), user_attrs={"source": "uniform"}, skip_if_exists=True)
 
     def evaluated():
         return sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -206,7 +211,7 @@ def collect_trials(storage, run_root: Path, prefix: str):
             loss = t.values[-1] if t.values else None
             rows.append({"study": s.study_name, "trial": t.number, "budget_ms": study.user_attrs.get("budget_ms"),
                          "config": t.user_attrs.get("config"), "predicted_latency_ms": t.user_attrs.get("predicted_latency_ms"),
-                         "evaluated": bool(t.user_attrs.get("evaluated")),
+                         "evaluated": bool(t.user_attrs.get("evaluated")), "source": t.user_attrs.get("source", "search"),
                          "loss": loss if t.user_attrs.get("evaluated") else None})
     return pd.DataFrame(rows)
 
@@ -235,9 +240,15 @@ def search(cfg: SearchConfig) -> dict:
     regime_key = models.resolve(cfg.regime)
     lat_model = models.get(regime_key)
     storage = open_storage(cfg, run.root)
-    elastic = ElasticModel.load(run.elastic, device=cfg.device)
+    wname, wdir = run.weights(cfg.weights)
+    elastic = ElasticModel.load(wdir, device=cfg.device)
     spec = elastic.spec
     lo, hi = feasible_range(lat_model, spec)
+    routers = None
+    from flextron.routers import Routers, regime_dir
+
+    if (regime_dir(run.root, regime_key) / "router.json").is_file():
+        routers = Routers.load(run.root, regime_key, spec)
     budgets = list(cfg.budget_ms)
     if cfg.budget_frac:
         full_ms = full_latency_ms(run.root, regime_key, spec)
@@ -257,14 +268,14 @@ def search(cfg: SearchConfig) -> dict:
                 f"budget {b:.4g} ms is below the smallest sub-network ({lo:.4g} ms predicted for {regime_key} on "
                 f"{models.device_name}); feasible budgets run from {lo:.4g} to {hi:.4g} ms"
             )
-    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len)
-    prefix = cfg.study_prefix or f"{models.device_name}|{regime_key}|{cfg.sampler}"
+    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len, tag=wname)
+    prefix = cfg.study_prefix or f"{models.device_name}|{regime_key}|{cfg.sampler}" + ("" if wname == "elastic" else f"|{wname}")
     t0 = time.perf_counter()
     results = []
     if cfg.frontier:
         results.append(search_frontier(f"{prefix}|frontier", storage, spec, lat_model, evaluator, cfg))
     for b in sorted(budgets):
-        results.append(search_budget(f"{prefix}|budget={b:.6g}", storage, spec, lat_model, evaluator, b, cfg, progress))
+        results.append(search_budget(f"{prefix}|budget={b:.6g}", storage, spec, lat_model, evaluator, b, cfg, progress, routers))
     trials = collect_trials(storage, run.root, prefix)
     out = run / "search"
     out.mkdir(parents=True, exist_ok=True)
@@ -278,9 +289,11 @@ def search(cfg: SearchConfig) -> dict:
             continue
         r = ok.loc[ok["loss"].idxmin()]
         best.append({"budget_ms": b, "regime": regime_key, "config": json.loads(r["config"]),
-                     "predicted_latency_ms": r["predicted_latency_ms"], "loss": r["loss"], "source": "search"})
+                     "predicted_latency_ms": r["predicted_latency_ms"], "loss": r["loss"],
+                     "source": r["source"] if r["source"] == "router" else "search"})
     write_json_atomic(out / f"best-{regime_key.replace(':', '_')}.json",
-                      {"regime": regime_key, "device_name": models.device_name, "best": best})
+                      {"regime": regime_key, "device_name": models.device_name, "best": best, "weights": wname,
+                       "quality_setting": evaluator.setting})
     save_stage_config(out / "search_config.json", cfg)
     return {
         "regime": regime_key, "budgets_ms": budgets, "feasible_ms": [round(lo, 4), round(hi, 4)],

@@ -33,14 +33,25 @@ def read_quality_cache(path: str | Path, setting: str | None = None) -> dict[str
     return out
 
 
+def search_quality_setting(run_root: str | Path) -> str | None:
+    """The quality setting (split, windows, weights) the run's search used, from its best-*.json files;
+    None for runs searched before the setting was recorded (then every cached line is read)."""
+    for p in sorted((Path(run_root) / "search").glob("best-*.json")):
+        setting = json.loads(p.read_text()).get("quality_setting")
+        if setting:
+            return setting
+    return None
+
+
 class QualityEvaluator:
     def __init__(self, elastic, cache_path: str | Path, windows: int = 8, seq_len: int = 128,
-                 split: str = "validation", corpus: str = "wiki", batch_size: int = 8):
+                 split: str = "validation", corpus: str = "wiki", batch_size: int = 8, tag: str = "elastic"):
         from flextron.data import token_windows
 
         self.elastic = elastic
         self.cache_path = Path(cache_path)
-        self.setting = f"{split}:{corpus}:{windows}x{seq_len}"
+        # The weights' name is part of the setting: trained and one-shot losses never mix.
+        self.setting = f"{split}:{corpus}:{windows}x{seq_len}" + ("" if tag == "elastic" else f":{tag}")
         self.batch_size = batch_size
         self._windows = token_windows(elastic.tokenizer, elastic.adapter, split, seq_len, windows, corpus)
         self.evaluations = 0  # real forward evaluations made by this process

@@ -1,0 +1,574 @@
+"""Flextron's routers: a surrogate loss model, a static router and a dynamic (per-token) router.
+
+- The latency table of a regime is the latency model's `[layers, choices]` table (measured on the
+  device). Only when the regime was never profiled is an analytic FLOPs/bytes table used, and then
+  its source says "analytic" everywhere it shows.
+- The surrogate is a small network predicting a sub-network's validation loss from per-layer
+  choice probabilities (one-hot for a concrete config). It is fitted on sampled configs' measured
+  losses; the routers are trained only when its held-out relative error is under a threshold.
+- The static router maps a budget (fraction of the full model's latency) to per-layer logits over
+  MLP widths and head counts. Training uses Gumbel-softmax with an annealed temperature; the loss is
+  the surrogate's predicted loss plus a penalty on expected latency over budget. At inference it
+  is deterministic (argmax), answers any budget in range, and a config the latency model predicts
+  over budget is shrunk greedily until it fits.
+- The dynamic router picks each token's MLP width from its hidden state and the budget. Training
+  uses the nested structure: a soft choice is a per-neuron mask (sum of the probabilities of the
+  widths that include the neuron). Inference groups tokens by width and runs each group on the
+  prefix weights, so the skipped compute is really skipped. Heads come from the static choice.
+- Joint fine-tuning then trains the model weights together with the dynamic router (short).
+
+Everything is stored as safetensors plus JSON in `RUN/routers/<regime>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flextron.errors import FlextronError
+from flextron.spec import SubnetConfig
+
+ROUTERS_DIR = "routers"
+
+
+def regime_dir(run_root: str | Path, regime_key: str) -> Path:
+    return Path(run_root) / ROUTERS_DIR / regime_key.replace(":", "_")
+
+
+# ---- the latency table ------------------------------------------------------------------------------
+def latency_table(run_root: str | Path, regime_key: str | None, spec) -> dict:
+    """{attn [L, H], mlp [L, W], fixed, full, source, regime}: measured when a latency model exists for
+    the regime, else analytic (relative FLOPs/bytes, labelled so)."""
+    from profiler.latency_model import LatencyModels
+
+    try:
+        models = LatencyModels.load(run_root)
+        key = models.resolve(regime_key)
+        t = models.get(key).layer_table_ms(spec)
+        attn, mlp, fixed = t["attn_ms"].float(), t["mlp_ms"].float(), float(t["fixed_ms"])
+        full = fixed + float(attn[:, -1].sum() + mlp[:, -1].sum())
+        return {"attn": attn, "mlp": mlp, "fixed": fixed, "full": full, "source": f"measured ({models.device_name})",
+                "regime": key, "unit": "ms"}
+    except FlextronError:
+        if regime_key is None:
+            raise
+        from flextron.spec import Regime
+
+        r = Regime.parse(regime_key)
+        h, d = spec.hidden_size, spec.head_dim
+        kv_ctx = r.seq_len if r.phase == "decode" else r.new_tokens
+        # Relative cost: weight bytes moved plus KV-cache reads (decode) or FLOPs (prefill), per layer.
+        mlp = torch.tensor([[3.0 * h * w for w in ws] for ws in spec.mlp_widths])
+        attn = torch.tensor([[2.0 * h * hc * d + 2.0 * h * (hc // spec.q_per_kv) * d
+                              + 2.0 * (hc // spec.q_per_kv if r.phase == "decode" else hc) * d * kv_ctx
+                              for hc in hs] for hs in spec.head_counts])
+        fixed = float(2 * spec.vocab_size * h)
+        full = fixed + float(attn[:, -1].sum() + mlp[:, -1].sum())
+        return {"attn": attn, "mlp": mlp, "fixed": fixed, "full": full, "regime": r.key, "unit": "relative",
+                "source": "analytic (FLOPs/bytes model; this regime was not profiled)"}
+
+
+def expected_latency(table: dict, p_mlp: torch.Tensor, p_attn: torch.Tensor) -> torch.Tensor:
+    """Expected latency as a fraction of the full model's, from choice probabilities [..., L, C]."""
+    e = table["fixed"] + (p_mlp * table["mlp"]).sum((-1, -2)) + (p_attn * table["attn"]).sum((-1, -2))
+    return e / table["full"]
+
+
+# ---- features and the surrogate ---------------------------------------------------------------------
+def one_hot(spec, cfgs: list[SubnetConfig]) -> tuple[torch.Tensor, torch.Tensor]:
+    m = torch.zeros(len(cfgs), spec.num_layers, len(spec.mlp_widths[0]))
+    a = torch.zeros(len(cfgs), spec.num_layers, len(spec.head_counts[0]))
+    for i, c in enumerate(cfgs):
+        for l, (w, hc) in enumerate(zip(c.mlp_width, c.heads)):
+            m[i, l, spec.mlp_widths[l].index(w)] = 1
+            a[i, l, spec.head_counts[l].index(hc)] = 1
+    return m, a
+
+
+class Surrogate(nn.Module):
+    def __init__(self, n_layers: int, n_mlp: int, n_attn: int, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(n_layers * (n_mlp + n_attn), hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, 1))
+        self.register_buffer("y_mean", torch.zeros(()))
+        self.register_buffer("y_std", torch.ones(()))
+
+    def forward(self, p_mlp, p_attn):
+        x = torch.cat([p_mlp.flatten(-2), p_attn.flatten(-2)], -1)
+        return self.net(x).squeeze(-1) * self.y_std + self.y_mean
+
+
+def sample_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
+    """Uniform configs plus heterogeneous ones spread over the whole size range: each sample draws
+    a size level, then every layer's choice index scatters around it."""
+    rng = random.Random(seed)
+    out = {SubnetConfig((w,) * spec.num_layers, (h,) * spec.num_layers) for w in spec.mlp_widths[0] for h in spec.head_counts[0]}
+    out = sorted(out, key=lambda c: c.key)
+    seen = set(out)
+    for _ in range(50 * n):
+        if len(out) >= len(seen) and len(out) - len(spec.mlp_widths[0]) * len(spec.head_counts[0]) >= n:
+            break
+        lm, la = rng.random(), rng.random()
+
+        def pick(choices, level):
+            i = round(level * (len(choices) - 1) + rng.gauss(0, 1.2))
+            return choices[min(len(choices) - 1, max(0, i))]
+
+        c = SubnetConfig(tuple(pick(ws, lm) for ws in spec.mlp_widths), tuple(pick(hs, la) for hs in spec.head_counts))
+        if c not in seen:
+            seen.add(c)
+            out.append(c)
+    return out
+
+
+def fit_surrogate(spec, cfgs: list[SubnetConfig], losses: list[float], seed: int, steps: int = 1500) -> tuple[Surrogate, dict]:
+    """Fit on 80% of the configs; report the error on the 20% it never saw."""
+    torch.manual_seed(seed)
+    idx = list(range(len(cfgs)))
+    random.Random(seed).shuffle(idx)
+    n_test = max(4, len(idx) // 5)
+    test, tr = idx[:n_test], idx[n_test:]
+    m, a = one_hot(spec, cfgs)
+    y = torch.tensor(losses, dtype=torch.float32)
+    sur = Surrogate(spec.num_layers, m.shape[-1], a.shape[-1])
+    sur.y_mean.fill_(float(y[tr].mean()))
+    sur.y_std.fill_(float(y[tr].std().clamp_min(1e-3)))
+    opt = torch.optim.AdamW(sur.parameters(), lr=3e-3, weight_decay=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.mse_loss((sur(m[tr], a[tr]) - sur.y_mean) / sur.y_std, (y[tr] - sur.y_mean) / sur.y_std)
+        loss.backward()
+        opt.step()
+    sur.eval()
+    with torch.no_grad():
+        pred = sur(m[test], a[test])
+    rel = ((pred - y[test]).abs() / y[test]).numpy()
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(pred.numpy(), y[test].numpy()).statistic) if len(test) > 2 else float("nan")
+    return sur, {"train": len(tr), "heldout": len(test), "heldout_mean_rel_err": float(rel.mean()),
+                 "heldout_max_rel_err": float(rel.max()), "heldout_spearman": rho}
+
+
+# ---- the static router ------------------------------------------------------------------------------
+class StaticRouter(nn.Module):
+    """budget fraction -> per-layer logits over MLP widths and head counts."""
+
+    def __init__(self, n_layers: int, n_mlp: int, n_attn: int, hidden: int = 64):
+        super().__init__()
+        self.shape = (n_layers, n_mlp, n_attn)
+        self.net = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, n_layers * (n_mlp + n_attn)))
+
+    def forward(self, t: torch.Tensor):
+        L, W, H = self.shape
+        z = self.net(t.view(-1, 1))
+        return z[:, : L * W].view(-1, L, W), z[:, L * W:].view(-1, L, H)
+
+
+def anneal(step: int, steps: int, start: float = 2.0, end: float = 0.1) -> float:
+    return start * (end / start) ** (step / max(1, steps - 1))
+
+
+def train_static(spec, sur: Surrogate, table: dict, t_min: float, steps: int, latency_weight: float, seed: int,
+                 lr: float = 3e-3, batch: int = 32) -> tuple[StaticRouter, list[dict]]:
+    torch.manual_seed(seed)
+    L, W, H = spec.num_layers, len(spec.mlp_widths[0]), len(spec.head_counts[0])
+    router = StaticRouter(L, W, H)
+    for p in sur.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(router.parameters(), lr=lr)
+    hist = []
+    for step in range(steps):
+        tau = anneal(step, steps)
+        t = t_min + (1 - t_min) * torch.rand(batch)
+        lm, la = router(t)
+        pm, pa = F.gumbel_softmax(lm, tau=tau, dim=-1), F.gumbel_softmax(la, tau=tau, dim=-1)
+        e = expected_latency(table, pm, pa)
+        pred = sur(pm, pa)
+        over = F.relu(e / t - 1)
+        loss = (pred + latency_weight * (over ** 2 + 0.1 * over)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            hist.append({"step": step, "tau": round(tau, 4), "loss": loss.item(), "surrogate": pred.mean().item(),
+                         "over_budget_frac": float((e > t).float().mean())})
+    router.eval()
+    return router, hist
+
+
+def route_static(router: StaticRouter, spec, t: float) -> SubnetConfig:
+    with torch.no_grad():
+        lm, la = router(torch.tensor([float(t)]))
+    mi, ai = lm[0].argmax(-1).tolist(), la[0].argmax(-1).tolist()
+    return SubnetConfig(tuple(spec.mlp_widths[l][i] for l, i in enumerate(mi)), tuple(spec.head_counts[l][i] for l, i in enumerate(ai)))
+
+
+def fit_to_budget(cfg: SubnetConfig, spec, predict, budget: float, sur: Surrogate | None = None) -> SubnetConfig:
+    """Shrink `cfg` one layer choice at a time until predict(cfg) <= budget, each time taking the step
+    that saves the most latency per unit of predicted loss (or the most latency without a surrogate)."""
+    cur = cfg
+    while predict(cur) > budget:
+        cands = []
+        for l in range(spec.num_layers):
+            wi, hi = spec.mlp_widths[l].index(cur.mlp_width[l]), spec.head_counts[l].index(cur.heads[l])
+            if wi > 0:
+                mw = list(cur.mlp_width)
+                mw[l] = spec.mlp_widths[l][wi - 1]
+                cands.append(SubnetConfig(tuple(mw), cur.heads))
+            if hi > 0:
+                hs = list(cur.heads)
+                hs[l] = spec.head_counts[l][hi - 1]
+                cands.append(SubnetConfig(cur.mlp_width, tuple(hs)))
+        if not cands:
+            break
+        base = predict(cur)
+        saved = [base - predict(c) for c in cands]
+        if sur is not None:
+            with torch.no_grad():
+                m, a = one_hot(spec, [cur] + cands)
+                losses = sur(m, a).tolist()
+            score = [s / max(1e-3, losses[i + 1] - losses[0] + 1e-3) for i, s in enumerate(saved)]
+        else:
+            score = saved
+        cur = cands[max(range(len(cands)), key=score.__getitem__)]
+    return cur
+
+
+# ---- the dynamic router -----------------------------------------------------------------------------
+class DynamicMLP(nn.Module):
+    """Wraps a gated MLP (gate/up/down ElasticLinears + act_fn): per token, a router picks the width."""
+
+    def __init__(self, mlp: nn.Module, adapter, widths: tuple[int, ...], hidden_size: int):
+        super().__init__()
+        self.mlp, self.widths = mlp, tuple(widths)
+        self.gate, self.up, self.down = (getattr(mlp, n) for n in (adapter.gate, adapter.up, adapter.down))
+        self.router = nn.Linear(hidden_size + 1, len(widths))
+        nn.init.zeros_(self.router.weight)
+        with torch.no_grad():
+            self.router.bias.copy_(torch.linspace(-1, 1, len(widths)))  # start leaning to wide
+        self.budget = 1.0
+        self.tau = 1.0
+        self.soft = False  # training: soft nested mask; inference: grouped prefix compute
+        self.last_probs: torch.Tensor | None = None
+        self.last_choice: torch.Tensor | None = None
+        seg = torch.tensor([self.widths[0]] + [b - a for a, b in zip(self.widths, self.widths[1:])])
+        self.register_buffer("seg", seg, persistent=False)
+
+    def logits(self, x):
+        b = torch.full((*x.shape[:-1], 1), float(self.budget), dtype=x.dtype, device=x.device)
+        return self.router(torch.cat([x, b], -1))
+
+    def forward(self, x):
+        z = self.logits(x)
+        if self.soft:
+            p = F.gumbel_softmax(z.float(), tau=self.tau, dim=-1)
+            self.last_probs = p
+            keep = p.flip(-1).cumsum(-1).flip(-1)  # segment k is kept by every width index >= k
+            mask = keep.repeat_interleave(self.seg, dim=-1).to(x.dtype)
+            h = self.mlp.act_fn(F.linear(x, self.gate.weight)) * F.linear(x, self.up.weight)
+            return F.linear(h * mask, self.down.weight)
+        choice = z.argmax(-1)
+        self.last_choice = choice
+        self.last_probs = F.one_hot(choice, len(self.widths)).float()
+        flat, cflat = x.reshape(-1, x.shape[-1]), choice.reshape(-1)
+        out = torch.empty_like(flat)
+        for k in cflat.unique().tolist():  # tokens grouped by width: each group runs the prefix weights only
+            idx = (cflat == k).nonzero().squeeze(-1)
+            w = self.widths[k]
+            xg = flat.index_select(0, idx)
+            h = self.mlp.act_fn(F.linear(xg, self.gate.weight[:w])) * F.linear(xg, self.up.weight[:w])
+            out.index_copy_(0, idx, F.linear(h, self.down.weight[:, :w]))
+        return out.view_as(x)
+
+
+class DynamicRouting:
+    """Installs DynamicMLPs into an ElasticModel's layers (and removes them)."""
+
+    def __init__(self, elastic):
+        self.elastic = elastic
+        spec, ad = elastic.spec, elastic.adapter
+        self.modules: list[DynamicMLP] = []
+        for l, layer in enumerate(ad.layers(elastic.model)):
+            mlp = ad.mlp_of(layer)
+            self.modules.append(DynamicMLP(mlp, ad, spec.mlp_widths[l], spec.hidden_size).to(elastic.device))
+        self._orig = [ad.mlp_of(layer) for layer in ad.layers(elastic.model)]
+
+    def parameters(self):
+        return [p for m in self.modules for p in m.router.parameters()]
+
+    def install(self):
+        ad = self.elastic.adapter
+        for layer, m in zip(ad.layers(self.elastic.model), self.modules):
+            setattr(layer, ad.mlp, m)
+
+    def remove(self):
+        ad = self.elastic.adapter
+        for layer, m in zip(ad.layers(self.elastic.model), self._orig):
+            setattr(layer, ad.mlp, m)
+
+    def set(self, budget: float, soft: bool, tau: float = 1.0):
+        for m in self.modules:
+            m.budget, m.soft, m.tau = budget, soft, tau
+
+    def expected_mlp(self, table: dict) -> torch.Tensor:
+        """Expected MLP latency (table units) of the last forward: per layer, mean over tokens of sum_c p_c T[l, c]."""
+        return sum((m.last_probs.reshape(-1, len(m.widths)).mean(0) * table["mlp"][l].to(m.last_probs.device)).sum()
+                   for l, m in enumerate(self.modules))
+
+    def width_shares(self) -> list[list[float]]:
+        return [m.last_probs.reshape(-1, len(m.widths)).mean(0).tolist() for m in self.modules]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{l}.{k}": v.detach().cpu().contiguous() for l, m in enumerate(self.modules) for k, v in m.router.state_dict().items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for l, m in enumerate(self.modules):
+            m.router.load_state_dict({k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".", 1)[0] == str(l)})
+
+
+def dynamic_step(elastic, routing: DynamicRouting, teacher, ids, table, static_heads, t: float, tau: float,
+                 latency_weight: float, distill_weight: float = 0.9):
+    """One soft forward at budget t with heads from the static router; returns (loss, expected fraction)."""
+    from flextron.train import distill_loss
+
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids, use_cache=False).logits
+    cfg = SubnetConfig(elastic.spec.full().mlp_width, static_heads)
+    routing.set(t, soft=True, tau=tau)
+    with elastic.use(cfg):
+        s_logits = elastic(input_ids=ids, use_cache=False).logits
+    lm = distill_loss(s_logits, t_logits, ids, distill_weight, 1.0)
+    attn = sum(float(table["attn"][l, elastic.spec.head_counts[l].index(h)]) for l, h in enumerate(static_heads))
+    e = (table["fixed"] + attn + routing.expected_mlp(table)) / table["full"]
+    over = F.relu(e / t - 1)
+    return lm + latency_weight * (over ** 2 + 0.1 * over), float(e)
+
+
+@torch.no_grad()
+def dynamic_eval(elastic, routing: DynamicRouting, windows, heads, t: float, table: dict, batch_size: int = 8) -> dict:
+    """Validation loss with hard per-token routing (grouped compute) and the expected latency fraction."""
+    routing.set(t, soft=False)
+    total, count, e_sum, n = 0.0, 0, 0.0, 0
+    attn = sum(float(table["attn"][l, elastic.spec.head_counts[l].index(h)]) for l, h in enumerate(heads))
+    with elastic.use(SubnetConfig(elastic.spec.full().mlp_width, heads)):
+        for ids in windows.split(batch_size):
+            ids = ids.to(elastic.device)
+            logits = elastic(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+            count += ids[:, 1:].numel()
+            e_sum += float((table["fixed"] + attn + routing.expected_mlp(table)) / table["full"])
+            n += 1
+    return {"loss": total / count, "expected_frac": e_sum / n, "width_shares": routing.width_shares()}
+
+
+# ---- the command ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RouteConfig:
+    run: str = "runs/demo"
+    regime: str = ""  # default: the run's only fitted regime
+    budget_ms: float = 0.0  # > 0: print the static router's config for this budget (no training)
+    weights: str = "auto"  # elastic | trained | auto (trained when it exists)
+    surrogate_samples: int = 40  # heterogeneous configs evaluated for the surrogate, besides the uniform ones
+    surrogate_threshold: float = 0.05  # held-out mean relative loss error the surrogate must reach
+    static_steps: int = 800
+    dynamic_steps: int = 20
+    joint_steps: int = 4
+    latency_weight: float = 20.0
+    eval_windows: int = 8
+    eval_seq_len: int = 128
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 3e-3
+    joint_lr: float = 1e-5
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.budget_ms < 0 or self.surrogate_samples < 4 or not 0 < self.surrogate_threshold < 1:
+            raise FlextronError("--budget-ms must be >= 0, --surrogate-samples >= 4, --surrogate-threshold in (0, 1)")
+
+
+def save_tensors(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+class Routers:
+    """Trained routers of one regime, loaded from RUN/routers/<regime>/ (safetensors + JSON)."""
+
+    def __init__(self, folder: Path, spec):
+        meta_path = folder / "router.json"
+        if not meta_path.is_file():
+            raise FlextronError(f"{folder} holds no routers; run `flextron route --run RUN --regime REGIME` first")
+        self.folder, self.spec = folder, spec
+        self.meta = json.loads(meta_path.read_text())
+        L, W, H = spec.num_layers, len(spec.mlp_widths[0]), len(spec.head_counts[0])
+        self.static = StaticRouter(L, W, H)
+        self.static.load_state_dict(load_tensors(folder / "static_router.safetensors"))
+        self.static.eval()
+        self.surrogate = Surrogate(L, W, H)
+        self.surrogate.load_state_dict(load_tensors(folder / "surrogate.safetensors"))
+        self.surrogate.eval()
+
+    @classmethod
+    def load(cls, run_root: str | Path, regime_key: str, spec) -> "Routers":
+        return cls(regime_dir(run_root, regime_key), spec)
+
+    def config_for(self, budget_ms: float, predict) -> SubnetConfig:
+        """The static router's config for `budget_ms`, shrunk if the latency model predicts it over."""
+        full = self.meta["table"]["full_ms"]
+        t = min(1.0, budget_ms / full)
+        cfg = route_static(self.static, self.spec, t)
+        return fit_to_budget(cfg, self.spec, predict, budget_ms, self.surrogate)
+
+
+def route(cfg: RouteConfig) -> dict:
+    from flextron.data import token_windows
+    from flextron.elastic import ElasticModel
+    from flextron.progress import progress
+    from flextron.rundir import RunDir, save_stage_config, write_json_atomic
+    from profiler.latency_model import LatencyModels, encode
+    from search.quality import QUALITY_CACHE, QualityEvaluator
+
+    run = RunDir(cfg.run)
+    wname, wdir = run.weights(cfg.weights)
+    from flextron.spec import ElasticSpec
+
+    spec = ElasticSpec.load(wdir / "elastic_spec.json")
+    try:
+        models = LatencyModels.load(run.root)
+        regime_key = models.resolve(cfg.regime or None)
+        lat = models.get(regime_key)
+
+        def predict(c):
+            return float(lat.predict(encode([c]))[0])
+    except FlextronError:
+        if not cfg.regime:
+            raise
+        models, lat, regime_key = None, None, None
+        predict = None
+    table = latency_table(run.root, regime_key or cfg.regime, spec)
+    regime_key = table["regime"]
+    folder = regime_dir(run.root, regime_key)
+    if cfg.budget_ms > 0:
+        routers = Routers(folder, spec)
+        if predict is None:
+            raise FlextronError(f"--budget-ms needs a latency model for {regime_key}; run `flextron profile` and `flextron fit` first")
+        lo = predict(spec.smallest())
+        if cfg.budget_ms < lo:
+            raise FlextronError(f"budget {cfg.budget_ms} ms is below the smallest sub-network ({lo:.4g} ms predicted for {regime_key})")
+        c = routers.config_for(cfg.budget_ms, predict)
+        return {"regime": regime_key, "budget_ms": cfg.budget_ms, "config": c.to_dict(), "predicted_latency_ms": round(predict(c), 4),
+                "source": "router", "table_source": routers.meta["table"]["source"]}
+
+    t0 = time.perf_counter()
+    elastic = ElasticModel.load(wdir, device=cfg.device)
+    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len, tag=wname)
+    cfgs = sample_configs(spec, cfg.surrogate_samples, cfg.seed)
+    losses = [evaluator.loss(c) for c in progress(cfgs, desc="surrogate samples")]
+    sur, sur_metrics = fit_surrogate(spec, cfgs, losses, cfg.seed)
+    if sur_metrics["heldout_mean_rel_err"] > cfg.surrogate_threshold:
+        raise FlextronError(
+            f"the surrogate's held-out relative error is {sur_metrics['heldout_mean_rel_err']:.3f}, above --surrogate-threshold "
+            f"{cfg.surrogate_threshold}; evaluate more configs (--surrogate-samples {2 * cfg.surrogate_samples}) before training routers")
+    # The least any config can cost in this table (the smallest config, where latency is monotone in width).
+    smallest_frac = (table["fixed"] + float(table["attn"].min(-1).values.sum() + table["mlp"].min(-1).values.sum())) / table["full"]
+    static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight, cfg.seed, cfg.lr)
+
+    # dynamic router: model frozen, routers trained on train-split windows against the frozen original
+    teacher = ElasticModel.load(run.elastic, device=cfg.device)
+    for p in list(elastic.model.parameters()) + list(teacher.model.parameters()):
+        p.requires_grad_(False)
+    windows = token_windows(elastic.tokenizer, elastic.adapter, "train", cfg.seq_len,
+                            (cfg.dynamic_steps + cfg.joint_steps) * cfg.batch_size, "wiki")
+    routing = DynamicRouting(elastic)
+    routing.install()
+    opt = torch.optim.Adam(routing.parameters(), lr=cfg.lr)
+    rng = random.Random(cfg.seed)
+    dyn_hist = []
+
+    def batch(i):
+        i0 = (i * cfg.batch_size) % len(windows)
+        return windows[i0: i0 + cfg.batch_size].to(cfg.device)
+
+    def heads_for(t):
+        return route_static(static, spec, t).heads
+
+    for step in progress(range(cfg.dynamic_steps), desc="dynamic router"):
+        t = rng.uniform(smallest_frac, 1.0)
+        loss, e = dynamic_step(elastic, routing, teacher, batch(step), table, heads_for(t), t,
+                               anneal(step, cfg.dynamic_steps, 1.0, 0.2), cfg.latency_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        dyn_hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss), "expected_frac": round(e, 4)})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / "dynamic_router.safetensors", routing.state_dict())
+
+    # joint fine-tuning: model weights and dynamic router together, short, at a small learning rate
+    joint_hist = []
+    if cfg.joint_steps:
+        rids = {id(p) for p in routing.parameters()}
+        mparams = [p for p in elastic.model.parameters() if p.dtype.is_floating_point and id(p) not in rids]
+        for p in mparams:
+            p.requires_grad_(True)
+        jopt = torch.optim.AdamW([{"params": mparams, "lr": cfg.joint_lr}, {"params": routing.parameters(), "lr": cfg.lr}])
+        elastic.model.train()
+        for step in progress(range(cfg.joint_steps), desc="joint fine-tuning"):
+            t = rng.uniform(smallest_frac, 1.0)
+            loss, e = dynamic_step(elastic, routing, teacher, batch(cfg.dynamic_steps + step), table, heads_for(t), t, 0.2,
+                                   cfg.latency_weight)
+            jopt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(mparams, 1.0)
+            jopt.step()
+            joint_hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss), "expected_frac": round(e, 4)})
+        elastic.model.eval()
+        routing.remove()
+        from flextron.train import save_weights
+
+        save_weights(elastic, folder / "joint")
+        save_tensors(folder / "joint" / "dynamic_router.safetensors", routing.state_dict())
+    else:
+        routing.remove()
+
+    save_tensors(folder / "static_router.safetensors", static.state_dict())
+    save_tensors(folder / "surrogate.safetensors", sur.state_dict())
+    grid = [round(smallest_frac + (1 - smallest_frac) * i / 8, 4) for i in range(9)]
+    answers = []
+    for t in grid:
+        c = route_static(static, spec, t)
+        pe = float(expected_latency(table, *one_hot(spec, [c]))[0])
+        answers.append({"budget_frac": t, "expected_frac": round(pe, 4), "predicted_ms": round(predict(c), 4) if predict else None,
+                        "config": c.to_dict()})
+    meta = {"regime": regime_key, "weights": wname, "seconds": round(time.perf_counter() - t0, 1),
+            "table": {"source": table["source"], "unit": table["unit"], "full_ms": table["full"],
+                      "smallest_frac": smallest_frac},
+            "surrogate": {**sur_metrics, "threshold": cfg.surrogate_threshold, "samples": len(cfgs),
+                          "quality_evaluations": evaluator.evaluations},
+            "static_history": static_hist, "dynamic_history": dyn_hist, "joint_history": joint_hist,
+            "static_answers": answers, "tokens": {"dynamic": cfg.dynamic_steps * cfg.batch_size * cfg.seq_len,
+                                                  "joint": cfg.joint_steps * cfg.batch_size * cfg.seq_len}}
+    write_json_atomic(folder / "router.json", meta)
+    save_stage_config(folder / "route_config.json", cfg)
+    return {"regime": regime_key, "routers": str(folder), "table_source": table["source"],
+            "surrogate_heldout_rel_err": round(sur_metrics["heldout_mean_rel_err"], 4),
+            "static_answers": [{k: a[k] for k in ("budget_frac", "expected_frac", "predicted_ms")} for a in answers],
+            "seconds": meta["seconds"]}
