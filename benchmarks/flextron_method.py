@@ -67,6 +67,10 @@ def main():
     ap.add_argument("--regime", default="decode:b1:ctx256")
     ap.add_argument("--out", default="runs/bench-method")
     ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--train-batch", type=int, default=4)
+    ap.add_argument("--random-configs", type=int, default=2)
+    ap.add_argument("--dynamic-steps", type=int, default=20)
+    ap.add_argument("--joint-steps", type=int, default=4)
     ap.add_argument("--fracs", type=float, nargs="+", default=[0.6, 0.7, 0.8])
     ap.add_argument("--search-trials", type=int, default=12)
     ap.add_argument("--device", default="cpu")
@@ -94,7 +98,8 @@ def main():
     front0 = frontier(e2e, regime, QualityEvaluator(one_shot, cache, tag="elastic"))
 
     t0 = time.perf_counter()
-    tr = train(TrainConfig(run=str(out), steps=args.train_steps, device=args.device))
+    tr = train(TrainConfig(run=str(out), steps=args.train_steps, batch_size=args.train_batch,
+                           random_configs=args.random_configs, device=args.device))
     t_train = time.perf_counter() - t0
     trained = ElasticModel.load(out / "trained", device=args.device)
     ev = QualityEvaluator(trained, cache, tag="trained")
@@ -105,7 +110,8 @@ def main():
                             device=args.device, skip_infeasible=True, weights="trained"))
     best = json.loads(next((out / "search").glob("best-*.json")).read_text())["best"]
     t1 = time.perf_counter()
-    r = route(RouteConfig(run=str(out), regime=regime, weights="trained", device=args.device))
+    r = route(RouteConfig(run=str(out), regime=regime, weights="trained", device=args.device,
+                          dynamic_steps=args.dynamic_steps, joint_steps=args.joint_steps))
     t_route = time.perf_counter() - t1
     routers = Routers.load(out, regime, spec)
     lat = models.get(regime)

@@ -351,7 +351,7 @@ def dynamic_step(elastic, routing: DynamicRouting, teacher, ids, table, static_h
     attn = sum(float(table["attn"][l, elastic.spec.head_counts[l].index(h)]) for l, h in enumerate(static_heads))
     e = (table["fixed"] + attn + routing.expected_mlp(table)) / table["full"]
     over = F.relu(e / t - 1)
-    return lm + latency_weight * (over ** 2 + 0.1 * over), float(e)
+    return lm + latency_weight * (over ** 2 + 0.1 * over), float(e.detach())
 
 
 @torch.no_grad()
