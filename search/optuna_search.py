@@ -31,7 +31,7 @@ class SearchConfig:
     budget_frac: tuple[float, ...] = ()  # budgets as fractions of the full model's measured latency
     trials: int = 24  # quality evaluations per budget (infeasible proposals are free and not counted)
     frontier: bool = False  # multi-objective search of latency and loss together (no budget)
-    sampler: str = "tpe"  # tpe | random (the baseline the benchmark compares against)
+    sampler: str = "tpe"  # tpe (seeded with uniform and router configs) | random (plain random search, no seeds: the baseline)
     storage: str = ""  # default: sqlite in RUN/search; or a database URL, or a *.log journal file
     study_prefix: str = ""
     eval_windows: int = 8
@@ -130,7 +130,7 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="minimize",
                                 load_if_exists=True)
     study.set_user_attr("budget_ms", budget_ms)
-    if not study.trials:
+    if not study.trials and cfg.sampler == "tpe":  # "random" is the plain baseline: no seeds
         # Seed every uniform config that fits (largest first): at tight budgets random proposals
         # rarely fit, and the uniform ones are the baseline the search must beat anyway.
         seeds = [SubnetConfig((w,) * spec.num_layers, (h,) * spec.num_layers)

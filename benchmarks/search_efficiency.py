@@ -1,0 +1,73 @@
+"""Search efficiency: at equal numbers of quality evaluations, Optuna TPE against random search,
+per budget, on one run (its latency model and quality cache). Prints best validation loss per
+budget after each count of evaluations, the infeasible proposals rejected without evaluation, and
+the device.
+
+    python benchmarks/search_efficiency.py --run runs/demo --budget-frac 0.7 0.8 0.9 --trials 16 --seeds 0 1 2
+
+The searches run in a copy of the run (`--out`), so the run's own search results stay untouched.
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from search.optuna_search import SearchConfig, search
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", default="runs/demo")
+    ap.add_argument("--regime", default="")
+    ap.add_argument("--budget-frac", type=float, nargs="+", default=[0.7, 0.8, 0.9])
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--weights", default="auto")
+    ap.add_argument("--out", default="runs/bench-efficiency")
+    args = ap.parse_args()
+    src, run = Path(args.run), Path(args.out)
+    for stage in ("elastic", "trained", "profile", "latency_model"):
+        if (src / stage).is_dir() and not (run / stage).is_dir():
+            shutil.copytree(src / stage, run / stage)
+    cache = src / "search" / "quality_cache.jsonl"
+    if cache.is_file() and not (run / "search" / cache.name).is_file():
+        (run / "search").mkdir(parents=True, exist_ok=True)
+        shutil.copy(cache, run / "search" / cache.name)  # shared evaluations: none is computed twice
+    args.run = str(run)
+    rows = []
+    for sampler in ("tpe", "random"):
+        for seed in args.seeds:
+            prefix = f"bench-efficiency|{sampler}|seed{seed}"
+            out = search(SearchConfig(run=args.run, regime=args.regime, budget_frac=tuple(args.budget_frac),
+                                      trials=args.trials, sampler=sampler, seed=seed, study_prefix=prefix,
+                                      skip_infeasible=True, weights=args.weights))
+            t = pd.read_parquet(f"{args.run}/search/trials.parquet")
+            for b, g in t[t.evaluated].groupby("budget_ms"):
+                g = g.sort_values("trial")
+                curve = g["loss"].cummin().to_numpy()
+                rows.append({"sampler": sampler, "seed": seed, "budget_ms": b, "best_loss": float(curve[-1]),
+                             "best_at_half": float(curve[len(curve) // 2 - 1]), "evaluated": len(g)})
+            print(f"{sampler} seed {seed}: {out['evaluated_trials']} evaluated, {out['infeasible_skipped']} infeasible "
+                  f"proposals rejected without evaluation", flush=True)
+    df = pd.DataFrame(rows)
+    print(f"quality = validation loss of the run's weights ({args.weights}); "
+          f"{args.trials} evaluations per budget; seeds {args.seeds}")
+    print(f"{'budget ms':>10s} {'TPE best loss':>14s} {'random best':>12s} {'TPE @half':>10s} {'random @half':>13s} {'TPE wins':>9s}")
+    summary = {}
+    for b, g in df.groupby("budget_ms"):
+        tp, rd = g[g.sampler == "tpe"], g[g.sampler == "random"]
+        wins = int(sum(a < c for a, c in zip(tp.sort_values("seed").best_loss, rd.sort_values("seed").best_loss)))
+        print(f"{b:10.3f} {tp.best_loss.mean():14.4f} {rd.best_loss.mean():12.4f} {tp.best_at_half.mean():10.4f} "
+              f"{rd.best_at_half.mean():13.4f} {wins:>5d}/{len(tp)}")
+        summary[f"{b:.4g}"] = {"tpe": round(float(tp.best_loss.mean()), 4), "random": round(float(rd.best_loss.mean()), 4),
+                               "tpe_wins": wins, "seeds": len(tp)}
+    print("evaluations of infeasible configs: 0 (every trial over budget is rejected by the latency model before evaluation)")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
