@@ -93,8 +93,14 @@ def write_lookup(run) -> dict:
     from search.verify import VERIFIED_FILE
 
     verified = pd.read_parquet(run.require("verify", VERIFIED_FILE) / VERIFIED_FILE)
-    e2e = pd.read_parquet(run / "profile" / "e2e.parquet")
-    uniform = e2e[e2e["uniform"] & (e2e["status"] == "ok")]
+    from search.verify import UNIFORM_FILE
+
+    same_session = run / "verify" / UNIFORM_FILE
+    if same_session.is_file():  # measured by verify in the same session as the picks
+        uniform = pd.read_parquet(same_session).rename(columns={"measured_latency_ms": "latency_ms_median"})
+    else:
+        e2e = pd.read_parquet(run / "profile" / "e2e.parquet")
+        uniform = e2e[e2e["uniform"] & (e2e["status"] == "ok")]
     rows = build_rows(verified, uniform, read_quality_cache(run / "search" / QUALITY_CACHE, search_quality_setting(run.root)))
     if not rows:
         raise FlextronError("no verified config met its budget; widen the budgets or re-run `flextron verify`")

@@ -15,6 +15,7 @@ from flextron.errors import FlextronError
 from flextron.spec import Regime, SubnetConfig
 
 VERIFIED_FILE = "verified.parquet"
+UNIFORM_FILE = "uniform.parquet"  # the uniform configs measured in the same session as the picks
 MAX_REPLACEMENTS = 5
 
 
@@ -51,7 +52,7 @@ def verify(cfg: VerifyConfig) -> dict:
     device_name = Telemetry(cfg.device).device_name
     elastic = ElasticModel.load(run.elastic)
     trials = pd.read_parquet(search_dir / "trials.parquet")
-    rows, t0 = [], time.perf_counter()
+    rows, uniform_rows, t0 = [], [], time.perf_counter()
     measured_cache: dict[tuple[str, str], float] = {}
     for bf in best_files:
         best = json.loads(bf.read_text())
@@ -93,10 +94,18 @@ def verify(cfg: VerifyConfig) -> dict:
                          "config": sub.to_json(), "config_key": sub.key, "predicted_latency_ms": pred,
                          "measured_latency_ms": meas, "loss": loss, "ppl": math.exp(loss),
                          "within_budget": meas <= limit, "replacements_tried": replaced, "source": b["source"]})
+        # The uniform configs the lookup may fall back to are measured again here, in the same
+        # session as the picks, so the lookup never compares latencies from different sessions.
+        for w in elastic.spec.mlp_widths[0]:
+            for h in elastic.spec.head_counts[0]:
+                sub = SubnetConfig((w,) * elastic.spec.num_layers, (h,) * elastic.spec.num_layers)
+                uniform_rows.append({"regime": regime.key, "device_name": device_name, "config": sub.to_json(),
+                                     "config_key": sub.key, "measured_latency_ms": measure(sub)})
     out = run / "verify"
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)
     df.to_parquet(out / VERIFIED_FILE, index=False)
+    pd.DataFrame(uniform_rows).to_parquet(out / UNIFORM_FILE, index=False)
     save_stage_config(out / "verify_config.json", cfg)
     return {"device": device_name, "verified": len(df), "within_budget": int(df["within_budget"].sum()),
             "max_measured_over_budget": round(float((df["measured_latency_ms"] / df["budget_ms"]).max()), 4),

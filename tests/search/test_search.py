@@ -75,6 +75,9 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
     assert v["verified"] >= 2
     ver = pd.read_parquet(fitted / "verify" / "verified.parquet")
     assert {"predicted_latency_ms", "measured_latency_ms", "within_budget"} <= set(ver.columns)
+    uni = pd.read_parquet(fitted / "verify" / "uniform.parquet")  # fallbacks measured in the same session
+    spec = json.loads((fitted / "elastic" / "elastic_spec.json").read_text())
+    assert len(uni) == len(spec["mlp_widths"][0]) * len(spec["head_counts"][0]) and (uni["measured_latency_ms"] > 0).all()
     s = export(ExportConfig(run=str(fitted), lookup=True))
     rows = json.loads((fitted / "export" / "lookup.json").read_text())["rows"]
     assert s["rows"] == len(rows) >= 1
@@ -82,6 +85,10 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
     ppl = [r["ppl"] for r in sorted(rows, key=lambda r: r["budget_ms"])]
     assert all(a >= b for a, b in zip(ppl, ppl[1:]))  # more budget never worse
     assert all(r["measured_latency_ms"] <= r["budget_ms"] for r in rows)
+    measured_now = dict(zip(uni["config"].map(lambda c: json.dumps(json.loads(c))), uni["measured_latency_ms"]))
+    for r in rows:
+        if r["source"] == "uniform":
+            assert r["measured_latency_ms"] == measured_now[json.dumps(r["config"])] and r["predicted_latency_ms"] is None
     look = Lookup.load(fitted)
     top = max(r["budget_ms"] for r in rows)
     assert look.for_budget(top * 10).budget_ms == top
