@@ -32,7 +32,10 @@ def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
     layers = pd.read_parquet(run / "profile" / "layers.parquet")
     e2e = pd.read_parquet(run / "profile" / "e2e.parquet")
     device = layers["device_name"].iloc[0]
-    losses = read_quality_cache(run / "search" / QUALITY_CACHE, search_quality_setting(run))
+    setting = search_quality_setting(run)
+    losses = read_quality_cache(run / "search" / QUALITY_CACHE, setting)
+    trained = bool(setting and setting.endswith(":trained"))
+    one_shot = read_quality_cache(run / "search" / QUALITY_CACHE, setting.rsplit(":", 1)[0]) if trained else {}
     verified_path = run / "verify" / "verified.parquet"
     verified = pd.read_parquet(verified_path) if verified_path.is_file() else pd.DataFrame()
 
@@ -42,14 +45,25 @@ def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
         uni = g[g["uniform"] & g["config_key"].isin(losses)]
         if len(uni):
             ax.scatter(uni["latency_ms_median"], [math.exp(losses[k]) for k in uni["config_key"]],
-                       label="uniform-width slicing (one-shot, untrained)", marker="s", alpha=0.7)
+                       label="uniform-width slicing (" + ("trained elastic model)" if trained else "one-shot, untrained)"),
+                       marker="s", alpha=0.7)
+        base = g[g["uniform"] & g["config_key"].isin(one_shot)]
+        if len(base):
+            ax.scatter(base["latency_ms_median"], [math.exp(one_shot[k]) for k in base["config_key"]],
+                       label="uniform-width slicing (one-shot, untrained)", marker="x", c="0.5", alpha=0.8)
         full = g[g["config_key"] == g.sort_values("params")["config_key"].iloc[-1]]
         if len(full) and full["config_key"].iloc[0] in losses:
             ax.scatter(full["latency_ms_median"], [math.exp(losses[full["config_key"].iloc[0]])],
                        marker="*", s=200, c="k", label="full model")
         v = verified[verified["regime"] == regime] if len(verified) else verified
         if len(v):
-            ax.scatter(v["measured_latency_ms"], v["ppl"], marker="o", c="C3", label="search (verified)")
+            by_router = v["source"] == "router"
+            if (~by_router).any():
+                ax.scatter(v.loc[~by_router, "measured_latency_ms"], v.loc[~by_router, "ppl"], marker="o", c="C3",
+                           label="search (verified)")
+            if by_router.any():
+                ax.scatter(v.loc[by_router, "measured_latency_ms"], v.loc[by_router, "ppl"], marker="D", c="C2",
+                           label="router-chosen (verified)")
             for r in v.itertuples():
                 ax.axvline(r.budget_ms, c="C3", alpha=0.15)
         ax.set_yscale("log")
