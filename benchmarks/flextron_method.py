@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--out", default="runs/bench-method")
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--train-batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--random-configs", type=int, default=2)
     ap.add_argument("--dynamic-steps", type=int, default=20)
     ap.add_argument("--joint-steps", type=int, default=4)
@@ -99,7 +100,7 @@ def main():
 
     t0 = time.perf_counter()
     tr = train(TrainConfig(run=str(out), steps=args.train_steps, batch_size=args.train_batch,
-                           random_configs=args.random_configs, device=args.device))
+                           random_configs=args.random_configs, lr=args.lr, device=args.device))
     t_train = time.perf_counter() - t0
     trained = ElasticModel.load(out / "trained", device=args.device)
     ev = QualityEvaluator(trained, cache, tag="trained")
