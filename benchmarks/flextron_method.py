@@ -23,7 +23,8 @@ import torch
 
 from flextron.data import token_windows
 from flextron.elastic import ElasticModel
-from flextron.routers import DynamicRouting, RouteConfig, Routers, dynamic_eval, latency_table, load_tensors, regime_dir, route
+from flextron.routers import DynamicRouting, Routers, dynamic_eval, load_tensors, regime_dir
+from search.route import RouteConfig, latency_table, route
 from flextron.rundir import RunDir
 from flextron.spec import SubnetConfig
 from flextron.train import TrainConfig, train

@@ -134,7 +134,6 @@ def main():
     t_e2e = time.perf_counter() - t1
     summary = fit(FitConfig(run=str(out)))
     metrics = json.loads((out / "latency_model" / "metrics.json").read_text())
-    layers = pd.read_parquet(out / "profile" / "layers.parquet")
     e2e = pd.read_parquet(out / "profile" / "e2e.parquet")
     spec = el.spec
     print(f"device: {summary['device']}  torch {torch.__version__}  model {name}  "

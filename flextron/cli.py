@@ -24,7 +24,7 @@ COMMANDS = {
     "verify": ("search.verify", "VerifyConfig", "verify", "measure chosen configs on the device; replace misses"),
     "report": ("reports.build", "ReportConfig", "build_report", "HTML + PNG + Markdown report of a run"),
     "train": ("flextron.train", "TrainConfig", "train", "elastic continued training (sandwich distillation)"),
-    "route": ("flextron.routers", "RouteConfig", "route", "train the static and dynamic routers, or pick a config for --budget-ms"),
+    "route": ("search.route", "RouteConfig", "route", "train the static and dynamic routers, or pick a config for --budget-ms"),
     "run": ("flextron.pipeline", "RunConfig", "run_pipeline", "convert → profile → fit → search → verify → report → export"),
 }
 

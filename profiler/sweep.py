@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from flextron.errors import FlextronError
 from flextron.spec import Regime, SubnetConfig

@@ -1,6 +1,5 @@
 import csv
 import json
-import random
 import shutil
 
 import pytest
@@ -100,7 +99,7 @@ def test_dynamic_router_grouped_compute_matches_masked_and_skips(tiny_run):
     # soft path at a tiny temperature is (nearly) the same one-hot choice, as a mask
     m.soft, m.tau = True, 1e-4
     torch.manual_seed(1)
-    soft = m(x)
+    m(x)
     assert (m.last_probs.argmax(-1) == choice).float().mean() > 0.7
 
 
@@ -156,7 +155,8 @@ def test_fit_to_budget_shrinks_until_predicted_fits(tiny_run):
 
 
 def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path):
-    from flextron.routers import RouteConfig, Routers, regime_dir, route
+    from flextron.routers import Routers, regime_dir
+    from search.route import RouteConfig, route
     from profiler.latency_model import FitConfig, fit
     from profiler.sweep import ProfileConfig, run_sweep
     from flextron.elastic import ElasticModel
@@ -190,7 +190,7 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path):
 
     from search.optuna_search import SearchConfig, search
 
-    search(SearchConfig(run=str(run), budget_frac=(2.0,), trials=2, eval_windows=2, eval_seq_len=32))
+    search(SearchConfig(run=str(run), budget_ms=(1e6,), trials=2, eval_windows=2, eval_seq_len=32))
     trials = pd.read_parquet(run / "search" / "trials.parquet")
     assert "router" in set(trials["source"])
     assert json.loads(next((run / "search").glob("best-*.json")).read_text())["weights"] == "trained"
@@ -198,7 +198,7 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path):
 
 def test_analytic_table_is_labelled_when_regime_not_profiled(tiny_run):
     from flextron.elastic import ElasticModel
-    from flextron.routers import latency_table
+    from search.route import latency_table
 
     spec = ElasticModel.load(tiny_run / "elastic").spec
     t = latency_table(tiny_run, "prefill:b1:s64", spec)

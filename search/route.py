@@ -1,0 +1,196 @@
+"""`flextron route`: train the routers of one regime against the surrogate and the latency model's
+`[layers, choices]` table, or answer a budget with the trained static router.
+
+The method lives in `flextron/routers.py` (latency as plain tensors and callables); this stage loads
+the latency model (an analytic table, labelled so, when the regime was never profiled), the
+quality cache and the weights, and writes `RUN/router/<regime>/`.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from flextron.errors import FlextronError
+from flextron.routers import (DynamicRouting, Routers, analytic_table, anneal, dynamic_step, expected_latency,
+                              fit_surrogate, measured_table, one_hot, regime_dir, route_static, sample_configs,
+                              save_tensors, train_static)
+
+
+def latency_table(run_root, regime_key: str | None, spec) -> dict:
+    """The measured table when a latency model exists for the regime, else the analytic one."""
+    from profiler.latency_model import LatencyModels
+
+    try:
+        models = LatencyModels.load(run_root)
+        key = models.resolve(regime_key)
+        return measured_table(models.get(key).layer_table_ms(spec), f"measured ({models.device_name})", key)
+    except FlextronError:
+        if regime_key is None:
+            raise
+        return analytic_table(spec, regime_key)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    run: str = "runs/demo"
+    regime: str = ""  # default: the run's only fitted regime
+    budget_ms: float = 0.0  # > 0: print the static router's config for this budget (no training)
+    weights: str = "auto"  # elastic | trained | auto (trained when it exists)
+    surrogate_samples: int = 40  # heterogeneous configs evaluated for the surrogate, besides the uniform ones
+    surrogate_threshold: float = 0.05  # held-out mean relative loss error the surrogate must reach
+    static_steps: int = 800
+    dynamic_steps: int = 20
+    joint_steps: int = 4
+    latency_weight: float = 20.0
+    eval_windows: int = 8
+    eval_seq_len: int = 128
+    batch_size: int = 4
+    seq_len: int = 128
+    lr: float = 3e-3
+    joint_lr: float = 1e-5
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.budget_ms < 0 or self.surrogate_samples < 4 or not 0 < self.surrogate_threshold < 1:
+            raise FlextronError("--budget-ms must be >= 0, --surrogate-samples >= 4, --surrogate-threshold in (0, 1)")
+
+
+
+
+def route(cfg: RouteConfig) -> dict:
+    from flextron.data import token_windows
+    from flextron.elastic import ElasticModel
+    from flextron.progress import progress
+    from flextron.rundir import RunDir, save_stage_config, write_json_atomic
+    from flextron.spec import ElasticSpec
+    from profiler.latency_model import LatencyModels, encode
+    from search.quality import QUALITY_CACHE, QualityEvaluator
+
+    run = RunDir(cfg.run)
+    wname, wdir = run.weights(cfg.weights)
+    spec = ElasticSpec.load(wdir / "elastic_spec.json")
+    try:
+        models = LatencyModels.load(run.root)
+        regime_key = models.resolve(cfg.regime or None)
+        lat = models.get(regime_key)
+
+        def predict(c):
+            return float(lat.predict(encode([c]))[0])
+    except FlextronError:
+        if not cfg.regime:
+            raise
+        models, lat, regime_key = None, None, None
+        predict = None
+    table = latency_table(run.root, regime_key or cfg.regime, spec)
+    regime_key = table["regime"]
+    folder = regime_dir(run.root, regime_key)
+    if cfg.budget_ms > 0:
+        routers = Routers(folder, spec)
+        if predict is None:
+            raise FlextronError(f"--budget-ms needs a latency model for {regime_key}; run `flextron profile` and `flextron fit` first")
+        lo = predict(spec.smallest())
+        if cfg.budget_ms < lo:
+            raise FlextronError(f"budget {cfg.budget_ms} ms is below the smallest sub-network ({lo:.4g} ms predicted for {regime_key})")
+        c = routers.config_for(cfg.budget_ms, predict)
+        return {"regime": regime_key, "budget_ms": cfg.budget_ms, "config": c.to_dict(), "predicted_latency_ms": round(predict(c), 4),
+                "source": "router", "table_source": routers.meta["table"]["source"]}
+
+    t0 = time.perf_counter()
+    elastic = ElasticModel.load(wdir, device=cfg.device)
+    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len, tag=wname)
+    cfgs = sample_configs(spec, cfg.surrogate_samples, cfg.seed)
+    losses = [evaluator.loss(c) for c in progress(cfgs, desc="surrogate samples")]
+    sur, sur_metrics = fit_surrogate(spec, cfgs, losses, cfg.seed)
+    if sur_metrics["heldout_mean_rel_err"] > cfg.surrogate_threshold:
+        raise FlextronError(
+            f"the surrogate's held-out relative error is {sur_metrics['heldout_mean_rel_err']:.3f}, above --surrogate-threshold "
+            f"{cfg.surrogate_threshold}; evaluate more configs (--surrogate-samples {2 * cfg.surrogate_samples}) before training routers")
+    # The least any config can cost in this table (the smallest config, where latency is monotone in width).
+    smallest_frac = (table["fixed"] + float(table["attn"].min(-1).values.sum() + table["mlp"].min(-1).values.sum())) / table["full"]
+    static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight, cfg.seed, cfg.lr)
+
+    # dynamic router: model frozen, routers trained on train-split windows against the frozen original
+    teacher = ElasticModel.load(run.elastic, device=cfg.device)
+    for p in list(elastic.model.parameters()) + list(teacher.model.parameters()):
+        p.requires_grad_(False)
+    windows = token_windows(elastic.tokenizer, elastic.adapter, "train", cfg.seq_len,
+                            (cfg.dynamic_steps + cfg.joint_steps) * cfg.batch_size, "wiki")
+    routing = DynamicRouting(elastic)
+    routing.install()
+    opt = torch.optim.Adam(routing.parameters(), lr=cfg.lr)
+    rng = random.Random(cfg.seed)
+    dyn_hist = []
+
+    def batch(i):
+        i0 = (i * cfg.batch_size) % len(windows)
+        return windows[i0: i0 + cfg.batch_size].to(cfg.device)
+
+    def heads_for(t):
+        return route_static(static, spec, t).heads
+
+    for step in progress(range(cfg.dynamic_steps), desc="dynamic router"):
+        t = rng.uniform(smallest_frac, 1.0)
+        loss, e = dynamic_step(elastic, routing, teacher, batch(step), table, heads_for(t), t,
+                               anneal(step, cfg.dynamic_steps, 1.0, 0.2), cfg.latency_weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        dyn_hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss), "expected_frac": round(e, 4)})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / "dynamic_router.safetensors", routing.state_dict())
+
+    # joint fine-tuning: model weights and dynamic router together, short, at a small learning rate
+    joint_hist = []
+    if cfg.joint_steps:
+        rids = {id(p) for p in routing.parameters()}
+        mparams = [p for p in elastic.model.parameters() if p.dtype.is_floating_point and id(p) not in rids]
+        for p in mparams:
+            p.requires_grad_(True)
+        jopt = torch.optim.AdamW([{"params": mparams, "lr": cfg.joint_lr}, {"params": routing.parameters(), "lr": cfg.lr}])
+        elastic.model.train()
+        for step in progress(range(cfg.joint_steps), desc="joint fine-tuning"):
+            t = rng.uniform(smallest_frac, 1.0)
+            loss, e = dynamic_step(elastic, routing, teacher, batch(cfg.dynamic_steps + step), table, heads_for(t), t, 0.2,
+                                   cfg.latency_weight)
+            jopt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(mparams, 1.0)
+            jopt.step()
+            joint_hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss), "expected_frac": round(e, 4)})
+        elastic.model.eval()
+        routing.remove()
+        from flextron.train import save_weights
+
+        save_weights(elastic, folder / "joint")
+        save_tensors(folder / "joint" / "dynamic_router.safetensors", routing.state_dict())
+    else:
+        routing.remove()
+
+    save_tensors(folder / "static_router.safetensors", static.state_dict())
+    save_tensors(folder / "surrogate.safetensors", sur.state_dict())
+    grid = [round(smallest_frac + (1 - smallest_frac) * i / 8, 4) for i in range(9)]
+    answers = []
+    for t in grid:
+        c = route_static(static, spec, t)
+        pe = float(expected_latency(table, *one_hot(spec, [c]))[0])
+        answers.append({"budget_frac": t, "expected_frac": round(pe, 4), "predicted_ms": round(predict(c), 4) if predict else None,
+                        "config": c.to_dict()})
+    meta = {"regime": regime_key, "weights": wname, "seconds": round(time.perf_counter() - t0, 1),
+            "table": {"source": table["source"], "unit": table["unit"], "full_ms": table["full"],
+                      "smallest_frac": smallest_frac},
+            "surrogate": {**sur_metrics, "threshold": cfg.surrogate_threshold, "samples": len(cfgs),
+                          "quality_evaluations": evaluator.evaluations},
+            "static_history": static_hist, "dynamic_history": dyn_hist, "joint_history": joint_hist,
+            "static_answers": answers, "tokens": {"dynamic": cfg.dynamic_steps * cfg.batch_size * cfg.seq_len,
+                                                  "joint": cfg.joint_steps * cfg.batch_size * cfg.seq_len}}
+    write_json_atomic(folder / "router.json", meta)
+    save_stage_config(folder / "route_config.json", cfg)
+    return {"regime": regime_key, "routers": str(folder), "table_source": table["source"],
+            "surrogate_heldout_rel_err": round(sur_metrics["heldout_mean_rel_err"], 4),
+            "static_answers": [{k: a[k] for k in ("budget_frac", "expected_frac", "predicted_ms")} for a in answers],
+            "seconds": meta["seconds"]}
