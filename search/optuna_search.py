@@ -131,8 +131,8 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
                                 load_if_exists=True)
     study.set_user_attr("budget_ms", budget_ms)
     if not study.trials and cfg.sampler == "tpe":  # "random" is the plain baseline: no seeds
-        # Seed every uniform config that fits (largest first): at tight budgets random proposals
-        # rarely fit, and the uniform ones are the baseline the search must beat anyway.
+        # Seed the largest uniform configs that fit: at tight budgets random proposals rarely fit, and
+        # they are the baseline the search must beat anyway. Only two, so most evaluations are TPE's.
         seeds = [SubnetConfig((w,) * spec.num_layers, (h,) * spec.num_layers)
                  for w in spec.mlp_widths[0] for h in spec.head_counts[0]]
         preds = lat_model.predict(encode(seeds))
@@ -140,7 +140,7 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
         if routers is not None:  # the trained static router's answer for this budget goes first
             rc = routers.config_for(budget_ms, lambda c: float(lat_model.predict(encode([c]))[0]))
             study.enqueue_trial(config_params(rc), user_attrs={"source": "router"}, skip_if_exists=True)
-        for _, seed_cfg in fitting[: max(1, cfg.trials // 2)]:
+        for _, seed_cfg in fitting[: max(1, min(2, cfg.trials // 4))]:  # the largest fitting ones: the rest is TPE's
             study.enqueue_trial(config_params(seed_cfg), user_attrs={"source": "uniform"}, skip_if_exists=True)
 
     def evaluated():
