@@ -273,6 +273,10 @@ class DynamicMLP(nn.Module):
         self.last_choice = choice
         self.last_probs = F.one_hot(choice, len(self.widths)).float()
         flat, cflat = x.reshape(-1, x.shape[-1]), choice.reshape(-1)
+        if cflat.numel() == 1:  # one token (batch-1 decode): no grouping, just its prefix
+            w = self.widths[int(cflat)]
+            h = self.mlp.act_fn(F.linear(x, self.gate.weight[:w])) * F.linear(x, self.up.weight[:w])
+            return F.linear(h, self.down.weight[:, :w])
         out = torch.empty_like(flat)
         for k in cflat.unique().tolist():  # tokens grouped by width: each group runs the prefix weights only
             idx = (cflat == k).nonzero().squeeze(-1)
