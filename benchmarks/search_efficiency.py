@@ -45,7 +45,12 @@ def main():
                                       trials=args.trials, sampler=sampler, seed=seed, study_prefix=prefix,
                                       skip_infeasible=True, weights=args.weights))
             t = pd.read_parquet(f"{args.run}/search/trials.parquet")
-            for b, g in t[t.evaluated].groupby("budget_ms"):
+            for b in t["budget_ms"].unique():
+                g = t[(t.budget_ms == b) & t.evaluated]
+                if g.empty:  # no feasible config found in the capped number of proposals
+                    rows.append({"sampler": sampler, "seed": seed, "budget_ms": b, "best_loss": float("nan"),
+                                 "best_at_half": float("nan"), "evaluated": 0})
+                    continue
                 g = g.sort_values("trial")
                 curve = g["loss"].cummin().to_numpy()
                 rows.append({"sampler": sampler, "seed": seed, "budget_ms": b, "best_loss": float(curve[-1]),
@@ -59,7 +64,9 @@ def main():
     summary = {}
     for b, g in df.groupby("budget_ms"):
         tp, rd = g[g.sampler == "tpe"], g[g.sampler == "random"]
-        wins = int(sum(a < c for a, c in zip(tp.sort_values("seed").best_loss, rd.sort_values("seed").best_loss)))
+        # a sampler that found no feasible config at all loses to one that did
+        wins = int(sum(a < c or (c != c and a == a) for a, c in zip(tp.sort_values("seed").best_loss,
+                                                                   rd.sort_values("seed").best_loss)))
         print(f"{b:10.3f} {tp.best_loss.mean():14.4f} {rd.best_loss.mean():12.4f} {tp.best_at_half.mean():10.4f} "
               f"{rd.best_at_half.mean():13.4f} {wins:>5d}/{len(tp)}")
         summary[f"{b:.4g}"] = {"tpe": round(float(tp.best_loss.mean()), 4), "random": round(float(rd.best_loss.mean()), 4),

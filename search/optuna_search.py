@@ -126,7 +126,11 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
     from profiler.latency_model import encode
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = _tpe(cfg.seed, min(8, cfg.trials)) if cfg.sampler == "tpe" else optuna.samplers.RandomSampler(seed=cfg.seed)
+    random_sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
+    sampler = _tpe(cfg.seed, 0) if cfg.sampler == "tpe" else random_sampler
+    # TPE's start-up phase counts *evaluated* trials: infeasible proposals carry no quality signal,
+    # so random proposals continue until a few feasible configs were evaluated (or asks run long).
+    n_startup = max(2, cfg.trials // 3)
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="minimize",
                                 load_if_exists=True)
     study.set_user_attr("budget_ms", budget_ms)
@@ -151,6 +155,8 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
     done = evaluated()
     max_asks = 20 * cfg.trials  # tight budgets reject many proposals; each rejection is cheap, but cap them
     while done < cfg.trials and asked < max_asks:
+        if cfg.sampler == "tpe":
+            study.sampler = random_sampler if done < n_startup and asked < 4 * cfg.trials else sampler
         trial = study.ask()
         asked += 1
         sub = suggest_config(trial, spec)
