@@ -90,11 +90,9 @@ def write_lookup(run) -> dict:
 
     from flextron.rundir import write_json_atomic
     from search.quality import QUALITY_CACHE, read_quality_cache, search_quality_setting
-    from search.verify import VERIFIED_FILE
+    from search.verify import UNIFORM_FILE, VERIFIED_FILE
 
     verified = pd.read_parquet(run.require("verify", VERIFIED_FILE) / VERIFIED_FILE)
-    from search.verify import UNIFORM_FILE
-
     same_session = run / "verify" / UNIFORM_FILE
     if same_session.is_file():  # measured by verify in the same session as the picks
         uniform = pd.read_parquet(same_session).rename(columns={"measured_latency_ms": "latency_ms_median"})

@@ -296,7 +296,7 @@ def search(cfg: SearchConfig) -> dict:
         r = ok.loc[ok["loss"].idxmin()]
         best.append({"budget_ms": b, "regime": regime_key, "config": json.loads(r["config"]),
                      "predicted_latency_ms": r["predicted_latency_ms"], "loss": r["loss"],
-                     "source": r["source"] if r["source"] == "router" else "search"})
+                     "source": r["source"]})  # search, or the seed it came from: uniform or router
     write_json_atomic(out / f"best-{regime_key.replace(':', '_')}.json",
                       {"regime": regime_key, "device_name": models.device_name, "best": best, "weights": wname,
                        "quality_setting": evaluator.setting})

@@ -60,8 +60,6 @@ class RouteConfig:
             raise FlextronError("--budget-ms must be >= 0, --surrogate-samples >= 4, --surrogate-threshold in (0, 1)")
 
 
-
-
 def route(cfg: RouteConfig) -> dict:
     from flextron.data import token_windows
     from flextron.elastic import ElasticModel

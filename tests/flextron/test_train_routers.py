@@ -205,3 +205,23 @@ def test_analytic_table_is_labelled_when_regime_not_profiled(tiny_run):
     assert t["source"].startswith("analytic") and t["unit"] == "relative"
     assert t["mlp"].shape == (spec.num_layers, len(spec.mlp_widths[0]))
     assert (t["mlp"].diff(dim=-1) > 0).all()
+
+
+@pytest.mark.gpu
+def test_train_and_dynamic_routing_on_cuda(tiny_run, tmp_path):
+    """The CUDA path: bf16 autocast training steps, then grouped dynamic routing on the GPU."""
+    from flextron.elastic import ElasticModel
+    from flextron.routers import DynamicRouting
+    from flextron.train import TrainConfig, train
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    out = train(TrainConfig(run=str(run), steps=3, batch_size=2, seq_len=64, checkpoint_every=2, device="cuda"))
+    assert out["steps"] == 3
+    el = ElasticModel.load(run / "trained", device="cuda")
+    routing = DynamicRouting(el)
+    routing.install()
+    routing.set(0.5, soft=False)
+    with torch.no_grad():
+        logits = el(input_ids=torch.randint(0, 256, (2, 16), device="cuda"), use_cache=False).logits
+    assert torch.isfinite(logits).all() and logits.device.type == "cuda"
