@@ -381,7 +381,7 @@ def load_tensors(path: Path) -> dict:
 
 
 class Routers:
-    """Trained routers of one regime, loaded from RUN/routers/<regime>/ (safetensors + JSON)."""
+    """Trained routers of one regime, loaded from RUN/router/<regime>/ (safetensors + JSON)."""
 
     def __init__(self, folder: Path, spec):
         meta_path = folder / "router.json"
