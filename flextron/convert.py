@@ -6,7 +6,6 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 

@@ -187,7 +187,7 @@ class RegimeBench:
         cfg = SubnetConfig(spec.full().mlp_width, tuple(hs[head_idx] for hs in spec.head_counts))
         el.set_config(cfg)
         cache = self._new_cache() if self.regime.phase == "decode" else None
-        attn_calls, mlp_inputs, embed_in, head_in = {}, {}, {}, {}
+        attn_calls, mlp_inputs, head_in = {}, {}, {}
         hooks = []
         for i, layer in enumerate(el.adapter.layers(el.model)):
             def attn_hook(mod, args, kwargs, i=i):
