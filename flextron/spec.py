@@ -248,6 +248,15 @@ class ElasticSpec:
     def smallest(self) -> SubnetConfig:
         return SubnetConfig(tuple(ws[0] for ws in self.mlp_widths), tuple(hs[0] for hs in self.head_counts))
 
+    def uniform_configs(self) -> list[SubnetConfig]:
+        """Every config with the same choice in all layers (each MLP width × each head count)."""
+        return [SubnetConfig((w,) * self.num_layers, (h,) * self.num_layers)
+                for w in self.mlp_widths[0] for h in self.head_counts[0]]
+
+    def random_config(self, rng) -> SubnetConfig:
+        """One choice per layer drawn uniformly with `rng` (a random.Random)."""
+        return SubnetConfig(tuple(rng.choice(ws) for ws in self.mlp_widths), tuple(rng.choice(hs) for hs in self.head_counts))
+
     def uniform(self, mlp_fraction: float, heads_fraction: float | None = None) -> SubnetConfig:
         """The allowed choice nearest to `fraction` of the full size, in every layer."""
         if not 0 < mlp_fraction <= 1:

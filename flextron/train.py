@@ -61,12 +61,8 @@ class TrainConfig:
             raise FlextronError(f"--device must be cpu or cuda[:N], got {self.device!r}")
 
 
-def random_config(spec, rng: random.Random) -> SubnetConfig:
-    return SubnetConfig(tuple(rng.choice(ws) for ws in spec.mlp_widths), tuple(rng.choice(hs) for hs in spec.head_counts))
-
-
 def sandwich_configs(spec, rng: random.Random, n_random: int) -> list[tuple[str, SubnetConfig]]:
-    return [("full", spec.full()), ("smallest", spec.smallest())] + [("random", random_config(spec, rng))
+    return [("full", spec.full()), ("smallest", spec.smallest())] + [("random", spec.random_config(rng))
                                                                      for _ in range(n_random)]
 
 
@@ -106,15 +102,17 @@ def load_optimizer(opt, path: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": json.loads((path / "optimizer.json").read_text())["param_groups"]})
 
 
-def save_checkpoint(folder: Path, elastic, opt, state: dict) -> None:
-    """Write the checkpoint to a temp folder, then swap it in: a kill never leaves half of one."""
+def save_checkpoint(folder: Path, elastic, opt=None, state: dict | None = None) -> None:
+    """Write weights (and optimizer and state, when given) to a temp folder, then swap it in: a kill
+    never leaves half of one."""
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(elastic, tmp)
     if opt is not None:
         save_optimizer(opt, tmp)
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    if state is not None:
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
@@ -174,12 +172,14 @@ def train(cfg: TrainConfig) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS
-    new_file = not metrics_path.is_file() or not resume
     fields = ["step", "tokens", "lr", "loss_full", "loss_smallest", "loss_random", "grad_norm", "seconds"]
-    with open(metrics_path, "w" if new_file else "a", newline="") as fh:
+    # Rows past the checkpoint (a kill between checkpoints) are dropped: those steps run again.
+    kept = [r for r in csv.DictReader(metrics_path.read_text().splitlines())
+            if int(r["step"]) <= state["step"]] if resume and metrics_path.is_file() else []
+    with open(metrics_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
-        if new_file:
-            writer.writeheader()
+        writer.writeheader()
+        writer.writerows(kept)
         t0 = time.perf_counter() - state["seconds"]
         bar = progress(total=cfg.steps, desc="train", initial=state["step"])
         for step in range(state["step"], cfg.steps):
@@ -218,8 +218,7 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()
     student.model.eval()
     trained = run / TRAINED_DIR
-    save_checkpoint(trained, student, None, {**state, "seq_len": cfg.seq_len, "source": str(ckpt)})
-    (trained / "state.json").unlink()
+    save_checkpoint(trained, student)
     save_stage_config(out / "train_config.json", cfg)
     return {"run": str(run.root), "steps": state["step"], "tokens": state["tokens"], "resumed": resume,
             "seconds": round(state["seconds"], 1), "trained": str(trained), "metrics": str(metrics_path)}

@@ -46,6 +46,23 @@ def test_train_resumes_to_more_steps_without_repeating(trained_run, tmp_path):
         train(TrainConfig(run=str(run), steps=8, batch_size=2, seq_len=32))
 
 
+def test_resume_after_a_kill_between_checkpoints_keeps_one_row_per_step(trained_run, tmp_path):
+    """Metrics written after the last checkpoint (steps that will run again) are not duplicated."""
+    from flextron.train import TrainConfig, train
+
+    run = tmp_path / "r"
+    shutil.copytree(trained_run, run)
+    metrics = run / "train" / "metrics.csv"
+    rows = list(csv.DictReader(open(metrics)))
+    with open(metrics, "a", newline="") as fh:  # as if steps 5 and 6 ran and the process died before their checkpoint
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        for step in (5, 6):
+            writer.writerow({**rows[-1], "step": step})
+    train(TrainConfig(run=str(run), steps=6, batch_size=2, seq_len=64, checkpoint_every=2, lr=1e-3))
+    steps = [int(r["step"]) for r in csv.DictReader(open(metrics))]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
 def test_resumed_training_equals_uninterrupted(tiny_run, tmp_path):
     """A run stopped at a checkpoint and resumed ends with the same weights as one that never stopped."""
     from flextron.elastic import ElasticModel
