@@ -24,16 +24,16 @@ from profiler.telemetry import Telemetry
 from profiler.timer import Timer, TimerConfig
 
 
-def write_random(shape: dict, out: Path) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def write_random(shape: str, out: Path) -> str:
+    """A checkpoint folder (model + byte tokenizer) of this shape with random weights."""
+    from latency_model import shaped_llama
 
     from flextron.models import byte_tokenizer
 
     if not (out / "config.json").is_file():
         tok = byte_tokenizer()
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-                                             eos_token_id=tok.eos_token_id, **shape))
+        model = shaped_llama(shape, "cpu", torch.float32, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         model.save_pretrained(out)
         tok.save_pretrained(out)
     return str(out)
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--out", default="runs/bench-compliance")
     args = ap.parse_args()
     out = Path(args.out)
-    model = write_random(SHAPES[args.shape], out.with_name(out.name + "-model")) if args.shape else args.model
+    model = write_random(args.shape, out.with_name(out.name + "-model")) if args.shape else args.model
     summary = run_pipeline(RunConfig(model=model, out=str(out), device=args.device, regime=(args.regime,),
                                      budget_frac=tuple(args.budget_frac or (0.5, 0.6, 0.7, 0.8, 0.9)),
                                      trials=args.trials))

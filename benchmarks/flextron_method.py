@@ -28,7 +28,7 @@ from search.route import RouteConfig, latency_table, route
 from flextron.rundir import RunDir
 from flextron.spec import SubnetConfig
 from flextron.train import TrainConfig, train
-from profiler.latency_model import LatencyModels, encode
+from profiler.latency_model import LatencyModels
 from profiler.telemetry import Telemetry
 from search.optuna_search import SearchConfig, search
 from search.quality import QUALITY_CACHE, QualityEvaluator
@@ -40,12 +40,16 @@ def decode_ms(elastic, window: torch.Tensor, ctx: int, steps: int, cfg: SubnetCo
     from transformers import DynamicCache
 
     times = []
+    sync = torch.cuda.synchronize if elastic.device.type == "cuda" else (lambda: None)
     with elastic.use(cfg):
         cache = DynamicCache(config=elastic.model.config)
+        window = window.to(elastic.device)
         elastic(input_ids=window[None, :ctx], past_key_values=cache, use_cache=True)
         for i in range(ctx, ctx + steps):
+            sync()
             t0 = time.perf_counter()
             elastic(input_ids=window[None, i: i + 1], past_key_values=cache, use_cache=True)
+            sync()  # on a GPU the step has finished, not just been launched
             times.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(times))
 
@@ -118,9 +122,7 @@ def main():
     routers = Routers.load(out, regime, spec)
     lat = models.get(regime)
 
-    def predict(c):
-        return float(lat.predict(encode([c]))[0])
-
+    predict = lat.predict_config
     # measured decode steps over real validation text: static-router, search and dynamic-router configs
     val = token_windows(trained.tokenizer, trained.adapter, "validation", 320, 1)[0]
     ctx = min(256, len(val) - 40)

@@ -34,11 +34,11 @@ SHAPES = {
 }
 
 
-def shaped_llama(shape: str, device: str, dtype: torch.dtype):
+def shaped_llama(shape: str, device: str, dtype: torch.dtype, **config_extra):
     """A plain transformers Llama of this shape with random weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape])
+    config = LlamaConfig(max_position_embeddings=4096, **SHAPES[shape], **config_extra)
     with torch.device(device):
         return LlamaForCausalLM(config).to(dtype).eval()
 

@@ -43,11 +43,18 @@ def regime_dir(run_root: str | Path, regime_key: str) -> Path:
 
 
 # ---- the latency table ------------------------------------------------------------------------------
+def _table(attn: torch.Tensor, mlp: torch.Tensor, fixed: float, **meta) -> dict:
+    """A latency table: per-layer costs [L, choices] plus the fixed part; `full` is the full model's
+    cost and `smallest_frac` the least any config costs, as a fraction of full."""
+    full = fixed + float(attn[:, -1].sum() + mlp[:, -1].sum())
+    least = fixed + float(attn.min(-1).values.sum() + mlp.min(-1).values.sum())
+    return {"attn": attn, "mlp": mlp, "fixed": fixed, "full": full, "smallest_frac": least / full, **meta}
+
+
 def measured_table(layer_ms: dict, source: str, regime_key: str) -> dict:
     """A latency table from a latency model's `[layers, choices]` ms tables (attn_ms, mlp_ms, fixed_ms)."""
-    attn, mlp, fixed = layer_ms["attn_ms"].float(), layer_ms["mlp_ms"].float(), float(layer_ms["fixed_ms"])
-    full = fixed + float(attn[:, -1].sum() + mlp[:, -1].sum())
-    return {"attn": attn, "mlp": mlp, "fixed": fixed, "full": full, "source": source, "regime": regime_key, "unit": "ms"}
+    return _table(layer_ms["attn_ms"].float(), layer_ms["mlp_ms"].float(), float(layer_ms["fixed_ms"]),
+                  source=source, regime=regime_key, unit="ms")
 
 
 def analytic_table(spec, regime_key: str) -> dict:
@@ -62,16 +69,20 @@ def analytic_table(spec, regime_key: str) -> dict:
     attn = torch.tensor([[2.0 * h * hc * d + 2.0 * h * (hc // spec.q_per_kv) * d
                           + 2.0 * (hc // spec.q_per_kv if r.phase == "decode" else hc) * d * kv_ctx
                           for hc in hs] for hs in spec.head_counts])
-    fixed = float(2 * spec.vocab_size * h)
-    full = fixed + float(attn[:, -1].sum() + mlp[:, -1].sum())
-    return {"attn": attn, "mlp": mlp, "fixed": fixed, "full": full, "regime": r.key, "unit": "relative",
-            "source": "analytic (FLOPs/bytes model; this regime was not profiled)"}
+    return _table(attn, mlp, float(2 * spec.vocab_size * h), regime=r.key, unit="relative",
+                  source="analytic (FLOPs/bytes model; this regime was not profiled)")
 
 
 def expected_latency(table: dict, p_mlp: torch.Tensor, p_attn: torch.Tensor) -> torch.Tensor:
     """Expected latency as a fraction of the full model's, from choice probabilities [..., L, C]."""
     e = table["fixed"] + (p_mlp * table["mlp"]).sum((-1, -2)) + (p_attn * table["attn"]).sum((-1, -2))
     return e / table["full"]
+
+
+def over_budget_penalty(e: torch.Tensor, t, weight: float) -> torch.Tensor:
+    """weight * (r^2 + 0.1 r) with r the relative overshoot of expected latency fraction e over budget t."""
+    over = F.relu(e / t - 1)
+    return weight * (over ** 2 + 0.1 * over)
 
 
 # ---- features and the surrogate ---------------------------------------------------------------------
@@ -102,18 +113,17 @@ def sample_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
     """Uniform configs plus heterogeneous ones spread over the whole size range: each sample draws
     a size level, then every layer's choice index scatters around it."""
     rng = random.Random(seed)
-    out = {SubnetConfig((w,) * spec.num_layers, (h,) * spec.num_layers) for w in spec.mlp_widths[0] for h in spec.head_counts[0]}
-    out = sorted(out, key=lambda c: c.key)
-    seen = set(out)
+    out = sorted(spec.uniform_configs(), key=lambda c: c.key)
+    seen, target = set(out), len(out) + n
+
+    def pick(choices, level):
+        i = round(level * (len(choices) - 1) + rng.gauss(0, 1.2))
+        return choices[min(len(choices) - 1, max(0, i))]
+
     for _ in range(50 * n):
-        if len(out) >= len(seen) and len(out) - len(spec.mlp_widths[0]) * len(spec.head_counts[0]) >= n:
+        if len(out) >= target:
             break
         lm, la = rng.random(), rng.random()
-
-        def pick(choices, level):
-            i = round(level * (len(choices) - 1) + rng.gauss(0, 1.2))
-            return choices[min(len(choices) - 1, max(0, i))]
-
         c = SubnetConfig(tuple(pick(ws, lm) for ws in spec.mlp_widths), tuple(pick(hs, la) for hs in spec.head_counts))
         if c not in seen:
             seen.add(c)
@@ -186,8 +196,7 @@ def train_static(spec, sur: Surrogate, table: dict, t_min: float, steps: int, la
         pm, pa = F.gumbel_softmax(lm, tau=tau, dim=-1), F.gumbel_softmax(la, tau=tau, dim=-1)
         e = expected_latency(table, pm, pa)
         pred = sur(pm, pa)
-        over = F.relu(e / t - 1)
-        loss = (pred + latency_weight * (over ** 2 + 0.1 * over)).mean()
+        loss = (pred + over_budget_penalty(e, t, latency_weight)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -208,8 +217,8 @@ def route_static(router: StaticRouter, spec, t: float) -> SubnetConfig:
 def fit_to_budget(cfg: SubnetConfig, spec, predict, budget: float, sur: Surrogate | None = None) -> SubnetConfig:
     """Shrink `cfg` one layer choice at a time until predict(cfg) <= budget, each time taking the step
     that saves the most latency per unit of predicted loss (or the most latency without a surrogate)."""
-    cur = cfg
-    while predict(cur) > budget:
+    cur, base = cfg, predict(cfg)
+    while base > budget:
         cands = []
         for l in range(spec.num_layers):
             wi, hi = spec.mlp_widths[l].index(cur.mlp_width[l]), spec.head_counts[l].index(cur.heads[l])
@@ -223,8 +232,8 @@ def fit_to_budget(cfg: SubnetConfig, spec, predict, budget: float, sur: Surrogat
                 cands.append(SubnetConfig(cur.mlp_width, tuple(hs)))
         if not cands:
             break
-        base = predict(cur)
-        saved = [base - predict(c) for c in cands]
+        preds = [predict(c) for c in cands]
+        saved = [base - p for p in preds]
         if sur is not None:
             with torch.no_grad():
                 m, a = one_hot(spec, [cur] + cands)
@@ -232,7 +241,8 @@ def fit_to_budget(cfg: SubnetConfig, spec, predict, budget: float, sur: Surrogat
             score = [s / max(1e-3, losses[i + 1] - losses[0] + 1e-3) for i, s in enumerate(saved)]
         else:
             score = saved
-        cur = cands[max(range(len(cands)), key=score.__getitem__)]
+        best = max(range(len(cands)), key=score.__getitem__)
+        cur, base = cands[best], preds[best]
     return cur
 
 
@@ -256,6 +266,11 @@ class DynamicMLP(nn.Module):
         seg = torch.tensor([self.widths[0]] + [b - a for a, b in zip(self.widths, self.widths[1:])])
         self.register_buffer("seg", seg, persistent=False)
 
+    def prefix(self, x, width: int):
+        """The MLP on the first `width` neurons only (their weights are a prefix: no copy)."""
+        h = self.mlp.act_fn(F.linear(x, self.gate.weight[:width])) * F.linear(x, self.up.weight[:width])
+        return F.linear(h, self.down.weight[:, :width])
+
     def logits(self, x):
         b = torch.full((*x.shape[:-1], 1), float(self.budget), dtype=x.dtype, device=x.device)
         return self.router(torch.cat([x, b], -1))
@@ -274,16 +289,11 @@ class DynamicMLP(nn.Module):
         self.last_probs = F.one_hot(choice, len(self.widths)).float()
         flat, cflat = x.reshape(-1, x.shape[-1]), choice.reshape(-1)
         if cflat.numel() == 1:  # one token (batch-1 decode): no grouping, just its prefix
-            w = self.widths[int(cflat)]
-            h = self.mlp.act_fn(F.linear(x, self.gate.weight[:w])) * F.linear(x, self.up.weight[:w])
-            return F.linear(h, self.down.weight[:, :w])
+            return self.prefix(x, self.widths[int(cflat)])
         out = torch.empty_like(flat)
         for k in cflat.unique().tolist():  # tokens grouped by width: each group runs the prefix weights only
             idx = (cflat == k).nonzero().squeeze(-1)
-            w = self.widths[k]
-            xg = flat.index_select(0, idx)
-            h = self.mlp.act_fn(F.linear(xg, self.gate.weight[:w])) * F.linear(xg, self.up.weight[:w])
-            out.index_copy_(0, idx, F.linear(h, self.down.weight[:, :w]))
+            out.index_copy_(0, idx, self.prefix(flat.index_select(0, idx), self.widths[k]))
         return out.view_as(x)
 
 
@@ -321,6 +331,13 @@ class DynamicRouting:
         return sum((m.last_probs.reshape(-1, len(m.widths)).mean(0) * table["mlp"][l].to(m.last_probs.device)).sum()
                    for l, m in enumerate(self.modules))
 
+    def expected_frac(self, table: dict, heads) -> torch.Tensor:
+        """Expected latency fraction of the last forward: fixed part, attention at the static `heads`,
+        and the routed MLP widths' expectation."""
+        spec = self.elastic.spec
+        attn = sum(float(table["attn"][l, spec.head_counts[l].index(h)]) for l, h in enumerate(heads))
+        return (table["fixed"] + attn + self.expected_mlp(table)) / table["full"]
+
     def width_shares(self) -> list[list[float]]:
         return [m.last_probs.reshape(-1, len(m.widths)).mean(0).tolist() for m in self.modules]
 
@@ -344,10 +361,8 @@ def dynamic_step(elastic, routing: DynamicRouting, teacher, ids, table, static_h
     with elastic.use(cfg):
         s_logits = elastic(input_ids=ids, use_cache=False).logits
     lm = distill_loss(s_logits, t_logits, ids, distill_weight, 1.0)
-    attn = sum(float(table["attn"][l, elastic.spec.head_counts[l].index(h)]) for l, h in enumerate(static_heads))
-    e = (table["fixed"] + attn + routing.expected_mlp(table)) / table["full"]
-    over = F.relu(e / t - 1)
-    return lm + latency_weight * (over ** 2 + 0.1 * over), float(e.detach())
+    e = routing.expected_frac(table, static_heads)
+    return lm + over_budget_penalty(e, t, latency_weight), float(e.detach())
 
 
 @torch.no_grad()
@@ -355,14 +370,13 @@ def dynamic_eval(elastic, routing: DynamicRouting, windows, heads, t: float, tab
     """Validation loss with hard per-token routing (grouped compute) and the expected latency fraction."""
     routing.set(t, soft=False)
     total, count, e_sum, n = 0.0, 0, 0.0, 0
-    attn = sum(float(table["attn"][l, elastic.spec.head_counts[l].index(h)]) for l, h in enumerate(heads))
     with elastic.use(SubnetConfig(elastic.spec.full().mlp_width, heads)):
         for ids in windows.split(batch_size):
             ids = ids.to(elastic.device)
             logits = elastic(input_ids=ids, use_cache=False).logits[:, :-1].float()
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
             count += ids[:, 1:].numel()
-            e_sum += float((table["fixed"] + attn + routing.expected_mlp(table)) / table["full"])
+            e_sum += float(routing.expected_frac(table, heads))
             n += 1
     return {"loss": total / count, "expected_frac": e_sum / n, "width_shares": routing.width_shares()}
 
@@ -402,9 +416,9 @@ class Routers:
         return cls(regime_dir(run_root, regime_key), spec)
 
     def config_for(self, budget_ms: float, predict) -> SubnetConfig:
-        """The static router's config for `budget_ms`, shrunk if the latency model predicts it over."""
-        full = self.meta["table"]["full_ms"]
-        t = min(1.0, budget_ms / full)
+        """The static router's config for `budget_ms`, shrunk if the latency model predicts it over.
+        The budget fraction is taken against the latency model's full-model prediction."""
+        t = min(1.0, budget_ms / predict(self.spec.full()))
         cfg = route_static(self.static, self.spec, t)
         return fit_to_budget(cfg, self.spec, predict, budget_ms, self.surrogate)
 

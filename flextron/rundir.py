@@ -16,7 +16,6 @@ STAGES = {
     "latency_model": "flextron fit --run {run}",
     "search": "flextron search --run {run} --regime REGIME --budget-ms X",
     "router": "flextron route --run {run} --regime REGIME",
-    "routers": "flextron route --run {run} --regime REGIME",
     "trained": "flextron train --run {run}",
 }
 WEIGHTS = ("auto", "elastic", "trained")

@@ -74,6 +74,10 @@ class LatencyModel(RegressorMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         return self.intercept_ + self._sums(X) @ self.coef_
 
+    def predict_config(self, cfg: SubnetConfig) -> float:
+        """Predicted end-to-end ms of one config."""
+        return float(self.predict(encode([cfg]))[0])
+
     def naive_predict(self, X) -> np.ndarray:
         """The baseline: isolated layer times summed, plus the fixed parts."""
         return self.fixed_ms + self._sums(X).sum(1)
@@ -146,7 +150,7 @@ class FitConfig:
             raise FlextronError(f"--holdout-frac must be in (0, 1), got {self.holdout_frac}")
 
 
-def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int) -> tuple[LatencyModel, dict]:
+def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int) -> tuple[LatencyModel, dict, dict]:
     attn, mlp, fixed = tables_from_profile(layers, regime_key)
     rows = e2e[(e2e["regime"] == regime_key) & (e2e["status"] == "ok")]
     if not attn or rows.empty:

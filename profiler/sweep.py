@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from flextron.errors import FlextronError
 from flextron.spec import Regime, SubnetConfig
 
@@ -58,19 +57,13 @@ class ProfileConfig:
         return out
 
 
-def uniform_configs(spec) -> list[SubnetConfig]:
-    return [SubnetConfig((w,) * spec.num_layers, (h,) * spec.num_layers)
-            for w in spec.mlp_widths[0] for h in spec.head_counts[0]]
-
-
 def random_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
     rng = random.Random(seed)
-    out, seen = [], set(uniform_configs(spec))
+    out, seen = [], set(spec.uniform_configs())
     for _ in range(20 * n + 20):  # capped: small specs have few distinct configs
         if len(out) == n:
             break
-        cfg = SubnetConfig(tuple(rng.choice(ws) for ws in spec.mlp_widths),
-                           tuple(rng.choice(hs) for hs in spec.head_counts))
+        cfg = spec.random_config(rng)
         if cfg not in seen:
             seen.add(cfg)
             out.append(cfg)
@@ -282,7 +275,7 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
     e2e_w = _PartWriter(out_dir / "parts", "e2e", flush_every=4)
     done = layers_w.done_keys() | e2e_w.done_keys()
     base = {"device": str(tele.device), "device_name": info["device_name"], "model_family": spec.family}
-    e2e_cfgs = uniform_configs(spec) + random_configs(spec, cfg.e2e_random, cfg.seed)
+    e2e_cfgs = spec.uniform_configs() + random_configs(spec, cfg.e2e_random, cfg.seed)
     tcfg = TimerConfig(warmup=cfg.warmup, min_reps=cfg.min_reps, min_time_s=cfg.min_time_ms / 1e3)
     n_measured = 0
 

@@ -19,6 +19,15 @@ class ReportConfig:
     run: str = "runs/demo"
 
 
+def _save(fig, path: Path, pngs: list[Path]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    pngs.append(path)
+
+
 def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
     import matplotlib
 
@@ -26,7 +35,7 @@ def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from search.quality import QUALITY_CACHE, read_quality_cache, search_quality_setting
+    from search.quality import QUALITY_CACHE, read_quality_cache, search_quality_setting, with_weights
 
     pngs, numbers = [], {}
     layers = pd.read_parquet(run / "profile" / "layers.parquet")
@@ -34,8 +43,8 @@ def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
     device = layers["device_name"].iloc[0]
     setting = search_quality_setting(run)
     losses = read_quality_cache(run / "search" / QUALITY_CACHE, setting)
-    trained = bool(setting and setting.endswith(":trained"))
-    one_shot = read_quality_cache(run / "search" / QUALITY_CACHE, setting.rsplit(":", 1)[0]) if trained else {}
+    trained = bool(setting) and with_weights(setting, "trained") == setting
+    one_shot = read_quality_cache(run / "search" / QUALITY_CACHE, with_weights(setting, "elastic")) if trained else {}
     verified_path = run / "verify" / "verified.parquet"
     verified = pd.read_parquet(verified_path) if verified_path.is_file() else pd.DataFrame()
 
@@ -72,10 +81,7 @@ def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
         ax.set_title(f"Pareto frontier on {device}")
         ax.legend(fontsize=8)
         p = out / f"pareto_{regime.replace(':', '_')}.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        pngs.append(p)
+        _save(fig, p, pngs)
 
     # 2. layer x width heatmaps per regime.
     for regime, g in layers[~layers["anchor"] & (layers["status"] == "ok")].groupby("regime"):
@@ -90,10 +96,7 @@ def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
             fig.colorbar(im, ax=ax)
         fig.suptitle(f"{regime} on {device}", fontsize=9)
         p = out / f"heatmap_{regime.replace(':', '_')}.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        pngs.append(p)
+        _save(fig, p, pngs)
 
     # 3. predicted vs measured with held-out error.
     preds_path = run / "latency_model" / "predictions.parquet"
@@ -115,10 +118,7 @@ def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
         ax.legend(fontsize=7)
         ax.set_title(f"latency model on {device}")
         p = out / "predicted_vs_measured.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        pngs.append(p)
+        _save(fig, p, pngs)
         numbers["latency_model"] = {k: v["heldout"] | {"naive_mape_pct": v["naive_sum_heldout"]["mape_pct"]} for k, v in metrics.items()}
 
     # 4. search progress.
@@ -135,10 +135,7 @@ def _plots(run: Path, out: Path) -> tuple[list[Path], dict]:
         ax.legend(fontsize=7)
         ax.set_title("search progress")
         p = out / "search_progress.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        pngs.append(p)
+        _save(fig, p, pngs)
         numbers["search"] = {"evaluated": int(trials["evaluated"].sum()), "infeasible_skipped": int((~trials["evaluated"]).sum())}
     numbers["device"] = device
     numbers["verified"] = verified.drop(columns=["config"]).to_dict("records") if len(verified) else []

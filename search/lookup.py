@@ -1,7 +1,8 @@
 """The budget-to-config lookup: what a deployment reads.
 
 For each budget of a device and regime: the best config whose *measured* latency fits, from the
-verified search results and the uniform configs measured by the profiler. More budget never gives a
+verified search results and the uniform configs (measured by verify in the same session, or by the
+profiler for runs verified before that). More budget never gives a
 worse config: a budget inherits a smaller budget's choice when that one is better.
 """
 
@@ -24,7 +25,7 @@ class LookupRow:
     device_name: str
     budget_ms: float
     config: SubnetConfig
-    predicted_latency_ms: float
+    predicted_latency_ms: float | None  # None for uniform fallbacks, which were measured, not predicted
     measured_latency_ms: float
     ppl: float
     source: str

@@ -1,9 +1,9 @@
 """`flextron search`: Optuna picks per-layer MLP widths and head counts under latency budgets.
 
 The budget is a hard constraint applied through the latency model *before* any quality
-evaluation: an infeasible trial is told to Optuna with its constraint violation (TPE's
-`constraints_func`) and never costs a forward pass. Uniform configs are seeded with
-`enqueue_trial`. Studies live in an Optuna storage (SQLite in the run by default, any database URL,
+evaluation: an infeasible trial is told to Optuna with its constraint violation (`set_constraint`,
+or `constraints_func` on Optuna 4) and never costs a forward pass. The largest fitting uniform
+configs and the trained router's answer are seeded with `enqueue_trial`. Studies live in an Optuna storage (SQLite in the run by default, any database URL,
 or a journal file for many workers), so a killed search resumes and several processes can share
 one study.
 """
@@ -137,12 +137,11 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
     if not study.trials and cfg.sampler == "tpe":  # "random" is the plain baseline: no seeds
         # Seed the largest uniform configs that fit: at tight budgets random proposals rarely fit, and
         # they are the baseline the search must beat anyway. Only two, so most evaluations are TPE's.
-        seeds = [SubnetConfig((w,) * spec.num_layers, (h,) * spec.num_layers)
-                 for w in spec.mlp_widths[0] for h in spec.head_counts[0]]
+        seeds = spec.uniform_configs()
         preds = lat_model.predict(encode(seeds))
         fitting = sorted(((p, s) for p, s in zip(preds, seeds) if p <= budget_ms), key=lambda ps: -ps[0])
         if routers is not None:  # the trained static router's answer for this budget goes first
-            rc = routers.config_for(budget_ms, lambda c: float(lat_model.predict(encode([c]))[0]))
+            rc = routers.config_for(budget_ms, lat_model.predict_config)
             study.enqueue_trial(config_params(rc), user_attrs={"source": "router"}, skip_if_exists=True)
         for _, seed_cfg in fitting[: max(1, min(2, cfg.trials // 4))]:  # the largest fitting ones: the rest is TPE's
             study.enqueue_trial(config_params(seed_cfg), user_attrs={"source": "uniform"}, skip_if_exists=True)
@@ -160,7 +159,7 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
         trial = study.ask()
         asked += 1
         sub = suggest_config(trial, spec)
-        pred = float(lat_model.predict(encode([sub]))[0])
+        pred = lat_model.predict_config(sub)
         trial.set_user_attr("predicted_latency_ms", pred)
         trial.set_user_attr("config", sub.to_json())
         _set_constraint(trial, [pred - budget_ms])
@@ -183,8 +182,6 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
 def search_frontier(study_name, storage, spec, lat_model, evaluator, cfg: SearchConfig) -> dict:
     import optuna
 
-    from profiler.latency_model import encode
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=study_name, storage=storage, directions=["minimize", "minimize"],
                                 sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=8),
@@ -195,7 +192,7 @@ def search_frontier(study_name, storage, spec, lat_model, evaluator, cfg: Search
     while len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))) < cfg.trials:
         trial = study.ask()
         sub = suggest_config(trial, spec)
-        pred = float(lat_model.predict(encode([sub]))[0])
+        pred = lat_model.predict_config(sub)
         trial.set_user_attr("predicted_latency_ms", pred)
         trial.set_user_attr("config", sub.to_json())
         trial.set_user_attr("evaluated", True)
@@ -203,7 +200,7 @@ def search_frontier(study_name, storage, spec, lat_model, evaluator, cfg: Search
     return {"study": study_name, "pareto_size": len(study.best_trials)}
 
 
-def collect_trials(storage, run_root: Path, prefix: str):
+def collect_trials(storage, prefix: str):
     """Every trial of this run's studies as one tidy table."""
     import optuna
     import pandas as pd
@@ -236,23 +233,21 @@ def pareto_front(df):
 def search(cfg: SearchConfig) -> dict:
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
+    from flextron.routers import Routers, regime_dir
     from flextron.rundir import RunDir, save_stage_config, write_json_atomic
     from profiler.latency_model import LatencyModels
     from search.quality import QUALITY_CACHE, QualityEvaluator
 
     run = RunDir(cfg.run)
-    run.require("elastic")
+    wname, wdir = run.weights(cfg.weights)  # first: a run with no model names `flextron convert`
     models = LatencyModels.load(run.root)
     regime_key = models.resolve(cfg.regime)
     lat_model = models.get(regime_key)
     storage = open_storage(cfg, run.root)
-    wname, wdir = run.weights(cfg.weights)
     elastic = ElasticModel.load(wdir, device=cfg.device)
     spec = elastic.spec
     lo, hi = feasible_range(lat_model, spec)
     routers = None
-    from flextron.routers import Routers, regime_dir
-
     if (regime_dir(run.root, regime_key) / "router.json").is_file():
         routers = Routers.load(run.root, regime_key, spec)
     budgets = list(cfg.budget_ms)
@@ -282,7 +277,7 @@ def search(cfg: SearchConfig) -> dict:
         results.append(search_frontier(f"{prefix}|frontier", storage, spec, lat_model, evaluator, cfg))
     for b in sorted(budgets):
         results.append(search_budget(f"{prefix}|budget={b:.6g}", storage, spec, lat_model, evaluator, b, cfg, progress, routers))
-    trials = collect_trials(storage, run.root, prefix)
+    trials = collect_trials(storage, prefix)
     out = run / "search"
     out.mkdir(parents=True, exist_ok=True)
     trials.assign(regime=regime_key, device_name=models.device_name).to_parquet(out / "trials.parquet", index=False)

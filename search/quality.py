@@ -33,6 +33,20 @@ def read_quality_cache(path: str | Path, setting: str | None = None) -> dict[str
     return out
 
 
+def quality_setting(split: str, corpus: str, windows: int, seq_len: int, weights: str = "elastic") -> str:
+    """The cache key of an evaluation setting. The weights' name is part of it, so trained and
+    one-shot losses never mix; one-shot keeps the untagged form older caches used."""
+    base = f"{split}:{corpus}:{windows}x{seq_len}"
+    return base if weights == "elastic" else f"{base}:{weights}"
+
+
+def with_weights(setting: str, weights: str) -> str:
+    """The same setting for other weights (e.g. the one-shot baseline of a trained search)."""
+    split, corpus, size = setting.split(":")[:3]
+    windows, seq_len = size.split("x")
+    return quality_setting(split, corpus, int(windows), int(seq_len), weights)
+
+
 def search_quality_setting(run_root: str | Path) -> str | None:
     """The quality setting (split, windows, weights) the run's search used, from its best-*.json files;
     None for runs searched before the setting was recorded (then every cached line is read)."""
@@ -50,8 +64,7 @@ class QualityEvaluator:
 
         self.elastic = elastic
         self.cache_path = Path(cache_path)
-        # The weights' name is part of the setting: trained and one-shot losses never mix.
-        self.setting = f"{split}:{corpus}:{windows}x{seq_len}" + ("" if tag == "elastic" else f":{tag}")
+        self.setting = quality_setting(split, corpus, windows, seq_len, tag)
         self.batch_size = batch_size
         self._windows = token_windows(elastic.tokenizer, elastic.adapter, split, seq_len, windows, corpus)
         self.evaluations = 0  # real forward evaluations made by this process

@@ -20,18 +20,31 @@ from flextron.routers import (DynamicRouting, Routers, analytic_table, anneal, d
                               save_tensors, train_static)
 
 
-def latency_table(run_root, regime_key: str | None, spec) -> dict:
-    """The measured table when a latency model exists for the regime, else the analytic one."""
+def fitted_model(run_root, regime: str | None):
+    """(regime key, LatencyModel, device name) of the run, or None when a named regime was never
+    profiled and fitted (with no regime named, the error says what to run)."""
     from profiler.latency_model import LatencyModels
 
     try:
         models = LatencyModels.load(run_root)
-        key = models.resolve(regime_key)
-        return measured_table(models.get(key).layer_table_ms(spec), f"measured ({models.device_name})", key)
+        key = models.resolve(regime)
+        return key, models.get(key), models.device_name
     except FlextronError:
-        if regime_key is None:
+        if regime is None:
             raise
-        return analytic_table(spec, regime_key)
+        return None
+
+
+def table_for(spec, regime: str | None, fitted) -> dict:
+    """The measured table from the fitted latency model, else the analytic one (labelled so)."""
+    if fitted is None:
+        return analytic_table(spec, regime)
+    key, model, device = fitted
+    return measured_table(model.layer_table_ms(spec), f"measured ({device})", key)
+
+
+def latency_table(run_root, regime: str | None, spec) -> dict:
+    return table_for(spec, regime, fitted_model(run_root, regime))
 
 
 @dataclass(frozen=True)
@@ -66,25 +79,14 @@ def route(cfg: RouteConfig) -> dict:
     from flextron.progress import progress
     from flextron.rundir import RunDir, save_stage_config, write_json_atomic
     from flextron.spec import ElasticSpec
-    from profiler.latency_model import LatencyModels, encode
     from search.quality import QUALITY_CACHE, QualityEvaluator
 
     run = RunDir(cfg.run)
     wname, wdir = run.weights(cfg.weights)
     spec = ElasticSpec.load(wdir / "elastic_spec.json")
-    try:
-        models = LatencyModels.load(run.root)
-        regime_key = models.resolve(cfg.regime or None)
-        lat = models.get(regime_key)
-
-        def predict(c):
-            return float(lat.predict(encode([c]))[0])
-    except FlextronError:
-        if not cfg.regime:
-            raise
-        models, lat, regime_key = None, None, None
-        predict = None
-    table = latency_table(run.root, regime_key or cfg.regime, spec)
+    fitted = fitted_model(run.root, cfg.regime or None)
+    predict = fitted[1].predict_config if fitted else None
+    table = table_for(spec, cfg.regime or None, fitted)
     regime_key = table["regime"]
     folder = regime_dir(run.root, regime_key)
     if cfg.budget_ms > 0:
@@ -108,8 +110,7 @@ def route(cfg: RouteConfig) -> dict:
         raise FlextronError(
             f"the surrogate's held-out relative error is {sur_metrics['heldout_mean_rel_err']:.3f}, above --surrogate-threshold "
             f"{cfg.surrogate_threshold}; evaluate more configs (--surrogate-samples {2 * cfg.surrogate_samples}) before training routers")
-    # The least any config can cost in this table (the smallest config, where latency is monotone in width).
-    smallest_frac = (table["fixed"] + float(table["attn"].min(-1).values.sum() + table["mlp"].min(-1).values.sum())) / table["full"]
+    smallest_frac = table["smallest_frac"]
     static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight, cfg.seed, cfg.lr)
 
     # dynamic router: model frozen, routers trained on train-split windows against the frozen original
@@ -122,23 +123,27 @@ def route(cfg: RouteConfig) -> dict:
     routing.install()
     opt = torch.optim.Adam(routing.parameters(), lr=cfg.lr)
     rng = random.Random(cfg.seed)
-    dyn_hist = []
 
     def batch(i):
         i0 = (i * cfg.batch_size) % len(windows)
         return windows[i0: i0 + cfg.batch_size].to(cfg.device)
 
-    def heads_for(t):
-        return route_static(static, spec, t).heads
+    def steps(n: int, first_batch: int, optimizer, tau, desc: str, clip=None) -> list[dict]:
+        """n router steps at random budgets, heads from the static router; returns their history."""
+        hist = []
+        for step in progress(range(n), desc=desc):
+            t = rng.uniform(smallest_frac, 1.0)
+            loss, e = dynamic_step(elastic, routing, teacher, batch(first_batch + step), table,
+                                   route_static(static, spec, t).heads, t, tau(step), cfg.latency_weight)
+            optimizer.zero_grad()
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(clip, 1.0)
+            optimizer.step()
+            hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss), "expected_frac": round(e, 4)})
+        return hist
 
-    for step in progress(range(cfg.dynamic_steps), desc="dynamic router"):
-        t = rng.uniform(smallest_frac, 1.0)
-        loss, e = dynamic_step(elastic, routing, teacher, batch(step), table, heads_for(t), t,
-                               anneal(step, cfg.dynamic_steps, 1.0, 0.2), cfg.latency_weight)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        dyn_hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss), "expected_frac": round(e, 4)})
+    dyn_hist = steps(cfg.dynamic_steps, 0, opt, lambda s: anneal(s, cfg.dynamic_steps, 1.0, 0.2), "dynamic router")
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / "dynamic_router.safetensors", routing.state_dict())
 
@@ -151,15 +156,7 @@ def route(cfg: RouteConfig) -> dict:
             p.requires_grad_(True)
         jopt = torch.optim.AdamW([{"params": mparams, "lr": cfg.joint_lr}, {"params": routing.parameters(), "lr": cfg.lr}])
         elastic.model.train()
-        for step in progress(range(cfg.joint_steps), desc="joint fine-tuning"):
-            t = rng.uniform(smallest_frac, 1.0)
-            loss, e = dynamic_step(elastic, routing, teacher, batch(cfg.dynamic_steps + step), table, heads_for(t), t, 0.2,
-                                   cfg.latency_weight)
-            jopt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(mparams, 1.0)
-            jopt.step()
-            joint_hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss), "expected_frac": round(e, 4)})
+        joint_hist = steps(cfg.joint_steps, cfg.dynamic_steps, jopt, lambda s: 0.2, "joint fine-tuning", clip=mparams)
         elastic.model.eval()
         routing.remove()
         from flextron.train import save_weights

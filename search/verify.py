@@ -96,11 +96,9 @@ def verify(cfg: VerifyConfig) -> dict:
                          "within_budget": meas <= limit, "replacements_tried": replaced, "source": b["source"]})
         # The uniform configs the lookup may fall back to are measured again here, in the same
         # session as the picks, so the lookup never compares latencies from different sessions.
-        for w in elastic.spec.mlp_widths[0]:
-            for h in elastic.spec.head_counts[0]:
-                sub = SubnetConfig((w,) * elastic.spec.num_layers, (h,) * elastic.spec.num_layers)
-                uniform_rows.append({"regime": regime.key, "device_name": device_name, "config": sub.to_json(),
-                                     "config_key": sub.key, "measured_latency_ms": measure(sub)})
+        for sub in elastic.spec.uniform_configs():
+            uniform_rows.append({"regime": regime.key, "device_name": device_name, "config": sub.to_json(),
+                                 "config_key": sub.key, "measured_latency_ms": measure(sub)})
     out = run / "verify"
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)

@@ -12,6 +12,29 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+def _profiled_copy(src, dst, regime: str, e2e_random: int, fit: bool = True):
+    """Copy run `src` to `dst`, profile it quickly in one regime, and (by default) fit the latency model."""
+    import shutil
+
+    from flextron.elastic import ElasticModel
+    from profiler.latency_model import FitConfig
+    from profiler.latency_model import fit as fit_model
+    from profiler.sweep import ProfileConfig, run_sweep
+
+    shutil.copytree(src, dst)
+    cfg = ProfileConfig(regime=(regime,), min_reps=3, min_time_ms=2, warmup=1, e2e_random=e2e_random)
+    run_sweep(ElasticModel.load(dst / "elastic"), dst / "profile", cfg)
+    if fit:
+        fit_model(FitConfig(run=str(dst)))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def profiled_copy():
+    """`profiled_copy(src, dst, regime, e2e_random, fit=True)`: a profiled (and fitted) copy of a run."""
+    return _profiled_copy
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

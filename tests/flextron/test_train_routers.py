@@ -171,18 +171,13 @@ def test_fit_to_budget_shrinks_until_predicted_fits(tiny_run):
     spec.validate(out)
 
 
-def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path):
-    from flextron.routers import Routers, regime_dir
-    from search.route import RouteConfig, route
-    from profiler.latency_model import FitConfig, fit
-    from profiler.sweep import ProfileConfig, run_sweep
+def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, profiled_copy):
     from flextron.elastic import ElasticModel
+    from flextron.routers import Routers, regime_dir
+    from profiler.latency_model import LatencyModels
+    from search.route import RouteConfig, route
 
-    run = tmp_path / "r"
-    shutil.copytree(trained_run, run)
-    cfg = ProfileConfig(regime=("prefill:b1:s64",), min_reps=3, min_time_ms=2, warmup=1, e2e_random=6)
-    run_sweep(ElasticModel.load(run / "elastic"), run / "profile", cfg)
-    fit(FitConfig(run=str(run)))
+    run = profiled_copy(trained_run, tmp_path / "r", "prefill:b1:s64", 6)
     with pytest.raises(FlextronError, match="holds no routers"):
         route(RouteConfig(run=str(run), budget_ms=1.0))
     out = route(RouteConfig(run=str(run), static_steps=100, dynamic_steps=2, joint_steps=1, surrogate_samples=24,
@@ -193,8 +188,12 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path):
     assert {"static_router.safetensors", "surrogate.safetensors", "dynamic_router.safetensors"} <= {p.name for p in folder.iterdir()}
     assert (folder / "joint" / "model.safetensors").is_file()
     spec = ElasticModel.load(run / "trained").spec
-    hi = route(RouteConfig(run=str(run), budget_ms=1e6))
-    assert SubnetConfig.from_dict(hi["config"]) in {spec.full()} or hi["predicted_latency_ms"] <= 1e6
+    lat = LatencyModels.load(run).get(out["regime"])
+    lo_ms, hi_ms = lat.predict_config(spec.smallest()), lat.predict_config(spec.full())
+    for budget in (max(lo_ms, hi_ms), lo_ms + 0.5 * abs(hi_ms - lo_ms)):
+        answer = route(RouteConfig(run=str(run), budget_ms=budget))
+        chosen = spec.validate(SubnetConfig.from_dict(answer["config"]))
+        assert answer["source"] == "router" and lat.predict_config(chosen) <= budget + 1e-9
     with pytest.raises(FlextronError, match="below the smallest"):
         route(RouteConfig(run=str(run), budget_ms=1e-6))
     # a surrogate that misses the threshold stops before any router is trained

@@ -7,7 +7,7 @@ import pytest
 from flextron.errors import FlextronError
 from flextron.spec import ElasticSpec
 from profiler.latency_model import FitConfig, LatencyModel, LatencyModels, encode, fit
-from profiler.sweep import random_configs, uniform_configs
+from profiler.sweep import random_configs
 
 
 def synthetic(spec):
@@ -20,7 +20,7 @@ def synthetic(spec):
 def test_fit_recovers_a_known_latency_function():
     spec = ElasticSpec.build("llama", 6, 64, 512, 8, 4, 16, 320)
     attn, mlp = synthetic(spec)
-    configs = uniform_configs(spec) + random_configs(spec, 30, 1)
+    configs = spec.uniform_configs() + random_configs(spec, 30, 1)
     X = encode(configs)
     truth = LatencyModel(attn, mlp, 0.0)
     sums = truth._sums(X)
@@ -45,24 +45,15 @@ def test_sklearn_contract():
 
 
 @pytest.fixture(scope="module")
-def profiled(tiny_run, tmp_path_factory):
-    import shutil
-
-    from flextron.elastic import ElasticModel
-    from profiler.sweep import ProfileConfig, run_sweep
-
-    run = tmp_path_factory.mktemp("fit") / "run"
-    shutil.copytree(tiny_run, run)
-    cfg = ProfileConfig(regime=("decode:b1:ctx32",), min_reps=3, min_time_ms=2, warmup=1, e2e_random=10)
-    run_sweep(ElasticModel.load(run / "elastic"), run / "profile", cfg)
-    return run
+def profiled(tiny_run, tmp_path_factory, profiled_copy):
+    return profiled_copy(tiny_run, tmp_path_factory.mktemp("fit") / "run", "decode:b1:ctx32", 10, fit=False)
 
 
 def test_fit_reports_error_only_on_unseen_configs(profiled):
     s = fit(FitConfig(run=str(profiled)))
     key = "decode:b1:ctx32:float32:eager"
-    assert s[key]["heldout_mape_pct"] >= 0
     metrics = json.loads((profiled / "latency_model" / "metrics.json").read_text())[key]
+    assert s[key]["heldout_mape_pct"] == metrics["heldout"]["mape_pct"] > 0
     assert metrics["heldout"]["n"] == 5 and metrics["train_configs"] == 4 * 4 + 5
     e2e = pd.read_parquet(profiled / "profile" / "e2e.parquet")
     uniform_keys = set(e2e[e2e["uniform"]]["config_key"])

@@ -1,6 +1,5 @@
 import json
 import multiprocessing as mp
-import shutil
 
 import pandas as pd
 import pytest
@@ -9,17 +8,8 @@ from flextron.errors import FlextronError
 
 
 @pytest.fixture(scope="module")
-def fitted(tiny_run, tmp_path_factory):
-    from flextron.elastic import ElasticModel
-    from profiler.latency_model import FitConfig, fit
-    from profiler.sweep import ProfileConfig, run_sweep
-
-    run = tmp_path_factory.mktemp("search") / "run"
-    shutil.copytree(tiny_run, run)
-    cfg = ProfileConfig(regime=("prefill:b1:s64",), min_reps=3, min_time_ms=2, warmup=1, e2e_random=8)
-    run_sweep(ElasticModel.load(run / "elastic"), run / "profile", cfg)
-    fit(FitConfig(run=str(run)))
-    return run
+def fitted(tiny_run, tmp_path_factory, profiled_copy):
+    return profiled_copy(tiny_run, tmp_path_factory.mktemp("search") / "run", "prefill:b1:s64", 8)
 
 
 def _budget(run, frac):
