@@ -131,21 +131,35 @@ def main():
     routing.load_state_dict(load_tensors(regime_dir(out, regime) / "dynamic_router.safetensors"))
     windows = token_windows(trained.tokenizer, trained.adapter, "validation", 128, 8)
     full_step = decode_ms(trained, val, ctx, 32, spec.full())
+    # the static router's curve of (measured step, ppl) over its budget grid: dynamic routing is compared
+    # with it at the dynamic router's *measured* latency (log-ppl interpolated between grid points)
+    t_min = routers.meta["table"]["smallest_frac"]
+    static_curve = []
+    for t in np.linspace(t_min, 1.0, 9):
+        c = routers.config_for(float(t) * predict(spec.full()), predict)
+        static_curve.append((decode_ms(trained, val, ctx, 32, c), ev.loss(c)))
+    static_curve.sort()
+    cms, cll = np.array([c[0] for c in static_curve]), np.array([c[1] for c in static_curve])
     rows = []
     for b, f in zip(budgets, args.fracs):
         sb = next((x for x in best if abs(x["budget_ms"] - b) < 1e-6), None)
         rc = routers.config_for(b, predict)
-        row = {"frac": f, "budget_ms": b, "router_ppl": math.exp(ev.loss(rc)), "router_pred_ms": predict(rc),
-               "search_ppl": math.exp(sb["loss"]) if sb else float("nan"), "search_source": sb["source"] if sb else "",
-               "static_step_ms": decode_ms(trained, val, ctx, 32, rc)}
-        routing.install()
-        try:
-            d = dynamic_eval(trained, routing, windows, rc.heads, b / table["full"], table)
-            row.update(dynamic_ppl=math.exp(d["loss"]), dynamic_expected_ms=d["expected_frac"] * table["full"],
-                       dynamic_step_ms=decode_ms(trained, val, ctx, 32, SubnetConfig(spec.full().mlp_width, rc.heads)))
-        finally:
-            routing.remove()
-        rows.append(row)
+        rows.append({"frac": f, "budget_ms": b, "router_ppl": math.exp(ev.loss(rc)), "router_pred_ms": predict(rc),
+                     "search_ppl": math.exp(sb["loss"]) if sb else float("nan"), "search_source": sb["source"] if sb else "",
+                     "static_step_ms": decode_ms(trained, val, ctx, 32, rc)})
+    # the dynamic router at each calibrated budget (its heads, logit shift and budget input), measured
+    dyn_rows = []
+    routing.install()
+    try:
+        for pt in sorted(routers.meta["dynamic_calibration"], key=lambda c: c["budget_frac"]):
+            d = dynamic_eval(trained, routing, windows, tuple(pt["heads"]), pt["budget_frac"], table, shift=pt["shift"])
+            dyn_ms = decode_ms(trained, val, ctx, 32, SubnetConfig(spec.full().mlp_width, tuple(pt["heads"])))
+            inside = cms[0] <= dyn_ms <= cms[-1]
+            dyn_rows.append({"budget_frac": pt["budget_frac"], "shift": pt["shift"], "dynamic_ppl": math.exp(d["loss"]),
+                             "expected_ms": d["expected_frac"] * table["full"], "measured_ms": dyn_ms,
+                             "static_ppl_at_measured_ms": math.exp(float(np.interp(dyn_ms, cms, cll))) if inside else float("nan")})
+    finally:
+        routing.remove()
     device = Telemetry(args.device).device_name
     print(f"device: {device}  torch {torch.__version__}  model {spec.family} {spec.num_layers} layers  regime {regime}")
     print(f"training: {tr['steps']} steps, {tr['tokens']} train tokens, {t_train:.0f} s; routers {t_route:.0f} s "
@@ -160,15 +174,22 @@ def main():
     for f in args.fracs + [0.5]:
         a, b_ = best_under(front0, f * full_ms), best_under(front1, f * full_ms)
         print(f"  <= {f:.2f}x: one-shot {a:9.2f} ({a / full_ppl:6.2f}x)   trained {b_:9.2f} ({b_ / full_ppl:6.2f}x)")
-    print(f"\nrouters vs search at budgets (trained weights; full decode step {full_step:.2f} ms)")
-    print(f"{'frac':>5s} {'budget':>8s} {'search ppl':>10s} {'static ppl':>10s} {'static ms':>9s} "
-          f"{'dynamic ppl':>11s} {'dyn exp ms':>10s} {'dyn meas ms':>11s}")
+    print(f"\nstatic router vs search at budgets (trained weights; full decode step {full_step:.2f} ms)")
+    print(f"{'frac':>5s} {'budget':>8s} {'search ppl':>10s} {'static ppl':>10s} {'static ms':>9s}")
     for x in rows:
-        print(f"{x['frac']:5.2f} {x['budget_ms']:8.2f} {x['search_ppl']:10.2f} {x['router_ppl']:10.2f} {x['static_step_ms']:9.2f} "
-              f"{x['dynamic_ppl']:11.2f} {x['dynamic_expected_ms']:10.2f} {x['dynamic_step_ms']:11.2f}")
+        print(f"{x['frac']:5.2f} {x['budget_ms']:8.2f} {x['search_ppl']:10.2f} {x['router_ppl']:10.2f} {x['static_step_ms']:9.2f}")
+    print("\nstatic router curve (measured decode ms, ppl): " + ", ".join(f"({a:.1f}, {math.exp(l):.1f})" for a, l in static_curve))
+    print("dynamic router at its calibrated budgets; 'static ppl' is the static curve at the dynamic router's measured step")
+    print(f"{'frac':>5s} {'shift':>7s} {'dynamic ppl':>11s} {'exp ms':>7s} {'meas ms':>8s} {'static ppl':>10s} {'better':>6s}")
+    for x in dyn_rows:
+        better = "" if x["static_ppl_at_measured_ms"] != x["static_ppl_at_measured_ms"] else \
+            ("yes" if x["dynamic_ppl"] < x["static_ppl_at_measured_ms"] else "no")
+        print(f"{x['budget_frac']:5.2f} {x['shift']:7.2f} {x['dynamic_ppl']:11.2f} {x['expected_ms']:7.2f} {x['measured_ms']:8.2f} "
+              f"{x['static_ppl_at_measured_ms']:10.2f} {better:>6s}")
     print(json.dumps({"device": device, "regime": regime, "train_tokens": tr["tokens"], "train_s": round(t_train),
                       "surrogate_rel_err": r["surrogate_heldout_rel_err"], "search_evaluations": s["quality_evaluations"],
-                      "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()} for x in rows]}))
+                      "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()} for x in rows],
+                      "dynamic": [{k: round(v, 3) for k, v in x.items()} for x in dyn_rows]}))
 
 
 if __name__ == "__main__":

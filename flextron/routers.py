@@ -260,11 +260,13 @@ class DynamicMLP(nn.Module):
             self.router.bias.copy_(torch.linspace(-1, 1, len(widths)))  # start leaning to wide
         self.budget = 1.0
         self.tau = 1.0
+        self.shift = 0.0  # calibrated per budget: subtracted in proportion to width rank (> 0 leans narrow)
         self.soft = False  # training: soft nested mask; inference: grouped prefix compute
         self.last_probs: torch.Tensor | None = None
         self.last_choice: torch.Tensor | None = None
         seg = torch.tensor([self.widths[0]] + [b - a for a, b in zip(self.widths, self.widths[1:])])
         self.register_buffer("seg", seg, persistent=False)
+        self.register_buffer("rank", torch.linspace(0, 1, len(widths)), persistent=False)
 
     def prefix(self, x, width: int):
         """The MLP on the first `width` neurons only (their weights are a prefix: no copy)."""
@@ -273,7 +275,8 @@ class DynamicMLP(nn.Module):
 
     def logits(self, x):
         b = torch.full((*x.shape[:-1], 1), float(self.budget), dtype=x.dtype, device=x.device)
-        return self.router(torch.cat([x, b], -1))
+        z = self.router(torch.cat([x, b], -1))
+        return z - self.shift * self.rank.to(z.dtype) if self.shift else z
 
     def forward(self, x):
         z = self.logits(x)
@@ -322,9 +325,9 @@ class DynamicRouting:
         for layer, m in zip(ad.layers(self.elastic.model), self._orig):
             setattr(layer, ad.mlp, m)
 
-    def set(self, budget: float, soft: bool, tau: float = 1.0):
+    def set(self, budget: float, soft: bool, tau: float = 1.0, shift: float = 0.0):
         for m in self.modules:
-            m.budget, m.soft, m.tau = budget, soft, tau
+            m.budget, m.soft, m.tau, m.shift = budget, soft, tau, shift
 
     def expected_mlp(self, table: dict) -> torch.Tensor:
         """Expected MLP latency (table units) of the last forward: per layer, mean over tokens of sum_c p_c T[l, c]."""
@@ -366,9 +369,10 @@ def dynamic_step(elastic, routing: DynamicRouting, teacher, ids, table, static_h
 
 
 @torch.no_grad()
-def dynamic_eval(elastic, routing: DynamicRouting, windows, heads, t: float, table: dict, batch_size: int = 8) -> dict:
+def dynamic_eval(elastic, routing: DynamicRouting, windows, heads, t: float, table: dict, batch_size: int = 8,
+                 shift: float = 0.0) -> dict:
     """Validation loss with hard per-token routing (grouped compute) and the expected latency fraction."""
-    routing.set(t, soft=False)
+    routing.set(t, soft=False, shift=shift)
     total, count, e_sum, n = 0.0, 0, 0.0, 0
     with elastic.use(SubnetConfig(elastic.spec.full().mlp_width, heads)):
         for ids in windows.split(batch_size):
@@ -379,6 +383,47 @@ def dynamic_eval(elastic, routing: DynamicRouting, windows, heads, t: float, tab
             e_sum += float(routing.expected_frac(table, heads))
             n += 1
     return {"loss": total / count, "expected_frac": e_sum / n, "width_shares": routing.width_shares()}
+
+
+@torch.no_grad()
+def calibrate_dynamic(elastic, routing: DynamicRouting, windows, table: dict, heads_for, fracs, iters: int = 14,
+                      bound: float = 32.0) -> list[dict]:
+    """Per budget fraction t, the logit shift that makes hard routing's expected latency fraction on
+    `windows` (calibration text) meet t: a bisection, since a larger shift only moves tokens to narrower
+    widths. A budget the narrowest widths cannot meet gets the largest shift (and says so)."""
+    def expected(t: float, heads, shift: float) -> float:
+        routing.set(t, soft=False, shift=shift)
+        fr = []
+        with elastic.use(SubnetConfig(elastic.spec.full().mlp_width, heads)):
+            for ids in windows.split(4):
+                elastic(input_ids=ids.to(elastic.device), use_cache=False)
+                fr.append(float(routing.expected_frac(table, heads)))
+        return sum(fr) / len(fr)
+
+    out = []
+    for t in fracs:
+        heads = heads_for(t)
+        lo, hi = -bound, bound
+        if expected(t, heads, lo) <= t:  # even leaning wide fits
+            hi = lo
+        elif expected(t, heads, hi) > t:  # cannot fit: narrowest routing
+            lo = hi
+        for _ in range(iters if lo < hi else 0):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if expected(t, heads, mid) <= t else (mid, hi)
+        e = expected(t, heads, hi)
+        out.append({"budget_frac": round(float(t), 4), "heads": list(heads), "shift": round(hi, 4),
+                    "expected_frac": round(e, 4), "meets": e <= t + 1e-6})
+    routing.set(1.0, soft=False)
+    return out
+
+
+def calibrated_point(calibration: list[dict], t: float) -> dict:
+    """The calibrated budget point that serves budget fraction t: the largest one not above t (its
+    heads, shift and router budget input), so the expected latency never exceeds t; below every
+    calibrated budget, the smallest one."""
+    pts = sorted(calibration, key=lambda c: c["budget_frac"])
+    return max((c for c in pts if c["budget_frac"] <= t + 1e-9), default=pts[0], key=lambda c: c["budget_frac"])
 
 
 # ---- storage ------------------------------------------------------------------------------------------
@@ -414,6 +459,14 @@ class Routers:
     @classmethod
     def load(cls, run_root: str | Path, regime_key: str, spec) -> "Routers":
         return cls(regime_dir(run_root, regime_key), spec)
+
+    def dynamic_point(self, t: float, joint: bool = False) -> dict:
+        """How the dynamic router (or the jointly fine-tuned one) serves budget fraction t: the calibrated
+        point's `budget_frac` (the router's budget input), static `heads` and logit `shift`."""
+        calib = self.meta.get("joint_calibration" if joint else "dynamic_calibration")
+        if not calib:
+            raise FlextronError(f"{self.folder} has no calibrated dynamic router; re-run `flextron route`")
+        return calibrated_point(calib, t)
 
     def config_for(self, budget_ms: float, predict) -> SubnetConfig:
         """The static router's config for `budget_ms`, shrunk if the latency model predicts it over.

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from flextron.errors import FlextronError
-from flextron.routers import (DynamicRouting, Routers, analytic_table, anneal, dynamic_step, expected_latency,
-                              fit_surrogate, measured_table, one_hot, regime_dir, route_static, sample_configs,
+from flextron.routers import (DynamicRouting, Routers, analytic_table, anneal, calibrate_dynamic, dynamic_step,
+                              expected_latency, fit_surrogate, measured_table, one_hot, regime_dir, route_static, sample_configs,
                               save_tensors, train_static)
 
 
@@ -61,6 +61,7 @@ class RouteConfig:
     latency_weight: float = 20.0
     eval_windows: int = 8
     eval_seq_len: int = 128
+    calib_windows: int = 4  # calibration-split windows the dynamic router's per-budget shift is fitted on
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 3e-3
@@ -140,15 +141,25 @@ def route(cfg: RouteConfig) -> dict:
             if clip:
                 torch.nn.utils.clip_grad_norm_(clip, 1.0)
             optimizer.step()
-            hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss), "expected_frac": round(e, 4)})
+            hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss.detach()), "expected_frac": round(e, 4)})
         return hist
 
     dyn_hist = steps(cfg.dynamic_steps, 0, opt, lambda s: anneal(s, cfg.dynamic_steps, 1.0, 0.2), "dynamic router")
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(folder / "dynamic_router.safetensors", routing.state_dict())
+    # budget calibration on held-apart calibration text: per budget, the logit shift whose hard routing
+    # meets it in expectation, so the dynamic router answers budgets however short its training was
+    grid = [round(smallest_frac + (1 - smallest_frac) * i / 8, 4) for i in range(9)]
+    calib_windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.seq_len, cfg.calib_windows, "wiki")
+
+    def calibrate(desc: str) -> list[dict]:
+        return calibrate_dynamic(elastic, routing, calib_windows, table, lambda t: route_static(static, spec, t).heads,
+                                 progress(grid, desc=desc))
+
+    dyn_calib = calibrate("calibrate dynamic router")
 
     # joint fine-tuning: model weights and dynamic router together, short, at a small learning rate
-    joint_hist = []
+    joint_hist, joint_calib = [], []
     if cfg.joint_steps:
         rids = {id(p) for p in routing.parameters()}
         mparams = [p for p in elastic.model.parameters() if p.dtype.is_floating_point and id(p) not in rids]
@@ -158,6 +169,9 @@ def route(cfg: RouteConfig) -> dict:
         elastic.model.train()
         joint_hist = steps(cfg.joint_steps, cfg.dynamic_steps, jopt, lambda s: 0.2, "joint fine-tuning", clip=mparams)
         elastic.model.eval()
+        for p in mparams:
+            p.requires_grad_(False)
+        joint_calib = calibrate("calibrate joint router")
         routing.remove()
         from flextron.train import save_weights
 
@@ -168,7 +182,6 @@ def route(cfg: RouteConfig) -> dict:
 
     save_tensors(folder / "static_router.safetensors", static.state_dict())
     save_tensors(folder / "surrogate.safetensors", sur.state_dict())
-    grid = [round(smallest_frac + (1 - smallest_frac) * i / 8, 4) for i in range(9)]
     answers = []
     for t in grid:
         c = route_static(static, spec, t)
@@ -181,7 +194,8 @@ def route(cfg: RouteConfig) -> dict:
             "surrogate": {**sur_metrics, "threshold": cfg.surrogate_threshold, "samples": len(cfgs),
                           "quality_evaluations": evaluator.evaluations},
             "static_history": static_hist, "dynamic_history": dyn_hist, "joint_history": joint_hist,
-            "static_answers": answers, "tokens": {"dynamic": cfg.dynamic_steps * cfg.batch_size * cfg.seq_len,
+            "static_answers": answers, "dynamic_calibration": dyn_calib, "joint_calibration": joint_calib,
+            "calibration_tokens": calib_windows.numel(), "tokens": {"dynamic": cfg.dynamic_steps * cfg.batch_size * cfg.seq_len,
                                                   "joint": cfg.joint_steps * cfg.batch_size * cfg.seq_len}}
     write_json_atomic(folder / "router.json", meta)
     save_stage_config(folder / "route_config.json", cfg)

@@ -187,6 +187,16 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     assert meta["weights"] == "trained" and meta["table"]["source"].startswith("measured")
     assert {"static_router.safetensors", "surrogate.safetensors", "dynamic_router.safetensors"} <= {p.name for p in folder.iterdir()}
     assert (folder / "joint" / "model.safetensors").is_file()
+    # the dynamic router is calibrated per budget on calibration text: a budget is met in expectation
+    # (the full budget always), and a budget between two calibrated ones is served by the lower one
+    for key in ("dynamic_calibration", "joint_calibration"):
+        calib = sorted(meta[key], key=lambda c: c["budget_frac"])
+        assert len(calib) == 9 and calib[-1]["meets"] and sum(c["meets"] for c in calib) >= 5
+        assert all(c["meets"] == (c["expected_frac"] <= c["budget_frac"] + 1e-6) for c in calib)
+    routers = Routers.load(run, out["regime"], ElasticModel.load(run / "trained").spec)
+    mid, nxt = sorted(meta["dynamic_calibration"], key=lambda c: c["budget_frac"])[4:6]
+    assert routers.dynamic_point((mid["budget_frac"] + nxt["budget_frac"]) / 2) == mid
+    assert routers.dynamic_point(0.0)["budget_frac"] == meta["dynamic_calibration"][0]["budget_frac"]
     spec = ElasticModel.load(run / "trained").spec
     lat = LatencyModels.load(run).get(out["regime"])
     lo_ms, hi_ms = lat.predict_config(spec.smallest()), lat.predict_config(spec.full())
