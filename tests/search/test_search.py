@@ -23,6 +23,24 @@ def _budget(run, frac):
     return lo + frac * (hi - lo)
 
 
+def test_search_space_is_ordinal_and_round_trips_configs(tiny_run):
+    """Each layer's choice is an integer index (0 = narrowest); a config enqueued as parameters is
+    the config the trial suggests back."""
+    import random
+
+    import optuna
+
+    from flextron.elastic import ElasticModel
+    from search.optuna_search import config_params, suggest_config
+
+    spec = ElasticModel.load(tiny_run / "elastic").spec
+    for cfg in [spec.smallest(), spec.full()] + [spec.random_config(random.Random(i)) for i in range(5)]:
+        params = config_params(cfg, spec)
+        assert all(isinstance(v, int) for v in params.values())
+        assert params["mlp_idx_0"] == spec.mlp_widths[0].index(cfg.mlp_width[0])
+        assert suggest_config(optuna.trial.FixedTrial(params), spec) == cfg
+
+
 def test_search_never_evaluates_infeasible_configs_and_resumes(fitted):
     from search.optuna_search import SearchConfig, search
 
