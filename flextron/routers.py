@@ -262,7 +262,7 @@ class DynamicMLP(nn.Module):
         self.tau = 1.0
         self.shift = 0.0  # calibrated per budget: subtracted in proportion to width rank (> 0 leans narrow)
         self.soft = False  # training: soft nested mask; inference: grouped prefix compute
-        self.last_probs: torch.Tensor | None = None
+        self._probs: torch.Tensor | None = None
         self.last_choice: torch.Tensor | None = None
         seg = torch.tensor([self.widths[0]] + [b - a for a, b in zip(self.widths, self.widths[1:])])
         self.register_buffer("seg", seg, persistent=False)
@@ -274,25 +274,35 @@ class DynamicMLP(nn.Module):
         return F.linear(h, self.down.weight[:, :width])
 
     def logits(self, x):
-        b = torch.full((*x.shape[:-1], 1), float(self.budget), dtype=x.dtype, device=x.device)
-        z = self.router(torch.cat([x, b], -1))
-        return z - self.shift * self.rank.to(z.dtype) if self.shift else z
+        """Router logits from the hidden state and the budget: the budget's column and the calibrated
+        shift fold into one bias, so a decode step costs a single small matmul per layer."""
+        w = self.router.weight
+        bias = self.router.bias + self.budget * w[:, -1]
+        if self.shift:
+            bias = bias - self.shift * self.rank
+        return F.linear(x, w[:, :-1], bias.to(x.dtype))
+
+    @property
+    def last_probs(self) -> torch.Tensor | None:
+        """Per-token choice probabilities of the last forward (one-hot under hard routing)."""
+        if self._probs is None and self.last_choice is not None:
+            self._probs = F.one_hot(self.last_choice, len(self.widths)).float()
+        return self._probs
 
     def forward(self, x):
         z = self.logits(x)
         if self.soft:
             p = F.gumbel_softmax(z.float(), tau=self.tau, dim=-1)
-            self.last_probs = p
+            self._probs, self.last_choice = p, None
             keep = p.flip(-1).cumsum(-1).flip(-1)  # segment k is kept by every width index >= k
             mask = keep.repeat_interleave(self.seg, dim=-1).to(x.dtype)
             h = self.mlp.act_fn(F.linear(x, self.gate.weight)) * F.linear(x, self.up.weight)
             return F.linear(h * mask, self.down.weight)
         choice = z.argmax(-1)
-        self.last_choice = choice
-        self.last_probs = F.one_hot(choice, len(self.widths)).float()
+        self.last_choice, self._probs = choice, None
+        if choice.numel() == 1:  # one token (batch-1 decode): no grouping, just its prefix
+            return self.prefix(x, self.widths[int(choice)])
         flat, cflat = x.reshape(-1, x.shape[-1]), choice.reshape(-1)
-        if cflat.numel() == 1:  # one token (batch-1 decode): no grouping, just its prefix
-            return self.prefix(x, self.widths[int(cflat)])
         out = torch.empty_like(flat)
         for k in cflat.unique().tolist():  # tokens grouped by width: each group runs the prefix weights only
             idx = (cflat == k).nonzero().squeeze(-1)
