@@ -3,7 +3,7 @@ per budget, on one run (its latency model and quality cache). Prints best valida
 budget after each count of evaluations, the infeasible proposals rejected without evaluation, and
 the device.
 
-    python benchmarks/search_efficiency.py --run runs/demo --budget-frac 0.7 0.8 0.9 --trials 16 --seeds 0 1 2
+    python benchmarks/search_efficiency.py --run runs/demo --budget-frac 0.7 0.8 0.9 --trials 24 --seeds 0 1 2 3 4
 
 The searches run in a copy of the run (`--out`), so the run's own search results stay untouched.
 """
@@ -23,8 +23,8 @@ def main():
     ap.add_argument("--run", default="runs/demo")
     ap.add_argument("--regime", default="")
     ap.add_argument("--budget-frac", type=float, nargs="+", default=[0.7, 0.8, 0.9])
-    ap.add_argument("--trials", type=int, default=16)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--trials", type=int, default=24)  # the search's own default
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--weights", default="auto")
     ap.add_argument("--out", default="runs/bench-efficiency")
     args = ap.parse_args()
