@@ -95,8 +95,10 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
     assert all(r["measured_latency_ms"] <= r["budget_ms"] for r in rows)
     measured_now = dict(zip(uni["config"].map(lambda c: json.dumps(json.loads(c))), uni["measured_latency_ms"]))
     for r in rows:
-        if r["source"] == "uniform":
-            assert r["measured_latency_ms"] == measured_now[json.dumps(r["config"])] and r["predicted_latency_ms"] is None
+        if r["source"] == "uniform":  # a fallback, or a search pick that was a uniform seed: same-session timing
+            assert r["measured_latency_ms"] == measured_now[json.dumps(r["config"])]
+        if r["predicted_latency_ms"] is None:  # only fallbacks were never predicted
+            assert r["source"] == "uniform"
     look = Lookup.load(fitted)
     top = max(r["budget_ms"] for r in rows)
     assert look.for_budget(top * 10).budget_ms == top
