@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--joint-steps", type=int, default=4)
     ap.add_argument("--fracs", type=float, nargs="+", default=[0.6, 0.7, 0.8])
     ap.add_argument("--search-trials", type=int, default=12)
+    ap.add_argument("--reuse-routers", action="store_true", help="measure the routers already in OUT instead of retraining them")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     out = Path(args.out)
@@ -116,8 +117,12 @@ def main():
                             device=args.device, skip_infeasible=True, weights="trained"))
     best = json.loads(next((out / "search").glob("best-*.json")).read_text())["best"]
     t1 = time.perf_counter()
-    r = route(RouteConfig(run=str(out), regime=regime, weights="trained", device=args.device,
-                          dynamic_steps=args.dynamic_steps, joint_steps=args.joint_steps))
+    if args.reuse_routers and (regime_dir(out, regime) / "router.json").is_file():
+        meta = json.loads((regime_dir(out, regime) / "router.json").read_text())
+        r = {"table_source": meta["table"]["source"], "surrogate_heldout_rel_err": round(meta["surrogate"]["heldout_mean_rel_err"], 4)}
+    else:
+        r = route(RouteConfig(run=str(out), regime=regime, weights="trained", device=args.device,
+                              dynamic_steps=args.dynamic_steps, joint_steps=args.joint_steps))
     t_route = time.perf_counter() - t1
     routers = Routers.load(out, regime, spec)
     lat = models.get(regime)

@@ -214,36 +214,57 @@ def route_static(router: StaticRouter, spec, t: float) -> SubnetConfig:
     return SubnetConfig(tuple(spec.mlp_widths[l][i] for l, i in enumerate(mi)), tuple(spec.head_counts[l][i] for l, i in enumerate(ai)))
 
 
+def _moves(cur: SubnetConfig, spec, d: int) -> list[SubnetConfig]:
+    """Every config one choice index away from `cur` in direction d (-1 narrower, +1 wider), one layer at a time."""
+    out = []
+    for l in range(spec.num_layers):
+        for field, choices in (("mlp_width", spec.mlp_widths[l]), ("heads", spec.head_counts[l])):
+            vals = list(getattr(cur, field))
+            i = choices.index(vals[l]) + d
+            if 0 <= i < len(choices):
+                vals[l] = choices[i]
+                out.append(SubnetConfig(**{"mlp_width": cur.mlp_width, "heads": cur.heads, field: tuple(vals)}))
+    return out
+
+
+def _sur_losses(sur: Surrogate, spec, cfgs: list[SubnetConfig]) -> list[float]:
+    with torch.no_grad():
+        return sur(*one_hot(spec, cfgs)).tolist()
+
+
 def fit_to_budget(cfg: SubnetConfig, spec, predict, budget: float, sur: Surrogate | None = None) -> SubnetConfig:
     """Shrink `cfg` one layer choice at a time until predict(cfg) <= budget, each time taking the step
     that saves the most latency per unit of predicted loss (or the most latency without a surrogate)."""
     cur, base = cfg, predict(cfg)
     while base > budget:
-        cands = []
-        for l in range(spec.num_layers):
-            wi, hi = spec.mlp_widths[l].index(cur.mlp_width[l]), spec.head_counts[l].index(cur.heads[l])
-            if wi > 0:
-                mw = list(cur.mlp_width)
-                mw[l] = spec.mlp_widths[l][wi - 1]
-                cands.append(SubnetConfig(tuple(mw), cur.heads))
-            if hi > 0:
-                hs = list(cur.heads)
-                hs[l] = spec.head_counts[l][hi - 1]
-                cands.append(SubnetConfig(cur.mlp_width, tuple(hs)))
+        cands = _moves(cur, spec, -1)
         if not cands:
             break
         preds = [predict(c) for c in cands]
         saved = [base - p for p in preds]
         if sur is not None:
-            with torch.no_grad():
-                m, a = one_hot(spec, [cur] + cands)
-                losses = sur(m, a).tolist()
+            losses = _sur_losses(sur, spec, [cur] + cands)
             score = [s / max(1e-3, losses[i + 1] - losses[0] + 1e-3) for i, s in enumerate(saved)]
         else:
             score = saved
         best = max(range(len(cands)), key=score.__getitem__)
         cur, base = cands[best], preds[best]
     return cur
+
+
+def grow_to_budget(cfg: SubnetConfig, spec, predict, budget: float, sur: Surrogate) -> SubnetConfig:
+    """Widen `cfg` one layer choice at a time while predict(cfg) stays <= budget, each time taking
+    the step the surrogate rates best per ms added. Nested widths make a wider choice no worse in
+    truth, so budget left unused is spent (the surrogate, fitted on whole configs, is only asked
+    about whole configs); this recovers budget a router trained through soft choices left idle."""
+    cur, base = cfg, predict(cfg)
+    while True:
+        cands = [(c, p) for c in _moves(cur, spec, +1) if (p := predict(c)) <= budget]
+        if not cands:
+            return cur
+        losses = _sur_losses(sur, spec, [cur] + [c for c, _ in cands])
+        gain = [(losses[0] - losses[i + 1]) / max(1e-6, p - base) for i, (_, p) in enumerate(cands)]
+        cur, base = cands[max(range(len(cands)), key=gain.__getitem__)]
 
 
 # ---- the dynamic router -----------------------------------------------------------------------------
@@ -479,10 +500,11 @@ class Routers:
         return calibrated_point(calib, t)
 
     def config_for(self, budget_ms: float, predict) -> SubnetConfig:
-        """The static router's config for `budget_ms`, shrunk if the latency model predicts it over.
+        """The static router's config for `budget_ms`, shrunk if the latency model predicts it over and
+        widened while budget is left (see `grow_to_budget`).
         The budget fraction is taken against the latency model's full-model prediction."""
         t = min(1.0, budget_ms / predict(self.spec.full()))
-        cfg = route_static(self.static, self.spec, t)
-        return fit_to_budget(cfg, self.spec, predict, budget_ms, self.surrogate)
+        cfg = fit_to_budget(route_static(self.static, self.spec, t), self.spec, predict, budget_ms, self.surrogate)
+        return grow_to_budget(cfg, self.spec, predict, budget_ms, self.surrogate)
 
 

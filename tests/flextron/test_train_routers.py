@@ -173,7 +173,7 @@ def test_fit_to_budget_shrinks_until_predicted_fits(tiny_run):
 
 def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, profiled_copy):
     from flextron.elastic import ElasticModel
-    from flextron.routers import Routers, regime_dir
+    from flextron.routers import Routers, _moves, regime_dir
     from profiler.latency_model import LatencyModels
     from search.route import RouteConfig, route
 
@@ -204,6 +204,10 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
         answer = route(RouteConfig(run=str(run), budget_ms=budget))
         chosen = spec.validate(SubnetConfig.from_dict(answer["config"]))
         assert answer["source"] == "router" and lat.predict_config(chosen) <= budget + 1e-9
+        # no budget is left idle: no single wider choice would still fit (at the full budget: the full model)
+        assert all(lat.predict_config(c) > budget for c in _moves(chosen, spec, +1))
+        if budget >= hi_ms:
+            assert chosen == spec.full()
     with pytest.raises(FlextronError, match="below the smallest"):
         route(RouteConfig(run=str(run), budget_ms=1e-6))
     # a surrogate that misses the threshold stops before any router is trained
