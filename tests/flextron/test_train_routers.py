@@ -188,11 +188,13 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     assert {"static_router.safetensors", "surrogate.safetensors", "dynamic_router.safetensors"} <= {p.name for p in folder.iterdir()}
     assert (folder / "joint" / "model.safetensors").is_file()
     # the dynamic router is calibrated per budget on calibration text: a budget is met in expectation
-    # (the full budget always), and a budget between two calibrated ones is served by the lower one
+    # (the full budget always) unless even the narrowest routing (the largest shift) misses it, and a
+    # budget between two calibrated ones is served by the lower one
     for key in ("dynamic_calibration", "joint_calibration"):
         calib = sorted(meta[key], key=lambda c: c["budget_frac"])
-        assert len(calib) == 9 and calib[-1]["meets"] and sum(c["meets"] for c in calib) >= 5
+        assert len(calib) == 9 and calib[-1]["meets"]
         assert all(c["meets"] == (c["expected_frac"] <= c["budget_frac"] + 1e-6) for c in calib)
+        assert all(c["meets"] or c["shift"] == 32.0 for c in calib)
     routers = Routers.load(run, out["regime"], ElasticModel.load(run / "trained").spec)
     mid, nxt = sorted(meta["dynamic_calibration"], key=lambda c: c["budget_frac"])[4:6]
     assert routers.dynamic_point((mid["budget_frac"] + nxt["budget_frac"]) / 2) == mid
@@ -200,7 +202,7 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     spec = ElasticModel.load(run / "trained").spec
     lat = LatencyModels.load(run).get(out["regime"])
     lo_ms, hi_ms = lat.predict_config(spec.smallest()), lat.predict_config(spec.full())
-    for budget in (max(lo_ms, hi_ms), lo_ms + 0.5 * abs(hi_ms - lo_ms)):
+    for budget in (2 * max(lo_ms, hi_ms), lo_ms + 0.5 * abs(hi_ms - lo_ms)):
         answer = route(RouteConfig(run=str(run), budget_ms=budget))
         chosen = spec.validate(SubnetConfig.from_dict(answer["config"]))
         assert answer["source"] == "router" and lat.predict_config(chosen) <= budget + 1e-9
