@@ -267,6 +267,14 @@ def grow_to_budget(cfg: SubnetConfig, spec, predict, budget: float, sur: Surroga
         cur, base = cands[max(range(len(cands)), key=gain.__getitem__)]
 
 
+def answer_static(router: StaticRouter, sur: Surrogate, spec, budget_ms: float, predict) -> SubnetConfig:
+    """The static router's config for `budget_ms`: routed at the budget's fraction of the latency
+    model's full-model prediction, shrunk if predicted over, widened into budget left unused."""
+    t = min(1.0, budget_ms / predict(spec.full()))
+    cfg = fit_to_budget(route_static(router, spec, t), spec, predict, budget_ms, sur)
+    return grow_to_budget(cfg, spec, predict, budget_ms, sur)
+
+
 # ---- the dynamic router -----------------------------------------------------------------------------
 class DynamicMLP(nn.Module):
     """Wraps a gated MLP (gate/up/down ElasticLinears + act_fn): per token, a router picks the width."""
@@ -500,11 +508,7 @@ class Routers:
         return calibrated_point(calib, t)
 
     def config_for(self, budget_ms: float, predict) -> SubnetConfig:
-        """The static router's config for `budget_ms`, shrunk if the latency model predicts it over and
-        widened while budget is left (see `grow_to_budget`).
-        The budget fraction is taken against the latency model's full-model prediction."""
-        t = min(1.0, budget_ms / predict(self.spec.full()))
-        cfg = fit_to_budget(route_static(self.static, self.spec, t), self.spec, predict, budget_ms, self.surrogate)
-        return grow_to_budget(cfg, self.spec, predict, budget_ms, self.surrogate)
+        """The static router's config for `budget_ms` (see `answer_static`)."""
+        return answer_static(self.static, self.surrogate, self.spec, budget_ms, predict)
 
 

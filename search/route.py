@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from flextron.errors import FlextronError
-from flextron.routers import (DynamicRouting, Routers, analytic_table, anneal, calibrate_dynamic, dynamic_step,
-                              expected_latency, fit_surrogate, measured_table, one_hot, regime_dir, route_static, sample_configs,
+from flextron.routers import (DynamicRouting, Routers, analytic_table, anneal, answer_static, calibrate_dynamic,
+                              dynamic_step, expected_latency, fit_surrogate, measured_table, one_hot, regime_dir, route_static, sample_configs,
                               save_tensors, train_static)
 
 
@@ -114,6 +114,13 @@ def route(cfg: RouteConfig) -> dict:
     smallest_frac = table["smallest_frac"]
     static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight, cfg.seed, cfg.lr)
 
+    def static_heads(t: float) -> tuple[int, ...]:
+        """The dynamic router's heads at budget fraction t: those of the static answer users get
+        (shrunk to fit and widened into unused budget by the latency model), else the raw routing."""
+        if predict is None:
+            return route_static(static, spec, t).heads
+        return answer_static(static, sur, spec, t * predict(spec.full()), predict).heads
+
     # dynamic router: model frozen, routers trained on train-split windows against the frozen original
     teacher = ElasticModel.load(run.elastic, device=cfg.device)
     for p in list(elastic.model.parameters()) + list(teacher.model.parameters()):
@@ -135,7 +142,7 @@ def route(cfg: RouteConfig) -> dict:
         for step in progress(range(n), desc=desc):
             t = rng.uniform(smallest_frac, 1.0)
             loss, e = dynamic_step(elastic, routing, teacher, batch(first_batch + step), table,
-                                   route_static(static, spec, t).heads, t, tau(step), cfg.latency_weight)
+                                   static_heads(t), t, tau(step), cfg.latency_weight)
             optimizer.zero_grad()
             loss.backward()
             if clip:
@@ -153,7 +160,7 @@ def route(cfg: RouteConfig) -> dict:
     calib_windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.seq_len, cfg.calib_windows, "wiki")
 
     def calibrate(desc: str) -> list[dict]:
-        return calibrate_dynamic(elastic, routing, calib_windows, table, lambda t: route_static(static, spec, t).heads,
+        return calibrate_dynamic(elastic, routing, calib_windows, table, static_heads,
                                  progress(grid, desc=desc))
 
     dyn_calib = calibrate("calibrate dynamic router")
