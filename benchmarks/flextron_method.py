@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--joint-steps", type=int, default=4)
     ap.add_argument("--fracs", type=float, nargs="+", default=[0.6, 0.7, 0.8])
     ap.add_argument("--search-trials", type=int, default=12)
+    ap.add_argument("--timing-rounds", type=int, default=3, help="interleaved rounds of static and dynamic decode timing (median)")
     ap.add_argument("--reuse-routers", action="store_true", help="measure the routers already in OUT instead of retraining them")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -137,13 +138,32 @@ def main():
     windows = token_windows(trained.tokenizer, trained.adapter, "validation", 128, 8)
     full_step = decode_ms(trained, val, ctx, 32, spec.full())
     # the static router's curve of (measured step, ppl) over its budget grid: dynamic routing is compared
-    # with it at the dynamic router's *measured* latency (log-ppl interpolated between grid points)
+    # with it at the dynamic router's *measured* latency (log-ppl interpolated between grid points).
+    # Static and dynamic steps are timed interleaved, over several rounds (median), so drift of this
+    # machine's speed during the run falls on both alike.
     t_min = routers.meta["table"]["smallest_frac"]
-    static_curve = []
-    for t in np.linspace(t_min, 1.0, 9):
-        c = routers.config_for(float(t) * predict(spec.full()), predict)
-        static_curve.append((decode_ms(trained, val, ctx, 32, c), ev.loss(c)))
-    static_curve.sort()
+    static_cfgs = [routers.config_for(float(t) * predict(spec.full()), predict) for t in np.linspace(t_min, 1.0, 9)]
+    static_ll = [ev.loss(c) for c in static_cfgs]
+    points = sorted(routers.meta["dynamic_calibration"], key=lambda c: c["budget_frac"])
+    routing.install()
+    try:  # quality of each calibrated point under hard per-token routing
+        evals = [dynamic_eval(trained, routing, windows, tuple(pt["heads"]), pt["budget_frac"], table, shift=pt["shift"])
+                 for pt in points]
+    finally:
+        routing.remove()
+    t_static, t_dyn = [[] for _ in static_cfgs], [[] for _ in points]
+    for _ in range(args.timing_rounds):
+        for i in range(max(len(static_cfgs), len(points))):
+            if i < len(static_cfgs):
+                t_static[i].append(decode_ms(trained, val, ctx, 32, static_cfgs[i]))
+            if i < len(points):
+                routing.install()
+                try:
+                    routing.set(points[i]["budget_frac"], soft=False, shift=points[i]["shift"])
+                    t_dyn[i].append(decode_ms(trained, val, ctx, 32, SubnetConfig(spec.full().mlp_width, tuple(points[i]["heads"]))))
+                finally:
+                    routing.remove()
+    static_curve = sorted((float(np.median(ts)), ll) for ts, ll in zip(t_static, static_ll))
     cms, cll = np.array([c[0] for c in static_curve]), np.array([c[1] for c in static_curve])
     rows = []
     for b, f in zip(budgets, args.fracs):
@@ -154,17 +174,12 @@ def main():
                      "static_step_ms": decode_ms(trained, val, ctx, 32, rc)})
     # the dynamic router at each calibrated budget (its heads, logit shift and budget input), measured
     dyn_rows = []
-    routing.install()
-    try:
-        for pt in sorted(routers.meta["dynamic_calibration"], key=lambda c: c["budget_frac"]):
-            d = dynamic_eval(trained, routing, windows, tuple(pt["heads"]), pt["budget_frac"], table, shift=pt["shift"])
-            dyn_ms = decode_ms(trained, val, ctx, 32, SubnetConfig(spec.full().mlp_width, tuple(pt["heads"])))
-            inside = cms[0] <= dyn_ms <= cms[-1]
-            dyn_rows.append({"budget_frac": pt["budget_frac"], "shift": pt["shift"], "dynamic_ppl": math.exp(d["loss"]),
-                             "expected_ms": d["expected_frac"] * table["full"], "measured_ms": dyn_ms,
-                             "static_ppl_at_measured_ms": math.exp(float(np.interp(dyn_ms, cms, cll))) if inside else float("nan")})
-    finally:
-        routing.remove()
+    for pt, d, ts in zip(points, evals, t_dyn):
+        dyn_ms = float(np.median(ts))
+        inside = cms[0] <= dyn_ms <= cms[-1]
+        dyn_rows.append({"budget_frac": pt["budget_frac"], "shift": pt["shift"], "dynamic_ppl": math.exp(d["loss"]),
+                         "expected_ms": d["expected_frac"] * table["full"], "measured_ms": dyn_ms,
+                         "static_ppl_at_measured_ms": math.exp(float(np.interp(dyn_ms, cms, cll))) if inside else float("nan")})
     device = Telemetry(args.device).device_name
     print(f"device: {device}  torch {torch.__version__}  model {spec.family} {spec.num_layers} layers  regime {regime}")
     print(f"training: {tr['steps']} steps, {tr['tokens']} train tokens, {t_train:.0f} s; routers {t_route:.0f} s "
@@ -184,7 +199,8 @@ def main():
     for x in rows:
         print(f"{x['frac']:5.2f} {x['budget_ms']:8.2f} {x['search_ppl']:10.2f} {x['router_ppl']:10.2f} {x['static_step_ms']:9.2f}")
     print("\nstatic router curve (measured decode ms, ppl): " + ", ".join(f"({a:.1f}, {math.exp(l):.1f})" for a, l in static_curve))
-    print("dynamic router at its calibrated budgets; 'static ppl' is the static curve at the dynamic router's measured step")
+    print(f"dynamic router at its calibrated budgets; 'static ppl' is the static curve at the dynamic router's measured step "
+          f"(medians of {args.timing_rounds} interleaved timing rounds)")
     print(f"{'frac':>5s} {'shift':>7s} {'dynamic ppl':>11s} {'exp ms':>7s} {'meas ms':>8s} {'static ppl':>10s} {'better':>6s}")
     for x in dyn_rows:
         better = "" if x["static_ppl_at_measured_ms"] != x["static_ppl_at_measured_ms"] else \
