@@ -193,7 +193,9 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     for key in ("dynamic_calibration", "joint_calibration"):
         calib = sorted(meta[key], key=lambda c: c["budget_frac"])
         assert len(calib) == 9 and calib[-1]["meets"]
-        assert all(c["meets"] == (c["expected_frac"] <= c["budget_frac"] + 1e-6) for c in calib)
+        # (values are stored rounded to 4 places)
+        assert all(c["expected_frac"] <= c["budget_frac"] + 1e-4 if c["meets"] else c["expected_frac"] > c["budget_frac"] - 1e-4
+                   for c in calib)
         assert all(c["meets"] or c["shift"] == 32.0 for c in calib)
     routers = Routers.load(run, out["regime"], ElasticModel.load(run / "trained").spec)
     mid, nxt = sorted(meta["dynamic_calibration"], key=lambda c: c["budget_frac"])[4:6]
