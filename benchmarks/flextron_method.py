@@ -61,6 +61,7 @@ def frontier(e2e: pd.DataFrame, regime: str, ev: QualityEvaluator) -> pd.DataFra
 
 
 def best_under(front: pd.DataFrame, ms: float) -> float:
+    """The best ppl among configs measured at or below `ms` (nan when none is)."""
     ok = front[front.latency_ms_median <= ms]
     return float(ok.ppl.min()) if len(ok) else float("nan")
 
@@ -164,11 +165,8 @@ def main():
                 finally:
                     routing.remove()
     static_curve = sorted((float(np.median(ts)), ll) for ts, ll in zip(t_static, static_ll))
-
-    def static_best_at(ms: float) -> float:
-        """The best static-router ppl among its configs measured at or below `ms` (nan when none is)."""
-        ok = [ll for m, ll in static_curve if m <= ms]
-        return math.exp(min(ok)) if ok else float("nan")
+    static_front = pd.DataFrame({"latency_ms_median": [m for m, _ in static_curve],
+                                 "ppl": [math.exp(ll) for _, ll in static_curve]})
     rows = []
     for b, f in zip(budgets, args.fracs):
         sb = next((x for x in best if abs(x["budget_ms"] - b) < 1e-6), None)
@@ -182,7 +180,7 @@ def main():
         dyn_ms = float(np.median(ts))
         dyn_rows.append({"budget_frac": pt["budget_frac"], "shift": pt["shift"], "dynamic_ppl": math.exp(d["loss"]),
                          "expected_ms": d["expected_frac"] * table["full"], "measured_ms": dyn_ms,
-                         "static_ppl_at_measured_ms": static_best_at(dyn_ms)})
+                         "static_ppl_at_measured_ms": best_under(static_front, dyn_ms)})
     device = Telemetry(args.device).device_name
     print(f"device: {device}  torch {torch.__version__}  model {spec.family} {spec.num_layers} layers  regime {regime}")
     print(f"training: {tr['steps']} steps, {tr['tokens']} train tokens, {t_train:.0f} s; routers {t_route:.0f} s "

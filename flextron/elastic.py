@@ -235,6 +235,13 @@ class ElasticModel:
         self.model.to(device=device, dtype=dtype)
         return self
 
+    def save(self, folder: str | Path) -> None:
+        """Write the folder `load` reads: config, safetensors weights, tokenizer and spec."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        self.spec.save(folder / SPEC_FILE)
+
     @classmethod
     def load(cls, elastic_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ElasticModel":
         """Load a converted model (safetensors only, no remote code)."""

@@ -71,8 +71,10 @@ def parse_config(spec: ElasticSpec, text: str) -> SubnetConfig:
 
 
 @torch.no_grad()
-def mean_loss(elastic: ElasticModel, cfg: SubnetConfig, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy (nats) of `cfg` over `windows` [n, seq_len]."""
+def mean_loss(elastic: ElasticModel, cfg: SubnetConfig, windows: torch.Tensor, batch_size: int = 8,
+              after_batch=None) -> float:
+    """Mean next-token cross-entropy (nats) of `cfg` over `windows` [n, seq_len]; `after_batch()`,
+    when given, runs after each batch's forward (e.g. to read what routing modules recorded)."""
     total, count = 0.0, 0
     with elastic.use(cfg):
         for ids in windows.split(batch_size):
@@ -81,6 +83,8 @@ def mean_loss(elastic: ElasticModel, cfg: SubnetConfig, windows: torch.Tensor, b
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
             total += loss.item()
             count += ids[:, 1:].numel()
+            if after_batch is not None:
+                after_batch()
     return total / count
 
 

@@ -9,12 +9,14 @@
 - The static router maps a budget (fraction of the full model's latency) to per-layer logits over
   MLP widths and head counts. Training uses Gumbel-softmax with an annealed temperature; the loss is
   the surrogate's predicted loss plus a penalty on expected latency over budget. At inference it
-  is deterministic (argmax), answers any budget in range, and a config the latency model predicts
-  over budget is shrunk greedily until it fits.
+  is deterministic (argmax) and answers any budget in range; the answer is shrunk greedily while the
+  latency model predicts it over budget, and widened while budget is left (`answer_static`).
 - The dynamic router picks each token's MLP width from its hidden state and the budget. Training
   uses the nested structure: a soft choice is a per-neuron mask (sum of the probabilities of the
   widths that include the neuron). Inference groups tokens by width and runs each group on the
-  prefix weights, so the skipped compute is really skipped. Heads come from the static choice.
+  prefix weights, so the skipped compute is really skipped. Heads come from the static answer. After
+  training, a logit shift toward narrow widths is calibrated per budget on calibration text, so hard
+  routing meets each budget in expectation.
 - Joint fine-tuning then trains the model weights together with the dynamic router (short).
 
 Everything is stored as safetensors plus JSON in `RUN/router/<regime>/`. This module takes latency
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import random
+from operator import itemgetter
 from pathlib import Path
 
 import torch
@@ -380,9 +383,6 @@ class DynamicRouting:
         attn = sum(float(table["attn"][l, spec.head_counts[l].index(h)]) for l, h in enumerate(heads))
         return (table["fixed"] + attn + self.expected_mlp(table)) / table["full"]
 
-    def width_shares(self) -> list[list[float]]:
-        return [m.last_probs.reshape(-1, len(m.widths)).mean(0).tolist() for m in self.modules]
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"{l}.{k}": v.detach().cpu().contiguous() for l, m in enumerate(self.modules) for k, v in m.router.state_dict().items()}
 
@@ -410,34 +410,24 @@ def dynamic_step(elastic, routing: DynamicRouting, teacher, ids, table, static_h
 @torch.no_grad()
 def dynamic_eval(elastic, routing: DynamicRouting, windows, heads, t: float, table: dict, batch_size: int = 8,
                  shift: float = 0.0) -> dict:
-    """Validation loss with hard per-token routing (grouped compute) and the expected latency fraction."""
+    """Loss on `windows` with hard per-token routing (grouped compute) at budget t and logit `shift`,
+    and the expected latency fraction of that routing."""
+    from flextron.evaluate import mean_loss
+
     routing.set(t, soft=False, shift=shift)
-    total, count, e_sum, n = 0.0, 0, 0.0, 0
-    with elastic.use(SubnetConfig(elastic.spec.full().mlp_width, heads)):
-        for ids in windows.split(batch_size):
-            ids = ids.to(elastic.device)
-            logits = elastic(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-            count += ids[:, 1:].numel()
-            e_sum += float(routing.expected_frac(table, heads))
-            n += 1
-    return {"loss": total / count, "expected_frac": e_sum / n, "width_shares": routing.width_shares()}
+    fracs: list[float] = []
+    loss = mean_loss(elastic, SubnetConfig(elastic.spec.full().mlp_width, tuple(heads)), windows, batch_size,
+                     after_batch=lambda: fracs.append(float(routing.expected_frac(table, heads))))
+    return {"loss": loss, "expected_frac": sum(fracs) / len(fracs)}
 
 
-@torch.no_grad()
 def calibrate_dynamic(elastic, routing: DynamicRouting, windows, table: dict, heads_for, fracs, iters: int = 14,
                       bound: float = 32.0) -> list[dict]:
     """Per budget fraction t, the logit shift that makes hard routing's expected latency fraction on
     `windows` (calibration text) meet t: a bisection, since a larger shift only moves tokens to narrower
     widths. A budget the narrowest widths cannot meet gets the largest shift (and says so)."""
     def expected(t: float, heads, shift: float) -> float:
-        routing.set(t, soft=False, shift=shift)
-        fr = []
-        with elastic.use(SubnetConfig(elastic.spec.full().mlp_width, heads)):
-            for ids in windows.split(4):
-                elastic(input_ids=ids.to(elastic.device), use_cache=False)
-                fr.append(float(routing.expected_frac(table, heads)))
-        return sum(fr) / len(fr)
+        return dynamic_eval(elastic, routing, windows, heads, t, table, batch_size=4, shift=shift)["expected_frac"]
 
     out = []
     for t in fracs:
@@ -461,8 +451,8 @@ def calibrated_point(calibration: list[dict], t: float) -> dict:
     """The calibrated budget point that serves budget fraction t: the largest one not above t (its
     heads, shift and router budget input), so the expected latency never exceeds t; below every
     calibrated budget, the smallest one."""
-    pts = sorted(calibration, key=lambda c: c["budget_frac"])
-    return max((c for c in pts if c["budget_frac"] <= t + 1e-9), default=pts[0], key=lambda c: c["budget_frac"])
+    frac = itemgetter("budget_frac")
+    return max((c for c in calibration if frac(c) <= t + 1e-9), default=min(calibration, key=frac), key=frac)
 
 
 # ---- storage ------------------------------------------------------------------------------------------

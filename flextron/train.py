@@ -108,7 +108,7 @@ def save_checkpoint(folder: Path, elastic, opt=None, state: dict | None = None) 
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_weights(elastic, tmp)
+    elastic.save(tmp)
     if opt is not None:
         save_optimizer(opt, tmp)
     if state is not None:
@@ -118,15 +118,6 @@ def save_checkpoint(folder: Path, elastic, opt=None, state: dict | None = None) 
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def save_weights(elastic, folder: Path) -> None:
-    """An elastic-model folder (config, safetensors weights, tokenizer, spec) ElasticModel.load reads."""
-    from flextron.elastic import SPEC_FILE
-
-    elastic.model.save_pretrained(folder, safe_serialization=True)
-    elastic.tokenizer.save_pretrained(folder)
-    elastic.spec.save(folder / SPEC_FILE)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:

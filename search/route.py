@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from flextron.errors import FlextronError
+from flextron.spec import SubnetConfig
 from flextron.routers import (DynamicRouting, Routers, analytic_table, anneal, answer_static, calibrate_dynamic,
                               dynamic_step, expected_latency, fit_surrogate, measured_table, one_hot, regime_dir, route_static, sample_configs,
                               save_tensors, train_static)
@@ -114,12 +115,20 @@ def route(cfg: RouteConfig) -> dict:
     smallest_frac = table["smallest_frac"]
     static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight, cfg.seed, cfg.lr)
 
-    def static_heads(t: float) -> tuple[int, ...]:
-        """The dynamic router's heads at budget fraction t: those of the static answer users get
-        (shrunk to fit and widened into unused budget by the latency model), else the raw routing."""
+    def static_answer(t: float) -> SubnetConfig:
+        """The static answer users get at budget fraction t (shrunk to fit and widened into unused
+        budget by the latency model), or the raw routing when the regime has no latency model."""
         if predict is None:
-            return route_static(static, spec, t).heads
-        return answer_static(static, sur, spec, t * predict(spec.full()), predict).heads
+            return route_static(static, spec, t)
+        return answer_static(static, sur, spec, t * predict(spec.full()), predict)
+
+    # the budget grid: the static answers are reported there, and the dynamic router is calibrated there
+    grid = [round(smallest_frac + (1 - smallest_frac) * i / 8, 4) for i in range(9)]
+    grid_answers = {t: static_answer(t) for t in grid}
+
+    def static_heads(t: float) -> tuple[int, ...]:
+        """The dynamic router's heads at budget fraction t: the static answer's."""
+        return (grid_answers.get(t) or static_answer(t)).heads
 
     # dynamic router: model frozen, routers trained on train-split windows against the frozen original
     teacher = ElasticModel.load(run.elastic, device=cfg.device)
@@ -156,7 +165,6 @@ def route(cfg: RouteConfig) -> dict:
     save_tensors(folder / "dynamic_router.safetensors", routing.state_dict())
     # budget calibration on held-apart calibration text: per budget, the logit shift whose hard routing
     # meets it in expectation, so the dynamic router answers budgets however short its training was
-    grid = [round(smallest_frac + (1 - smallest_frac) * i / 8, 4) for i in range(9)]
     calib_windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.seq_len, cfg.calib_windows, "wiki")
 
     def calibrate(desc: str) -> list[dict]:
@@ -180,9 +188,7 @@ def route(cfg: RouteConfig) -> dict:
             p.requires_grad_(False)
         joint_calib = calibrate("calibrate joint router")
         routing.remove()
-        from flextron.train import save_weights
-
-        save_weights(elastic, folder / "joint")
+        elastic.save(folder / "joint")
         save_tensors(folder / "joint" / "dynamic_router.safetensors", routing.state_dict())
     else:
         routing.remove()
@@ -190,8 +196,7 @@ def route(cfg: RouteConfig) -> dict:
     save_tensors(folder / "static_router.safetensors", static.state_dict())
     save_tensors(folder / "surrogate.safetensors", sur.state_dict())
     answers = []
-    for t in grid:
-        c = route_static(static, spec, t)
+    for t, c in grid_answers.items():
         pe = float(expected_latency(table, *one_hot(spec, [c]))[0])
         answers.append({"budget_frac": t, "expected_frac": round(pe, 4), "predicted_ms": round(predict(c), 4) if predict else None,
                         "config": c.to_dict()})
