@@ -68,6 +68,16 @@ class RunDir:
             raise FlextronError(f"{check} does not exist yet; run `{rebuild_command(self.root, path)}` first")
         return path
 
+    def corpus(self, corpus: str = "") -> str:
+        """The text corpus a stage uses: `corpus` when given, else the one the run was converted with
+        (so calibration, training, search and routing read the same text unless told otherwise)."""
+        if corpus:
+            return corpus
+        from flextron.data import BUILTIN_CORPUS
+
+        path = self.root / "convert_config.json"
+        return read_json(path, self.root).get("corpus") or BUILTIN_CORPUS if path.is_file() else BUILTIN_CORPUS
+
     def remove_stages_after_convert(self) -> list[str]:
         """Remove every stage built on the converted weights (they would describe the old model)."""
         removed = []
