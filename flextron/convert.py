@@ -23,7 +23,7 @@ from flextron.elastic import (
 from flextron.errors import FlextronError
 from flextron.models import DEFAULT_MODEL, adapter_for, load_source
 from flextron.progress import progress
-from flextron.rundir import RunDir, write_json_atomic
+from flextron.rundir import RunDir, fresh_tmp_dir, read_json, swap_in, write_json_atomic
 from flextron.spec import DEFAULT_ALIGNMENT, DEFAULT_HEAD_CHOICES, DEFAULT_MLP_CHOICES
 
 CONFIG_FILE = "convert_config.json"
@@ -55,7 +55,7 @@ def _check_out_dir(run: RunDir, cfg: ConvertConfig) -> dict | None:
     directory that holds another run or unrelated files (unless --overwrite)."""
     prev_cfg = run / CONFIG_FILE
     if prev_cfg.is_file() and (run.elastic / SPEC_FILE).is_file():
-        prev = json.loads(prev_cfg.read_text())
+        prev = read_json(prev_cfg, run.root)
         same = {k: v for k, v in prev.items() if k not in ("out", "overwrite")} == {
             k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")
         }
@@ -94,7 +94,7 @@ def convert(cfg: ConvertConfig) -> dict:
     run = RunDir(cfg.out)
     prev = _check_out_dir(run, cfg)
     if prev is not None:
-        report = json.loads((run.elastic / "convert_report.json").read_text())
+        report = read_json(run.elastic / "convert_report.json", run.root)
         return {**report, "reused": True}
     t0 = time.perf_counter()
     model, tok = load_source(cfg.model)
@@ -117,8 +117,7 @@ def convert(cfg: ConvertConfig) -> dict:
     # Write the new checkpoint beside the old one and swap at the end: a failure leaves the
     # previous run untouched.
     run.root.mkdir(parents=True, exist_ok=True)
-    tmp = run.root / "elastic.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_tmp_dir(run.elastic)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     spec.save(tmp / SPEC_FILE)
@@ -156,12 +155,9 @@ def convert(cfg: ConvertConfig) -> dict:
         "convert_s": round(time.perf_counter() - t0, 2),
     }
     (tmp / "convert_report.json").write_text(json.dumps(report, indent=1))
-    if cfg.overwrite and run.root.exists():
-        # Later stages describe the old weights; they would silently mix with the new ones.
-        for stale in ("elastic", "profile", "latency_model", "search", "router", "train", "export", "reports"):
-            shutil.rmtree(run / stale, ignore_errors=True)
-    else:
-        shutil.rmtree(run.elastic, ignore_errors=True)
-    tmp.rename(run.elastic)
+    # Every later stage (trained weights, profile, search, verify, lookup, ...) describes the old
+    # weights and would silently mix with the new ones: remove them all, then swap the new in.
+    removed = run.remove_stages_after_convert()
+    swap_in(tmp, run.elastic)
     write_json_atomic(run / CONFIG_FILE, asdict(cfg))
-    return {**report, "reused": False}
+    return {**report, "reused": False, "removed_stages": removed}

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flextron.data import BUILTIN_CORPUS, token_windows
+from flextron.data import token_windows
+from flextron.devices import check_device, check_device_name
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.spec import ElasticSpec, SubnetConfig
@@ -24,7 +25,7 @@ class EvalConfig:
     seq_len: int = 256
     windows: int = 32  # 32 x 256 = 8192 tokens: a fast CPU default
     batch_size: int = 8
-    corpus: str = BUILTIN_CORPUS
+    corpus: str = ""  # default: the corpus the run was converted with
     device: str = "cpu"
     weights: str = "auto"  # elastic (one-shot) | trained | auto (trained when `flextron train` made it)
 
@@ -33,7 +34,10 @@ class EvalConfig:
             raise FlextronError(f"--split {self.split} was seen while building the model; evaluate on validation or test")
         for name in ("seq_len", "windows", "batch_size"):
             if getattr(self, name) < 1:
-                raise FlextronError(f"--{name.replace('_', '-')} must be positive")
+                raise FlextronError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.seq_len < 2:
+            raise FlextronError(f"--seq-len must be at least 2 (one token predicts the next), got {self.seq_len}")
+        check_device_name(self.device)
 
 
 def parse_config(spec: ElasticSpec, text: str) -> SubnetConfig:
@@ -60,11 +64,10 @@ def parse_config(spec: ElasticSpec, text: str) -> SubnetConfig:
         raise FlextronError(
             f"config {text!r} is not full, smallest, uniform:FRACTION, a JSON object, or an existing JSON file"
         )
-    raw = path.read_text()
     try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise FlextronError(f"config file {path} is not valid JSON ({e})") from e
+        obj = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FlextronError(f"config file {path} is not valid JSON ({type(e).__name__}: {str(e)[:120]})") from None
     if isinstance(obj, dict) and "config" in obj and isinstance(obj["config"], dict):
         obj = obj["config"]  # accept lookup rows and export records, which wrap the config
     return spec.validate(SubnetConfig.from_dict(obj))
@@ -97,14 +100,17 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     run = RunDir(cfg.run)
     wname, wdir = run.weights(cfg.weights)
+    check_device(cfg.device)
     elastic = ElasticModel.load(wdir, device=cfg.device)
     sub = parse_config(elastic.spec, cfg.config)
-    windows = token_windows(elastic.tokenizer, elastic.adapter, cfg.split, cfg.seq_len, cfg.windows, cfg.corpus)
+    corpus = run.corpus(cfg.corpus)
+    windows = token_windows(elastic.tokenizer, elastic.adapter, cfg.split, cfg.seq_len, cfg.windows, corpus)
     loss = mean_loss(elastic, sub, windows, cfg.batch_size)
     return {
         "config": cfg.config,
         "weights": wname,
         "split": cfg.split,
+        "corpus": corpus,
         "loss": round(loss, 5),
         "ppl": round(perplexity(loss), 4),
         "tokens": int(windows[:, 1:].numel()),

@@ -48,7 +48,10 @@ class RunDir:
 
     @property
     def elastic(self) -> Path:
-        return self.root / "elastic"
+        path = self.root / "elastic"
+        if not path.exists():
+            recover_swap(path)  # a convert killed mid-swap
+        return path
 
     def weights(self, choice: str = "auto") -> tuple[str, Path]:
         """Which elastic weights a stage uses: `elastic` (one-shot, as converted), `trained` (after
@@ -63,6 +66,8 @@ class RunDir:
     def require(self, stage: str, marker: str | None = None) -> Path:
         """The stage folder, or a FlextronError naming the command that makes it."""
         path = self.root / stage
+        if not path.exists():
+            recover_swap(path)
         check = path / marker if marker else path
         if not check.exists():
             raise FlextronError(f"{check} does not exist yet; run `{rebuild_command(self.root, path)}` first")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,20 @@ def group_head_counts(num_heads: int, num_kv_heads: int, n_choices: int) -> tupl
     return tuple(sorted(g * per_group for g in groups))
 
 
+def _int_tuple(name: str, values) -> tuple[int, ...]:
+    """Whole positive numbers only: a float such as 64.9 is refused, not truncated to 64."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise FlextronError(f"SubnetConfig {name} must be a list of whole numbers, got {str(values)[:100]!r}")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v).is_integer():
+            raise FlextronError(f"SubnetConfig {name} must hold whole numbers, got {v!r}")
+        if v < 1:
+            raise FlextronError(f"SubnetConfig {name} entries must be positive, got {v!r}")
+        out.append(int(v))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class SubnetConfig:
     """One choice per layer: the MLP width and the attention head count of each decoder layer."""
@@ -60,8 +75,8 @@ class SubnetConfig:
     heads: tuple[int, ...]
 
     def __post_init__(self):
-        object.__setattr__(self, "mlp_width", tuple(int(w) for w in self.mlp_width))
-        object.__setattr__(self, "heads", tuple(int(h) for h in self.heads))
+        object.__setattr__(self, "mlp_width", _int_tuple("mlp_width", self.mlp_width))
+        object.__setattr__(self, "heads", _int_tuple("heads", self.heads))
         if len(self.mlp_width) != len(self.heads):
             raise FlextronError(
                 f"SubnetConfig has {len(self.mlp_width)} mlp_width entries but {len(self.heads)} "
@@ -85,7 +100,7 @@ class SubnetConfig:
                 'a SubnetConfig is a JSON object {"mlp_width": [...], "heads": [...]} '
                 f"with one entry per layer; got {str(d)[:200]}"
             )
-        return cls(tuple(d["mlp_width"]), tuple(d["heads"]))
+        return cls(d["mlp_width"], d["heads"])
 
     @classmethod
     def from_json(cls, text: str) -> "SubnetConfig":
@@ -375,7 +390,13 @@ class Regime:
         phase, batch, unit, length, extra = m.groups()
         if (phase == "decode") != (unit == "ctx"):
             raise FlextronError(f"regime {text!r}: decode takes ctxN (KV context), prefill takes sN (prompt length)")
+        seen: dict[str, str] = {}
         for part in filter(None, extra.split(":")):
+            kind = "dtype" if part in DTYPE_BYTES else "mode" if part in MODES else None
+            if kind in seen:
+                raise FlextronError(f"regime {text!r} names two {kind}s ({seen[kind]} and {part}); give one")
+            if kind:
+                seen[kind] = part
             if part in DTYPE_BYTES:
                 dtype = part
             elif part in MODES:

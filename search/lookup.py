@@ -29,6 +29,9 @@ class LookupRow:
     measured_latency_ms: float
     ppl: float
     source: str
+    weights: str = "elastic"  # the elastic weights this row's quality was measured with (export uses them)
+    budget_frac: float | None = None  # the budget as a fraction of `reference_full_ms`, when it was given so
+    reference_full_ms: float | None = None
 
 
 class Lookup:
@@ -37,11 +40,16 @@ class Lookup:
 
     @classmethod
     def load(cls, run_root) -> "Lookup":
-        from flextron.rundir import RunDir
+        from flextron.rundir import RunDir, read_json
 
-        path = RunDir(run_root).require("export", LOOKUP_JSON) / LOOKUP_JSON
-        d = json.loads(Path(path).read_text())
-        return cls([LookupRow(**{**r, "config": SubnetConfig.from_dict(r["config"])}) for r in d["rows"]])
+        run = RunDir(run_root)
+        path = run.require("export", LOOKUP_JSON) / LOOKUP_JSON
+        d = read_json(path, run.root)
+        try:
+            return cls([LookupRow(**{**r, "config": SubnetConfig.from_dict(r["config"])}) for r in d["rows"]])
+        except (KeyError, TypeError) as e:
+            raise FlextronError(f"{path} is not a lookup table ({type(e).__name__}: {e}); "
+                                f"rebuild it with `flextron export --run {run.root} --lookup`") from None
 
     def for_budget(self, budget_ms: float, regime: str | None = None) -> LookupRow:
         """The row with the largest budget not above `budget_ms` (nearest feasible, never over)."""
@@ -59,18 +67,25 @@ class Lookup:
         return max(fit, key=lambda r: r.budget_ms)
 
 
-def build_rows(verified, uniform_e2e, uniform_loss: dict) -> list[dict]:
-    """Per (regime, budget): the lowest-loss candidate measured within budget; then monotone."""
+def _num(v) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+
+
+def build_rows(verified, uniform_e2e, uniform_loss: dict[str, dict[str, float]]) -> list[dict]:
+    """Per (regime, budget): the lowest-loss candidate measured within budget; then monotone.
+    `verified` holds one set of weights; `uniform_loss` is {regime: {config key: loss}} for them."""
     rows = []
     for regime, vg in verified.groupby("regime"):
+        weights = vg["weights"].iloc[0] if "weights" in vg else "elastic"
         cands = [dict(config=r.config, predicted_latency_ms=r.predicted_latency_ms, measured_latency_ms=r.measured_latency_ms,
                       loss=r.loss, source=r.source) for r in vg.itertuples()]
+        losses = uniform_loss.get(regime, {})
         for r in uniform_e2e[uniform_e2e["regime"] == regime].itertuples():
-            if r.config_key in uniform_loss:
+            if r.config_key in losses:
                 cands.append(dict(config=r.config, predicted_latency_ms=float("nan"), measured_latency_ms=r.latency_ms_median,
-                                  loss=uniform_loss[r.config_key], source="uniform"))
+                                  loss=losses[r.config_key], source="uniform"))
         prev = None
-        for budget in sorted(vg["budget_ms"].unique()):
+        for budget, bg in vg.groupby("budget_ms"):
             fit = [c for c in cands if c["measured_latency_ms"] <= budget]
             if not fit:
                 continue
@@ -78,35 +93,52 @@ def build_rows(verified, uniform_e2e, uniform_loss: dict) -> list[dict]:
             if prev is not None and prev["loss"] < best["loss"]:
                 best = prev
             prev = best
+            first = bg.iloc[0]
             rows.append({"regime": regime, "device_name": vg["device_name"].iloc[0], "budget_ms": float(budget),
-                         "config": json.loads(best["config"]),
-                         "predicted_latency_ms": None if math.isnan(best["predicted_latency_ms"]) else float(best["predicted_latency_ms"]),
+                         "budget_frac": _num(first.get("budget_frac")), "reference_full_ms": _num(first.get("reference_full_ms")),
+                         "weights": weights, "config": json.loads(best["config"]),
+                         "predicted_latency_ms": _num(best["predicted_latency_ms"]),
                          "measured_latency_ms": float(best["measured_latency_ms"]), "ppl": math.exp(best["loss"]),
                          "source": best["source"]})
     return rows
 
 
-def write_lookup(run) -> dict:
+def write_lookup(run, weights: str = "auto") -> dict:
+    """Build RUN/export/lookup.{json,csv} from the verified picks of one set of weights (`auto`:
+    trained when it exists): a lookup never mixes configs whose quality was measured on other weights."""
     import pandas as pd
 
-    from flextron.rundir import write_json_atomic
+    from flextron.rundir import read_parquet, write_json_atomic, write_text_atomic
     from search.quality import QUALITY_CACHE, read_quality_cache, search_quality_setting
     from search.verify import UNIFORM_FILE, VERIFIED_FILE
 
-    verified = pd.read_parquet(run.require("verify", VERIFIED_FILE) / VERIFIED_FILE)
+    wname, _ = run.weights(weights)
+    verified = read_parquet(run.require("verify", VERIFIED_FILE) / VERIFIED_FILE, run.root)
+    if "weights" not in verified.columns:
+        raise FlextronError(f"{run / 'verify' / VERIFIED_FILE} predates per-weights results; "
+                            f"re-run `flextron verify --run {run.root}`")
+    searched = sorted(set(verified["weights"]))
+    verified = verified[verified["weights"] == wname]
+    if verified.empty:
+        raise FlextronError(f"no verified picks for the {wname} weights (verified: {searched}); run "
+                            f"`flextron search --weights {wname}` and `flextron verify`, or export with --weights {searched[0]}"
+                            if searched else "verify holds no picks; run `flextron search` and `flextron verify`")
     same_session = run / "verify" / UNIFORM_FILE
     if same_session.is_file():  # measured by verify in the same session as the picks
-        uniform = pd.read_parquet(same_session).rename(columns={"measured_latency_ms": "latency_ms_median"})
+        uniform = read_parquet(same_session, run.root).rename(columns={"measured_latency_ms": "latency_ms_median"})
     else:
-        e2e = pd.read_parquet(run / "profile" / "e2e.parquet")
+        e2e = read_parquet(run / "profile" / "e2e.parquet", run.root)
         uniform = e2e[e2e["uniform"] & (e2e["status"] == "ok")]
-    rows = build_rows(verified, uniform, read_quality_cache(run / "search" / QUALITY_CACHE, search_quality_setting(run.root)))
+    cache = run / "search" / QUALITY_CACHE
+    losses = {rk: read_quality_cache(cache, search_quality_setting(run.root, rk, wname) or "")
+              for rk in set(verified["regime"])}
+    rows = build_rows(verified, uniform, losses)
     if not rows:
         raise FlextronError("no verified config met its budget; widen the budgets or re-run `flextron verify`")
     out = run / "export"
-    write_json_atomic(out / LOOKUP_JSON, {"rows": rows})
+    write_json_atomic(out / LOOKUP_JSON, {"weights": wname, "rows": rows})
     flat = pd.DataFrame([{**{k: v for k, v in r.items() if k != "config"}, "config": json.dumps(r["config"])} for r in rows])
-    flat.to_csv(out / "lookup.csv", index=False)
-    return {"lookup": str(out / LOOKUP_JSON), "rows": len(rows),
+    write_text_atomic(out / "lookup.csv", flat.to_csv(index=False))
+    return {"lookup": str(out / LOOKUP_JSON), "rows": len(rows), "weights": wname,
             "budgets_ms": [r["budget_ms"] for r in rows], "ppl": [round(r["ppl"], 3) for r in rows],
             "sources": [r["source"] for r in rows]}

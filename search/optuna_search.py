@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,27 +31,44 @@ class SearchConfig:
     regime: str = ""  # a profiled regime (short form accepted); required when several were profiled
     budget_ms: tuple[float, ...] = ()
     budget_frac: tuple[float, ...] = ()  # budgets as fractions of the full model's measured latency
-    trials: int = 24  # quality evaluations per budget (infeasible proposals are free and not counted)
+    trials: int = 24  # distinct configs evaluated per budget (infeasible proposals and repeats are free and not counted)
     frontier: bool = False  # multi-objective search of latency and loss together (no budget)
     sampler: str = "tpe"  # tpe (seeded with uniform and router configs) | random (plain random search, no seeds: the baseline)
-    storage: str = ""  # default: sqlite in RUN/search; or a database URL, or a *.log journal file
+    storage: str = ""  # default: sqlite in RUN/search; or a database URL, or a *.log journal file (workers sharing
+    # one study offset their sampler seed by their process id, so they explore different configs)
     study_prefix: str = ""
     eval_windows: int = 8
     eval_seq_len: int = 128
+    corpus: str = ""  # default: the corpus the run was converted with
     seed: int = 0
     device: str = "cpu"
     skip_infeasible: bool = False  # drop budgets below the smallest sub-network instead of failing
     weights: str = "auto"  # elastic (one-shot) | trained | auto (trained when `flextron train` made it)
+    restart: bool = False  # remove this regime's and weights' search results and studies, then search anew
 
     def __post_init__(self):
-        if self.trials < 1:
-            raise FlextronError(f"--trials must be at least 1, got {self.trials}")
+        from flextron.devices import check_device_name
+        from flextron.rundir import check_finite
+
+        check_finite("trials", self.trials, low=1)
+        check_finite("eval_windows", self.eval_windows, low=1)
+        check_finite("eval_seq_len", self.eval_seq_len, low=2)
         if self.sampler not in ("tpe", "random"):
             raise FlextronError(f"--sampler must be tpe or random, got {self.sampler!r}")
-        if any(b <= 0 for b in self.budget_ms) or any(not 0 < f <= 10 for f in self.budget_frac):
-            raise FlextronError("--budget-ms must be positive and --budget-frac in (0, 10]")
+        for b in self.budget_ms:
+            check_finite("budget_ms", b, low=0, low_inclusive=False)
+        for f in self.budget_frac:
+            check_finite("budget_frac", f, low=0, low_inclusive=False, high=10)
         if not self.frontier and not self.budget_ms and not self.budget_frac:
             raise FlextronError("give --budget-ms X or --budget-frac F (repeatable), or --frontier")
+        check_device_name(self.device)
+
+
+def results_dir(run_root: str | Path, regime_key: str, weights: str) -> Path:
+    """Where one regime's search results for one set of weights live: they never share files."""
+    from flextron.rundir import safe_name
+
+    return Path(run_root) / "search" / safe_name(regime_key) / safe_name(weights)
 
 
 def open_storage(cfg: SearchConfig, run_root: Path):
@@ -110,9 +129,9 @@ def _tpe(seed: int, n_startup: int):
 
 def full_latency_ms(run_root: Path, regime_key: str, spec) -> float:
     """The full model's measured end-to-end latency in this regime (the reference for fractions)."""
-    import pandas as pd
+    from flextron.rundir import read_parquet
 
-    e2e = pd.read_parquet(run_root / "profile" / "e2e.parquet")
+    e2e = read_parquet(run_root / "profile" / "e2e.parquet", run_root)
     row = e2e[(e2e["regime"] == regime_key) & (e2e["config_key"] == spec.full().key) & (e2e["status"] == "ok")]
     if row.empty:
         raise FlextronError(f"the full model was not measured end to end for {regime_key}; re-run `flextron profile`")
@@ -120,31 +139,72 @@ def full_latency_ms(run_root: Path, regime_key: str, spec) -> float:
 
 
 def feasible_range(lat_model, spec) -> tuple[float, float]:
-    from profiler.latency_model import encode
-
-    lo, hi = lat_model.predict(encode([spec.smallest(), spec.full()]))
+    """The least and greatest predicted latency over every config of `spec` (not the narrowest
+    and the full config: on a noisy profile a wider choice can be predicted faster)."""
+    lo, hi = lat_model.range_ms(spec)
     return float(lo), float(hi)
 
 
-def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cfg: SearchConfig, progress=None,
-                  routers=None) -> dict:
-    """Run one budget's study until it holds `cfg.trials` evaluated (feasible) trials."""
+def _ensure_study_attrs(study, expected: dict) -> None:
+    """Record what a study's losses and latencies mean; refuse to resume it under other meanings
+    (another evaluation setting, weights, regime or device would put incomparable numbers in it)."""
+    have = study.user_attrs
+    for key, value in expected.items():
+        if key in have and have[key] != value:
+            raise FlextronError(
+                f"study {study.study_name!r} was searched with {key} {have[key]!r}, this search uses {value!r}; "
+                "its trials would mix. Use the same settings, another --study-prefix, or --restart"
+            )
+    for key, value in expected.items():
+        if key not in have:
+            study.set_user_attr(key, value)
+
+
+CLAIM_TTL_S = 900.0  # a config claimed by a worker that died is free again after this long
+
+
+def _progress(study):
+    """(configs evaluated, live claims) of one study; a claim is (claimed_at, trial number, config)
+    of a trial some worker is evaluating now."""
+    import optuna
+
+    evaluated, claims, now = set(), [], time.time()
+    for t in study.get_trials(deepcopy=False):
+        key = t.user_attrs.get("config")
+        if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated"):
+            evaluated.add(key)
+        elif t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("claimed_at", 0) > now - CLAIM_TTL_S:
+            claims.append((t.user_attrs["claimed_at"], t.number, key))
+    return evaluated, sorted(c for c in claims if c[2] not in evaluated)
+
+
+def search_budget(study_name, storage, spec, lat_model, evaluator, budget, cfg: SearchConfig, progress=None,
+                  routers=None, attrs: dict | None = None) -> dict:
+    """Run one budget's study until it holds `cfg.trials` distinct evaluated (feasible) configs.
+
+    `budget` is {"budget_ms", "budget_frac", "reference_full_ms"}. A proposal the latency model puts
+    over budget is told to Optuna as a constraint violation and never evaluated; a repeat of a config
+    already evaluated is told its cached loss and not counted; a config another worker is evaluating
+    right now is skipped (told as failed). Returns what happened, including why it stopped."""
     import optuna
 
     from profiler.latency_model import encode
 
+    budget_ms = budget["budget_ms"]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    random_sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
-    sampler = _tpe(cfg.seed, 0) if cfg.sampler == "tpe" else random_sampler
+    seed = cfg.seed if not cfg.storage else cfg.seed * 1_000_003 + os.getpid()
+    random_sampler = optuna.samplers.RandomSampler(seed=seed)
+    sampler = _tpe(seed, 0) if cfg.sampler == "tpe" else random_sampler
     # TPE's start-up phase counts *evaluated* trials: infeasible proposals carry no quality signal,
     # so random proposals continue until a few feasible configs were evaluated (or asks run long).
     n_startup = max(2, cfg.trials // 3)
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="minimize",
                                 load_if_exists=True)
-    study.set_user_attr("budget_ms", budget_ms)
+    _ensure_study_attrs(study, {**(attrs or {}), **budget})
     if not study.trials and cfg.sampler == "tpe":  # "random" is the plain baseline: no seeds
         # Seed the largest uniform configs that fit: at tight budgets random proposals rarely fit, and
         # they are the baseline the search must beat anyway. Only two, so most evaluations are TPE's.
+        # Workers starting together may both seed: the repeat is then told its cached loss, not re-evaluated.
         seeds = spec.uniform_configs()
         preds = lat_model.predict(encode(seeds))
         fitting = sorted(((p, s) for p, s in zip(preds, seeds) if p <= budget_ms), key=lambda ps: -ps[0])
@@ -154,16 +214,24 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
         for _, seed_cfg in fitting[: max(1, min(2, cfg.trials // 4))]:  # the largest fitting ones: the rest is TPE's
             study.enqueue_trial(config_params(seed_cfg, spec), user_attrs={"source": "uniform"}, skip_if_exists=True)
 
-    def evaluated():
-        return sum(1 for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                   if t.user_attrs.get("evaluated"))
-
-    asked, bar = 0, (progress(total=cfg.trials, desc=f"search {budget_ms:.3g} ms") if progress else None)
-    done = evaluated()
+    asked, repeats, stop = 0, 0, "done"
+    bar = progress(total=cfg.trials, desc=f"search {budget_ms:.3g} ms") if progress else None
     max_asks = 20 * cfg.trials  # tight budgets reject many proposals; each rejection is cheap, but cap them
-    while done < cfg.trials and asked < max_asks:
+    while True:
+        evaluated, claims = _progress(study)
+        if bar:
+            bar.n = min(len(evaluated), cfg.trials)
+            bar.refresh()
+        if len(evaluated) >= cfg.trials:
+            break
+        if len(evaluated) + len({c[2] for c in claims}) >= cfg.trials:
+            stop = "the remaining evaluations are in progress in other workers"
+            break
+        if asked >= max_asks:
+            stop = f"ran out of proposals: {asked} asked, {len(evaluated)} of {cfg.trials} distinct feasible configs found"
+            break
         if cfg.sampler == "tpe":
-            study.sampler = random_sampler if done < n_startup and asked < 4 * cfg.trials else sampler
+            study.sampler = random_sampler if len(evaluated) < n_startup and asked < 4 * cfg.trials else sampler
         trial = study.ask()
         asked += 1
         sub = suggest_config(trial, spec)
@@ -175,25 +243,38 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget_ms, cf
             trial.set_user_attr("evaluated", False)
             study.tell(trial, INFEASIBLE_LOSS)
             continue
+        key = sub.to_json()
+        if key not in evaluated:
+            # Claim the evaluation, then look again: claims are ranked by time, so of two workers
+            # racing for the last slot (or the same config) the later one steps back. No overshoot.
+            mine = (time.time(), trial.number, key)
+            trial.set_user_attr("claimed_at", mine[0])
+            evaluated, claims = _progress(study)
+            ahead = [c for c in claims if c < mine]
+            if key not in evaluated and (any(c[2] == key for c in ahead)
+                                         or len(evaluated) + len({c[2] for c in ahead}) >= cfg.trials):
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)  # another worker has it
+                continue
+        if key in evaluated:  # a repeat: its cached loss informs the sampler, but it is not counted
+            repeats += 1
+            trial.set_user_attr("repeat", True)
         loss = evaluator.loss(sub)
         trial.set_user_attr("evaluated", True)
         study.tell(trial, loss)
-        done = evaluated()
-        if bar:
-            bar.n = min(done, cfg.trials)
-            bar.refresh()
     if bar:
         bar.close()
-    return {"study": study_name, "budget_ms": budget_ms, "evaluated": done, "asked_here": asked}
+    return {"study": study_name, **budget, "evaluated": len(evaluated), "asked_here": asked,
+            "repeats_here": repeats, "stop": stop}
 
 
-def search_frontier(study_name, storage, spec, lat_model, evaluator, cfg: SearchConfig) -> dict:
+def search_frontier(study_name, storage, spec, lat_model, evaluator, cfg: SearchConfig, attrs: dict | None = None) -> dict:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=study_name, storage=storage, directions=["minimize", "minimize"],
                                 sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=8),
                                 load_if_exists=True)
+    _ensure_study_attrs(study, attrs or {})
     if not study.trials:
         for f in (1.0, 0.75, 0.5, 0.25):
             study.enqueue_trial(config_params(spec.uniform(f), spec), skip_if_exists=True)
@@ -208,21 +289,32 @@ def search_frontier(study_name, storage, spec, lat_model, evaluator, cfg: Search
     return {"study": study_name, "pareto_size": len(study.best_trials)}
 
 
-def collect_trials(storage, prefix: str):
-    """Every trial of this run's studies as one tidy table."""
+def _in_prefix(study_name: str, prefix: str) -> bool:
+    """Exactly this prefix's studies: `PREFIX|budget=...` and `PREFIX|frontier`. (A plain
+    `startswith` would also take `PREFIX|trained|...`: the one-shot prefix is a prefix of it.)"""
+    head, _, tail = study_name.rpartition("|")
+    return head == prefix and (tail.startswith("budget=") or tail == "frontier")
+
+
+def collect_trials(storage, prefix: str, storage_id: str = ""):
+    """Every trial of this prefix's studies as one tidy table."""
     import optuna
     import pandas as pd
 
     rows = []
     for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        if not s.study_name.startswith(prefix):
+        if not _in_prefix(s.study_name, prefix):
             continue
         study = optuna.load_study(study_name=s.study_name, storage=storage)
+        attrs = study.user_attrs
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             loss = t.values[-1] if t.values else None
-            rows.append({"study": s.study_name, "trial": t.number, "budget_ms": study.user_attrs.get("budget_ms"),
+            rows.append({"storage": storage_id, "study": s.study_name, "trial": t.number,
+                         "budget_ms": attrs.get("budget_ms"), "budget_frac": attrs.get("budget_frac"),
+                         "reference_full_ms": attrs.get("reference_full_ms"),
                          "config": t.user_attrs.get("config"), "predicted_latency_ms": t.user_attrs.get("predicted_latency_ms"),
-                         "evaluated": bool(t.user_attrs.get("evaluated")), "source": t.user_attrs.get("source", "search"),
+                         "evaluated": bool(t.user_attrs.get("evaluated")), "repeat": bool(t.user_attrs.get("repeat")),
+                         "source": t.user_attrs.get("source", "search"),
                          "loss": loss if t.user_attrs.get("evaluated") else None})
     return pd.DataFrame(rows)
 
@@ -238,16 +330,64 @@ def pareto_front(df):
     return ev.loc[keep]
 
 
+def best_per_budget(trials) -> list[dict]:
+    """The lowest-loss evaluated config of every budget in `trials`."""
+    best = []
+    budgets = trials[trials["evaluated"] & trials["budget_ms"].notna()] if len(trials) else trials
+    for b, g in (budgets.groupby("budget_ms") if len(budgets) else []):
+        r = g.loc[g["loss"].idxmin()]
+        frac, ref = r.get("budget_frac"), r.get("reference_full_ms")
+        best.append({"budget_ms": float(b), "budget_frac": None if frac is None or pd_isna(frac) else float(frac),
+                     "reference_full_ms": None if ref is None or pd_isna(ref) else float(ref),
+                     "config": json.loads(r["config"]), "predicted_latency_ms": float(r["predicted_latency_ms"]),
+                     "loss": float(r["loss"]), "source": r["source"],  # search, or the seed it came from
+                     "study": r["study"]})
+    return best
+
+
+def pd_isna(v) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(v))
+
+
+def _storage_id(cfg: SearchConfig) -> str:
+    """Which storage trials came from (a database URL without its password)."""
+    if not cfg.storage:
+        return "run:search/" + STORAGE_FILE
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", cfg.storage)
+
+
+def _restart(storage, out: Path, prefix: str) -> int:
+    import shutil
+
+    import optuna
+
+    removed = 0
+    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if _in_prefix(s.study_name, prefix):
+            optuna.delete_study(study_name=s.study_name, storage=storage)
+            removed += 1
+    shutil.rmtree(out, ignore_errors=True)
+    return removed
+
+
 def search(cfg: SearchConfig) -> dict:
+    import sys
+
+    import pandas as pd
+
+    from flextron.devices import check_device
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
     from flextron.routers import Routers, regime_dir
-    from flextron.rundir import RunDir, save_stage_config, write_json_atomic
+    from flextron.rundir import RunDir, read_json, read_parquet, save_stage_config, write_json_atomic, write_parquet_atomic
     from profiler.latency_model import LatencyModels
     from search.quality import QUALITY_CACHE, QualityEvaluator
 
     run = RunDir(cfg.run)
     wname, wdir = run.weights(cfg.weights)  # first: a run with no model names `flextron convert`
+    check_device(cfg.device)
     models = LatencyModels.load(run.root)
     regime_key = models.resolve(cfg.regime)
     lat_model = models.get(regime_key)
@@ -255,61 +395,91 @@ def search(cfg: SearchConfig) -> dict:
     elastic = ElasticModel.load(wdir, device=cfg.device)
     spec = elastic.spec
     lo, hi = feasible_range(lat_model, spec)
+    corpus = run.corpus(cfg.corpus)
+    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len,
+                                 corpus=corpus, tag=wname)
+    out = results_dir(run.root, regime_key, wname)
+    prefix = cfg.study_prefix or f"{models.device_name}|{regime_key}|{cfg.sampler}|{wname}|{evaluator.setting}"
+    if cfg.restart:
+        _restart(storage, out, prefix)
+    best_path = out / "best.json"
+    if best_path.is_file():
+        prev = read_json(best_path, run.root)
+        if prev.get("quality_setting") != evaluator.setting:
+            raise FlextronError(
+                f"{out} holds picks evaluated on {prev.get('quality_setting')!r}; this search evaluates on "
+                f"{evaluator.setting!r} (--eval-windows, --eval-seq-len, --corpus). Their losses are not comparable: "
+                "search with the same settings, or pass --restart to replace those results")
     routers = None
-    if (regime_dir(run.root, regime_key) / "router.json").is_file():
-        routers = Routers.load(run.root, regime_key, spec)
-    budgets = list(cfg.budget_ms)
+    router_dir = regime_dir(run.root, regime_key, weights=wname)
+    if (router_dir / "router.json").is_file():
+        routers = Routers.load(run.root, regime_key, spec, weights=wname)
+
+    budgets = [{"budget_ms": float(b), "budget_frac": None, "reference_full_ms": None} for b in cfg.budget_ms]
     if cfg.budget_frac:
         full_ms = full_latency_ms(run.root, regime_key, spec)
-        budgets += [round(f * full_ms, 4) for f in cfg.budget_frac]
+        budgets += [{"budget_ms": round(f * full_ms, 4), "budget_frac": f, "reference_full_ms": full_ms}
+                    for f in cfg.budget_frac]
     if cfg.skip_infeasible:
-        import sys
-
-        for b in [b for b in budgets if b < lo]:
-            print(f"flextron search: skipping budget {b:.4g} ms, below the smallest sub-network ({lo:.4g} ms)", file=sys.stderr)
-        budgets = [b for b in budgets if b >= lo]
+        for b in [b for b in budgets if b["budget_ms"] < lo]:
+            print(f"flextron search: skipping budget {b['budget_ms']:.4g} ms, below the fastest sub-network "
+                  f"({lo:.4g} ms predicted)", file=sys.stderr)
+        budgets = [b for b in budgets if b["budget_ms"] >= lo]
         if not budgets and not cfg.frontier:
-            raise FlextronError(f"every budget is below the smallest sub-network ({lo:.4g} ms predicted for {regime_key}); "
+            raise FlextronError(f"every budget is below the fastest sub-network ({lo:.4g} ms predicted for {regime_key}); "
                                 f"feasible budgets run from {lo:.4g} to {hi:.4g} ms")
     for b in budgets:
-        if b < lo:
+        if b["budget_ms"] < lo:
             raise FlextronError(
-                f"budget {b:.4g} ms is below the smallest sub-network ({lo:.4g} ms predicted for {regime_key} on "
-                f"{models.device_name}); feasible budgets run from {lo:.4g} to {hi:.4g} ms"
+                f"budget {b['budget_ms']:.4g} ms is below the fastest sub-network ({lo:.4g} ms predicted for {regime_key} "
+                f"on {models.device_name}); feasible budgets run from {lo:.4g} to {hi:.4g} ms"
             )
-    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len, tag=wname)
-    prefix = cfg.study_prefix or f"{models.device_name}|{regime_key}|{cfg.sampler}" + ("" if wname == "elastic" else f"|{wname}")
+    attrs = {"regime": regime_key, "device_name": models.device_name, "weights": wname,
+             "quality_setting": evaluator.setting}
     t0 = time.perf_counter()
     results = []
     if cfg.frontier:
-        results.append(search_frontier(f"{prefix}|frontier", storage, spec, lat_model, evaluator, cfg))
-    for b in sorted(budgets):
-        results.append(search_budget(f"{prefix}|budget={b:.6g}", storage, spec, lat_model, evaluator, b, cfg, progress, routers))
-    trials = collect_trials(storage, prefix)
-    out = run / "search"
-    out.mkdir(parents=True, exist_ok=True)
-    trials.assign(regime=regime_key, device_name=models.device_name).to_parquet(out / "trials.parquet", index=False)
-    front = pareto_front(trials)
-    front.assign(regime=regime_key).to_parquet(out / "pareto.parquet", index=False)
-    best = []
-    for b in sorted(budgets):
-        ok = trials[(trials["budget_ms"] == b) & trials["evaluated"]]
-        if ok.empty:
-            continue
-        r = ok.loc[ok["loss"].idxmin()]
-        best.append({"budget_ms": b, "regime": regime_key, "config": json.loads(r["config"]),
-                     "predicted_latency_ms": r["predicted_latency_ms"], "loss": r["loss"],
-                     "source": r["source"]})  # search, or the seed it came from: uniform or router
-    write_json_atomic(out / f"best-{regime_key.replace(':', '_')}.json",
-                      {"regime": regime_key, "device_name": models.device_name, "best": best, "weights": wname,
-                       "quality_setting": evaluator.setting})
+        results.append(search_frontier(f"{prefix}|frontier", storage, spec, lat_model, evaluator, cfg, attrs))
+    for b in sorted(budgets, key=lambda b: b["budget_ms"]):
+        r = search_budget(f"{prefix}|budget={b['budget_ms']:.6g}", storage, spec, lat_model, evaluator, b, cfg,
+                          progress, routers, attrs)
+        if r["stop"] != "done":
+            print(f"flextron search: budget {b['budget_ms']:.4g} ms stopped early: {r['stop']}", file=sys.stderr)
+        results.append(r)
+
+    # This call's studies, plus what earlier searches of the same regime, weights and setting left in
+    # other storages (a switch to a journal file must not drop earlier picks).
+    sid = _storage_id(cfg)
+    trials = collect_trials(storage, prefix, sid)
+    trials_path = out / "trials.parquet"
+    if trials_path.is_file():
+        old = read_parquet(trials_path, run.root)
+        if "storage" in old.columns:
+            fresh = set(zip(trials["storage"], trials["study"])) if len(trials) else set()
+            old = old[[(s, st) not in fresh for s, st in zip(old["storage"], old["study"])]]
+            trials = pd.concat([old.drop(columns=["regime", "device_name", "weights"], errors="ignore"), trials],
+                               ignore_index=True)
+    trials = trials.assign(regime=regime_key, device_name=models.device_name, weights=wname)
+    write_parquet_atomic(trials, trials_path)
+    if len(trials):
+        write_parquet_atomic(pareto_front(trials), out / "pareto.parquet")
+    best = best_per_budget(trials)
+    write_json_atomic(best_path, {"regime": regime_key, "device_name": models.device_name, "weights": wname,
+                                  "quality_setting": evaluator.setting, "best": best})
     save_stage_config(out / "search_config.json", cfg)
+    by_budget = {b["budget_ms"]: b for b in best}
     return {
-        "regime": regime_key, "budgets_ms": budgets, "feasible_ms": [round(lo, 4), round(hi, 4)],
+        "regime": regime_key, "weights": wname, "results": str(out), "budgets_ms": [b["budget_ms"] for b in budgets],
+        "feasible_ms": [round(lo, 4), round(hi, 4)],
         "quality_evaluations": evaluator.evaluations,
         "evaluated_trials": int(trials["evaluated"].sum()) if len(trials) else 0,
         "infeasible_skipped": int((~trials["evaluated"]).sum()) if len(trials) else 0,
         "eval_tokens": evaluator.tokens,
+        "per_budget": [{k: r[k] for k in ("budget_ms", "budget_frac", "evaluated", "asked_here", "repeats_here", "stop")}
+                       | ({"ppl": round(math.exp(by_budget[r["budget_ms"]]["loss"]), 3),
+                           "predicted_ms": round(by_budget[r["budget_ms"]]["predicted_latency_ms"], 4)}
+                          if r.get("budget_ms") in by_budget else {})
+                       for r in results if "budget_ms" in r],
         "best": [{"budget_ms": b["budget_ms"], "ppl": round(math.exp(b["loss"]), 3),
                   "predicted_ms": round(b["predicted_latency_ms"], 4)} for b in best],
         "seconds": round(time.perf_counter() - t0, 1),

@@ -47,13 +47,16 @@ def with_weights(setting: str, weights: str) -> str:
     return quality_setting(split, corpus, int(windows), int(seq_len), weights)
 
 
-def search_quality_setting(run_root: str | Path) -> str | None:
-    """The quality setting (split, windows, weights) the run's search used, from its best-*.json files;
-    None for runs searched before the setting was recorded (then every cached line is read)."""
-    for p in sorted((Path(run_root) / "search").glob("best-*.json")):
-        setting = json.loads(p.read_text()).get("quality_setting")
-        if setting:
-            return setting
+def search_quality_setting(run_root: str | Path, regime: str | None = None, weights: str | None = None) -> str | None:
+    """The quality setting (split, corpus, windows, weights) the run's search used for `regime` and
+    `weights` (any when None), from its `best.json` files; None when nothing was searched."""
+    from flextron.rundir import read_json
+
+    for p in sorted((Path(run_root) / "search").glob("*/*/best.json")):
+        best = read_json(p, run_root)
+        if (regime is None or best.get("regime") == regime) and (weights is None or best.get("weights") == weights):
+            if best.get("quality_setting"):
+                return best["quality_setting"]
     return None
 
 
