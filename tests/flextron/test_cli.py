@@ -52,6 +52,40 @@ def test_bad_inputs_get_clear_errors_and_keep_results(tmp_path, capsys):
     assert (run / "elastic" / "model.safetensors").read_bytes() == before
 
 
+def test_convert_overwrite_removes_every_later_stage(tmp_path, capsys):
+    """Trained weights, verify results, the lookup and reports describe the old model: gone after
+    `convert --overwrite`, so `--weights auto` cannot serve the previous model's trained weights."""
+    import shutil
+
+    from flextron.rundir import STAGES, RunDir
+
+    run = tmp_path / "r"
+    assert main(["convert", "--model", "tiny-llama", "--out", str(run), "--calib-windows", "2"]) == 0
+    shutil.copytree(run / "elastic", run / "trained")
+    for stage in STAGES:
+        (run / stage).mkdir(exist_ok=True)
+        (run / stage / "stale.txt").write_text("old")
+    assert RunDir(run).weights("auto")[0] == "trained"
+    assert main(["convert", "--model", "tiny-qwen3", "--out", str(run), "--calib-windows", "2", "--overwrite"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["convert_config.json", "elastic"]
+    assert RunDir(run).weights("auto")[0] == "elastic"
+    assert json.loads((run / "elastic" / "elastic_spec.json").read_text())["family"] == "qwen3"
+
+
+def test_config_files_and_run_paths_that_are_not_what_they_should_be(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["convert", "--model", "tiny-llama", "--out", str(run), "--calib-windows", "2"]) == 0
+    capsys.readouterr()
+    (tmp_path / "bin.json").write_bytes(bytes(range(256)))
+    assert main(["eval", "--run", str(run), "--config", str(tmp_path / "bin.json")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    (tmp_path / "f").write_text("x")
+    assert main(["eval", "--run", str(tmp_path / "f")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    assert main(["eval", "--run", str(run), "--windows", "0"]) == 2
+    assert "--windows must be positive" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_real_smollm2_parity(tmp_path):
     from flextron.convert import ConvertConfig, convert

@@ -67,3 +67,22 @@ def test_regime_parse_and_errors():
     for bad in ("decode:b1:s1024", "prefill:b1", "decode:b1:ctx10:fp8"):
         with pytest.raises(FlextronError):
             Regime.parse(bad)
+
+
+def test_config_json_values_are_type_checked_not_truncated():
+    for bad, msg in [('{"mlp_width": [64.9], "heads": [2]}', "whole numbers, got 64.9"),
+                     ('{"mlp_width": "64", "heads": [2]}', "must be a list"),
+                     ('{"mlp_width": [null], "heads": [2]}', "got None"),
+                     ('{"mlp_width": [1e400], "heads": [2]}', "got inf"),
+                     ('{"mlp_width": [true], "heads": [2]}', "got True"),
+                     ('{"mlp_width": [0], "heads": [2]}', "must be positive")]:
+        with pytest.raises(FlextronError, match=msg):
+            SubnetConfig.from_json(bad)
+    assert SubnetConfig.from_json('{"mlp_width": [64.0], "heads": [2]}').mlp_width == (64,)
+
+
+def test_a_regime_naming_two_dtypes_or_modes_is_refused():
+    with pytest.raises(FlextronError, match="two dtypes"):
+        Regime.parse("decode:b1:ctx32:float32:bfloat16")
+    with pytest.raises(FlextronError, match="two modes"):
+        Regime.parse("decode:b1:ctx32:eager:cuda_graph")

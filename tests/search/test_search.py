@@ -12,6 +12,13 @@ def fitted(tiny_run, tmp_path_factory, profiled_copy):
     return profiled_copy(tiny_run, tmp_path_factory.mktemp("search") / "run", "prefill:b1:s64", 8)
 
 
+def _results(run, weights="elastic"):
+    from profiler.latency_model import LatencyModels
+    from search.optuna_search import results_dir
+
+    return results_dir(run, LatencyModels.load(run).resolve(None), weights)
+
+
 def _budget(run, frac):
     from flextron.elastic import ElasticModel
     from profiler.latency_model import LatencyModels
@@ -46,16 +53,16 @@ def test_search_never_evaluates_infeasible_configs_and_resumes(fitted):
 
     b = _budget(fitted, 0.4)
     s = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=6, eval_windows=2, eval_seq_len=32))
-    trials = pd.read_parquet(fitted / "search" / "trials.parquet")
+    trials = pd.read_parquet(_results(fitted) / "trials.parquet")
     ev = trials[trials["evaluated"]]
-    assert len(ev) == 6 and (ev["predicted_latency_ms"] <= b).all()
+    assert ev["config"].nunique() == 6 and (ev["predicted_latency_ms"] <= b).all()
     assert (trials[~trials["evaluated"]]["predicted_latency_ms"] > b).all()
     assert s["quality_evaluations"] <= 6  # cached configs are not evaluated twice
     # a second call on the same storage resumes: nothing more to do at the same trial count
     s2 = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=6, eval_windows=2, eval_seq_len=32))
-    assert s2["quality_evaluations"] == 0 and s2["evaluated_trials"] == 6
+    assert s2["quality_evaluations"] == 0 and s2["per_budget"][0]["evaluated"] == 6
     s3 = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=8, eval_windows=2, eval_seq_len=32))
-    assert s3["evaluated_trials"] == 8
+    assert s3["per_budget"][0]["evaluated"] == 8 and s3["per_budget"][0]["stop"] == "done"
 
 
 def test_budget_below_smallest_names_the_feasible_range(fitted):
@@ -82,6 +89,7 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
     v = verify(VerifyConfig(run=str(fitted), min_reps=3, min_time_ms=5))
     assert v["verified"] >= 2
     ver = pd.read_parquet(fitted / "verify" / "verified.parquet")
+    assert set(ver["weights"]) == {"elastic"}
     assert {"predicted_latency_ms", "measured_latency_ms", "within_budget"} <= set(ver.columns)
     uni = pd.read_parquet(fitted / "verify" / "uniform.parquet")  # fallbacks measured in the same session
     spec = json.loads((fitted / "elastic" / "elastic_spec.json").read_text())
@@ -136,6 +144,179 @@ def test_four_workers_share_one_study(fitted, tmp_path):
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))  # no duplicated trials
     assert sorted(numbers) == list(range(len(numbers)))  # none lost
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == len(study.trials)  # nothing left running
-    assert sum(1 for t in complete if t.user_attrs.get("evaluated")) >= 10
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)  # FAIL: a config another worker had
+    assert all(t.state in done for t in study.trials)  # nothing left running
+    evaluated = {t.user_attrs["config"] for t in study.trials
+                 if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated")}
+    assert len(evaluated) == 10  # distinct configs: repeats are not counted and workers never overshoot
+
+
+# ---- run-directory integrity -------------------------------------------------------------------------
+@pytest.fixture
+def run_copy(fitted, tmp_path):
+    import shutil
+
+    shutil.copytree(fitted, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "search", ignore_errors=True)
+    shutil.rmtree(tmp_path / "run" / "verify", ignore_errors=True)
+    return tmp_path / "run"
+
+
+def _search(run, **kw):
+    from search.optuna_search import SearchConfig, search
+
+    return search(SearchConfig(run=str(run), **{"trials": 3, "eval_windows": 2, "eval_seq_len": 32, **kw}))
+
+
+def test_trained_and_one_shot_studies_never_mix(run_copy):
+    """One-shot after trained: each result folder holds only its own weights' studies and losses."""
+    import shutil
+
+    b = _budget(run_copy, 0.6)
+    shutil.copytree(run_copy / "elastic", run_copy / "trained")  # stands in for `flextron train`'s output
+    _search(run_copy, budget_ms=(b,), weights="trained")
+    _search(run_copy, budget_ms=(b,), weights="elastic")
+    one_shot = pd.read_parquet(_results(run_copy, "elastic") / "trials.parquet")
+    trained = pd.read_parquet(_results(run_copy, "trained") / "trials.parquet")
+    assert len(one_shot) and len(trained)
+    assert not one_shot["study"].str.contains("trained").any()
+    assert trained["study"].str.contains("trained").all()
+    assert json.loads((_results(run_copy, "elastic") / "best.json").read_text())["weights"] == "elastic"
+    assert set(one_shot["weights"]) == {"elastic"} and set(trained["weights"]) == {"trained"}
+
+
+def test_another_evaluation_setting_is_refused_not_mixed(run_copy):
+    b = _budget(run_copy, 0.6)
+    _search(run_copy, budget_ms=(b,))
+    before = (_results(run_copy) / "best.json").read_bytes()
+    with pytest.raises(FlextronError, match="--eval-windows.*--restart"):
+        _search(run_copy, budget_ms=(b,), eval_windows=3)
+    assert (_results(run_copy) / "best.json").read_bytes() == before
+    s = _search(run_copy, budget_ms=(b,), eval_windows=3, restart=True)
+    best = json.loads((_results(run_copy) / "best.json").read_text())
+    assert best["quality_setting"].endswith("3x32") and s["per_budget"][0]["evaluated"] == 3
+    trials = pd.read_parquet(_results(run_copy) / "trials.parquet")
+    assert trials["study"].str.contains("3x32").all()  # the 2-window study is gone from the table
+
+
+def test_each_search_keeps_earlier_picks_across_budgets_and_storages(run_copy):
+    b1, b2, b3 = (_budget(run_copy, f) for f in (0.5, 0.7, 0.9))
+    _search(run_copy, budget_ms=(b1,))
+    _search(run_copy, budget_ms=(b2,))
+    _search(run_copy, budget_ms=(b3,), storage=str(run_copy / "journal.log"))
+    best = json.loads((_results(run_copy) / "best.json").read_text())
+    assert sorted(round(b["budget_ms"], 6) for b in best["best"]) == sorted(round(b, 6) for b in (b1, b2, b3))
+    trials = pd.read_parquet(_results(run_copy) / "trials.parquet")
+    assert trials["storage"].nunique() == 2
+
+
+def test_budgets_record_their_reference_and_bad_budgets_are_refused(run_copy):
+    s = _search(run_copy, budget_frac=(0.9,))
+    best = json.loads((_results(run_copy) / "best.json").read_text())["best"][0]
+    assert best["budget_frac"] == 0.9 and best["budget_ms"] == pytest.approx(0.9 * best["reference_full_ms"], abs=1e-3)
+    assert s["per_budget"][0]["budget_frac"] == 0.9
+    before = (_results(run_copy) / "best.json").read_bytes()
+    for bad, msg in [({"budget_ms": (float("inf"),)}, "--budget-ms must be a finite number"),
+                     ({"budget_ms": (-1.0,)}, "--budget-ms must be >"), ({"eval_windows": 0}, "--eval-windows must be >= 1"),
+                     ({"budget_frac": (float("nan"),)}, "--budget-frac must be a finite"),
+                     ({"budget_ms": (1.0,), "device": "gpu"}, "--device must be cpu")]:
+        with pytest.raises(FlextronError, match=msg):
+            _search(run_copy, **bad)
+    assert (_results(run_copy) / "best.json").read_bytes() == before
+
+
+def test_out_of_proposals_is_reported(run_copy, capsys):
+    lo = _budget(run_copy, 0.0)
+    s = _search(run_copy, budget_ms=(lo * 1.0001,), trials=6)  # barely one config fits
+    r = s["per_budget"][0]
+    assert r["evaluated"] < 6 and r["stop"].startswith("ran out of proposals")
+    assert "stopped early: ran out of proposals" in capsys.readouterr().err
+
+
+def test_search_reads_the_runs_corpus(run_copy):
+    _search(run_copy, budget_ms=(_budget(run_copy, 0.8),), corpus="pydoc")
+    assert ":pydoc:" in json.loads((_results(run_copy) / "best.json").read_text())["quality_setting"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_missing_cuda_device_is_a_clear_error(run_copy):
+    from flextron.cli import main
+
+    for argv in (["search", "--run", str(run_copy), "--budget-ms", "1", "--device", "cuda:7"],
+                 ["eval", "--run", str(run_copy), "--device", "cuda:7"],
+                 ["verify", "--run", str(run_copy), "--device", "cuda:7"]):
+        if argv[0] == "verify":
+            _search(run_copy, budget_ms=(_budget(run_copy, 0.8),))
+        assert main(argv) == 2
+
+
+def _fake_latency(monkeypatch, spec):
+    """Timer.measure returns a latency proportional to a config's parameters (deterministic)."""
+    from profiler import timer as timer_mod
+    from profiler.sweep import RegimeBench
+    from profiler.timer import Timing
+
+    full = spec.full().param_count(spec)
+    real_forward = RegimeBench.forward_fn
+
+    def forward_fn(self, sub):
+        fn = real_forward(self, sub)
+        fn.params = sub.param_count(spec)
+        return fn
+
+    def measure(self, fn):
+        return Timing([10.0 * fn.params / full] * 3)
+
+    monkeypatch.setattr(RegimeBench, "forward_fn", lambda self, sub: _Tagged(real_forward(self, sub), sub.param_count(spec)))
+    monkeypatch.setattr(timer_mod.Timer, "measure", lambda self, fn: Timing([10.0 * fn.params / full] * 3))
+
+
+class _Tagged:
+    def __init__(self, fn, params):
+        self.fn, self.params = fn, params
+
+    def __call__(self):
+        return self.fn()
+
+
+def test_verify_replaces_a_miss_with_a_config_that_fits(run_copy, monkeypatch):
+    """A pick measured over its budget is replaced by the next best evaluated config of the same
+    budget, regime and weights that measures within it."""
+    from flextron.elastic import ElasticModel
+    from search.verify import VerifyConfig, verify
+
+    spec = ElasticModel.load(run_copy / "elastic").spec
+    _search(run_copy, budget_ms=(_budget(run_copy, 0.95),), trials=6)
+    _fake_latency(monkeypatch, spec)
+    folder = _results(run_copy)
+    trials = pd.read_parquet(folder / "trials.parquet")
+    ev = trials[trials["evaluated"]].drop_duplicates("config")
+    assert len(ev) >= 3
+    params = {c: spec.validate(__import__("flextron.spec", fromlist=["SubnetConfig"]).SubnetConfig.from_json(c)).param_count(spec)
+              for c in ev["config"]}
+    full = spec.full().param_count(spec)
+    best = json.loads((folder / "best.json").read_text())
+    pick = max(params, key=params.get)  # make the largest evaluated config the pick, and let it miss
+    budget = 10.0 * sorted(params.values())[-2] / full  # the second largest fits exactly
+    trials.loc[trials["evaluated"], "budget_ms"] = budget
+    trials.to_parquet(folder / "trials.parquet", index=False)
+    best["best"] = [{**best["best"][0], "budget_ms": budget, "config": json.loads(pick), "loss": 0.0}]
+    (folder / "best.json").write_text(json.dumps(best))
+    v = verify(VerifyConfig(run=str(run_copy), min_reps=1, min_time_ms=0))
+    ver = pd.read_parquet(run_copy / "verify" / "verified.parquet")
+    assert v["replaced"] == 1 and bool(ver["replaced"].iloc[0]) and bool(ver["within_budget"].iloc[0])
+    assert ver["config"].iloc[0] != pick and ver["replacements_tried"].iloc[0] >= 1
+    assert ver["measured_latency_ms"].iloc[0] <= budget
+
+
+def test_verify_bad_flags_keep_earlier_results(run_copy):
+    from search.verify import VerifyConfig, verify
+
+    _search(run_copy, budget_ms=(_budget(run_copy, 0.9) * 3,))
+    verify(VerifyConfig(run=str(run_copy), min_reps=2, min_time_ms=1))
+    before = (run_copy / "verify" / "verified.parquet").read_bytes()
+    for kw, msg in [({"min_reps": 0}, "--min-reps must be >= 1"), ({"min_time_ms": float("nan")}, "--min-time-ms"),
+                    ({"device": "gpu"}, "--device must be cpu")]:
+        with pytest.raises(FlextronError, match=msg):
+            verify(VerifyConfig(run=str(run_copy), **kw))
+    assert (run_copy / "verify" / "verified.parquet").read_bytes() == before

@@ -1,0 +1,169 @@
+"""Interleaved rounds: how every end-to-end comparison is measured, and the statistics over them.
+
+A machine drifts (clocks, other processes, thermal state) on the scale of seconds to minutes, so a
+config measured at one moment and another config a minute later differ by more than their widths
+do (a 2-core CPU read the same anchor cell at 0.34-1.09 ms within one sweep). So configs are never
+measured one after another: in each of R rounds every config, the full model (the reference)
+included, is measured once in a freshly shuffled order. Raw samples keep their round. Each config
+gets its latency relative to the full model *in the same round* (`ratio_to_full`), in which the
+drift cancels; statistics are taken over rounds; the test-retest error of two halves of the rounds
+is the noise floor every model error is compared with; and "within budget" is decided from a
+bootstrap over rounds with a stated confidence.
+
+Engine-agnostic and torch-free: a measurement is any callable `key -> list of ms samples`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from flextron.errors import FlextronError
+
+CONFIDENCE = 0.95  # one-sided confidence of a compliance decision
+N_BOOT = 2000
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    rounds: int = 6  # each config is measured once per round, in a fresh random order
+    reps: int = 5  # timed calls per config per round (after the timer's warm-up)
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("rounds", "reps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise FlextronError(f"--{name} must be a whole number, got {v!r}")
+        if self.rounds < 2:
+            raise FlextronError(f"--rounds must be at least 2 (statistics and the noise floor are taken over rounds), got {self.rounds}")
+        if self.reps < 1:
+            raise FlextronError(f"--reps must be at least 1, got {self.reps}")
+
+
+def measure_in_rounds(keys: list[str], measure: Callable[[str], list[float]], rounds: int, seed: int = 0,
+                      first_round: int = 0, on_round: Callable[[list[dict]], None] | None = None,
+                      progress=None) -> list[dict]:
+    """Measure every key once per round, in a freshly shuffled order each round.
+
+    Returns raw rows `{"round", "order", "key", "sample", "latency_ms"}`. `on_round(rows)` is called
+    with each finished round's rows (to write them as it goes); `first_round` resumes numbering.
+    """
+    keys = list(dict.fromkeys(keys))
+    out: list[dict] = []
+    bar = progress(total=rounds * len(keys), desc="rounds") if progress else None
+    for r in range(first_round, first_round + rounds):
+        order = keys[:]
+        random.Random(seed * 1_000_003 + r).shuffle(order)
+        this_round = []
+        for i, key in enumerate(order):
+            samples = [float(s) for s in measure(key)]
+            if not samples or not all(math.isfinite(s) and s > 0 for s in samples):
+                raise FlextronError(f"measuring {key} gave unusable samples {samples[:5]}; raise the timer's repetitions")
+            this_round += [{"round": r, "order": i, "key": key, "sample": j, "latency_ms": s} for j, s in enumerate(samples)]
+            if bar:
+                bar.update(1)
+        out += this_round
+        if on_round:
+            on_round(this_round)
+    if bar:
+        bar.close()
+    return out
+
+
+def per_round(samples, reference: str):
+    """One row per (key, round): the round's median and tail quantiles, and each over the reference's
+    median in the same round (`ratio_to_full`, `ratio_p90`, `ratio_p99`)."""
+    import pandas as pd
+
+    df = pd.DataFrame(samples) if not isinstance(samples, pd.DataFrame) else samples
+    g = df.groupby(["key", "round"])["latency_ms"]
+    rt = pd.DataFrame({"median_ms": g.median(), "p90_ms": g.quantile(0.9), "p99_ms": g.quantile(0.99),
+                       "n": g.size()}).reset_index()
+    ref = rt[rt["key"] == reference].set_index("round")["median_ms"]
+    if ref.empty:
+        raise FlextronError(f"the reference {reference!r} was not measured in these rounds")
+    rt = rt[rt["round"].isin(ref.index)].copy()
+    denom = rt["round"].map(ref)
+    rt["ratio_to_full"] = rt["median_ms"] / denom
+    rt["ratio_p90"] = rt["p90_ms"] / denom
+    rt["ratio_p99"] = rt["p99_ms"] / denom
+    return rt
+
+
+def bootstrap_bounds(values, stat: Callable = np.median, confidence: float = CONFIDENCE, n_boot: int = N_BOOT,
+                     seed: int = 0) -> tuple[float, float]:
+    """One-sided lower and upper `confidence` bounds of `stat` over `values` (one value per round),
+    by resampling rounds with replacement."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if len(v) == 1:
+        return float(v[0]), float(v[0])
+    rng = np.random.default_rng(seed)
+    boots = stat(v[rng.integers(0, len(v), size=(n_boot, len(v)))], axis=1)
+    return float(np.quantile(boots, 1 - confidence)), float(np.quantile(boots, confidence))
+
+
+RATIO_COLUMN = {"p50": "ratio_to_full", "p90": "ratio_p90", "p99": "ratio_p99"}
+
+
+def summarise(samples, reference: str, seed: int = 0):
+    """One row per key: latency statistics over all samples and rounds, `ratio_to_full` (median
+    over rounds) with its bootstrap bounds, and the tail ratios."""
+    import pandas as pd
+
+    df = pd.DataFrame(samples) if not isinstance(samples, pd.DataFrame) else samples
+    rt = per_round(df, reference)
+    rows = []
+    for key, g in rt.groupby("key"):
+        s = df[df["key"] == key]["latency_ms"].to_numpy()
+        med_rounds = g["median_ms"].to_numpy()
+        row = {"key": key, "rounds": int(len(g)), "n": int(len(s)),
+               "latency_ms_median": float(np.median(med_rounds)),
+               "latency_ms_p10": float(np.quantile(s, 0.10)), "latency_ms_p50": float(np.quantile(s, 0.50)),
+               "latency_ms_p90": float(np.quantile(s, 0.90)), "latency_ms_p99": float(np.quantile(s, 0.99)),
+               "latency_ms_mean": float(s.mean()),
+               "cv_rounds": float(med_rounds.std() / med_rounds.mean()) if len(med_rounds) > 1 else 0.0,
+               "cv": float(s.std() / s.mean())}
+        for q, col in RATIO_COLUMN.items():
+            lo, hi = bootstrap_bounds(g[col].to_numpy(), seed=seed)
+            row[col] = float(np.median(g[col]))
+            row[f"{col}_lo"], row[f"{col}_hi"] = lo, hi
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def noise_floor(samples, reference: str) -> dict:
+    """Test-retest error of this measurement: the rounds split into two halves (alternating, so both
+    halves span the whole session), each key's median over each half, and the median over keys of
+    |a - b| / mean(a, b), in percent. For absolute medians and for `ratio_to_full`."""
+    rt = per_round(samples, reference)
+    rounds = sorted(rt["round"].unique())
+    if len(rounds) < 2:
+        raise FlextronError("the noise floor needs at least 2 rounds")
+    half = {r: i % 2 for i, r in enumerate(rounds)}
+    rt = rt.assign(half=rt["round"].map(half))
+    out = {}
+    for name, col in (("noise_floor_pct", "median_ms"), ("ratio_noise_floor_pct", "ratio_to_full")):
+        m = rt.groupby(["key", "half"])[col].median().unstack("half").dropna()
+        if name == "ratio_noise_floor_pct":
+            m = m.drop(index=reference, errors="ignore")  # the reference's ratio is 1 by construction
+        err = (m[0] - m[1]).abs() / ((m[0] + m[1]) / 2)
+        out[name] = round(100 * float(err.median()), 3) if len(err) else float("nan")
+    out["rounds"] = len(rounds)
+    return out
+
+
+def compliance(ratio_per_round, budget_frac: float, seed: int = 0, confidence: float = CONFIDENCE) -> dict:
+    """Whether a config is within `budget_frac` of the full model, from its per-round ratios:
+    `within` when the upper bound is at or below the budget, `over` when the lower bound is above
+    it, and `uncertain` when the interval straddles it (measure more rounds, then decide)."""
+    lo, hi = bootstrap_bounds(ratio_per_round, seed=seed, confidence=confidence)
+    verdict = "within" if hi <= budget_frac else "over" if lo > budget_frac else "uncertain"
+    return {"verdict": verdict, "ratio": float(np.median(ratio_per_round)), "ratio_lo": lo, "ratio_hi": hi,
+            "confidence": confidence}
