@@ -41,9 +41,10 @@ def test_ratio_to_full_cancels_drift():
     """A machine slowing down 3.5x over the session: absolute medians are far off, ratios are not."""
     m = FakeMachine(TRUE, drift=0.0005, step=0.5)
     s = summarise(measure_in_rounds(list(TRUE), m.measure, rounds=6), "full").set_index("key")
-    assert s.loc["a", "latency_ms_median"] > 1.5 * TRUE["a"]
+    assert s.loc["a", "latency_ms_median"] > 1.5 * TRUE["a"] and s.loc["a", "cv_rounds"] > 0.2
     for k in ("a", "b", "c"):
         assert s.loc[k, "ratio_to_full"] == pytest.approx(TRUE[k] / TRUE["full"], rel=0.05)
+        assert s.loc[k, "ratio_to_full_hi"] - s.loc[k, "ratio_to_full_lo"] < 0.03  # tight: drift cancels per round
 
 
 def test_noise_floor_recovers_known_jitter():
