@@ -30,3 +30,22 @@ def check_device(device: str) -> str:
     if index >= n:
         raise FlextronError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
     return device
+
+
+def set_cpu_threads(device: str, threads: int = 0) -> int | None:
+    """Pin torch's intra-op threads for a CPU measurement and return the count (None on CUDA).
+
+    0 means one thread. On a small CPU, intra-op threads oversubscribe as soon as anything else runs:
+    a 2-vCPU SmolLM2 decode step took 578-752 ms at torch's default 2 threads with one other process
+    busy, and 71-100 ms at 1 thread. One thread is also how llama.cpp-style CPU serving is measured.
+    Record the count beside the measurements (device.json); pass more on a machine kept quiet.
+    """
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise FlextronError(f"--threads must be 0 (one thread) or a positive count, got {threads!r}")
+    if device != "cpu":
+        return None
+    import torch
+
+    n = threads or 1
+    torch.set_num_threads(n)
+    return n

@@ -30,7 +30,8 @@ class SearchConfig:
     run: str = "runs/demo"
     regime: str = ""  # a profiled regime (short form accepted); required when several were profiled
     budget_ms: tuple[float, ...] = ()
-    budget_frac: tuple[float, ...] = ()  # budgets as fractions of the full model's measured latency
+    budget_frac: tuple[float, ...] = ()  # budgets as fractions of the full model's measured latency (the profile's)
+    quantile: str = "p50"  # p50 | p90 | p99: the quantile of per-step latency a budget bounds
     trials: int = 24  # distinct configs evaluated per budget (infeasible proposals and repeats are free and not counted)
     frontier: bool = False  # multi-objective search of latency and loss together (no budget)
     sampler: str = "tpe"  # tpe (seeded with uniform and router configs) | random (plain random search, no seeds: the baseline)
@@ -59,6 +60,9 @@ class SearchConfig:
             check_finite("budget_ms", b, low=0, low_inclusive=False)
         for f in self.budget_frac:
             check_finite("budget_frac", f, low=0, low_inclusive=False, high=10)
+        from flextron.budget import check_quantile
+
+        check_quantile(self.quantile)
         if not self.frontier and not self.budget_ms and not self.budget_frac:
             raise FlextronError("give --budget-ms X or --budget-frac F (repeatable), or --frontier")
         check_device_name(self.device)
@@ -138,6 +142,22 @@ def full_latency_ms(run_root: Path, regime_key: str, spec) -> float:
     return float(row["latency_ms_median"].iloc[0])
 
 
+def tail_factor(run_root: Path, regime_key: str, quantile: str) -> float:
+    """How much longer the `quantile` of a step is than its median in this regime: the median over the
+    profile's end-to-end configs of their quantile over their median (1 for p50). The latency model
+    predicts medians; a tail budget is met when median x this factor fits."""
+    from flextron.rundir import read_parquet
+
+    if quantile == "p50":
+        return 1.0
+    e2e = read_parquet(run_root / "profile" / "e2e.parquet", run_root)
+    col = f"latency_ms_{quantile}"
+    rows = e2e[(e2e["regime"] == regime_key) & (e2e["status"] == "ok")]
+    if col not in rows.columns or rows[col].isna().all():
+        raise FlextronError(f"the profile of {regime_key} has no {quantile} latencies; re-run `flextron profile --restart`")
+    return float((rows[col] / rows["latency_ms_median"]).median())
+
+
 def feasible_range(lat_model, spec) -> tuple[float, float]:
     """The least and greatest predicted latency over every config of `spec` (not the narrowest
     and the full config: on a noisy profile a wider choice can be predicted faster)."""
@@ -179,18 +199,19 @@ def _progress(study):
 
 
 def search_budget(study_name, storage, spec, lat_model, evaluator, budget, cfg: SearchConfig, progress=None,
-                  routers=None, attrs: dict | None = None) -> dict:
+                  routers=None, attrs: dict | None = None, tail: float = 1.0) -> dict:
     """Run one budget's study until it holds `cfg.trials` distinct evaluated (feasible) configs.
 
-    `budget` is {"budget_ms", "budget_frac", "reference_full_ms"}. A proposal the latency model puts
-    over budget is told to Optuna as a constraint violation and never evaluated; a repeat of a config
+    `budget` is a resolved Budget's dict; `tail` the regime's quantile-over-median factor (see
+    `tail_factor`), so a proposal fits when its predicted median x tail is within budget_ms. A proposal
+    the latency model puts over budget is told to Optuna as a constraint violation and never evaluated; a repeat of a config
     already evaluated is told its cached loss and not counted; a config another worker is evaluating
     right now is skipped (told as failed). Returns what happened, including why it stopped."""
     import optuna
 
     from profiler.latency_model import encode
 
-    budget_ms = budget["budget_ms"]
+    budget_ms = budget["budget_ms"] / tail  # on the median scale the latency model predicts
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = cfg.seed if not cfg.storage else cfg.seed * 1_000_003 + os.getpid()
     random_sampler = optuna.samplers.RandomSampler(seed=seed)
@@ -215,7 +236,7 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget, cfg: 
             study.enqueue_trial(config_params(seed_cfg, spec), user_attrs={"source": "uniform"}, skip_if_exists=True)
 
     asked, repeats, stop = 0, 0, "done"
-    bar = progress(total=cfg.trials, desc=f"search {budget_ms:.3g} ms") if progress else None
+    bar = progress(total=cfg.trials, desc=f"search {budget['budget_ms']:.3g} ms") if progress else None
     max_asks = 20 * cfg.trials  # tight budgets reject many proposals; each rejection is cheap, but cap them
     while True:
         evaluated, claims = _progress(study)
@@ -311,7 +332,7 @@ def collect_trials(storage, prefix: str, storage_id: str = ""):
             loss = t.values[-1] if t.values else None
             rows.append({"storage": storage_id, "study": s.study_name, "trial": t.number,
                          "budget_ms": attrs.get("budget_ms"), "budget_frac": attrs.get("budget_frac"),
-                         "reference_full_ms": attrs.get("reference_full_ms"),
+                         "reference_full_ms": attrs.get("reference_full_ms"), "quantile": attrs.get("quantile", "p50"),
                          "config": t.user_attrs.get("config"), "predicted_latency_ms": t.user_attrs.get("predicted_latency_ms"),
                          "evaluated": bool(t.user_attrs.get("evaluated")), "repeat": bool(t.user_attrs.get("repeat")),
                          "source": t.user_attrs.get("source", "search"),
@@ -334,10 +355,12 @@ def best_per_budget(trials) -> list[dict]:
     """The lowest-loss evaluated config of every budget in `trials`."""
     best = []
     budgets = trials[trials["evaluated"] & trials["budget_ms"].notna()] if len(trials) else trials
-    for b, g in (budgets.groupby("budget_ms") if len(budgets) else []):
+    if len(budgets) and "quantile" not in budgets.columns:
+        budgets = budgets.assign(quantile="p50")
+    for (b, q), g in (budgets.groupby(["budget_ms", "quantile"]) if len(budgets) else []):
         r = g.loc[g["loss"].idxmin()]
         frac, ref = r.get("budget_frac"), r.get("reference_full_ms")
-        best.append({"budget_ms": float(b), "budget_frac": None if frac is None or pd_isna(frac) else float(frac),
+        best.append({"budget_ms": float(b), "quantile": q, "budget_frac": None if frac is None or pd_isna(frac) else float(frac),
                      "reference_full_ms": None if ref is None or pd_isna(ref) else float(ref),
                      "config": json.loads(r["config"]), "predicted_latency_ms": float(r["predicted_latency_ms"]),
                      "loss": float(r["loss"]), "source": r["source"],  # search, or the seed it came from
@@ -377,6 +400,7 @@ def search(cfg: SearchConfig) -> dict:
 
     import pandas as pd
 
+    from flextron.budget import Budget
     from flextron.devices import check_device
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
@@ -400,26 +424,17 @@ def search(cfg: SearchConfig) -> dict:
                                  corpus=corpus, tag=wname)
     out = results_dir(run.root, regime_key, wname)
     prefix = cfg.study_prefix or f"{models.device_name}|{regime_key}|{cfg.sampler}|{wname}|{evaluator.setting}"
-    if cfg.restart:
-        _restart(storage, out, prefix)
-    best_path = out / "best.json"
-    if best_path.is_file():
-        prev = read_json(best_path, run.root)
-        if prev.get("quality_setting") != evaluator.setting:
-            raise FlextronError(
-                f"{out} holds picks evaluated on {prev.get('quality_setting')!r}; this search evaluates on "
-                f"{evaluator.setting!r} (--eval-windows, --eval-seq-len, --corpus). Their losses are not comparable: "
-                "search with the same settings, or pass --restart to replace those results")
     routers = None
     router_dir = regime_dir(run.root, regime_key, weights=wname)
     if (router_dir / "router.json").is_file():
         routers = Routers.load(run.root, regime_key, spec, weights=wname)
 
-    budgets = [{"budget_ms": float(b), "budget_frac": None, "reference_full_ms": None} for b in cfg.budget_ms]
-    if cfg.budget_frac:
-        full_ms = full_latency_ms(run.root, regime_key, spec)
-        budgets += [{"budget_ms": round(f * full_ms, 4), "budget_frac": f, "reference_full_ms": full_ms}
-                    for f in cfg.budget_frac]
+    # Every budget is resolved against one reference: the full model measured in the profile.
+    full_ms = full_latency_ms(run.root, regime_key, spec)
+    tail = tail_factor(run.root, regime_key, cfg.quantile)
+    lo, hi = lo * tail, hi * tail  # the feasible range at this quantile
+    budgets = [Budget(regime_key, budget_ms=b, quantile=cfg.quantile).resolve(full_ms).to_dict() for b in cfg.budget_ms]
+    budgets += [Budget(regime_key, budget_frac=f, quantile=cfg.quantile).resolve(full_ms).to_dict() for f in cfg.budget_frac]
     if cfg.skip_infeasible:
         for b in [b for b in budgets if b["budget_ms"] < lo]:
             print(f"flextron search: skipping budget {b['budget_ms']:.4g} ms, below the fastest sub-network "
@@ -431,9 +446,19 @@ def search(cfg: SearchConfig) -> dict:
     for b in budgets:
         if b["budget_ms"] < lo:
             raise FlextronError(
-                f"budget {b['budget_ms']:.4g} ms is below the fastest sub-network ({lo:.4g} ms predicted for {regime_key} "
-                f"on {models.device_name}); feasible budgets run from {lo:.4g} to {hi:.4g} ms"
+                f"budget {b['budget_ms']:.4g} ms is below the fastest sub-network ({lo:.4g} ms predicted at {cfg.quantile} "
+                f"for {regime_key} on {models.device_name}); feasible {cfg.quantile} budgets run from {lo:.4g} to {hi:.4g} ms"
             )
+    if cfg.restart:
+        _restart(storage, out, prefix)
+    best_path = out / "best.json"
+    if best_path.is_file():
+        prev = read_json(best_path, run.root)
+        if prev.get("quality_setting") != evaluator.setting:
+            raise FlextronError(
+                f"{out} holds picks evaluated on {prev.get('quality_setting')!r}; this search evaluates on "
+                f"{evaluator.setting!r} (--eval-windows, --eval-seq-len, --corpus). Their losses are not comparable: "
+                "search with the same settings, or pass --restart to replace those results")
     attrs = {"regime": regime_key, "device_name": models.device_name, "weights": wname,
              "quality_setting": evaluator.setting}
     t0 = time.perf_counter()
@@ -441,8 +466,8 @@ def search(cfg: SearchConfig) -> dict:
     if cfg.frontier:
         results.append(search_frontier(f"{prefix}|frontier", storage, spec, lat_model, evaluator, cfg, attrs))
     for b in sorted(budgets, key=lambda b: b["budget_ms"]):
-        r = search_budget(f"{prefix}|budget={b['budget_ms']:.6g}", storage, spec, lat_model, evaluator, b, cfg,
-                          progress, routers, attrs)
+        name = f"{prefix}|budget={b['budget_ms']:.6g}" + ("" if cfg.quantile == "p50" else f"@{cfg.quantile}")
+        r = search_budget(name, storage, spec, lat_model, evaluator, b, cfg, progress, routers, attrs, tail)
         if r["stop"] != "done":
             print(f"flextron search: budget {b['budget_ms']:.4g} ms stopped early: {r['stop']}", file=sys.stderr)
         results.append(r)
@@ -467,7 +492,7 @@ def search(cfg: SearchConfig) -> dict:
     write_json_atomic(best_path, {"regime": regime_key, "device_name": models.device_name, "weights": wname,
                                   "quality_setting": evaluator.setting, "best": best})
     save_stage_config(out / "search_config.json", cfg)
-    by_budget = {b["budget_ms"]: b for b in best}
+    by_budget = {(b["budget_ms"], b["quantile"]): b for b in best}
     return {
         "regime": regime_key, "weights": wname, "results": str(out), "budgets_ms": [b["budget_ms"] for b in budgets],
         "feasible_ms": [round(lo, 4), round(hi, 4)],
@@ -475,10 +500,11 @@ def search(cfg: SearchConfig) -> dict:
         "evaluated_trials": int(trials["evaluated"].sum()) if len(trials) else 0,
         "infeasible_skipped": int((~trials["evaluated"]).sum()) if len(trials) else 0,
         "eval_tokens": evaluator.tokens,
+        "reference_full_ms": full_ms, "quantile": cfg.quantile,
         "per_budget": [{k: r[k] for k in ("budget_ms", "budget_frac", "evaluated", "asked_here", "repeats_here", "stop")}
-                       | ({"ppl": round(math.exp(by_budget[r["budget_ms"]]["loss"]), 3),
-                           "predicted_ms": round(by_budget[r["budget_ms"]]["predicted_latency_ms"], 4)}
-                          if r.get("budget_ms") in by_budget else {})
+                       | ({"ppl": round(math.exp(by_budget[(r["budget_ms"], r["quantile"])]["loss"]), 3),
+                           "predicted_ms": round(by_budget[(r["budget_ms"], r["quantile"])]["predicted_latency_ms"], 4)}
+                          if (r.get("budget_ms"), r.get("quantile")) in by_budget else {})
                        for r in results if "budget_ms" in r],
         "best": [{"budget_ms": b["budget_ms"], "ppl": round(math.exp(b["loss"]), 3),
                   "predicted_ms": round(b["predicted_latency_ms"], 4)} for b in best],

@@ -68,7 +68,7 @@ def test_search_never_evaluates_infeasible_configs_and_resumes(fitted):
 def test_budget_below_smallest_names_the_feasible_range(fitted):
     from search.optuna_search import SearchConfig, search
 
-    with pytest.raises(FlextronError, match="feasible budgets run from"):
+    with pytest.raises(FlextronError, match="feasible p50 budgets run from"):
         search(SearchConfig(run=str(fitted), budget_ms=(1e-6,), trials=2))
     with pytest.raises(FlextronError, match="cannot open Optuna storage"):
         search(SearchConfig(run=str(fitted), budget_ms=(1.0,), storage="postgresql://nobody@127.0.0.1:1/x"))
@@ -225,9 +225,19 @@ def test_budgets_record_their_reference_and_bad_budgets_are_refused(run_copy):
     assert (_results(run_copy) / "best.json").read_bytes() == before
 
 
-def test_out_of_proposals_is_reported(run_copy, capsys):
-    lo = _budget(run_copy, 0.0)
-    s = _search(run_copy, budget_ms=(lo * 1.0001,), trials=6)  # barely one config fits
+def test_out_of_proposals_is_reported(run_copy, capsys, monkeypatch):
+    """Only two configs fit: the search stops after its capped proposals and says so."""
+    import numpy as np
+
+    from flextron.elastic import ElasticModel
+    from profiler.latency_model import LatencyModel, encode
+
+    spec = ElasticModel.load(run_copy / "elastic").spec
+    fits = encode([spec.smallest(), spec.uniform(0.25, 0.5)])
+    monkeypatch.setattr(LatencyModel, "predict",
+                        lambda self, X: np.where([any((x == f).all() for f in fits) for x in np.asarray(X)], 1.0, 2.0))
+    monkeypatch.setattr(LatencyModel, "range_ms", lambda self, spec: (1.0, 2.0))
+    s = _search(run_copy, budget_ms=(1.5,), trials=6)
     r = s["per_budget"][0]
     assert r["evaluated"] < 6 and r["stop"].startswith("ran out of proposals")
     assert "stopped early: ran out of proposals" in capsys.readouterr().err
