@@ -3,23 +3,31 @@
 A uniform config becomes an ordinary transformers checkpoint (smaller intermediate_size and head
 counts in config.json). A heterogeneous one keeps per-layer shapes in `flextron_subnet.json` and
 loads with `load_subnet`, which builds the transformers model and resizes each layer's Linears.
+
+An export only ever replaces a previous export, and only when asked (`overwrite`): never a model it
+did not write, and never a run's own elastic checkpoint. It is built beside its target and swapped
+in, so a failed export leaves the previous one intact.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from flextron.elastic import ElasticModel
+from flextron.elastic import SPEC_FILE, ElasticModel
 from flextron.errors import FlextronError
 from flextron.models import adapter_for
+from flextron.rundir import COMPLETE_MARKER, fresh_tmp_dir, read_json, recover_swap, swap_in, write_json_atomic
 from flextron.spec import SubnetConfig
 
 SUBNET_FILE = "flextron_subnet.json"
+PARTIAL_MARKER = ".flextron_export_partial"  # first file in a folder being built; removed before the swap
+CHECKPOINT_STAGES = ("elastic", "trained")  # the run folders holding elastic weights that stages read
 
 
 def _sliced_state_dict(elastic: ElasticModel, cfg: SubnetConfig) -> dict[str, torch.Tensor]:
@@ -58,16 +66,56 @@ def _resize_linears(model, cfg: SubnetConfig, head_dim: int, q_per_kv: int) -> N
                                          bias=old.bias is not None, dtype=old.weight.dtype))
 
 
-def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path, extra: dict | None = None) -> dict:
-    """Write `cfg` as a standalone checkpoint in `out_dir`. Returns what was written."""
+def _is_our_leftover(folder: Path) -> bool:
+    """A sibling folder an interrupted export left behind (safe to recover or remove)."""
+    return folder.is_dir() and (not any(folder.iterdir()) or any(
+        (folder / m).exists() for m in (SUBNET_FILE, PARTIAL_MARKER, COMPLETE_MARKER)))
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an `--out` that an export must not write: a file, a folder inside a run's elastic
+    checkpoint (`elastic/`, `trained/`: every later stage reads it), a non-empty folder that is not a
+    previous export, or a previous export without `overwrite`. Returns the folder as a Path."""
+    out_dir = Path(os.path.abspath(out_dir))  # `sub/..` named by what it is; symlinks resolved below
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FlextronError(f"--out {out_dir} is a file; pass a directory for the exported model")
+    if not out_dir.name:
+        raise FlextronError(f"--out {out_dir} is not a folder an export can be built beside; name a new folder")
+    resolved = out_dir.resolve()
+    for folder in (resolved, *resolved.parents):
+        run_checkpoint = folder.name in CHECKPOINT_STAGES and (folder.parent / "elastic" / SPEC_FILE).is_file()
+        if run_checkpoint or (folder / SPEC_FILE).is_file():
+            raise FlextronError(
+                f"--out {out_dir} lies inside {folder}, a run's elastic checkpoint; writing there would replace "
+                "the model every later stage reads (even with --overwrite). Choose a folder outside it, "
+                "e.g. RUN/export/NAME")
+    siblings = [out_dir.with_name(out_dir.name + s) for s in (".tmp", ".old")]
+    for sib in siblings:
+        if sib.exists() and not _is_our_leftover(sib):
+            raise FlextronError(f"--out {out_dir} would be built in {sib}, which exists and is not a flextron "
+                                "export; move it or choose another --out")
+    if any(sib.exists() for sib in siblings):
+        recover_swap(out_dir)  # an export killed mid-swap: put the complete version in place first
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / SUBNET_FILE).is_file():
+            raise FlextronError(f"--out {out_dir} exists, is not empty and is not a flextron export "
+                                f"(no {SUBNET_FILE}); choose a new or empty folder")
+        if not overwrite:
+            raise FlextronError(f"--out {out_dir} holds a previous export; pass --overwrite to replace it")
+    return out_dir
+
+
+def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path, extra: dict | None = None,
+                  overwrite: bool = False) -> dict:
+    """Write `cfg` as a standalone checkpoint in `out_dir` (see `check_out_dir` for which folders it
+    may write). Returns what was written."""
     from safetensors.torch import save_file
 
     spec = elastic.spec
     spec.validate(cfg)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
-        raise FlextronError(f"{out_dir} exists and is not an exported model; choose an empty --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_out_dir(out_dir, overwrite)
+    tmp = fresh_tmp_dir(out_dir)
+    (tmp / PARTIAL_MARKER).touch()
     # Plain transformers can load it only if every layer has the same shape and the head count
     # passes config validation (hidden_size divisible by heads); otherwise load_subnet resizes.
     uniform = (len(set(cfg.mlp_width)) == 1 and len(set(cfg.heads)) == 1
@@ -80,41 +128,45 @@ def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path,
     state = _sliced_state_dict(elastic, cfg)
     if spec.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    config.save_pretrained(out_dir)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(tmp)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     if getattr(elastic.model, "generation_config", None) is not None:
-        elastic.model.generation_config.save_pretrained(out_dir)
-    elastic.tokenizer.save_pretrained(out_dir)
+        elastic.model.generation_config.save_pretrained(tmp)
+    elastic.tokenizer.save_pretrained(tmp)
     record = {"config": cfg.to_dict(), "uniform": uniform, "params": cfg.param_count(spec), **(extra or {})}
-    (out_dir / SUBNET_FILE).write_text(json.dumps(record, indent=1))
+    write_json_atomic(tmp / SUBNET_FILE, record)
     if not uniform:
         # Plain from_pretrained would see shape mismatches; say so in config.json itself.
-        cfg_json = json.loads((out_dir / "config.json").read_text())
+        cfg_json = json.loads((tmp / "config.json").read_text())
         cfg_json["flextron_subnet"] = cfg.to_dict()
-        (out_dir / "config.json").write_text(json.dumps(cfg_json, indent=2))
+        (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2))
+    (tmp / PARTIAL_MARKER).unlink()
+    swap_in(tmp, out_dir)
     return {"out": str(out_dir), "uniform": uniform, "params": record["params"],
             "loader": "AutoModelForCausalLM.from_pretrained" if uniform else "flextron.load_subnet"}
 
 
 def load_subnet(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Load an exported sub-network (uniform or heterogeneous) as a plain transformers model."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise FlextronError(f"{path} is not an exported flextron model (config.json and model.safetensors expected)")
-    meta = json.loads((path / SUBNET_FILE).read_text()) if (path / SUBNET_FILE).is_file() else None
-    if meta is None or meta.get("uniform", True):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
-        return model.to(device).eval()
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    cfg = SubnetConfig.from_dict(meta["config"])
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    head_dim = config.head_dim
-    _resize_linears(model, cfg, head_dim, config.num_attention_heads // config.num_key_value_heads)
-    state = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    meta = read_json(path / SUBNET_FILE) if (path / SUBNET_FILE).is_file() else None
+    try:
+        if meta is None or meta.get("uniform", True):
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+            return model.to(device).eval()
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        cfg = SubnetConfig.from_dict(meta["config"])
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        _resize_linears(model, cfg, config.head_dim, config.num_attention_heads // config.num_key_value_heads)
+        missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:  # truncated or edited files
+        raise FlextronError(f"{path} is a damaged export ({type(e).__name__}: {str(e)[:200]}); export it again") from None
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise FlextronError(f"{path}: weights do not match the sub-network (missing {missing[:3]}, unexpected {unexpected[:3]})")

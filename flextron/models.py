@@ -7,12 +7,16 @@ config for tests. Nothing is fetched from a hub and nothing runs with `trust_rem
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,25 +173,65 @@ def _load_gguf(path: Path):
     return model, tok
 
 
+@contextlib.contextmanager
+def _locked(lock_path: Path):
+    """An exclusive lock on `lock_path` (created if missing) for the duration of the block.
+    The lock file is never removed: removing it would let a third process lock a different inode."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _cache_damage() -> tuple[type[BaseException], ...]:
+    """What loading a damaged cache entry raises (checked: truncated or garbage safetensors, bad or
+    missing config/tokenizer files). Anything else (KeyboardInterrupt, MemoryError) is not the
+    cache's fault, so it propagates and the entry is kept."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError)
+
+
 def _cached_checkpoint(key: str, loader):
-    """Load from the safetensors cache, or build with `loader` once and cache it (atomic rename)."""
+    """Load from the safetensors cache, or build with `loader` once and cache it.
+
+    Check-and-build runs under a file lock beside the entry, so processes starting at once build it
+    once: the others wait and load what the first wrote. The entry appears by one rename of a
+    complete folder, and a damaged entry is rebuilt only after saying on stderr what failed, where.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_root() / "models" / key
-    if (target / "config.json").is_file():
+    with _locked(target.with_name(key + ".lock")):
+        if (target / "config.json").is_file():
+            try:
+                tok = AutoTokenizer.from_pretrained(target)
+                model = AutoModelForCausalLM.from_pretrained(target, dtype="float32", use_safetensors=True)
+                return model.eval(), tok
+            except _cache_damage() as e:
+                print(f"flextron: cached model {target} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); "
+                      "deleting and rebuilding it", file=sys.stderr)
+        elif target.exists():
+            print(f"flextron: cached model {target} is incomplete (no config.json); deleting and rebuilding it",
+                  file=sys.stderr)
+        shutil.rmtree(target, ignore_errors=True)
+        for stale in target.parent.glob(glob.escape(key) + ".tmp*"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+        model, tok = loader()
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
         try:
-            tok = AutoTokenizer.from_pretrained(target)
-            model = AutoModelForCausalLM.from_pretrained(target, dtype="float32", use_safetensors=True)
-            return model.eval(), tok
-        except Exception:
-            shutil.rmtree(target, ignore_errors=True)  # a half-written cache from a killed run
-    model, tok = loader()
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+            tmp.rename(target)
+        except OSError:
+            # Only reachable where flock is not honoured (some network file systems): another
+            # process renamed its complete copy in first. Keep the winner's; ours is identical.
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return model.eval(), tok
 
 

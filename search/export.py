@@ -11,24 +11,31 @@ from flextron.errors import FlextronError
 class ExportConfig:
     run: str = "runs/demo"
     config: str = ""  # full | smallest | uniform:F | JSON file; exclusive with --budget-ms / --lookup
-    out: str = ""
+    out: str = ""  # a new or empty folder, or a previous export with --overwrite; never inside elastic/ or trained/
     budget_ms: float = 0.0  # export the lookup's config for this budget (needs --regime if several)
     regime: str = ""
     lookup: bool = False
     weights: str = "auto"  # elastic | trained | auto (trained when it exists)
+    overwrite: bool = False  # replace the previous flextron export in --out
 
     def __post_init__(self):
+        from flextron.rundir import check_finite
+
+        check_finite("budget_ms", self.budget_ms, low=0.0)
         modes = sum([bool(self.config), self.budget_ms > 0, self.lookup])
         if modes != 1:
             raise FlextronError("flextron export takes exactly one of --config CONFIG, --budget-ms X, or --lookup")
         if (self.config or self.budget_ms > 0) and not self.out:
             raise FlextronError("--out DIR is needed to write a sub-model")
+        if self.lookup and (self.out or self.overwrite):
+            raise FlextronError("--lookup writes RUN/export/lookup.json; --out and --overwrite apply to a sub-model "
+                                "(--config or --budget-ms)")
 
 
 def export(cfg: ExportConfig) -> dict:
     from flextron.elastic import ElasticModel
     from flextron.evaluate import parse_config
-    from flextron.export import export_subnet
+    from flextron.export import check_out_dir, export_subnet
     from flextron.rundir import RunDir
 
     run = RunDir(cfg.run)
@@ -36,6 +43,7 @@ def export(cfg: ExportConfig) -> dict:
         from search.lookup import write_lookup
 
         return write_lookup(run)
+    check_out_dir(cfg.out, cfg.overwrite)  # before loading any weights
     elastic = ElasticModel.load(run.weights(cfg.weights)[1])
     extra = {}
     if cfg.budget_ms > 0:
@@ -48,4 +56,4 @@ def export(cfg: ExportConfig) -> dict:
     else:
         sub = parse_config(elastic.spec, cfg.config)
         extra = {"config_arg": cfg.config}
-    return export_subnet(elastic, sub, cfg.out, extra=extra)
+    return export_subnet(elastic, sub, cfg.out, extra=extra, overwrite=cfg.overwrite)

@@ -40,24 +40,64 @@ def test_ranking_permutes_weights(tiny_run):
     assert a[: len(a) // 4].mean() > a[-len(a) // 4 :].mean()
 
 
-def test_smaller_config_is_a_prefix_without_copies(tiny_run):
+def _dense_sliced(model, spec, cfg: SubnetConfig):
+    """`model` (a plain transformers model) with every layer's Linears cut by hand to `cfg`: rows of
+    q/k/v and gate/up, columns of o and down, as new dense copies of the prefixes."""
+    from torch import nn
+
+    from flextron.models import adapter_for
+
+    adapter = adapter_for(model.config)
+    d, r = spec.head_dim, spec.q_per_kv
+    for layer, w, h in zip(adapter.layers(model), cfg.mlp_width, cfg.heads):
+        attn, mlp = adapter.attn_of(layer), adapter.mlp_of(layer)
+        cuts = {(attn, adapter.q): (h * d, None), (attn, adapter.k): (h // r * d, None),
+                (attn, adapter.v): (h // r * d, None), (attn, adapter.o): (None, h * d),
+                (mlp, adapter.gate): (w, None), (mlp, adapter.up): (w, None), (mlp, adapter.down): (None, w)}
+        for (holder, name), (rows, cols) in cuts.items():
+            old = getattr(holder, name)
+            new = nn.Linear(cols or old.in_features, rows or old.out_features, bias=old.bias is not None)
+            new.weight = nn.Parameter(old.weight.detach()[:rows, :cols].clone())
+            if old.bias is not None:
+                new.bias = nn.Parameter(old.bias.detach()[:rows].clone())
+            setattr(holder, name, new)
+    return model
+
+
+def test_a_config_runs_the_dense_model_sliced_to_it_without_copying_weights(tiny_run, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
     elastic = ElasticModel.load(tiny_run / "elastic")
     spec = elastic.spec
+    cfg = SubnetConfig(  # a different width and head count in every layer
+        tuple(ws[i % len(ws)] for i, ws in enumerate(spec.mlp_widths)),
+        tuple(hs[(i + 1) % len(hs)] for i, hs in enumerate(spec.head_counts)),
+    )
+    assert len(set(cfg.mlp_width)) > 1 and len(set(cfg.heads)) > 1
     ptrs = {n: p.data_ptr() for n, p in elastic.model.named_parameters()}
-    small = spec.smallest()
-    elastic.set_config(small)
-    assert {n: p.data_ptr() for n, p in elastic.model.named_parameters()} == ptrs
-    gate = elastic._linears[0]["gate"]
-    assert gate.active_out == small.mlp_width[0]
-    q = elastic._linears[0]["q"]
-    assert q.active_out == small.heads[0] * spec.head_dim
-    # running a config is the same as running the dense model sliced to it
+    storages = {p.untyped_storage().data_ptr() for p in elastic.model.parameters()}
+    weight_storages = []
+    linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):  # every matmul of the forward: is its weight a view of a parameter?
+        weight_storages.append(weight.untyped_storage().data_ptr())
+        return linear(x, weight, bias)
+
     ids = torch.randint(0, 300, (2, 12))
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    with torch.no_grad(), elastic.use(cfg):
+        got = elastic(input_ids=ids).logits
+    monkeypatch.undo()
+    assert len(weight_storages) == 7 * spec.num_layers + 1  # q k v o gate up down per layer, then lm_head
+    assert set(weight_storages) <= storages  # no weight was copied to run the config
+    assert {n: p.data_ptr() for n, p in elastic.model.named_parameters()} == ptrs
+
+    dense = _dense_sliced(AutoModelForCausalLM.from_pretrained(tiny_run / "elastic").eval(), spec, cfg)
     with torch.no_grad():
-        sliced = elastic(input_ids=ids).logits
-        elastic.set_config(spec.full())
+        expected = dense(input_ids=ids).logits
         full = elastic(input_ids=ids).logits
-    assert not torch.allclose(sliced, full)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, full, atol=1e-3)  # the config changes the answer: the test sees slicing
 
 
 def test_export_uniform_loads_with_plain_transformers(tiny_run, tmp_path):
