@@ -1,9 +1,10 @@
 """The budget-to-config lookup: what a deployment reads.
 
-For each budget of a device and regime: the best config whose *measured* latency fits, from the
-verified search results and the uniform configs (measured by verify in the same session, or by the
-profiler for runs verified before that). More budget never gives a
-worse config: a budget inherits a smaller budget's choice when that one is better.
+For each budget of a device and regime: the best config that verify measured within it with 95%
+confidence (the upper bootstrap bound of its ratio to the full model, at the budget's quantile, in
+the same rounds), from the verified search results and the uniform configs. Rows carry p50 and p90
+step latency, the ratio and its bound, and the budget's reference. More budget never gives a worse
+config: a budget inherits a smaller budget's choice when that one is better.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ LOOKUP_JSON = "lookup.json"
 class LookupRow:
     regime: str
     device_name: str
-    budget_ms: float
+    budget_ms: float  # budget_frac x reference_full_ms
     config: SubnetConfig
     predicted_latency_ms: float | None  # None for uniform fallbacks, which were measured, not predicted
-    measured_latency_ms: float
+    measured_latency_ms: float  # median step, in verify's session
     ppl: float
     source: str
     weights: str = "elastic"  # the elastic weights this row's quality was measured with (export uses them)
-    budget_frac: float | None = None  # the budget as a fraction of `reference_full_ms`, when it was given so
-    reference_full_ms: float | None = None
+    budget_frac: float | None = None  # the budget as a fraction of the full model measured in the same session
+    reference_full_ms: float | None = None  # that full model's median step
+    quantile: str = "p50"  # the quantile of per-step latency the budget bounds
+    latency_ms_p50: float | None = None
+    latency_ms_p90: float | None = None
+    ratio_to_full: float | None = None  # at `quantile`, median over rounds
+    ratio_hi: float | None = None  # its upper 95% bound: at or below the budget fraction, by construction
 
 
 class Lookup:
@@ -71,35 +77,48 @@ def _num(v) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def build_rows(verified, uniform_e2e, uniform_loss: dict[str, dict[str, float]]) -> list[dict]:
-    """Per (regime, budget): the lowest-loss candidate measured within budget; then monotone.
-    `verified` holds one set of weights; `uniform_loss` is {regime: {config key: loss}} for them."""
+def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> list[dict]:
+    """Per (regime, budget): the lowest-loss candidate whose upper confidence bound of its ratio to the
+    full model (at the budget's quantile) is within the budget's fraction; then monotone in budget.
+
+    `verified` holds one set of weights; `uniform` the uniform configs measured in the same rounds;
+    `uniform_loss` is {regime: {config key: loss}} for those weights. A candidate whose interval
+    straddles the budget is never quoted as compliant."""
+    from profiler.rounds import RATIO_COLUMN
+
     rows = []
     for regime, vg in verified.groupby("regime"):
-        weights = vg["weights"].iloc[0] if "weights" in vg else "elastic"
+        weights = vg["weights"].iloc[0]
+        quantile = vg["quantile"].iloc[0]
+        col = RATIO_COLUMN[quantile]
         cands = [dict(config=r.config, predicted_latency_ms=r.predicted_latency_ms, measured_latency_ms=r.measured_latency_ms,
+                      latency_ms_p50=r.latency_ms_p50, latency_ms_p90=r.latency_ms_p90, ratio=r.ratio, ratio_hi=r.ratio_hi,
                       loss=r.loss, source=r.source) for r in vg.itertuples()]
         losses = uniform_loss.get(regime, {})
-        for r in uniform_e2e[uniform_e2e["regime"] == regime].itertuples():
+        for r in uniform[uniform["regime"] == regime].itertuples():
             if r.config_key in losses:
-                cands.append(dict(config=r.config, predicted_latency_ms=float("nan"), measured_latency_ms=r.latency_ms_median,
+                cands.append(dict(config=r.config, predicted_latency_ms=float("nan"), measured_latency_ms=r.measured_latency_ms,
+                                  latency_ms_p50=r.latency_ms_p50, latency_ms_p90=r.latency_ms_p90,
+                                  ratio=getattr(r, col), ratio_hi=getattr(r, f"{col}_hi"),
                                   loss=losses[r.config_key], source="uniform"))
         prev = None
-        for budget, bg in vg.groupby("budget_ms"):
-            fit = [c for c in cands if c["measured_latency_ms"] <= budget]
+        for frac, bg in vg.groupby("budget_frac"):
+            first = bg.iloc[0]
+            fit = [c for c in cands if c["ratio_hi"] <= first["limit_frac"]]
             if not fit:
                 continue
             best = min(fit, key=lambda c: c["loss"])
             if prev is not None and prev["loss"] < best["loss"]:
                 best = prev
             prev = best
-            first = bg.iloc[0]
-            rows.append({"regime": regime, "device_name": vg["device_name"].iloc[0], "budget_ms": float(budget),
-                         "budget_frac": _num(first.get("budget_frac")), "reference_full_ms": _num(first.get("reference_full_ms")),
-                         "weights": weights, "config": json.loads(best["config"]),
+            rows.append({"regime": regime, "device_name": first["device_name"], "budget_ms": float(first["budget_ms"]),
+                         "budget_frac": float(frac), "reference_full_ms": float(first["reference_full_ms"]),
+                         "quantile": quantile, "weights": weights, "config": json.loads(best["config"]),
                          "predicted_latency_ms": _num(best["predicted_latency_ms"]),
-                         "measured_latency_ms": float(best["measured_latency_ms"]), "ppl": math.exp(best["loss"]),
-                         "source": best["source"]})
+                         "measured_latency_ms": float(best["measured_latency_ms"]),
+                         "latency_ms_p50": float(best["latency_ms_p50"]), "latency_ms_p90": float(best["latency_ms_p90"]),
+                         "ratio_to_full": float(best["ratio"]), "ratio_hi": float(best["ratio_hi"]),
+                         "ppl": math.exp(best["loss"]), "source": best["source"]})
     return rows
 
 
@@ -123,12 +142,11 @@ def write_lookup(run, weights: str = "auto") -> dict:
         raise FlextronError(f"no verified picks for the {wname} weights (verified: {searched}); run "
                             f"`flextron search --weights {wname}` and `flextron verify`, or export with --weights {searched[0]}"
                             if searched else "verify holds no picks; run `flextron search` and `flextron verify`")
-    same_session = run / "verify" / UNIFORM_FILE
-    if same_session.is_file():  # measured by verify in the same session as the picks
-        uniform = read_parquet(same_session, run.root).rename(columns={"measured_latency_ms": "latency_ms_median"})
-    else:
-        e2e = read_parquet(run / "profile" / "e2e.parquet", run.root)
-        uniform = e2e[e2e["uniform"] & (e2e["status"] == "ok")]
+    for col in ("ratio_hi", "limit_frac", "quantile"):
+        if col not in verified.columns:
+            raise FlextronError(f"{run / 'verify' / VERIFIED_FILE} predates verification in rounds; "
+                                f"re-run `flextron verify --run {run.root}`")
+    uniform = read_parquet(run.require("verify", UNIFORM_FILE) / UNIFORM_FILE, run.root)  # the same rounds as the picks
     cache = run / "search" / QUALITY_CACHE
     losses = {rk: read_quality_cache(cache, search_quality_setting(run.root, rk, wname) or "")
               for rk in set(verified["regime"])}

@@ -1,10 +1,14 @@
-"""`flextron verify`: measure chosen configs end to end on the device; replace any that miss.
+"""`flextron verify`: measure chosen configs end to end on the device, with confidence; replace misses.
 
 Measured latency, not predicted, is what the lookup and the reports quote. Every search result
-(`RUN/search/<regime>/<weights>/best.json`) is verified. A config whose measurement exceeds its
-budget is replaced by the next best config evaluated for the same budget, regime and weights,
-which is measured in turn (a capped number of times). The uniform configs the lookup may fall back
-to are measured in the same session, once per regime.
+(`RUN/search/<regime>/<weights>/best.json`) is verified in interleaved rounds (`profiler/rounds.py`):
+in each round the full model, every pick and every uniform config (the lookup's fallbacks) are
+measured once in a fresh random order, so each gets its latency relative to the full model in the
+same round. A budget is a fraction of this session's full model (`flextron.budget`); a pick is
+`within` when the upper 95% bootstrap bound of its ratio at the budget's quantile is within the
+fraction, `over` when the lower bound is above it, and `uncertain` otherwise. Uncertain picks get
+more rounds (up to `--max-rounds`); a pick still not `within` is replaced by the next best config
+evaluated for the same budget, regime and weights that is measured `within` (a capped number).
 """
 
 from __future__ import annotations
@@ -18,25 +22,36 @@ from flextron.spec import Regime, SubnetConfig
 
 VERIFIED_FILE = "verified.parquet"
 UNIFORM_FILE = "uniform.parquet"  # the uniform configs measured in the same session as the picks
+SAMPLES_FILE = "samples.parquet"  # every raw sample, with its round
 MAX_REPLACEMENTS = 5
+FULL = "full"
 
 
 @dataclass(frozen=True)
 class VerifyConfig:
     run: str = "runs/demo"
     device: str = "cpu"
-    min_reps: int = 20
-    min_time_ms: float = 100.0
-    tolerance: float = 0.0  # a measurement may exceed its budget by this fraction (0.02 = 2%)
+    rounds: int = 6  # interleaved rounds over every pick, the full model and the uniform configs
+    max_rounds: int = 18  # rounds a pick inside the noise band may get before it is decided
+    reps: int = 5  # timed steps per config per round
+    warmup: int = 2  # untimed steps before each config's timed ones in a round
+    quantile: str = "p50"  # p50 | p90 | p99 of per-step latency that a budget bounds
+    tolerance: float = 0.0  # a pick may exceed its budget fraction by this share (0.02 = 2%)
+    threads: int = 0  # CPU: torch intra-op threads; 0 = one (see flextron.devices.set_cpu_threads)
 
     def __post_init__(self):
+        from flextron.budget import check_quantile
         from flextron.devices import check_device_name
         from flextron.rundir import check_finite
+        from profiler.rounds import RoundsConfig
 
         check_device_name(self.device)
-        check_finite("min_reps", self.min_reps, low=1)
-        check_finite("min_time_ms", self.min_time_ms, low=0)
+        RoundsConfig(rounds=self.rounds, reps=self.reps)
+        check_finite("max_rounds", self.max_rounds, low=self.rounds)
+        check_finite("warmup", self.warmup, low=0)
         check_finite("tolerance", self.tolerance, low=0, high=0.5)
+        check_finite("threads", self.threads, low=0)
+        check_quantile(self.quantile)
 
 
 def _best_files(run) -> list:
@@ -47,97 +62,160 @@ def _best_files(run) -> list:
     return files
 
 
+class _Session:
+    """One regime's interleaved measurements: the raw samples so far and how to add rounds."""
+
+    def __init__(self, elastic, regime: Regime, cfg: VerifyConfig, seed: int):
+        import torch
+
+        from profiler.sweep import RegimeBench
+        from profiler.timer import Timer, TimerConfig
+
+        elastic.to(device=cfg.device, dtype=getattr(torch, regime.dtype))
+        self.bench = RegimeBench(elastic, regime, cfg.device)
+        self.timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.reps, min_time_s=0.0,
+                                                                max_reps=cfg.reps))
+        self.regime, self.seed, self.configs = regime, seed, {FULL: elastic.spec.full()}
+        self.samples: list[dict] = []
+        self.rounds_of: dict[str, int] = {}
+
+    def _measure(self, key: str) -> list[float]:
+        return self.timer.measure(self.bench.forward_fn(self.configs[key])).samples_ms
+
+    def run(self, subs: dict[str, SubnetConfig], rounds: int, progress=None) -> None:
+        """`rounds` more rounds over `subs` and the full model (always the reference)."""
+        from profiler.rounds import measure_in_rounds
+
+        self.configs.update(subs)
+        keys = [FULL] + [k for k in subs if k != FULL]
+        first = self.rounds_of.get(FULL, 0)  # the full model is in every round: its count numbers them
+        rows = measure_in_rounds(keys, self._measure, rounds, seed=self.seed, first_round=first, progress=progress)
+        self.samples += [{**r, "regime": self.regime.key} for r in rows]
+        for k in keys:
+            self.rounds_of[k] = self.rounds_of.get(k, 0) + rounds
+
+    def stats(self, key: str, quantile: str, budget_frac: float) -> dict:
+        from profiler.rounds import RATIO_COLUMN, compliance, per_round
+
+        rt = per_round([s for s in self.samples if s["key"] in (key, FULL)], FULL)
+        mine = rt[rt["key"] == key]
+        verdict = compliance(mine[RATIO_COLUMN[quantile]].to_numpy(), budget_frac, seed=self.seed)
+        vals = [s["latency_ms"] for s in self.samples if s["key"] == key]
+        full = rt[rt["key"] == FULL]["median_ms"]
+        return {**verdict, "rounds": int(len(mine)), "measured_latency_ms": float(mine["median_ms"].median()),
+                "latency_ms_p50": float(_q(vals, 0.5)), "latency_ms_p90": float(_q(vals, 0.9)),
+                "latency_ms_p99": float(_q(vals, 0.99)), "reference_full_ms": float(full.median())}
+
+
+def _q(vals, q):
+    import numpy as np
+
+    return np.quantile(np.asarray(vals, float), q)
+
+
 def verify(cfg: VerifyConfig) -> dict:
     import pandas as pd
-    import torch
 
-    from flextron.devices import check_device
+    from flextron.devices import check_device, set_cpu_threads
     from flextron.elastic import ElasticModel
+    from flextron.progress import progress
     from flextron.rundir import RunDir, read_json, read_parquet, save_stage_config, write_parquet_atomic
-    from profiler.sweep import RegimeBench
+    from profiler.rounds import noise_floor, summarise
     from profiler.telemetry import Telemetry
-    from profiler.timer import Timer, TimerConfig
 
     run = RunDir(cfg.run)
     best_files = _best_files(run)
     check_device(cfg.device)
+    threads = set_cpu_threads(cfg.device, cfg.threads)
     device_name = Telemetry(cfg.device).device_name
-    picks = []
+    by_regime: dict[str, list] = {}
     for bf in best_files:
         best = read_json(bf, run.root)
         if best.get("device_name") != device_name:
             raise FlextronError(f"{bf} was searched for {best.get('device_name')!r} but this device is {device_name!r}; "
                                 "verify on the device that was profiled")
-        picks.append((bf, best))
+        by_regime.setdefault(best["regime"], []).append((bf, best))
     # Latency depends on shapes, not on weight values: one-shot weights time every pick.
     elastic = ElasticModel.load(run.elastic)
-    rows, uniform_rows, t0 = [], [], time.perf_counter()
-    measured_cache: dict[tuple[str, str], float] = {}
-    benches: dict[str, tuple] = {}
-
-    def measure(regime: Regime, sub: SubnetConfig) -> float:
-        k = (regime.key, sub.key)
-        if k not in measured_cache:
-            if regime.key not in benches:
-                elastic.to(device=cfg.device, dtype=getattr(torch, regime.dtype))
-                benches.clear()  # one regime's bench at a time (dtype and device follow the regime)
-                timer = Timer(cfg.device, regime.mode, TimerConfig(min_reps=cfg.min_reps, min_time_s=cfg.min_time_ms / 1e3))
-                benches[regime.key] = (timer, RegimeBench(elastic, regime, cfg.device))
-            timer, bench = benches[regime.key]
-            ms = timer.measure(bench.forward_fn(sub)).median_ms
-            if not math.isfinite(ms) or ms <= 0:
-                raise FlextronError(f"measuring {sub.key} in {regime.key} gave {ms} ms; nothing was written. "
-                                    "Raise --min-reps / --min-time-ms")
-            measured_cache[k] = ms
-        return measured_cache[k]
-
-    for bf, best in picks:
-        regime = Regime.parse(best["regime"])
-        weights = best.get("weights", "elastic")
-        trials_path = bf.with_name("trials.parquet")
-        trials = read_parquet(trials_path, run.root) if trials_path.is_file() else pd.DataFrame(
-            columns=["budget_ms", "evaluated", "loss", "config", "predicted_latency_ms"])
-        for b in best["best"]:
-            budget = b["budget_ms"]
-            limit = budget * (1 + cfg.tolerance)
-            sub = orig = elastic.spec.validate(SubnetConfig.from_dict(b["config"]))
-            pred, loss, source = b["predicted_latency_ms"], b["loss"], b["source"]
-            meas = measure(regime, sub)
-            replaced = 0
-            if meas > limit:
-                cands = trials[(trials["budget_ms"] == budget) & trials["evaluated"]].drop_duplicates("config")
-                for c in cands.sort_values("loss").itertuples():
-                    if replaced >= MAX_REPLACEMENTS:
-                        break
-                    alt = SubnetConfig.from_json(c.config)
-                    if alt == sub:
-                        continue
-                    replaced += 1
-                    m = measure(regime, alt)
-                    if m <= limit:
-                        sub, pred, loss, meas, source = alt, c.predicted_latency_ms, c.loss, m, c.source
-                        break
-            rows.append({"regime": regime.key, "device_name": device_name, "weights": weights, "budget_ms": budget,
-                         "budget_frac": b.get("budget_frac"), "reference_full_ms": b.get("reference_full_ms"),
-                         "config": sub.to_json(), "config_key": sub.key, "predicted_latency_ms": pred,
-                         "measured_latency_ms": meas, "loss": loss, "ppl": math.exp(loss),
-                         "within_budget": meas <= limit, "replacements_tried": replaced, "replaced": sub != orig,
-                         "source": source})
-    # The uniform configs the lookup may fall back to are measured again here, in the same
-    # session as the picks, so the lookup never compares latencies from different sessions.
-    for regime_key in sorted({r["regime"] for r in rows}):
+    rows, uniform_rows, all_samples, noise, t0 = [], [], [], {}, time.perf_counter()
+    for regime_key, picks in sorted(by_regime.items()):
         regime = Regime.parse(regime_key)
-        for sub in elastic.spec.uniform_configs():
+        session = _Session(elastic, regime, cfg, seed=len(all_samples))
+        spec = elastic.spec
+        first = {s.key: s for s in spec.uniform_configs()}
+        for _, best in picks:
+            for b in best["best"]:
+                sub = spec.validate(SubnetConfig.from_dict(b["config"]))
+                first[sub.key] = sub
+        session.run(first, cfg.rounds, progress)
+
+        for bf, best in picks:
+            trials_path = bf.with_name("trials.parquet")
+            trials = read_parquet(trials_path, run.root) if trials_path.is_file() else None
+            for b in best["best"]:
+                frac = b.get("budget_frac") or b["budget_ms"] / b["reference_full_ms"]
+                limit = frac * (1 + cfg.tolerance)
+                sub = orig = spec.validate(SubnetConfig.from_dict(b["config"]))
+                pred, loss, source = b["predicted_latency_ms"], b["loss"], b["source"]
+                st = _decide(session, sub, limit, cfg)
+                replaced = 0
+                if st["verdict"] != "within" and trials is not None:
+                    cands = trials[(trials["budget_ms"] == b["budget_ms"]) & trials["evaluated"]].drop_duplicates("config")
+                    for c in cands.sort_values("loss").itertuples():
+                        alt = SubnetConfig.from_json(c.config)
+                        if alt == sub:
+                            continue
+                        if replaced >= MAX_REPLACEMENTS:
+                            break
+                        replaced += 1
+                        session.run({alt.key: alt}, cfg.rounds)
+                        alt_st = _decide(session, alt, limit, cfg)
+                        if alt_st["verdict"] == "within":
+                            sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
+                            break
+                rows.append({"regime": regime.key, "device_name": device_name, "weights": best.get("weights", "elastic"),
+                             "quantile": cfg.quantile, "budget_frac": frac, "limit_frac": limit,
+                             "budget_ms": frac * st["reference_full_ms"], "reference_full_ms": st["reference_full_ms"],
+                             "searched_budget_ms": b["budget_ms"], "config": sub.to_json(), "config_key": sub.key,
+                             "predicted_latency_ms": pred, "loss": loss, "ppl": math.exp(loss),
+                             **{k: st[k] for k in ("measured_latency_ms", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
+                                                   "ratio", "ratio_lo", "ratio_hi", "verdict", "rounds")},
+                             "within_budget": st["verdict"] == "within", "replacements_tried": replaced,
+                             "replaced": sub != orig, "source": source})
+        # The lookup's fallbacks, measured in the same rounds as the picks (ratios at every quantile).
+        summary = summarise(session.samples, FULL).set_index("key")
+        for sub in spec.uniform_configs():
+            s = summary.loc[sub.key]
             uniform_rows.append({"regime": regime.key, "device_name": device_name, "config": sub.to_json(),
-                                 "config_key": sub.key, "measured_latency_ms": measure(regime, sub)})
+                                 "config_key": sub.key, "measured_latency_ms": s["latency_ms_median"],
+                                 **{c: s[c] for c in summary.columns if c.startswith(("latency_ms_p", "ratio_"))},
+                                 "reference_full_ms": float(summary.loc[FULL, "latency_ms_median"]), "rounds": int(s["rounds"])})
+        noise[regime.key] = noise_floor(session.samples, FULL)
+        all_samples += session.samples
     if not rows:
         raise FlextronError("the search results hold no evaluated picks to verify; run `flextron search` with more --trials")
     out = run / "verify"
     df = pd.DataFrame(rows)
     write_parquet_atomic(df, out / VERIFIED_FILE)
     write_parquet_atomic(pd.DataFrame(uniform_rows), out / UNIFORM_FILE)
+    write_parquet_atomic(pd.DataFrame(all_samples), out / SAMPLES_FILE)
     save_stage_config(out / "verify_config.json", cfg)
-    return {"device": device_name, "verified": len(df), "within_budget": int(df["within_budget"].sum()),
-            "replaced": int(df["replaced"].sum()),
-            "max_measured_over_budget": round(float((df["measured_latency_ms"] / df["budget_ms"]).max()), 4),
+    from flextron.rundir import write_json_atomic
+
+    write_json_atomic(out / "noise.json", {"device_name": device_name, "threads": threads, "regimes": noise})
+    return {"device": device_name, "threads": threads, "verified": len(df), "within_budget": int(df["within_budget"].sum()),
+            "verdicts": df["verdict"].value_counts().to_dict(), "replaced": int(df["replaced"].sum()),
+            "max_ratio_over_budget_frac": round(float((df["ratio"] / df["budget_frac"]).max()), 4),
+            "noise_floor_pct": {k: v["noise_floor_pct"] for k, v in noise.items()},
+            "ratio_noise_floor_pct": {k: v["ratio_noise_floor_pct"] for k, v in noise.items()},
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _decide(session: _Session, sub: SubnetConfig, limit: float, cfg: VerifyConfig) -> dict:
+    """The pick's verdict against `limit` (a fraction of the full model), measuring more rounds of it
+    and the full model while it sits inside the noise band."""
+    st = session.stats(sub.key, cfg.quantile, limit)
+    while st["verdict"] == "uncertain" and session.rounds_of[sub.key] < cfg.max_rounds:
+        session.run({sub.key: sub}, min(cfg.rounds, cfg.max_rounds - session.rounds_of[sub.key]))
+        st = session.stats(sub.key, cfg.quantile, limit)
+    return st

@@ -27,7 +27,7 @@ def _budget(run, frac):
     m = LatencyModels.load(run)
     spec = ElasticModel.load(run / "elastic").spec
     lo, hi = feasible_range(m.get(m.resolve(None)), spec)
-    return lo + frac * (hi - lo)
+    return lo + frac * max(hi - lo, 0.5 * lo)  # distinct budgets even when a noisy profile predicts a flat range
 
 
 def test_search_space_is_ordinal_and_round_trips_configs(tiny_run):
@@ -86,7 +86,7 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
 
     budgets = tuple(_budget(fitted, f) * 3 for f in (0.5, 0.9))  # generous: CPU timing noise in CI
     search(SearchConfig(run=str(fitted), budget_ms=budgets, trials=4, eval_windows=2, eval_seq_len=32))
-    v = verify(VerifyConfig(run=str(fitted), min_reps=3, min_time_ms=5))
+    v = verify(VerifyConfig(run=str(fitted), rounds=2, reps=2, warmup=1))
     assert v["verified"] >= 2
     ver = pd.read_parquet(fitted / "verify" / "verified.parquet")
     assert set(ver["weights"]) == {"elastic"}
@@ -100,7 +100,8 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
     assert (fitted / "export" / "lookup.csv").is_file()
     ppl = [r["ppl"] for r in sorted(rows, key=lambda r: r["budget_ms"])]
     assert all(a >= b for a, b in zip(ppl, ppl[1:]))  # more budget never worse
-    assert all(r["measured_latency_ms"] <= r["budget_ms"] for r in rows)
+    assert all(r["ratio_hi"] <= r["budget_frac"] for r in rows)  # compliant with confidence, in the same rounds
+    assert all(r["reference_full_ms"] > 0 and r["latency_ms_p90"] >= r["latency_ms_p50"] for r in rows)
     measured_now = dict(zip(uni["config"].map(lambda c: json.dumps(json.loads(c))), uni["measured_latency_ms"]))
     for r in rows:
         if r["source"] == "uniform":  # a fallback, or a search pick that was a uniform seed: same-session timing
@@ -260,25 +261,21 @@ def test_missing_cuda_device_is_a_clear_error(run_copy):
         assert main(argv) == 2
 
 
-def _fake_latency(monkeypatch, spec):
-    """Timer.measure returns a latency proportional to a config's parameters (deterministic)."""
+def _fake_latency(monkeypatch, spec, samples=None):
+    """Timer.measure returns a latency proportional to a config's parameters (deterministic), or
+    `samples(fraction_of_full_params, call_number)` when given."""
+    import itertools
+
     from profiler import timer as timer_mod
     from profiler.sweep import RegimeBench
     from profiler.timer import Timing
 
     full = spec.full().param_count(spec)
     real_forward = RegimeBench.forward_fn
-
-    def forward_fn(self, sub):
-        fn = real_forward(self, sub)
-        fn.params = sub.param_count(spec)
-        return fn
-
-    def measure(self, fn):
-        return Timing([10.0 * fn.params / full] * 3)
-
+    calls = itertools.count()
+    samples = samples or (lambda frac, n: [10.0 * frac] * 3)
     monkeypatch.setattr(RegimeBench, "forward_fn", lambda self, sub: _Tagged(real_forward(self, sub), sub.param_count(spec)))
-    monkeypatch.setattr(timer_mod.Timer, "measure", lambda self, fn: Timing([10.0 * fn.params / full] * 3))
+    monkeypatch.setattr(timer_mod.Timer, "measure", lambda self, fn: Timing(samples(fn.params / full, next(calls))))
 
 
 class _Tagged:
@@ -287,6 +284,55 @@ class _Tagged:
 
     def __call__(self):
         return self.fn()
+
+
+def _one_pick(run, spec, pick, frac):
+    """Make `pick` the only search result, at budget fraction `frac` of a 10 ms full model."""
+    folder = _results(run)
+    best = json.loads((folder / "best.json").read_text())
+    best["best"] = [{**best["best"][0], "budget_ms": 10.0 * frac, "budget_frac": frac, "reference_full_ms": 10.0,
+                     "config": pick.to_dict(), "loss": 0.0}]
+    (folder / "best.json").write_text(json.dumps(best))
+    (folder / "trials.parquet").unlink()  # no replacement candidates
+
+
+def test_verify_measures_more_rounds_inside_the_noise_band_and_never_accepts_a_straddle(run_copy, monkeypatch):
+    from flextron.elastic import ElasticModel
+    from search.verify import VerifyConfig, verify
+
+    spec = ElasticModel.load(run_copy / "elastic").spec
+    pick = spec.uniform(0.5)
+    _search(run_copy, budget_ms=(_budget(run_copy, 0.9),))
+    frac = pick.param_count(spec) / spec.full().param_count(spec)
+    _one_pick(run_copy, spec, pick, frac)
+    # the pick alternates 10% below and above its budget from call to call; everything else is steady
+    _fake_latency(monkeypatch, spec, lambda f, n: [10.0 * f * (0.9 if n % 2 else 1.1) if abs(f - frac) < 1e-9 else 10.0 * f] * 3)
+    verify(VerifyConfig(run=str(run_copy), rounds=2, max_rounds=6, reps=1, warmup=0))
+    ver = pd.read_parquet(run_copy / "verify" / "verified.parquet").iloc[0]
+    assert ver["verdict"] == "uncertain" and not ver["within_budget"] and ver["rounds"] == 6
+    assert ver["ratio_lo"] < frac < ver["ratio_hi"]
+    from search.export import ExportConfig, export
+
+    export(ExportConfig(run=str(run_copy), lookup=True))
+    rows = json.loads((run_copy / "export" / "lookup.json").read_text())["rows"]
+    assert all(r["config"] != pick.to_dict() and r["ratio_hi"] <= r["budget_frac"] for r in rows)  # never the straddle
+
+
+@pytest.mark.parametrize("quantile, verdict", [("p50", "within"), ("p90", "over")])
+def test_quantile_budgets_use_the_tail_samples(run_copy, monkeypatch, quantile, verdict):
+    """A pick whose median step fits but whose every fifth step is slow meets a p50 budget, not a p90 one."""
+    from flextron.elastic import ElasticModel
+    from search.verify import VerifyConfig, verify
+
+    spec = ElasticModel.load(run_copy / "elastic").spec
+    pick = spec.uniform(0.5)
+    _search(run_copy, budget_ms=(_budget(run_copy, 0.9),))
+    frac = pick.param_count(spec) / spec.full().param_count(spec)
+    _one_pick(run_copy, spec, pick, frac * 1.05)
+    _fake_latency(monkeypatch, spec, lambda f, n: [10.0 * f] * 4 + [10.0 * f * (2.0 if abs(f - frac) < 1e-9 else 1.0)])
+    verify(VerifyConfig(run=str(run_copy), rounds=3, reps=5, warmup=0, quantile=quantile))
+    ver = pd.read_parquet(run_copy / "verify" / "verified.parquet").iloc[0]
+    assert ver["verdict"] == verdict and ver["quantile"] == quantile
 
 
 def test_verify_replaces_a_miss_with_a_config_that_fits(run_copy, monkeypatch):
@@ -310,23 +356,25 @@ def test_verify_replaces_a_miss_with_a_config_that_fits(run_copy, monkeypatch):
     budget = 10.0 * sorted(params.values())[-2] / full  # the second largest fits exactly
     trials.loc[trials["evaluated"], "budget_ms"] = budget
     trials.to_parquet(folder / "trials.parquet", index=False)
-    best["best"] = [{**best["best"][0], "budget_ms": budget, "config": json.loads(pick), "loss": 0.0}]
+    best["best"] = [{**best["best"][0], "budget_ms": budget, "budget_frac": budget / 10.0, "reference_full_ms": 10.0,
+                     "config": json.loads(pick), "loss": 0.0}]
     (folder / "best.json").write_text(json.dumps(best))
-    v = verify(VerifyConfig(run=str(run_copy), min_reps=1, min_time_ms=0))
+    v = verify(VerifyConfig(run=str(run_copy), rounds=2, reps=1, warmup=0))
     ver = pd.read_parquet(run_copy / "verify" / "verified.parquet")
     assert v["replaced"] == 1 and bool(ver["replaced"].iloc[0]) and bool(ver["within_budget"].iloc[0])
     assert ver["config"].iloc[0] != pick and ver["replacements_tried"].iloc[0] >= 1
-    assert ver["measured_latency_ms"].iloc[0] <= budget
+    assert ver["measured_latency_ms"].iloc[0] <= budget and ver["verdict"].iloc[0] == "within"
 
 
 def test_verify_bad_flags_keep_earlier_results(run_copy):
     from search.verify import VerifyConfig, verify
 
     _search(run_copy, budget_ms=(_budget(run_copy, 0.9) * 3,))
-    verify(VerifyConfig(run=str(run_copy), min_reps=2, min_time_ms=1))
+    verify(VerifyConfig(run=str(run_copy), rounds=2, reps=2, warmup=1))
     before = (run_copy / "verify" / "verified.parquet").read_bytes()
-    for kw, msg in [({"min_reps": 0}, "--min-reps must be >= 1"), ({"min_time_ms": float("nan")}, "--min-time-ms"),
-                    ({"device": "gpu"}, "--device must be cpu")]:
+    for kw, msg in [({"rounds": 1}, "--rounds must be at least 2"), ({"reps": 0}, "--reps must be at least 1"),
+                    ({"tolerance": float("nan")}, "--tolerance"), ({"quantile": "p95"}, "--quantile must be one of"),
+                    ({"max_rounds": 3, "rounds": 4}, "--max-rounds must be >= 4"), ({"device": "gpu"}, "--device must be cpu")]:
         with pytest.raises(FlextronError, match=msg):
             verify(VerifyConfig(run=str(run_copy), **kw))
     assert (run_copy / "verify" / "verified.parquet").read_bytes() == before
