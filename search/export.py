@@ -15,7 +15,7 @@ class ExportConfig:
     budget_ms: float = 0.0  # export the lookup's config for this budget (needs --regime if several)
     regime: str = ""
     lookup: bool = False
-    weights: str = "auto"  # elastic | trained | auto (trained when it exists)
+    weights: str = "auto"  # elastic | trained | auto (trained when it exists); --budget-ms uses the lookup row's own
     overwrite: bool = False  # replace the previous flextron export in --out
 
     def __post_init__(self):
@@ -42,18 +42,20 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.lookup:
         from search.lookup import write_lookup
 
-        return write_lookup(run)
+        return write_lookup(run, cfg.weights)
     check_out_dir(cfg.out, cfg.overwrite)  # before loading any weights
-    elastic = ElasticModel.load(run.weights(cfg.weights)[1])
-    extra = {}
     if cfg.budget_ms > 0:
         from search.lookup import Lookup
 
         row = Lookup.load(run.root).for_budget(cfg.budget_ms, cfg.regime or None)
+        # the weights the row's quality was measured with, whatever --weights says
+        elastic = ElasticModel.load(run.weights(row.weights)[1])
         sub = elastic.spec.validate(row.config)
-        extra = {"budget_ms": cfg.budget_ms, "regime": row.regime, "measured_latency_ms": row.measured_latency_ms,
-                 "source": row.source}
+        extra = {"budget_ms": cfg.budget_ms, "regime": row.regime, "weights": row.weights,
+                 "measured_latency_ms": row.measured_latency_ms, "latency_ms_p90": row.latency_ms_p90,
+                 "budget_frac": row.budget_frac, "reference_full_ms": row.reference_full_ms, "source": row.source}
     else:
+        elastic = ElasticModel.load(run.weights(cfg.weights)[1])
         sub = parse_config(elastic.spec, cfg.config)
         extra = {"config_arg": cfg.config}
     return export_subnet(elastic, sub, cfg.out, extra=extra, overwrite=cfg.overwrite)
