@@ -24,7 +24,7 @@ VERIFIED_FILE = "verified.parquet"
 UNIFORM_FILE = "uniform.parquet"  # the uniform configs measured in the same session as the picks
 SAMPLES_FILE = "samples.parquet"  # every raw sample, with its round
 MAX_REPLACEMENTS = 5
-FULL = "full"
+FULL = "full"  # the reference's key in every session (profiler.interleaved)
 
 
 @dataclass(frozen=True)
@@ -62,57 +62,6 @@ def _best_files(run) -> list:
     return files
 
 
-class _Session:
-    """One regime's interleaved measurements: the raw samples so far and how to add rounds."""
-
-    def __init__(self, elastic, regime: Regime, cfg: VerifyConfig, seed: int):
-        import torch
-
-        from profiler.sweep import RegimeBench
-        from profiler.timer import Timer, TimerConfig
-
-        elastic.to(device=cfg.device, dtype=getattr(torch, regime.dtype))
-        self.bench = RegimeBench(elastic, regime, cfg.device)
-        self.timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.reps, min_time_s=0.0,
-                                                                max_reps=cfg.reps))
-        self.regime, self.seed, self.configs = regime, seed, {FULL: elastic.spec.full()}
-        self.samples: list[dict] = []
-        self.rounds_of: dict[str, int] = {}
-
-    def _measure(self, key: str) -> list[float]:
-        return self.timer.measure(self.bench.forward_fn(self.configs[key])).samples_ms
-
-    def run(self, subs: dict[str, SubnetConfig], rounds: int, progress=None) -> None:
-        """`rounds` more rounds over `subs` and the full model (always the reference)."""
-        from profiler.rounds import measure_in_rounds
-
-        self.configs.update(subs)
-        keys = [FULL] + [k for k in subs if k != FULL]
-        first = self.rounds_of.get(FULL, 0)  # the full model is in every round: its count numbers them
-        rows = measure_in_rounds(keys, self._measure, rounds, seed=self.seed, first_round=first, progress=progress)
-        self.samples += [{**r, "regime": self.regime.key} for r in rows]
-        for k in keys:
-            self.rounds_of[k] = self.rounds_of.get(k, 0) + rounds
-
-    def stats(self, key: str, quantile: str, budget_frac: float) -> dict:
-        from profiler.rounds import RATIO_COLUMN, compliance, per_round
-
-        rt = per_round([s for s in self.samples if s["key"] in (key, FULL)], FULL)
-        mine = rt[rt["key"] == key]
-        verdict = compliance(mine[RATIO_COLUMN[quantile]].to_numpy(), budget_frac, seed=self.seed)
-        vals = [s["latency_ms"] for s in self.samples if s["key"] == key]
-        full = rt[rt["key"] == FULL]["median_ms"]
-        return {**verdict, "rounds": int(len(mine)), "measured_latency_ms": float(mine["median_ms"].median()),
-                "latency_ms_p50": float(_q(vals, 0.5)), "latency_ms_p90": float(_q(vals, 0.9)),
-                "latency_ms_p99": float(_q(vals, 0.99)), "reference_full_ms": float(full.median())}
-
-
-def _q(vals, q):
-    import numpy as np
-
-    return np.quantile(np.asarray(vals, float), q)
-
-
 def verify(cfg: VerifyConfig) -> dict:
     import pandas as pd
 
@@ -120,6 +69,7 @@ def verify(cfg: VerifyConfig) -> dict:
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
     from flextron.rundir import RunDir, read_json, read_parquet, save_stage_config, write_parquet_atomic
+    from profiler.interleaved import InterleavedSession
     from profiler.rounds import noise_floor, summarise
     from profiler.telemetry import Telemetry
 
@@ -140,7 +90,7 @@ def verify(cfg: VerifyConfig) -> dict:
     rows, uniform_rows, all_samples, noise, t0 = [], [], [], {}, time.perf_counter()
     for regime_key, picks in sorted(by_regime.items()):
         regime = Regime.parse(regime_key)
-        session = _Session(elastic, regime, cfg, seed=len(all_samples))
+        session = InterleavedSession(elastic, regime, cfg.device, cfg.reps, cfg.warmup, seed=len(all_samples))
         spec = elastic.spec
         first = {s.key: s for s in spec.uniform_configs()}
         for _, best in picks:
@@ -211,7 +161,7 @@ def verify(cfg: VerifyConfig) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _decide(session: _Session, sub: SubnetConfig, limit: float, cfg: VerifyConfig) -> dict:
+def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig) -> dict:
     """The pick's verdict against `limit` (a fraction of the full model), measuring more rounds of it
     and the full model while it sits inside the noise band."""
     st = session.stats(sub.key, cfg.quantile, limit)

@@ -1,0 +1,61 @@
+"""One regime's end-to-end measurements in interleaved rounds, on the model's own transformers code.
+
+`InterleavedSession` holds a RegimeBench and a Timer for one regime and adds rounds over any set of
+sub-networks: the full model (key `full`, the reference) is in every round, the order is shuffled
+per round, and raw samples keep their round (see `profiler/rounds.py`). The profile's end-to-end
+set, verify and the benchmarks all measure through it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flextron.spec import Regime, SubnetConfig
+
+FULL = "full"
+
+
+class InterleavedSession:
+    def __init__(self, elastic, regime: Regime, device: str, reps: int, warmup: int, seed: int = 0):
+        import torch
+
+        from profiler.sweep import RegimeBench
+        from profiler.timer import Timer, TimerConfig
+
+        elastic.to(device=device, dtype=getattr(torch, regime.dtype))
+        self.bench = RegimeBench(elastic, regime, device)
+        self.timer = Timer(device, regime.mode, TimerConfig(warmup=warmup, min_reps=reps, min_time_s=0.0, max_reps=reps))
+        self.regime, self.seed = regime, seed
+        self.configs: dict[str, SubnetConfig] = {FULL: elastic.spec.full()}
+        self.samples: list[dict] = []
+        self.rounds_of: dict[str, int] = {}
+
+    def _measure(self, key: str) -> list[float]:
+        return self.timer.measure(self.bench.forward_fn(self.configs[key])).samples_ms
+
+    def run(self, subs: dict[str, SubnetConfig], rounds: int, progress=None) -> list[dict]:
+        """`rounds` more rounds over `subs` and the full model; returns the new raw rows."""
+        from profiler.rounds import measure_in_rounds
+
+        self.configs.update(subs)
+        keys = [FULL] + [k for k in subs if k != FULL]
+        first = self.rounds_of.get(FULL, 0)  # the full model is in every round: its count numbers them
+        rows = measure_in_rounds(keys, self._measure, rounds, seed=self.seed, first_round=first, progress=progress)
+        rows = [{**r, "regime": self.regime.key} for r in rows]
+        self.samples += rows
+        for k in keys:
+            self.rounds_of[k] = self.rounds_of.get(k, 0) + rounds
+        return rows
+
+    def stats(self, key: str, quantile: str, budget_frac: float) -> dict:
+        """`key`'s compliance verdict against `budget_frac` at `quantile`, and its latency quantiles."""
+        from profiler.rounds import RATIO_COLUMN, compliance, per_round
+
+        rt = per_round([s for s in self.samples if s["key"] in (key, FULL)], FULL)
+        mine = rt[rt["key"] == key]
+        verdict = compliance(mine[RATIO_COLUMN[quantile]].to_numpy(), budget_frac, seed=self.seed)
+        vals = np.asarray([s["latency_ms"] for s in self.samples if s["key"] == key], float)
+        full = rt[rt["key"] == FULL]["median_ms"]
+        return {**verdict, "rounds": int(len(mine)), "measured_latency_ms": float(mine["median_ms"].median()),
+                "latency_ms_p50": float(np.quantile(vals, 0.5)), "latency_ms_p90": float(np.quantile(vals, 0.9)),
+                "latency_ms_p99": float(np.quantile(vals, 0.99)), "reference_full_ms": float(full.median())}
