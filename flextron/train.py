@@ -6,15 +6,20 @@ mix of distillation from the frozen original model's logits (KL at temperature T
 LM loss. One set of weights comes out that serves every width: `RUN/trained/`, in the same format
 as `RUN/elastic/`, which later stages use by default (`--weights auto`).
 
-Checkpoints (`RUN/train/ckpt/`: model, AdamW state and the step, all safetensors/JSON) are written
-atomically every `checkpoint_every` steps; a run killed or stopped resumes from the last one and
-trains up to `--steps` in total. `RUN/train/metrics.csv` has one row per step; tokens used (the
-paper's cost measure) are counted and reported.
+Checkpoints (`RUN/train/ckpt/`: model, AdamW state and the step, all safetensors/JSON) are built
+aside and swapped in every `checkpoint_every` steps; a run killed or stopped resumes from the last
+one and trains up to `--steps` in total. The config is saved when training starts
+(`RUN/train/train_config.json`) and a resume must repeat every flag that shapes the result
+(`RESUME_FIELDS`, `--steps` included: it sets the cosine schedule); `--restart` starts again.
+`RUN/train/metrics.csv` has one row per step; tokens used (the paper's cost measure) are counted
+and reported.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import json
 import math
 import random
@@ -23,18 +28,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flextron.devices import check_device_name
 from flextron.errors import FlextronError
+from flextron.rundir import check_finite
 from flextron.spec import SubnetConfig
 
 TRAIN_DIR = "train"
 TRAINED_DIR = "trained"
 METRICS = "metrics.csv"
+CONFIG_FILE = "train_config.json"
+# Flags a resumed run must repeat: each changes the weights it ends with (`--steps` through the
+# cosine schedule). `checkpoint_every` and `device` may change between runs (moving a run to
+# another machine is a resume).
+RESUME_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "random_configs", "lr", "weight_decay", "warmup",
+                 "distill_weight", "temperature", "seed", "corpus")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     run: str = "runs/demo"
-    steps: int = 40  # optimiser steps in total (a resumed run continues up to this)
+    steps: int = 40  # optimiser steps in total; a resumed run continues up to this (and must repeat it)
     batch_size: int = 4
     seq_len: int = 128
     grad_accum: int = 1
@@ -47,18 +60,18 @@ class TrainConfig:
     checkpoint_every: int = 10
     device: str = "cpu"
     seed: int = 0
-    corpus: str = "wiki"
-    overwrite: bool = False  # start again instead of resuming from RUN/train/ckpt
+    corpus: str = ""  # default: the corpus the run was converted with
+    restart: bool = False  # start again (removes RUN/train/ and RUN/trained/) instead of resuming
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.random_configs < 0:
-            raise FlextronError("--steps, --batch-size and --grad-accum must be >= 1 and --random-configs >= 0")
-        if not 0 <= self.distill_weight <= 1:
-            raise FlextronError(f"--distill-weight must be in [0, 1], got {self.distill_weight}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise FlextronError("--lr and --temperature must be positive")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise FlextronError(f"--device must be cpu or cuda[:N], got {self.device!r}")
+        for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("grad_accum", 1), ("random_configs", 0),
+                          ("warmup", 0), ("checkpoint_every", 1), ("weight_decay", 0)):
+            check_finite(name, getattr(self, name), low=low)
+        check_finite("lr", self.lr, low=0, low_inclusive=False)
+        check_finite("temperature", self.temperature, low=0, low_inclusive=False)
+        check_finite("distill_weight", self.distill_weight, low=0, high=1)
+        check_finite("seed", self.seed)
+        check_device_name(self.device)
 
 
 def sandwich_configs(spec, rng: random.Random, n_random: int) -> list[tuple[str, SubnetConfig]]:
@@ -104,20 +117,60 @@ def load_optimizer(opt, path: Path) -> None:
 
 def save_checkpoint(folder: Path, elastic, opt=None, state: dict | None = None) -> None:
     """Write weights (and optimizer and state, when given) to a temp folder, then swap it in: a kill
-    never leaves half of one."""
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    never leaves half of one, and one between the swap's renames is resolved by `recover_swap`."""
+    from flextron.rundir import fresh_tmp_dir, swap_in, write_json_atomic
+
+    tmp = fresh_tmp_dir(folder)
     elastic.save(tmp)
     if opt is not None:
         save_optimizer(opt, tmp)
     if state is not None:
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+        write_json_atomic(tmp / "state.json", state)
+    swap_in(tmp, folder)
+
+
+def _unresumable(err: Exception, path: Path, run_root) -> FlextronError:
+    """`path` cannot be resumed from: what is wrong with it (a FlextronError already says) and the way out."""
+    if isinstance(err, FlextronError) and err.__cause__ is None:
+        what = str(err)
+    else:  # a library error, possibly wrapped by a loader whose advice (re-convert) does not apply here
+        cause = err.__cause__ or err
+        what = f"{path} is corrupt or unreadable ({type(cause).__name__}: {str(cause)[:160]})"
+    return FlextronError(f"{what}: the checkpoint cannot be resumed; start again with "
+                         f"`flextron train --run {run_root} --restart`")
+
+
+def load_checkpoint(ckpt: Path, run_root, device: str):
+    """(state, student model) of checkpoint `ckpt`, or a FlextronError naming what is damaged and the
+    way out (`--restart`)."""
+    from flextron.elastic import ElasticModel
+    from flextron.rundir import read_json
+
+    try:
+        state = read_json(ckpt / "state.json")
+    except FlextronError as e:
+        raise _unresumable(e, ckpt / "state.json", run_root) from None
+    if not all(type(state.get(k)) in (int, float) for k in ("step", "tokens", "seconds")):
+        lacking = FlextronError(f"{ckpt / 'state.json'} lacks the checkpoint's step, tokens or seconds")
+        raise _unresumable(lacking, ckpt, run_root)
+    try:
+        return state, ElasticModel.load(ckpt, device=device)
+    except Exception as e:  # noqa: BLE001 - transformers and safetensors raise many types for a damaged file
+        raise _unresumable(e, ckpt, run_root) from None
+
+
+def kept_metrics(path: Path, step: int) -> list[dict]:
+    """The rows of `path` for steps 1..`step` (those a checkpoint at `step` has done), in order. Rows
+    after it (steps run after the last checkpoint, which will run again) and a row cut short by a
+    kill are dropped."""
+    if not path.is_file():
+        return []
+    kept: list[dict] = []
+    for row in csv.DictReader(path.read_text().splitlines()):
+        if len(kept) == step or row.get("step") != str(len(kept) + 1) or None in row.values() or None in row:
+            break
+        kept.append(row)
+    return kept
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -131,46 +184,64 @@ def train(cfg: TrainConfig) -> dict:
     import torch
 
     from flextron.data import token_windows
+    from flextron.devices import check_device
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
-    from flextron.rundir import RunDir, save_stage_config
+    from flextron.rundir import RunDir, check_resume, read_json, recover_swap, save_stage_config, write_text_atomic
 
     run = RunDir(cfg.run)
     run.require("elastic")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise FlextronError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    check_device(cfg.device)
+    cfg = dataclasses.replace(cfg, corpus=run.corpus(cfg.corpus))  # saved and compared as resolved
     out = run / TRAIN_DIR
     ckpt = out / "ckpt"
-    if cfg.overwrite:
-        shutil.rmtree(out, ignore_errors=True)
+    trained = run / TRAINED_DIR
+    if cfg.restart:  # the trained weights go too: the config that made them is gone
+        for path in (out, trained, trained.with_name(TRAINED_DIR + ".tmp"), trained.with_name(TRAINED_DIR + ".old")):
+            shutil.rmtree(path, ignore_errors=True)
+    recover_swap(ckpt)  # a kill between a checkpoint swap's renames: the complete version wins
     resume = (ckpt / "state.json").is_file()
-    state = json.loads((ckpt / "state.json").read_text()) if resume else {"step": 0, "tokens": 0, "seconds": 0.0}
-    if resume and state.get("seq_len", cfg.seq_len) != cfg.seq_len:
-        raise FlextronError(f"{ckpt} was trained with --seq-len {state['seq_len']}; resume with the same value or pass --overwrite")
+    if resume:
+        if not (out / CONFIG_FILE).is_file():
+            raise FlextronError(f"{ckpt} has no {CONFIG_FILE} beside it (written by an older flextron), so a resume "
+                                f"cannot be checked; start again with `flextron train --run {run.root} --restart`")
+        try:
+            read_json(out / CONFIG_FILE)
+        except FlextronError as e:
+            raise _unresumable(e, out / CONFIG_FILE, run.root) from None
+        check_resume(out / CONFIG_FILE, cfg, RESUME_FIELDS, what=f"training in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_stage_config(out / CONFIG_FILE, cfg)  # at the start: a killed run is resumed against it
     teacher = ElasticModel.load(run.elastic, device=cfg.device)
     for p in teacher.model.parameters():
         p.requires_grad_(False)
-    student = ElasticModel.load(ckpt if resume else run.elastic, device=cfg.device)
+    if resume:
+        state, student = load_checkpoint(ckpt, run.root, cfg.device)
+    else:
+        state, student = {"step": 0, "tokens": 0, "seconds": 0.0}, ElasticModel.load(run.elastic, device=cfg.device)
     student.model.train()
     spec = student.spec
     params = [p for p in student.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume and (ckpt / "optimizer.safetensors").is_file():
-        load_optimizer(opt, ckpt)
+        try:
+            load_optimizer(opt, ckpt)
+        except Exception as e:  # noqa: BLE001 - a damaged optimizer file
+            raise _unresumable(e, ckpt / "optimizer.safetensors", run.root) from None
     per_step = cfg.batch_size * cfg.grad_accum
     windows = token_windows(student.tokenizer, student.adapter, "train", cfg.seq_len, cfg.steps * per_step, cfg.corpus)
     cuda = cfg.device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / METRICS
     fields = ["step", "tokens", "lr", "loss_full", "loss_smallest", "loss_random", "grad_norm", "seconds"]
-    # Rows past the checkpoint (a kill between checkpoints) are dropped: those steps run again.
-    kept = [r for r in csv.DictReader(metrics_path.read_text().splitlines())
-            if int(r["step"]) <= state["step"]] if resume and metrics_path.is_file() else []
-    with open(metrics_path, "w", newline="") as fh:
+    # the rows a resume keeps replace the file atomically (a kill now loses none), then rows are appended
+    head = io.StringIO()
+    writer = csv.DictWriter(head, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept_metrics(metrics_path, state["step"]) if resume else [])
+    write_text_atomic(metrics_path, head.getvalue())
+    with open(metrics_path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(kept)
         t0 = time.perf_counter() - state["seconds"]
         bar = progress(total=cfg.steps, desc="train", initial=state["step"])
         for step in range(state["step"], cfg.steps):
@@ -205,11 +276,9 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1)
             bar.set_postfix(full=f"{sums['full']:.3f}", smallest=f"{sums['smallest']:.3f}")
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
-                save_checkpoint(ckpt, student, opt, {**state, "seq_len": cfg.seq_len})
+                save_checkpoint(ckpt, student, opt, state)
         bar.close()
     student.model.eval()
-    trained = run / TRAINED_DIR
     save_checkpoint(trained, student)
-    save_stage_config(out / "train_config.json", cfg)
     return {"run": str(run.root), "steps": state["step"], "tokens": state["tokens"], "resumed": resume,
             "seconds": round(state["seconds"], 1), "trained": str(trained), "metrics": str(metrics_path)}

@@ -2,38 +2,80 @@
 `[layers, choices]` table, or answer a budget with the trained static router.
 
 The method lives in `flextron/routers.py` (latency as plain tensors and callables); this stage loads
-the latency model (an analytic table, labelled so, when the regime was never profiled), the
-quality cache and the weights, and writes `RUN/router/<regime>/`.
+the latency model (an analytic table, labelled so, only when the regime was never profiled), the
+quality cache and the weights, and writes `RUN/router/<regime>/<weights>/`: built in a temporary
+folder and swapped in whole, so a killed re-run never leaves new weights beside old calibration.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
+from flextron.devices import check_device_name
 from flextron.errors import FlextronError
-from flextron.spec import SubnetConfig
+from flextron.rundir import WEIGHTS, check_finite
+from flextron.spec import Regime, SubnetConfig
 from flextron.routers import (DynamicRouting, Routers, analytic_table, anneal, answer_static, calibrate_dynamic,
                               dynamic_step, expected_latency, fit_surrogate, measured_table, one_hot, regime_dir, route_static, sample_configs,
                               save_tensors, train_static)
 
 
-def fitted_model(run_root, regime: str | None):
-    """(regime key, LatencyModel, device name) of the run, or None when a named regime was never
-    profiled and fitted (with no regime named, the error says what to run)."""
-    from profiler.latency_model import LatencyModels
+def profiled_regimes(run_root) -> set[str]:
+    """Regime keys with rows in the run's profile: finished tables and the parts of a sweep in progress."""
+    from flextron.rundir import read_parquet
 
+    prof = Path(run_root) / "profile"
+    keys: set[str] = set()
+    for path in sorted(prof.glob("*.parquet")) + sorted((prof / "parts").glob("*.parquet")):
+        df = read_parquet(path, run_root)
+        if "regime" in df.columns:
+            keys.update(df["regime"].astype(str))
+    return keys
+
+
+def check_regime(regime: str) -> str:
+    """`regime` if it parses (a malformed one is an error, never "not profiled"), else a FlextronError."""
     try:
+        Regime.parse(regime)
+    except FlextronError as e:
+        raise FlextronError(f"--regime: {e}") from None
+    return regime
+
+
+def _matching(keys, regime: str) -> list[str]:
+    """The keys `regime` names: itself, or those it is a short form of (decode:b1:ctx256 -> ...:float32:eager)."""
+    return [regime] if regime in keys else sorted(k for k in keys if k.startswith(regime + ":"))
+
+
+def fitted_model(run_root, regime: str | None):
+    """(regime key, LatencyModel, device name) of the run, or None when the named regime was never
+    profiled (the caller then uses the analytic table, and says so). Everything else is an error: a
+    regime that does not parse, a profiled regime not fitted yet, or (no regime named) no fit at all."""
+    from profiler.latency_model import MODEL_FILE, LatencyModels
+
+    if regime is None:
         models = LatencyModels.load(run_root)
-        key = models.resolve(regime)
+        key = models.resolve(None)
         return key, models.get(key), models.device_name
-    except FlextronError:
-        if regime is None:
-            raise
-        return None
+    check_regime(regime)
+    if (Path(run_root) / "latency_model" / MODEL_FILE).is_file():
+        models = LatencyModels.load(run_root)
+        fitted = _matching(models.models, regime)
+        if len(fitted) > 1:
+            raise FlextronError(f"--regime {regime} matches several fitted regimes {fitted}; name one in full")
+        if fitted:
+            return fitted[0], models.get(fitted[0]), models.device_name
+    profiled = _matching(profiled_regimes(run_root), regime)
+    if profiled:
+        raise FlextronError(f"regime {profiled[0]} was profiled but its latency model is not fitted yet; "
+                            f"run `flextron fit --run {run_root}` first")
+    return None
 
 
 def table_for(spec, regime: str | None, fitted) -> dict:
@@ -53,7 +95,7 @@ class RouteConfig:
     run: str = "runs/demo"
     regime: str = ""  # default: the run's only fitted regime
     budget_ms: float = 0.0  # > 0: print the static router's config for this budget (no training)
-    weights: str = "auto"  # elastic | trained | auto (trained when it exists)
+    weights: str = "auto"  # elastic | trained | auto (trained when it exists); routers are kept per weights
     surrogate_samples: int = 40  # heterogeneous configs evaluated for the surrogate, besides the uniform ones
     surrogate_threshold: float = 0.05  # held-out mean relative loss error the surrogate must reach
     static_steps: int = 800
@@ -69,30 +111,45 @@ class RouteConfig:
     joint_lr: float = 1e-5
     device: str = "cpu"
     seed: int = 0
+    corpus: str = ""  # text for the surrogate's losses, router training and calibration; default: the run's
 
     def __post_init__(self):
-        if self.budget_ms < 0 or self.surrogate_samples < 4 or not 0 < self.surrogate_threshold < 1:
-            raise FlextronError("--budget-ms must be >= 0, --surrogate-samples >= 4, --surrogate-threshold in (0, 1)")
+        check_finite("budget_ms", self.budget_ms, low=0)
+        check_finite("surrogate_threshold", self.surrogate_threshold, low=0, low_inclusive=False, high=1)
+        for name, low in (("surrogate_samples", 4), ("static_steps", 1), ("dynamic_steps", 0), ("joint_steps", 0),
+                          ("eval_windows", 1), ("eval_seq_len", 2), ("calib_windows", 1), ("batch_size", 1),
+                          ("seq_len", 2), ("latency_weight", 0)):
+            check_finite(name, getattr(self, name), low=low)
+        check_finite("lr", self.lr, low=0, low_inclusive=False)
+        check_finite("joint_lr", self.joint_lr, low=0, low_inclusive=False)
+        check_finite("seed", self.seed)
+        check_device_name(self.device)
+        if self.weights not in WEIGHTS:
+            raise FlextronError(f"--weights must be one of {list(WEIGHTS)}, got {self.weights!r}")
+        if self.regime:
+            check_regime(self.regime)
 
 
 def route(cfg: RouteConfig) -> dict:
     from flextron.data import token_windows
+    from flextron.devices import check_device
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
-    from flextron.rundir import RunDir, save_stage_config, write_json_atomic
+    from flextron.rundir import RunDir, fresh_tmp_dir, recover_swap, save_stage_config, swap_in, write_json_atomic
     from flextron.spec import ElasticSpec
     from search.quality import QUALITY_CACHE, QualityEvaluator
 
     run = RunDir(cfg.run)
     wname, wdir = run.weights(cfg.weights)
+    check_device(cfg.device)
     spec = ElasticSpec.load(wdir / "elastic_spec.json")
     fitted = fitted_model(run.root, cfg.regime or None)
     predict = fitted[1].predict_config if fitted else None
     table = table_for(spec, cfg.regime or None, fitted)
     regime_key = table["regime"]
-    folder = regime_dir(run.root, regime_key)
+    folder = regime_dir(run.root, regime_key, weights=wname)
     if cfg.budget_ms > 0:
-        routers = Routers(folder, spec)
+        routers = Routers(folder, spec, run.root)
         if predict is None:
             raise FlextronError(f"--budget-ms needs a latency model for {regime_key}; run `flextron profile` and `flextron fit` first")
         lo = predict(spec.smallest())
@@ -102,9 +159,14 @@ def route(cfg: RouteConfig) -> dict:
         return {"regime": regime_key, "budget_ms": cfg.budget_ms, "config": c.to_dict(), "predicted_latency_ms": round(predict(c), 4),
                 "source": "router", "table_source": routers.meta["table"]["source"]}
 
+    if fitted is None:
+        print(f"flextron route: regime {regime_key} was never profiled; the routers are trained on an analytic "
+              f"FLOPs/bytes table, not measured latency (profile and fit it for a measured one)", file=sys.stderr)
+    cfg = replace(cfg, corpus=run.corpus(cfg.corpus))  # saved as resolved
     t0 = time.perf_counter()
     elastic = ElasticModel.load(wdir, device=cfg.device)
-    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len, tag=wname)
+    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len,
+                                 corpus=cfg.corpus, tag=wname)
     cfgs = sample_configs(spec, cfg.surrogate_samples, cfg.seed)
     losses = [evaluator.loss(c) for c in progress(cfgs, desc="surrogate samples")]
     sur, sur_metrics = fit_surrogate(spec, cfgs, losses, cfg.seed)
@@ -135,7 +197,7 @@ def route(cfg: RouteConfig) -> dict:
     for p in list(elastic.model.parameters()) + list(teacher.model.parameters()):
         p.requires_grad_(False)
     windows = token_windows(elastic.tokenizer, elastic.adapter, "train", cfg.seq_len,
-                            (cfg.dynamic_steps + cfg.joint_steps) * cfg.batch_size, "wiki")
+                            max(1, (cfg.dynamic_steps + cfg.joint_steps) * cfg.batch_size), cfg.corpus)
     routing = DynamicRouting(elastic)
     routing.install()
     opt = torch.optim.Adam(routing.parameters(), lr=cfg.lr)
@@ -161,11 +223,14 @@ def route(cfg: RouteConfig) -> dict:
         return hist
 
     dyn_hist = steps(cfg.dynamic_steps, 0, opt, lambda s: anneal(s, cfg.dynamic_steps, 1.0, 0.2), "dynamic router")
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(folder / "dynamic_router.safetensors", routing.state_dict())
+    # everything goes to a temporary folder, swapped in whole at the end
+    recover_swap(folder)
+    tmp = fresh_tmp_dir(folder)
+    save_tensors(tmp / "dynamic_router.safetensors", routing.state_dict())
     # budget calibration on held-apart calibration text: per budget, the logit shift whose hard routing
     # meets it in expectation, so the dynamic router answers budgets however short its training was
-    calib_windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.seq_len, cfg.calib_windows, "wiki")
+    calib_windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.seq_len, cfg.calib_windows,
+                                  cfg.corpus)
 
     def calibrate(desc: str) -> list[dict]:
         return calibrate_dynamic(elastic, routing, calib_windows, table, static_heads,
@@ -188,13 +253,13 @@ def route(cfg: RouteConfig) -> dict:
             p.requires_grad_(False)
         joint_calib = calibrate("calibrate joint router")
         routing.remove()
-        elastic.save(folder / "joint")
-        save_tensors(folder / "joint" / "dynamic_router.safetensors", routing.state_dict())
+        elastic.save(tmp / "joint")
+        save_tensors(tmp / "joint" / "dynamic_router.safetensors", routing.state_dict())
     else:
         routing.remove()
 
-    save_tensors(folder / "static_router.safetensors", static.state_dict())
-    save_tensors(folder / "surrogate.safetensors", sur.state_dict())
+    save_tensors(tmp / "static_router.safetensors", static.state_dict())
+    save_tensors(tmp / "surrogate.safetensors", sur.state_dict())
     answers = []
     for t, c in grid_answers.items():
         pe = float(expected_latency(table, *one_hot(spec, [c]))[0])
@@ -209,8 +274,9 @@ def route(cfg: RouteConfig) -> dict:
             "static_answers": answers, "dynamic_calibration": dyn_calib, "joint_calibration": joint_calib,
             "calibration_tokens": calib_windows.numel(), "tokens": {"dynamic": cfg.dynamic_steps * cfg.batch_size * cfg.seq_len,
                                                   "joint": cfg.joint_steps * cfg.batch_size * cfg.seq_len}}
-    write_json_atomic(folder / "router.json", meta)
-    save_stage_config(folder / "route_config.json", cfg)
+    write_json_atomic(tmp / "router.json", meta)
+    save_stage_config(tmp / "route_config.json", cfg)
+    swap_in(tmp, folder)
     return {"regime": regime_key, "routers": str(folder), "table_source": table["source"],
             "surrogate_heldout_rel_err": round(sur_metrics["heldout_mean_rel_err"], 4),
             "static_answers": [{k: a[k] for k in ("budget_frac", "expected_frac", "predicted_ms")} for a in answers],

@@ -33,50 +33,69 @@ def test_train_writes_metrics_checkpoint_and_trained_weights(trained_run):
     assert not list((trained_run / "train").glob("*.tmp"))
 
 
-def test_train_resumes_to_more_steps_without_repeating(trained_run, tmp_path):
+TRAIN_KW = dict(steps=4, batch_size=2, seq_len=64, checkpoint_every=2, lr=1e-3)  # as trained_run was trained
+
+
+def test_resume_refuses_every_changed_flag_that_shapes_training(trained_run, tmp_path):
+    """A resume must repeat every flag the result depends on (--steps too: it sets the cosine
+    schedule); the error names the flag, and --restart starts again from step 0."""
     from flextron.train import TrainConfig, train
 
     run = tmp_path / "r"
     shutil.copytree(trained_run, run)
-    out = train(TrainConfig(run=str(run), steps=6, batch_size=2, seq_len=64, checkpoint_every=2, lr=1e-3))
-    assert out["resumed"] and out["steps"] == 6 and out["tokens"] == 6 * 2 * 64
-    steps = [int(r["step"]) for r in csv.DictReader(open(run / "train" / "metrics.csv"))]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    with pytest.raises(FlextronError, match="--seq-len"):
-        train(TrainConfig(run=str(run), steps=8, batch_size=2, seq_len=32))
+    changes = {"steps": 6, "batch_size": 1, "seq_len": 32, "grad_accum": 2, "random_configs": 1, "lr": 2e-3,
+               "weight_decay": 0.1, "warmup": 2, "distill_weight": 0.5, "temperature": 2.0, "seed": 1, "corpus": "pydoc"}
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(FlextronError, match=rf"{flag} .*, now {value}.*--restart"):
+            train(TrainConfig(run=str(run), **{**TRAIN_KW, name: value}))
+    # a resume that repeats the flags (checkpoint_every may change) trains nothing more
+    out = train(TrainConfig(run=str(run), **{**TRAIN_KW, "checkpoint_every": 3}))
+    assert out["resumed"] and out["steps"] == 4
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "train" / "metrics.csv"))] == [1, 2, 3, 4]
+    out = train(TrainConfig(run=str(run), **{**TRAIN_KW, "steps": 2, "restart": True}))
+    assert not out["resumed"] and out["steps"] == 2
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "train" / "metrics.csv"))] == [1, 2]
+    assert json.loads((run / "train" / "train_config.json").read_text())["steps"] == 2
 
 
-def test_resume_after_a_kill_between_checkpoints_keeps_one_row_per_step(trained_run, tmp_path):
+def test_resume_after_an_interruption_between_checkpoints_keeps_one_row_per_step(tiny_run, tmp_path, monkeypatch):
     """Metrics written after the last checkpoint (steps that will run again) are not duplicated."""
+    import flextron.train as tr
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    real_save = tr.save_checkpoint
+
+    def stop_at_step_4(folder, elastic, opt=None, state=None):
+        if state is not None and state["step"] == 4:  # rows 3 and 4 are written; the checkpoint is at 2
+            raise KeyboardInterrupt
+        real_save(folder, elastic, opt, state)
+
+    monkeypatch.setattr(tr, "save_checkpoint", stop_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(tr.TrainConfig(run=str(run), **{**TRAIN_KW, "steps": 6}))
+    metrics = run / "train" / "metrics.csv"
+    assert [int(r["step"]) for r in csv.DictReader(open(metrics))] == [1, 2, 3, 4]
+    monkeypatch.setattr(tr, "save_checkpoint", real_save)
+    out = tr.train(tr.TrainConfig(run=str(run), **{**TRAIN_KW, "steps": 6}))
+    assert out["resumed"] and out["tokens"] == 6 * 2 * 64
+    assert [int(r["step"]) for r in csv.DictReader(open(metrics))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_train_uses_the_runs_corpus_unless_told(tiny_run, tmp_path, monkeypatch):
+    import flextron.data
     from flextron.train import TrainConfig, train
 
     run = tmp_path / "r"
-    shutil.copytree(trained_run, run)
-    metrics = run / "train" / "metrics.csv"
-    rows = list(csv.DictReader(open(metrics)))
-    with open(metrics, "a", newline="") as fh:  # as if steps 5 and 6 ran and the process died before their checkpoint
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        for step in (5, 6):
-            writer.writerow({**rows[-1], "step": step})
-    train(TrainConfig(run=str(run), steps=6, batch_size=2, seq_len=64, checkpoint_every=2, lr=1e-3))
-    steps = [int(r["step"]) for r in csv.DictReader(open(metrics))]
-    assert steps == [1, 2, 3, 4, 5, 6]
-
-
-def test_resumed_training_equals_uninterrupted(tiny_run, tmp_path):
-    """A run stopped at a checkpoint and resumed ends with the same weights as one that never stopped."""
-    from flextron.elastic import ElasticModel
-    from flextron.train import TrainConfig, train
-
-    a, b = tmp_path / "a", tmp_path / "b"
-    shutil.copytree(tiny_run, a)
-    shutil.copytree(tiny_run, b)
-    kw = dict(batch_size=2, seq_len=64, checkpoint_every=2, lr=1e-3, warmup=1)
-    train(TrainConfig(run=str(a), steps=4, **kw))
-    train(TrainConfig(run=str(b), steps=2, **kw))
-    train(TrainConfig(run=str(b), steps=4, **kw))
-    ma, mb = ElasticModel.load(a / "trained").model, ElasticModel.load(b / "trained").model
-    assert max((x - y).abs().max().item() for x, y in zip(ma.parameters(), mb.parameters())) < 1e-6
+    shutil.copytree(tiny_run, run)
+    convert_cfg = json.loads((run / "convert_config.json").read_text())
+    (run / "convert_config.json").write_text(json.dumps({**convert_cfg, "corpus": "pydoc"}))
+    seen, real = [], flextron.data.token_windows
+    monkeypatch.setattr(flextron.data, "token_windows", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    train(TrainConfig(run=str(run), **{**TRAIN_KW, "steps": 1}))
+    assert seen == ["pydoc"]
+    assert json.loads((run / "train" / "train_config.json").read_text())["corpus"] == "pydoc"
 
 
 def test_distill_loss_is_zero_kl_for_identical_logits():
@@ -182,7 +201,9 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
         route(RouteConfig(run=str(run), budget_ms=1.0))
     out = route(RouteConfig(run=str(run), static_steps=100, dynamic_steps=2, joint_steps=1, surrogate_samples=24,
                             eval_windows=2, eval_seq_len=32, seq_len=32, batch_size=2, surrogate_threshold=0.5))
-    folder = regime_dir(run, out["regime"])
+    folder = regime_dir(run, out["regime"], weights="trained")
+    assert folder.name == "trained" and not (folder.parent / "elastic").exists()
+    assert not list(folder.parent.glob("*.tmp")) and not list(folder.parent.glob("*.old"))
     meta = json.loads((folder / "router.json").read_text())
     assert meta["weights"] == "trained" and meta["table"]["source"].startswith("measured")
     assert {"static_router.safetensors", "surrogate.safetensors", "dynamic_router.safetensors"} <= {p.name for p in folder.iterdir()}
@@ -197,7 +218,12 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
         assert all(c["expected_frac"] <= c["budget_frac"] + 1e-4 if c["meets"] else c["expected_frac"] > c["budget_frac"] - 1e-4
                    for c in calib)
         assert all(c["meets"] or c["shift"] == 32.0 for c in calib)
-    routers = Routers.load(run, out["regime"], ElasticModel.load(run / "trained").spec)
+    routers = Routers.load(run, out["regime"], ElasticModel.load(run / "trained").spec, weights="trained")
+    # routers trained on the trained weights never serve the one-shot ones
+    with pytest.raises(FlextronError, match="holds no routers"):
+        Routers.load(run, out["regime"], routers.spec, weights="elastic")
+    with pytest.raises(FlextronError, match="holds no routers"):
+        route(RouteConfig(run=str(run), budget_ms=1.0, weights="elastic"))
     mid, nxt = sorted(meta["dynamic_calibration"], key=lambda c: c["budget_frac"])[4:6]
     assert routers.dynamic_point((mid["budget_frac"] + nxt["budget_frac"]) / 2) == mid
     assert routers.dynamic_point(0.0)["budget_frac"] == meta["dynamic_calibration"][0]["budget_frac"]
@@ -218,16 +244,20 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     with pytest.raises(FlextronError, match="surrogate"):
         route(RouteConfig(run=str(run), static_steps=10, dynamic_steps=1, joint_steps=0, surrogate_samples=24,
                           eval_windows=2, eval_seq_len=32, surrogate_threshold=1e-9))
-    assert Routers.load(run, out["regime"], spec).meta["surrogate"]["threshold"] == 0.5
+    assert Routers.load(run, out["regime"], spec, weights="trained").meta["surrogate"]["threshold"] == 0.5
     # the router's answer seeds the search, marked as router-chosen
     import pandas as pd
 
-    from search.optuna_search import SearchConfig, search
+    from search.optuna_search import SearchConfig, results_dir, search
 
     search(SearchConfig(run=str(run), budget_ms=(1e6,), trials=2, eval_windows=2, eval_seq_len=32))
-    trials = pd.read_parquet(run / "search" / "trials.parquet")
-    assert "router" in set(trials["source"])
-    assert json.loads(next((run / "search").glob("best-*.json")).read_text())["weights"] == "trained"
+    results = results_dir(run, out["regime"], "trained")
+    assert "router" in set(pd.read_parquet(results / "trials.parquet")["source"])
+    assert json.loads((results / "best.json").read_text())["weights"] == "trained"
+    # a profiled regime whose fit is missing is an error naming `flextron fit`, never the analytic table
+    shutil.rmtree(run / "latency_model")
+    with pytest.raises(FlextronError, match="not fitted yet.*flextron fit"):
+        route(RouteConfig(run=str(run), regime=out["regime"], static_steps=10, surrogate_samples=24))
 
 
 def test_analytic_table_is_labelled_when_regime_not_profiled(tiny_run):

@@ -1,0 +1,187 @@
+"""Crash tests for `flextron train`: real kills (SIGKILL), then a resume, then a comparison with a
+run that was never interrupted."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from flextron.errors import FlextronError
+
+REPO = Path(__file__).resolve().parents[2]
+KW = dict(batch_size=2, seq_len=32, lr=1e-3, warmup=1)
+# Subprocesses and the test itself run torch on one thread: on a busy 2-core machine more threads
+# oversubscribe (several times slower), and a run split across processes computes as one would.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _rows(run: Path) -> list[dict]:
+    return list(csv.DictReader(open(run / "train" / "metrics.csv")))
+
+
+def _kill_inside_rename(script: str) -> None:
+    """Run `script` in a fresh interpreter where Path.rename SIGKILLs the process right after renaming
+    a folder named by `KILL_AFTER` (the first rename of a crash-safe swap); assert it died so."""
+    prelude = textwrap.dedent("""
+        import os, signal
+        from pathlib import Path
+        real_rename = Path.rename
+        def rename(self, target):
+            out = real_rename(self, target)
+            if self.name == KILL_AFTER and Path(target).name == KILL_AFTER + ".old":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        Path.rename = rename
+    """)
+    p = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], cwd=REPO, capture_output=True, text=True,
+                       env=ONE_THREAD)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+
+
+def test_kill_between_checkpoint_renames_resumes_from_the_checkpoint(tiny_run, tmp_path, one_thread):
+    """SIGKILL after `ckpt` was renamed away and before the new one took its place: the next `train`
+    resumes from the new checkpoint (not step 0) and keeps the metrics rows it already had."""
+    from flextron.train import TrainConfig, train
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    kw = dict(run=str(run), steps=6, checkpoint_every=2, **KW)
+    _kill_inside_rename(f"""
+        KILL_AFTER = "ckpt"  # its first swap is the step-4 checkpoint (step 2 had nothing to replace)
+        from flextron.train import TrainConfig, train
+        train(TrainConfig(**{kw!r}))
+    """)
+    assert not (run / "train" / "ckpt").exists()  # only ckpt.old and the complete ckpt.tmp are left
+    before = _rows(run)
+    assert [int(r["step"]) for r in before] == [1, 2, 3, 4]
+    out = train(TrainConfig(**kw))
+    assert out["resumed"] and out["steps"] == 6
+    after = _rows(run)
+    assert after[:4] == before  # kept as written, not recomputed
+    assert [int(r["step"]) for r in after] == [1, 2, 3, 4, 5, 6]
+    assert not list((run / "train").glob("ckpt.*"))
+
+
+def test_kill_between_trained_renames_keeps_the_new_weights(trained_run_for_swap):
+    """SIGKILL in the middle of swapping in new `trained/` weights: `--weights auto` still finds
+    trained weights, and they are the complete new version."""
+    from flextron.elastic import ElasticModel
+    from flextron.rundir import RunDir
+
+    run = trained_run_for_swap
+    _kill_inside_rename(f"""
+        KILL_AFTER = "trained"
+        from flextron.elastic import ElasticModel
+        from flextron.train import save_checkpoint
+        save_checkpoint(Path({str(run / "trained")!r}), ElasticModel.load(Path({str(run / "elastic")!r})))
+    """)
+    assert not (run / "trained").exists()
+    name, folder = RunDir(run).weights("auto")
+    assert name == "trained"
+    new, one_shot = ElasticModel.load(folder).model, ElasticModel.load(run / "elastic").model
+    assert all((a == b).all() for a, b in zip(new.parameters(), one_shot.parameters()))
+
+
+@pytest.fixture
+def trained_run_for_swap(tiny_run, tmp_path):
+    from flextron.train import TrainConfig, train
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    train(TrainConfig(run=str(run), steps=1, **KW))
+    return run
+
+
+def test_training_killed_mid_step_resumes_to_the_uninterrupted_result(tiny_run, tmp_path, one_thread):
+    """`flextron train` SIGKILLed while it trains (between checkpoints, normally with metrics rows past
+    the last one), then resumed, ends with the weights and per-step losses of a run that never stopped
+    and one metrics row per step."""
+    from flextron.elastic import ElasticModel
+    from flextron.train import TrainConfig, train
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_run, a)
+    shutil.copytree(tiny_run, b)
+    cfg = dict(steps=12, checkpoint_every=4, **KW)
+    train(TrainConfig(run=str(a), **cfg))
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "flextron", "train", f"--run={b}", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
+    state, metrics = b / "train" / "ckpt" / "state.json", b / "train" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    try:  # kill once step 6 is done: two steps past the first checkpoint, mid-way to the next one
+        while not (state.is_file() and metrics.is_file() and len(metrics.read_text().splitlines()) >= 1 + 6):
+            assert proc.poll() is None and time.monotonic() < deadline, "train ended before it could be killed"
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (b / "trained").exists()
+    killed_at = json.loads(state.read_text())["step"]
+    assert 4 <= killed_at < 12 and len(_rows(b)) >= 6  # rows past the checkpoint (5, 6, ...) will run again
+    with pytest.raises(FlextronError, match="--lr"):  # the config was saved when training started
+        train(TrainConfig(run=str(b), **{**cfg, "lr": 2e-3}))
+    out = train(TrainConfig(run=str(b), **cfg))
+    assert out["resumed"] and out["steps"] == 12
+    rows_a, rows_b = _rows(a), _rows(b)
+    assert [int(r["step"]) for r in rows_b] == list(range(1, 13))
+    for ra, rb in zip(rows_a, rows_b):
+        assert float(rb["loss_full"]) == pytest.approx(float(ra["loss_full"]), rel=1e-6)
+    ma, mb = ElasticModel.load(a / "trained").model, ElasticModel.load(b / "trained").model
+    assert max((x - y).abs().max().item() for x, y in zip(ma.parameters(), mb.parameters())) < 1e-6
+
+
+def test_corrupt_checkpoint_names_the_file_and_restart(trained_run_for_swap):
+    from flextron.train import TrainConfig, train
+
+    run = trained_run_for_swap
+    state = run / "train" / "ckpt" / "state.json"
+    state.write_text('{"step": 1, "tok')
+    with pytest.raises(FlextronError, match=r"state.json is corrupt.*flextron train --run .* --restart"):
+        train(TrainConfig(run=str(run), steps=1, **KW))
+    state.write_text('{"step": 1, "tokens": 64, "seconds": 0.1}')
+    (run / "train" / "ckpt" / "model.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(FlextronError, match=r"ckpt is corrupt.*--restart"):
+        train(TrainConfig(run=str(run), steps=1, **KW))
+    (run / "train" / "train_config.json").write_text("[1")
+    with pytest.raises(FlextronError, match=r"train_config.json is corrupt.*--restart"):
+        train(TrainConfig(run=str(run), steps=1, **KW))
+    out = train(TrainConfig(run=str(run), steps=1, restart=True, **KW))
+    assert not out["resumed"] and out["steps"] == 1
+
+
+@pytest.mark.parametrize("field,value", [
+    ("steps", 0), ("batch_size", 0), ("seq_len", 1), ("grad_accum", 0), ("random_configs", -1), ("lr", 0.0),
+    ("lr", float("nan")), ("weight_decay", -0.1), ("warmup", -1), ("distill_weight", 1.5), ("temperature", 0.0),
+    ("temperature", float("inf")), ("checkpoint_every", 0), ("seed", float("nan")), ("device", "gpu0"),
+])
+def test_train_config_refuses_bad_flags_naming_them(field, value):
+    from flextron.train import TrainConfig
+
+    with pytest.raises(FlextronError, match="--" + field.replace("_", "-")):
+        TrainConfig(**{field: value})
+
+
+def test_train_refuses_a_device_this_machine_lacks(tiny_run):
+    from flextron.train import TrainConfig, train
+
+    with pytest.raises(FlextronError, match="--device cuda:99"):
+        train(TrainConfig(run=str(tiny_run), device="cuda:99"))
