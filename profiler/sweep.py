@@ -2,24 +2,59 @@
 
 Layer cells run the model's own attention and MLP modules, sliced to the cell's width, with the
 exact arguments the model passes them (captured from a real forward: rotary embeddings, masks, a
-real static KV cache for decode). End-to-end cells run the whole sliced model. Results are written
-in parts as the sweep goes, so a killed sweep resumes with no lost or duplicated rows.
+real static KV cache for decode). End-to-end cells run the whole sliced model.
+
+A sweep is resumable and says what it measured:
+- `profile_config.json` and `device.json` are written when the sweep starts. A resumed sweep must
+  be given the same settings (every field in RESUME_FIELDS, `--regime` included: a new regime needs
+  `--restart` or its own run directory) on the same device; `device.json` keeps the first start's
+  facts. `--layers-only` may change between runs: a later run without it adds the end-to-end cells
+  with the same settings.
+- Rows go to numbered Parquet parts, written every FLUSH_S seconds, every few cells and when the
+  sweep is interrupted (Ctrl-C or SIGTERM), so an interrupted sweep loses only the cell in flight
+  and a SIGKILL at most FLUSH_S seconds of finished cells; the resume measures exactly the cells
+  missing from the parts.
+- A cell that runs out of memory (any mode) or fails in `cuda_graph` mode is recorded as a row with
+  its status and the sweep goes on; the summary counts cells by status per regime, and `flextron fit`
+  refuses a regime with failed cells unless told `--allow-errors`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import random
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flextron.devices import check_device, check_device_name
 from flextron.errors import FlextronError
-from flextron.spec import Regime, SubnetConfig
+from flextron.rundir import (check_finite, check_resume, read_json, save_stage_config,
+                             write_json_atomic, write_parquet_atomic)
+from flextron.spec import DTYPE_BYTES, MODES, Regime, SubnetConfig
 
 LAYERS_FILE = "layers.parquet"
 E2E_FILE = "e2e.parquet"
 DEVICE_FILE = "device.json"
+CONFIG_FILE = "profile_config.json"
+PARTS_DIR = "parts"
+FLUSH_S = 5.0  # buffered rows are written at least this often, so a SIGKILL loses only seconds of work
+
+# Settings that change what a cell measures: a resumed sweep must match them all, or its parts
+# would mix two measurements under one cell key. (`dtype` and `mode` come before `regime` so that
+# changing --dtype is reported as --dtype, not as the regime keys it resolves into.)
+RESUME_FIELDS = ("device", "dtype", "mode", "regime", "e2e_random", "seed", "min_reps", "min_time_ms", "warmup",
+                 "anchor_every", "energy_s")
+
+
+def _check_whole(name: str, value, low: int | None = None) -> None:
+    check_finite(name, value, low=low)
+    if int(value) != value:
+        raise FlextronError(f"--{name.replace('_', '-')} must be a whole number, got {value}")
 
 
 @dataclass(frozen=True)
@@ -36,15 +71,24 @@ class ProfileConfig:
     warmup: int = 3
     anchor_every: int = 40  # re-measure the anchor cell after this many cells, to expose drift
     energy_s: float = 0.5  # GPU: length of each energy-per-token measurement (uniform configs); 0 skips
-    layers_only: bool = False
+    layers_only: bool = False  # skip the end-to-end cells; a later run without it adds them to the same profile
+    restart: bool = False  # remove profile/ and measure everything again (else a sweep resumes)
 
     def __post_init__(self):
+        check_device_name(self.device)
         if not self.regime:
             raise FlextronError("give at least one --regime, e.g. --regime decode:b1:ctx1024")
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise FlextronError(f"--device must be cpu or cuda[:N], got {self.device!r}")
-        if self.e2e_random < 0 or self.min_reps < 1 or self.anchor_every < 1:
-            raise FlextronError("--e2e-random must be >= 0, --min-reps and --anchor-every >= 1")
+        for name, low in (("e2e_random", 0), ("seed", None), ("min_reps", 1), ("warmup", 0), ("anchor_every", 1)):
+            _check_whole(name, getattr(self, name), low)
+        check_finite("min_time_ms", self.min_time_ms, low=0)
+        check_finite("energy_s", self.energy_s, low=0)
+        if self.dtype and self.dtype not in DTYPE_BYTES:
+            raise FlextronError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
+        if self.mode and self.mode not in MODES:
+            raise FlextronError(f"--mode must be one of {list(MODES)}, got {self.mode!r}")
+        keys = [r.key for r in self.regimes()]
+        if len(set(keys)) < len(keys):
+            raise FlextronError(f"--regime names the same regime twice ({keys}); give each once")
 
     def regimes(self) -> list[Regime]:
         cuda = self.device.startswith("cuda")
@@ -55,6 +99,14 @@ class ProfileConfig:
             if r.mode == "cuda_graph" and not cuda:
                 raise FlextronError(f"regime {r.key}: cuda_graph mode needs --device cuda; use eager on CPU")
         return out
+
+    def resolved(self) -> "ProfileConfig":
+        """This config with its defaults made explicit (dtype, mode, full regime keys): what is saved
+        and compared on resume, so `decode:b1:ctx32` and `decode:b1:ctx32:float32:eager` match."""
+        cuda = self.device.startswith("cuda")
+        return dataclasses.replace(self, dtype=self.dtype or ("bfloat16" if cuda else "float32"),
+                                   mode=self.mode or ("cuda_graph" if cuda else "eager"),
+                                   regime=tuple(r.key for r in self.regimes()))
 
 
 def random_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
@@ -70,50 +122,109 @@ def random_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
     return out
 
 
-class _PartWriter:
-    """Rows go to numbered Parquet parts (temp file + rename), so a killed sweep loses at most the
-    cell in flight and never leaves a half-written part."""
+class _Interrupts:
+    """For the duration of a sweep, SIGINT and SIGTERM raise KeyboardInterrupt (so `finally` blocks
+    write the buffered rows; SIGTERM would otherwise end the process on the spot), except inside
+    `deferred()`, where they wait for the block's end: a signal between a part's rename and the
+    clearing of its buffer would write those rows twice. Handlers can only be set from the main
+    thread; elsewhere signals keep their usual effect."""
 
-    def __init__(self, folder: Path, prefix: str, flush_every: int = 16):
+    def __init__(self):
+        self._depth, self._pending, self._previous = 0, None, {}
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. nohup: leave ignored signals ignored
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self._depth:
+            self._pending = signum
+            return
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth and self._pending is not None:
+                signum, self._pending = self._pending, None
+                raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _read_part(path: Path, columns: list[str] | None = None):
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a damaged file
+        raise FlextronError(
+            f"{path} is a corrupt part of an interrupted sweep ({type(e).__name__}: {str(e)[:160]}); delete it and "
+            "run the same `flextron profile` command again: its cells are measured again"
+        ) from None
+
+
+class _PartWriter:
+    """Rows go to numbered Parquet parts (temp file + rename, never half a part), written when
+    `flush_every` rows or `flush_s` seconds have gathered, and by `flush()` (which the sweep calls
+    when it is interrupted)."""
+
+    def __init__(self, folder: Path, prefix: str, flush_every: int = 16, flush_s: float | None = None,
+                 guard=contextlib.nullcontext):
         self.folder, self.prefix, self.flush_every = folder, prefix, flush_every
+        self.flush_s = FLUSH_S if flush_s is None else flush_s
+        self.guard = guard  # a context in which the part is written and the buffer cleared, uninterrupted
         folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f"{prefix}-*.tmp"):  # a write that a kill cut short; its rows were never counted
+            stale.unlink()
         self.rows: list[dict] = []
+        self._flushed_at = time.monotonic()
+
+    def parts(self) -> list[Path]:
+        return sorted(self.folder.glob(f"{self.prefix}-*.parquet"))
 
     def done_keys(self) -> set[str]:
-        import pandas as pd
-
         keys = set()
-        for p in sorted(self.folder.glob(f"{self.prefix}-*.parquet")):
-            keys.update(pd.read_parquet(p, columns=["cell_key"])["cell_key"])
+        for p in self.parts():
+            keys.update(_read_part(p, ["cell_key"])["cell_key"])
         return keys
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
-        if len(self.rows) >= self.flush_every:
+        if len(self.rows) >= self.flush_every or time.monotonic() - self._flushed_at >= self.flush_s:
             self.flush()
 
     def flush(self) -> None:
         import pandas as pd
 
+        self._flushed_at = time.monotonic()
         if not self.rows:
             return
-        n = len(list(self.folder.glob(f"{self.prefix}-*.parquet")))
-        path = self.folder / f"{self.prefix}-{n:05d}-{time.time_ns()}.parquet"
-        tmp = path.with_suffix(".tmp")
-        pd.DataFrame(self.rows).to_parquet(tmp, index=False)
-        tmp.rename(path)
-        self.rows = []
+        with self.guard():
+            n = len(self.parts())
+            path = self.folder / f"{self.prefix}-{n:05d}-{time.time_ns()}.parquet"
+            tmp = path.with_suffix(".tmp")
+            pd.DataFrame(self.rows).to_parquet(tmp, index=False)
+            tmp.rename(path)
+            self.rows = []
 
     def combine(self, out: Path) -> "pd.DataFrame":  # noqa: F821
         import pandas as pd
 
-        parts = sorted(self.folder.glob(f"{self.prefix}-*.parquet"))
-        df = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
+        parts = self.parts()
+        df = pd.concat([_read_part(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
         if len(df):
             df = df.drop_duplicates("cell_key", keep="last")
-            tmp = out.with_suffix(".tmp")
-            df.to_parquet(tmp, index=False)
-            tmp.rename(out)
+            write_parquet_atomic(df, out)
         return df
 
 
@@ -247,104 +358,97 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def status_kind(status: str) -> str:
+    """`ok`, `oom` or `error` for a cell's recorded status (errors carry their message)."""
+    return status if status in ("ok", "oom") else "error"
+
+
+def cells_by_status(rows, regime_keys) -> dict[str, dict[str, int]]:
+    """{regime: {"ok": n, "oom": n, "error": n}} over every row (layer, anchor and end-to-end cells)."""
+    out = {}
+    for rk in regime_keys:
+        counts = {"ok": 0, "oom": 0, "error": 0}
+        for df in rows:
+            if len(df):
+                for s in df.loc[df["regime"] == rk, "status"]:
+                    counts[status_kind(s)] += 1
+        out[rk] = counts
+    return out
+
+
+def _read_state(path: Path, run_root: Path) -> dict:
+    """A saved record of the sweep being resumed; a corrupt one names the way out (a resume needs it)."""
+    try:
+        return read_json(path, run_root)
+    except FlextronError as e:
+        raise FlextronError(f"{e}, adding --restart: a sweep cannot resume without {path.name}") from None
+
+
+def _start_or_resume(out_dir: Path, cfg: ProfileConfig, info: dict) -> None:
+    """Save the settings and the device facts when a sweep starts; when it resumes, refuse other
+    settings or another device, and keep the first `device.json` (it says when the measurements began)."""
+    run_root = out_dir.parent
+    config_path, device_path = out_dir / CONFIG_FILE, out_dir / DEVICE_FILE
+    resolved = cfg.resolved()
+    if not config_path.is_file():
+        if any((out_dir / PARTS_DIR).glob("*.parquet")) or (out_dir / LAYERS_FILE).is_file():
+            raise FlextronError(f"{out_dir} holds measurements but no {CONFIG_FILE} saying how they were made "
+                                "(an older flextron?); pass --restart to measure again (the folder is removed)")
+        write_json_atomic(device_path, info)
+        save_stage_config(config_path, resolved)
+        return
+    prev = _read_state(config_path, run_root)
+    check_resume(config_path, resolved, RESUME_FIELDS, what=f"the profile in {out_dir}")
+    if device_path.is_file():
+        prev_name = _read_state(device_path, run_root).get("device_name")
+        if prev_name != info["device_name"]:
+            raise FlextronError(
+                f"{out_dir} holds a profile from {prev_name!r}; this device is {info['device_name']!r}. "
+                "Profile each device into its own run directory, or pass --restart to replace it"
+            )
+    else:  # removed by hand: this start's facts are the best record left
+        write_json_atomic(device_path, info)
+    # The compared settings are unchanged; `layers_only` stays false once any run measured end to end.
+    save_stage_config(config_path, dataclasses.replace(
+        resolved, layers_only=bool(prev.get("layers_only", True)) and cfg.layers_only))
+
+
 def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -> dict:
-    """Measure `elastic` on cfg.device for every regime; write layers/e2e Parquet + device.json."""
+    """Measure `elastic` on cfg.device for every regime into `out_dir`: layers/e2e Parquet, device.json
+    and profile_config.json. Resumes a sweep that was stopped (same settings), or starts again with
+    cfg.restart. Returns the summary: cell counts (`cells_by_status` per regime), anchor drift."""
     import pandas as pd
-    import torch
 
     from profiler.telemetry import Telemetry
-    from profiler.timer import Timer, TimerConfig
 
     out_dir = Path(out_dir)
+    if cfg.restart and out_dir.exists():
+        shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tele = Telemetry(cfg.device)
     info = tele.device_info()
-    prev_info = out_dir / DEVICE_FILE
-    if prev_info.is_file():
-        prev = json.loads(prev_info.read_text())
-        if prev.get("device_name") != info["device_name"]:
-            raise FlextronError(
-                f"{out_dir} holds a profile from {prev.get('device_name')!r}; this device is {info['device_name']!r}. "
-                "Profile each device into its own run directory"
-            )
-    prev_info.write_text(json.dumps(info, indent=1))
+    _start_or_resume(out_dir, cfg, info)
     spec = elastic.spec
     regimes = cfg.regimes()
     rng = random.Random(cfg.seed)
-    layers_w = _PartWriter(out_dir / "parts", "layers")
-    e2e_w = _PartWriter(out_dir / "parts", "e2e", flush_every=4)
-    done = layers_w.done_keys() | e2e_w.done_keys()
     base = {"device": str(tele.device), "device_name": info["device_name"], "model_family": spec.family}
-    e2e_cfgs = spec.uniform_configs() + random_configs(spec, cfg.e2e_random, cfg.seed)
-    tcfg = TimerConfig(warmup=cfg.warmup, min_reps=cfg.min_reps, min_time_s=cfg.min_time_ms / 1e3)
     n_measured = 0
-
-    for regime in regimes:
-        dtype = getattr(torch, regime.dtype)
-        elastic.to(device=cfg.device, dtype=dtype)
-        timer = Timer(cfg.device, regime.mode, tcfg)
-        bench = RegimeBench(elastic, regime, cfg.device)
-        rbase = {**base, "regime": regime.key, **{k: v for k, v in regime.to_dict().items()}}
-
-        def measure(fn_factory, key, extra):
-            nonlocal n_measured
-            row = {**rbase, **extra, "cell_key": key}
-            try:
-                fn = fn_factory()
-                before = tele.sample()
-                timing = timer.measure(fn)
-                after = tele.sample()
-                row.update(timing.row(), status="ok")
-                row.update({k: after[k] for k in ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temp_c", "throttle_reasons")})
-                row["throttled"] = bool(before["throttled"] or after["throttled"])
-            except Exception as e:  # noqa: BLE001 - an OOM or capture failure is recorded, not fatal
-                if not (_is_oom(e) or regime.mode == "cuda_graph"):
-                    raise
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                row.update(status="oom" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}",
-                           latency_ms_median=float("nan"), n=0, samples_ms=[])
-            n_measured += 1
-            return row
-
-        cells = _layer_cells(spec)
-        rng.shuffle(cells)  # random order: clock drift spreads over all widths instead of biasing some
-        anchor = (0, "mlp", spec.mlp_widths[0][-1])
-        todo = [c for c in cells if f"{regime.key}|{c[0]}|{c[1]}|{c[2]}" not in done]
-        it = progress(todo, desc=f"layers {regime.key}") if progress else todo
-        for idx, (layer, kind, width) in enumerate(it):
-            key = f"{regime.key}|{layer}|{kind}|{width}"
-            layers_w.add(measure(lambda: bench.cell_fn(layer, kind, width), key,
-                                 {"layer": layer, "kind": kind, "width": width, "anchor": False, "order": idx}))
-            if (idx + 1) % cfg.anchor_every == 0:
-                akey = f"{regime.key}|anchor|{time.time_ns()}"
-                layers_w.add(measure(lambda: bench.cell_fn(*anchor), akey,
-                                     {"layer": anchor[0], "kind": anchor[1], "width": anchor[2], "anchor": True, "order": idx}))
-        layers_w.flush()
-
-        if cfg.layers_only:
-            continue
-        todo = [c for c in e2e_cfgs if f"{regime.key}|{c.key}" not in done]
-        it = progress(todo, desc=f"end-to-end {regime.key}") if progress else todo
-        for sub in it:
-            extra = {"config": sub.to_json(), "config_key": sub.key,
-                     "uniform": len(set(sub.mlp_width)) == 1 and len(set(sub.heads)) == 1,
-                     "params": sub.param_count(spec), "flops": sub.flops(spec, regime),
-                     "bytes": sub.bytes_moved(spec, regime)}
-            row = measure(lambda: bench.forward_fn(sub), f"{regime.key}|{sub.key}", extra)
-            if row["status"] == "ok":
-                med_s = row["latency_ms_median"] / 1e3
-                row["achieved_tflops"] = extra["flops"] / med_s / 1e12
-                row["achieved_gbps"] = extra["bytes"] / med_s / 1e9
-                row["energy_mj_per_token"] = (_energy_per_token(tele, timer.prepare(bench.forward_fn(sub)), regime, cfg.energy_s)
-                                              if extra["uniform"] and cfg.energy_s > 0 else None)
-            e2e_w.add(row)
-        e2e_w.flush()
+    with _Interrupts() as interrupts:
+        layers_w = _PartWriter(out_dir / PARTS_DIR, "layers", guard=interrupts.deferred)
+        e2e_w = _PartWriter(out_dir / PARTS_DIR, "e2e", flush_every=4, guard=interrupts.deferred)
+        done = layers_w.done_keys() | e2e_w.done_keys()
+        try:
+            for regime in regimes:
+                n_measured += _sweep_regime(elastic, regime, cfg, tele, base, rng, done, layers_w, e2e_w, progress)
+        finally:  # an interrupt, or any error: the finished rows are kept for the resume
+            with interrupts.deferred():
+                layers_w.flush()
+                e2e_w.flush()
 
     layers = layers_w.combine(out_dir / LAYERS_FILE)
     e2e = e2e_w.combine(out_dir / E2E_FILE) if not cfg.layers_only else pd.DataFrame()
     elastic.set_config(spec.full())
-    anchors = layers[layers["anchor"]] if len(layers) else layers
+    anchors = layers[layers["anchor"] & (layers["status"] == "ok")] if len(layers) else layers
     drift = {}
     for rk, g in (anchors.groupby("regime") if len(anchors) else []):
         med = g["latency_ms_median"]
@@ -354,10 +458,84 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
         "regimes": [r.key for r in regimes],
         "layer_cells": int((~layers["anchor"]).sum()) if len(layers) else 0,
         "e2e_cells": int(len(e2e)),
+        "cells_by_status": cells_by_status([layers, e2e], [r.key for r in regimes]),
         "measured_now": n_measured,
         "throttled_cells": int(layers["throttled"].fillna(False).sum()) if "throttled" in layers else 0,
         "anchor_cv": drift,
     }
+
+
+def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict, rng, done: set[str],
+                  layers_w: _PartWriter, e2e_w: _PartWriter, progress=None) -> int:
+    """Measure the cells of one regime that are not `done`; returns how many were measured."""
+    import torch
+
+    from profiler.timer import Timer, TimerConfig
+
+    spec = elastic.spec
+    elastic.to(device=cfg.device, dtype=getattr(torch, regime.dtype))
+    timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.min_reps,
+                                                       min_time_s=cfg.min_time_ms / 1e3))
+    bench = RegimeBench(elastic, regime, cfg.device)
+    rbase = {**base, "regime": regime.key, **regime.to_dict()}
+    n_measured = 0
+
+    def measure(fn_factory, key, extra):
+        nonlocal n_measured
+        row = {**rbase, **extra, "cell_key": key}
+        try:
+            fn = fn_factory()
+            before = tele.sample()
+            timing = timer.measure(fn)
+            after = tele.sample()
+            row.update(timing.row(), status="ok")
+            row.update({k: after[k] for k in ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temp_c", "throttle_reasons")})
+            row["throttled"] = bool(before["throttled"] or after["throttled"])
+        except Exception as e:  # noqa: BLE001 - an OOM or capture failure is recorded, not fatal
+            if not (_is_oom(e) or regime.mode == "cuda_graph"):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            row.update(status="oom" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}",
+                       latency_ms_median=float("nan"), n=0, samples_ms=[])
+        n_measured += 1
+        return row
+
+    cells = _layer_cells(spec)
+    rng.shuffle(cells)  # random order: clock drift spreads over all widths instead of biasing some
+    anchor = (0, "mlp", spec.mlp_widths[0][-1])
+    todo = [c for c in cells if f"{regime.key}|{c[0]}|{c[1]}|{c[2]}" not in done]
+    it = progress(todo, desc=f"layers {regime.key}") if progress else todo
+    for idx, (layer, kind, width) in enumerate(it):
+        key = f"{regime.key}|{layer}|{kind}|{width}"
+        layers_w.add(measure(lambda: bench.cell_fn(layer, kind, width), key,
+                             {"layer": layer, "kind": kind, "width": width, "anchor": False, "order": idx}))
+        if (idx + 1) % cfg.anchor_every == 0:
+            akey = f"{regime.key}|anchor|{time.time_ns()}"
+            layers_w.add(measure(lambda: bench.cell_fn(*anchor), akey,
+                                 {"layer": anchor[0], "kind": anchor[1], "width": anchor[2], "anchor": True, "order": idx}))
+    layers_w.flush()
+    if cfg.layers_only:
+        return n_measured
+
+    e2e_cfgs = spec.uniform_configs() + random_configs(spec, cfg.e2e_random, cfg.seed)
+    todo = [c for c in e2e_cfgs if f"{regime.key}|{c.key}" not in done]
+    it = progress(todo, desc=f"end-to-end {regime.key}") if progress else todo
+    for sub in it:
+        extra = {"config": sub.to_json(), "config_key": sub.key,
+                 "uniform": len(set(sub.mlp_width)) == 1 and len(set(sub.heads)) == 1,
+                 "params": sub.param_count(spec), "flops": sub.flops(spec, regime),
+                 "bytes": sub.bytes_moved(spec, regime)}
+        row = measure(lambda: bench.forward_fn(sub), f"{regime.key}|{sub.key}", extra)
+        if row["status"] == "ok":
+            med_s = row["latency_ms_median"] / 1e3
+            row["achieved_tflops"] = extra["flops"] / med_s / 1e12
+            row["achieved_gbps"] = extra["bytes"] / med_s / 1e9
+            row["energy_mj_per_token"] = (_energy_per_token(tele, timer.prepare(bench.forward_fn(sub)), regime, cfg.energy_s)
+                                          if extra["uniform"] and cfg.energy_s > 0 else None)
+        e2e_w.add(row)
+    e2e_w.flush()
+    return n_measured
 
 
 def _energy_per_token(tele, fn, regime: Regime, seconds: float) -> float | None:
@@ -380,20 +558,14 @@ def _energy_per_token(tele, fn, regime: Regime, seconds: float) -> float | None:
 
 
 def profile(cfg: ProfileConfig) -> dict:
+    """`flextron profile`: the sweep of `cfg.run`'s elastic model into RUN/profile (see `run_sweep`)."""
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
-    from flextron.rundir import RunDir, save_stage_config
+    from flextron.rundir import RunDir
 
     run = RunDir(cfg.run)
-    cfg.regimes()  # validate before loading anything
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise FlextronError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    check_device(cfg.device)  # before loading anything
     elastic = ElasticModel.load(run.require("elastic"))
-    out = run / "profile"
     t0 = time.perf_counter()
-    summary = run_sweep(elastic, out, cfg, progress=progress)
-    save_stage_config(out / "profile_config.json", cfg)
+    summary = run_sweep(elastic, run / "profile", cfg, progress=progress)
     return {**summary, "seconds": round(time.perf_counter() - t0, 1)}

@@ -44,6 +44,10 @@ class Timing:
         return float(np.percentile(self.samples_ms, 90))
 
     @property
+    def p99_ms(self) -> float:
+        return float(np.percentile(self.samples_ms, 99))
+
+    @property
     def cv(self) -> float:
         a = np.asarray(self.samples_ms)
         return float(a.std() / a.mean()) if a.mean() > 0 else 0.0
@@ -53,6 +57,7 @@ class Timing:
             "latency_ms_median": self.median_ms,
             "latency_ms_p10": self.p10_ms,
             "latency_ms_p90": self.p90_ms,
+            "latency_ms_p99": self.p99_ms,  # tail budgets (`search --quantile p99`) read it
             "latency_ms_mean": float(np.mean(self.samples_ms)),
             "n": len(self.samples_ms),
             "cv": self.cv,

@@ -1,4 +1,7 @@
+import itertools
 import json
+import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -6,8 +9,11 @@ import pytest
 
 from flextron.errors import FlextronError
 from flextron.spec import ElasticSpec
-from profiler.latency_model import FitConfig, LatencyModel, LatencyModels, encode, fit
+from flextron.spec import SubnetConfig
+from profiler.latency_model import FitConfig, LatencyModel, LatencyModels, encode, fit, tables_from_profile
 from profiler.sweep import random_configs
+
+KEY = "decode:b1:ctx32:float32:eager"
 
 
 def synthetic(spec):
@@ -76,3 +82,134 @@ def test_mixed_devices_are_refused(profiled, tmp_path):
         fit(FitConfig(run=str(run)))
     with pytest.raises(FlextronError, match="run `flextron profile"):
         fit(FitConfig(run=str(tmp_path / "nothing")))
+
+
+def test_range_is_exact_when_the_narrowest_choice_is_not_the_fastest():
+    """A noisy profile timed the narrowest MLP width slowest: the least latency is not the smallest config's."""
+    spec = ElasticSpec.build("llama", 2, 64, 256, 8, 4, 16, 320, mlp_choices=3, head_choices=3)
+    mlp = {0: {64: 2.5, 192: 0.9, 256: 1.2}, 1: {64: 0.4, 192: 0.7, 256: 3.0}}
+    attn = {0: {2: 0.8, 6: 0.3, 8: 0.6}, 1: {2: 0.2, 6: 0.5, 8: 0.9}}
+    m = LatencyModel(attn, mlp, 0.0)
+    m.coef_, m.intercept_ = np.array([1.5, 0.8]), 0.25
+    every = [SubnetConfig(w, h) for w in itertools.product(*spec.mlp_widths) for h in itertools.product(*spec.head_counts)]
+    predicted = m.predict(encode(every))
+    lo, hi = m.range_ms(spec)
+    assert lo == pytest.approx(predicted.min(), abs=1e-12) and hi == pytest.approx(predicted.max(), abs=1e-12)
+    # pinned: 0.25 + 1.5 * (0.3 + 0.2) + 0.8 * (0.9 + 0.4), and the smallest config is well above it
+    assert lo == pytest.approx(2.04) and m.predict_config(spec.smallest()) > lo + 1
+    assert hi == pytest.approx(0.25 + 1.5 * (0.8 + 0.9) + 0.8 * (2.5 + 3.0))
+    del m.mlp_table[1][192]
+    with pytest.raises(FlextronError, match="layer 1: width 192 .* was not profiled"):
+        m.range_ms(spec)
+
+
+def copy_run(src, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    return run
+
+
+def rewrite_profile(run, latency_ms, cv=0.01):
+    """Pin the profile to known numbers: layer cells cost 0.01 ms per head and 0.001 ms per MLP
+    column; the end-to-end medians become `latency_ms(configs, layers)`, their sample CV `cv`."""
+    path = run / "profile" / "layers.parquet"
+    layers = pd.read_parquet(path)
+    per_unit = layers["kind"].map({"attn": 0.01, "mlp": 0.001, "embed": 0.0, "head": 0.0})
+    layers["latency_ms_median"] = 0.05 + per_unit * layers["width"]
+    layers.to_parquet(path)
+    path = run / "profile" / "e2e.parquet"
+    e2e = pd.read_parquet(path)
+    e2e["latency_ms_median"] = latency_ms([SubnetConfig.from_json(c) for c in e2e["config"]], layers)
+    e2e["cv"] = cv
+    e2e.to_parquet(path)
+
+
+def layer_sums(configs, layers):
+    attn, mlp, fixed = tables_from_profile(layers, KEY)
+    return LatencyModel(attn, mlp, fixed)._sums(encode(configs)).sum(1)
+
+
+def inverted(configs, layers):
+    """Slower as layers get cheaper: the non-negative model predicts one latency for every config."""
+    sums = layer_sums(configs, layers)
+    return 1.05 * sums.max() - sums
+
+
+def mlp_inverted(configs, layers):
+    """Slower as attention grows but much faster as the MLP grows: the model follows attention alone."""
+    attn, mlp, fixed = tables_from_profile(layers, KEY)
+    attn_ms, mlp_ms = LatencyModel(attn, mlp, fixed)._sums(encode(configs)).T
+    return 3.0 + attn_ms - 3.0 * mlp_ms
+
+
+@pytest.mark.parametrize("truth, spearman, mape_pct", [(inverted, None, 18.218), (mlp_inverted, -0.8885, 14.615)])
+def test_fit_warns_when_it_cannot_rank_or_is_far_above_the_noise(profiled, tmp_path, capsys, truth, spearman, mape_pct):
+    run = copy_run(profiled, tmp_path)
+    rewrite_profile(run, truth)
+    s = fit(FitConfig(run=str(run)))
+    metrics = json.loads((run / "latency_model" / "metrics.json").read_text())[KEY]
+    assert s[KEY]["e2e_median_cv_pct"] == metrics["e2e_median_cv_pct"] == 1.0 and "anchor_cv_pct" in s[KEY]
+    assert s[KEY]["spearman"] == spearman and s[KEY]["heldout_mape_pct"] == pytest.approx(mape_pct, abs=0.01)
+    assert len(s["warnings"]) == 2 and s["warnings"] == metrics["warnings"]
+    assert "cannot rank" in s["warnings"][0] and "far above the measurement noise (end-to-end median CV 1.0%" in s["warnings"][1]
+    err = capsys.readouterr().err
+    assert err.count("flextron fit: WARNING: " + KEY) == 2
+
+
+def test_an_error_within_the_noise_is_not_warned_about(profiled, tmp_path):
+    """The same 14.6% held-out error, measured with 10% sample noise: only the ranking is warned about."""
+    run = copy_run(profiled, tmp_path)
+    rewrite_profile(run, mlp_inverted, cv=0.10)
+    s = fit(FitConfig(run=str(run)))
+    assert s[KEY]["heldout_mape_pct"] == pytest.approx(14.615, abs=0.01) and s[KEY]["e2e_median_cv_pct"] == 10.0
+    assert len(s["warnings"]) == 1 and "cannot rank" in s["warnings"][0]
+
+
+def test_fit_does_not_warn_about_a_model_that_explains_the_measurements(profiled, tmp_path):
+    run = copy_run(profiled, tmp_path)
+
+    rewrite_profile(run, lambda configs, layers: 0.3 + layer_sums(configs, layers))
+    s = fit(FitConfig(run=str(run)))
+    assert s["warnings"] == [] and s[KEY]["heldout_mape_pct"] < 0.01 and s[KEY]["spearman"] > 0.99
+
+
+def test_fit_refuses_failed_cells_unless_allowed(profiled, tmp_path):
+    run = copy_run(profiled, tmp_path)
+    path = run / "profile" / "e2e.parquet"
+    e2e = pd.read_parquet(path)
+    e2e.loc[e2e.index[-1], ["status", "latency_ms_median"]] = ["error: RuntimeError: graph capture failed", math.nan]
+    e2e.to_parquet(path)
+    with pytest.raises(FlextronError, match=rf"regime {KEY}: 1 of \d+ profiled cells failed \(0 oom, 1 error; "
+                                            r"e\.g\. 'error: RuntimeError: graph capture failed'\).*--allow-errors"):
+        fit(FitConfig(run=str(run)))
+    s = fit(FitConfig(run=str(run), allow_errors=True))
+    assert s[KEY]["cells_by_status"]["error"] == 1 and "--allow-errors" in s["warnings"][0]
+
+
+@pytest.mark.parametrize("name, rebuild", [("profile/layers.parquet", "flextron profile --run"),
+                                           ("profile/e2e.parquet", "flextron profile --run"),
+                                           ("profile/device.json", "flextron profile --run")])
+def test_fit_names_a_corrupt_profile_file(profiled, tmp_path, name, rebuild):
+    run = copy_run(profiled, tmp_path)
+    data = (run / name).read_bytes()
+    (run / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(FlextronError, match=rf"{name.split('/')[1]} is corrupt.*{rebuild}"):
+        fit(FitConfig(run=str(run)))
+
+
+@pytest.mark.parametrize("text", ["{\"device_name\": \"cpu\", \"regi", "{\"device_name\": \"cpu\"}",
+                                  "{\"device_name\": \"cpu\", \"regimes\": {\"r\": {\"coef_\": [1]}}}"])
+def test_loading_a_corrupt_latency_model_names_it(profiled, tmp_path, text):
+    run = copy_run(profiled, tmp_path)
+    fit(FitConfig(run=str(run)))
+    (run / "latency_model" / "latency_model.json").write_text(text)
+    with pytest.raises(FlextronError, match=r"latency_model.json is corrupt.*flextron fit --run"):
+        LatencyModels.load(run)
+
+
+@pytest.mark.parametrize("bad, flag", [({"holdout_frac": 0.0}, "--holdout-frac"), ({"holdout_frac": 1.0}, "--holdout-frac"),
+                                       ({"holdout_frac": math.nan}, "--holdout-frac"), ({"seed": -1}, "--seed"),
+                                       ({"seed": 1.5}, "--seed")])
+def test_fit_flags_are_validated(bad, flag):
+    with pytest.raises(FlextronError, match=flag):
+        FitConfig(**bad)
