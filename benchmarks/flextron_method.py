@@ -24,6 +24,7 @@ import torch
 from flextron.data import token_windows
 from flextron.elastic import ElasticModel
 from flextron.routers import DynamicRouting, Routers, dynamic_eval, load_tensors, regime_dir
+from search.optuna_search import results_dir
 from search.route import RouteConfig, latency_table, route
 from flextron.rundir import RunDir
 from flextron.spec import SubnetConfig
@@ -117,16 +118,16 @@ def main():
     budgets = [round(f * full_ms, 4) for f in args.fracs]
     s = search(SearchConfig(run=str(out), regime=regime, budget_ms=tuple(budgets), trials=args.search_trials,
                             device=args.device, skip_infeasible=True, weights="trained"))
-    best = json.loads(next((out / "search").glob("best-*.json")).read_text())["best"]
+    best = json.loads((results_dir(out, regime, "trained") / "best.json").read_text())["best"]
     t1 = time.perf_counter()
-    if args.reuse_routers and (regime_dir(out, regime) / "router.json").is_file():
-        meta = json.loads((regime_dir(out, regime) / "router.json").read_text())
+    if args.reuse_routers and (regime_dir(out, regime, weights="trained") / "router.json").is_file():
+        meta = json.loads((regime_dir(out, regime, weights="trained") / "router.json").read_text())
         r = {"table_source": meta["table"]["source"], "surrogate_heldout_rel_err": round(meta["surrogate"]["heldout_mean_rel_err"], 4)}
     else:
         r = route(RouteConfig(run=str(out), regime=regime, weights="trained", device=args.device,
                               dynamic_steps=args.dynamic_steps, joint_steps=args.joint_steps))
     t_route = time.perf_counter() - t1
-    routers = Routers.load(out, regime, spec)
+    routers = Routers.load(out, regime, spec, weights="trained")
     lat = models.get(regime)
 
     predict = lat.predict_config
@@ -135,7 +136,7 @@ def main():
     ctx = min(256, len(val) - 40)
     table = latency_table(out, regime, spec)
     routing = DynamicRouting(trained)
-    routing.load_state_dict(load_tensors(regime_dir(out, regime) / "dynamic_router.safetensors"))
+    routing.load_state_dict(load_tensors(regime_dir(out, regime, weights="trained") / "dynamic_router.safetensors"))
     windows = token_windows(trained.tokenizer, trained.adapter, "validation", 128, 8)
     full_step = decode_ms(trained, val, ctx, 32, spec.full())
     # the static router's curve of (measured step, ppl) over its budget grid: dynamic routing is compared

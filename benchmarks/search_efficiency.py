@@ -44,7 +44,8 @@ def main():
             out = search(SearchConfig(run=args.run, regime=args.regime, budget_frac=tuple(args.budget_frac),
                                       trials=args.trials, sampler=sampler, seed=seed, study_prefix=prefix,
                                       skip_infeasible=True, weights=args.weights))
-            t = pd.read_parquet(f"{args.run}/search/trials.parquet")
+            t = pd.read_parquet(Path(out["results"]) / "trials.parquet")
+            t = t[t["study"].str.startswith(prefix + "|")]  # the folder holds every sampler's and seed's studies
             for b in t["budget_ms"].unique():
                 g = t[(t.budget_ms == b) & t.evaluated]
                 if g.empty:  # no feasible config found in the capped number of proposals

@@ -63,6 +63,19 @@ class RunDir:
             choice = "trained" if (self.root / "trained" / "config.json").is_file() else "elastic"
         return choice, self.require(choice)
 
+    def weights_tag(self, name: str) -> str:
+        """`name` plus an identity of the weights' current files for `trained` (which `flextron train`
+        rewrites): quality caches, Optuna studies and routers keyed by it never serve losses measured
+        on an earlier training run's weights. One-shot weights change only with `convert --overwrite`,
+        which removes every later stage, so `elastic` needs no identity."""
+        if name == "elastic":
+            return name
+        import hashlib
+
+        files = sorted((self.root / name).glob("*.safetensors"))
+        stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        return f"{name}-{hashlib.sha1(stamp.encode()).hexdigest()[:8]}"
+
     def require(self, stage: str, marker: str | None = None) -> Path:
         """The stage folder, or a FlextronError naming the command that makes it."""
         path = self.root / stage

@@ -420,14 +420,19 @@ def search(cfg: SearchConfig) -> dict:
     spec = elastic.spec
     lo, hi = feasible_range(lat_model, spec)
     corpus = run.corpus(cfg.corpus)
+    wtag = run.weights_tag(wname)
     evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len,
-                                 corpus=corpus, tag=wname)
+                                 corpus=corpus, tag=wtag)
     out = results_dir(run.root, regime_key, wname)
     prefix = cfg.study_prefix or f"{models.device_name}|{regime_key}|{cfg.sampler}|{wname}|{evaluator.setting}"
     routers = None
     router_dir = regime_dir(run.root, regime_key, weights=wname)
     if (router_dir / "router.json").is_file():
         routers = Routers.load(run.root, regime_key, spec, weights=wname)
+        if routers.meta.get("weights_tag") != wtag:  # trained on an earlier training run's weights
+            print(f"flextron search: not seeding with the routers in {router_dir}: they were trained on other "
+                  f"{wname} weights; re-run `flextron route`", file=sys.stderr)
+            routers = None
 
     # Every budget is resolved against one reference: the full model measured in the profile.
     full_ms = full_latency_ms(run.root, regime_key, spec)

@@ -166,7 +166,7 @@ def route(cfg: RouteConfig) -> dict:
     t0 = time.perf_counter()
     elastic = ElasticModel.load(wdir, device=cfg.device)
     evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len,
-                                 corpus=cfg.corpus, tag=wname)
+                                 corpus=cfg.corpus, tag=run.weights_tag(wname))
     cfgs = sample_configs(spec, cfg.surrogate_samples, cfg.seed)
     losses = [evaluator.loss(c) for c in progress(cfgs, desc="surrogate samples")]
     sur, sur_metrics = fit_surrogate(spec, cfgs, losses, cfg.seed)
@@ -265,7 +265,7 @@ def route(cfg: RouteConfig) -> dict:
         pe = float(expected_latency(table, *one_hot(spec, [c]))[0])
         answers.append({"budget_frac": t, "expected_frac": round(pe, 4), "predicted_ms": round(predict(c), 4) if predict else None,
                         "config": c.to_dict()})
-    meta = {"regime": regime_key, "weights": wname, "seconds": round(time.perf_counter() - t0, 1),
+    meta = {"regime": regime_key, "weights": wname, "weights_tag": run.weights_tag(wname), "seconds": round(time.perf_counter() - t0, 1),
             "table": {"source": table["source"], "unit": table["unit"], "full_ms": table["full"],
                       "smallest_frac": smallest_frac},
             "surrogate": {**sur_metrics, "threshold": cfg.surrogate_threshold, "samples": len(cfgs),
