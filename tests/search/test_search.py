@@ -313,9 +313,13 @@ def test_verify_measures_more_rounds_inside_the_noise_band_and_never_accepts_a_s
     assert ver["ratio_lo"] < frac < ver["ratio_hi"]
     from search.export import ExportConfig, export
 
-    export(ExportConfig(run=str(run_copy), lookup=True))
-    rows = json.loads((run_copy / "export" / "lookup.json").read_text())["rows"]
-    assert all(r["config"] != pick.to_dict() and r["ratio_hi"] <= r["budget_frac"] for r in rows)  # never the straddle
+    try:  # a uniform fallback whose loss is known may serve the budget; the straddling pick never does
+        export(ExportConfig(run=str(run_copy), lookup=True))
+    except FlextronError as e:
+        assert "no verified config met its budget" in str(e)
+    else:
+        rows = json.loads((run_copy / "export" / "lookup.json").read_text())["rows"]
+        assert all(r["config"] != pick.to_dict() and r["ratio_hi"] <= r["budget_frac"] for r in rows)
 
 
 @pytest.mark.parametrize("quantile, verdict", [("p50", "within"), ("p90", "over")])
