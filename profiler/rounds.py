@@ -47,7 +47,7 @@ class RoundsConfig:
 
 def measure_in_rounds(keys: list[str], measure: Callable[[str], list[float]], rounds: int, seed: int = 0,
                       first_round: int = 0, on_round: Callable[[list[dict]], None] | None = None,
-                      progress=None) -> list[dict]:
+                      progress=None, desc: str = "rounds") -> list[dict]:
     """Measure every key once per round, in a freshly shuffled order each round.
 
     Returns raw rows `{"round", "order", "key", "sample", "latency_ms"}`. `on_round(rows)` is called
@@ -55,7 +55,7 @@ def measure_in_rounds(keys: list[str], measure: Callable[[str], list[float]], ro
     """
     keys = list(dict.fromkeys(keys))
     out: list[dict] = []
-    bar = progress(total=rounds * len(keys), desc="rounds") if progress else None
+    bar = progress(total=rounds * len(keys), desc=desc) if progress else None
     for r in range(first_round, first_round + rounds):
         order = keys[:]
         random.Random(seed * 1_000_003 + r).shuffle(order)

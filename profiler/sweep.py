@@ -31,9 +31,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flextron.devices import check_device, check_device_name
+from flextron.devices import check_device, check_device_name, set_cpu_threads
 from flextron.errors import FlextronError
-from flextron.rundir import (check_finite, check_resume, read_json, save_stage_config,
+from flextron.rundir import (check_finite, check_resume, read_json, safe_name, save_stage_config,
                              write_json_atomic, write_parquet_atomic)
 from flextron.spec import DTYPE_BYTES, MODES, Regime, SubnetConfig
 
@@ -48,7 +48,9 @@ FLUSH_S = 5.0  # buffered rows are written at least this often, so a SIGKILL los
 # would mix two measurements under one cell key. (`dtype` and `mode` come before `regime` so that
 # changing --dtype is reported as --dtype, not as the regime keys it resolves into.)
 RESUME_FIELDS = ("device", "dtype", "mode", "regime", "e2e_random", "seed", "min_reps", "min_time_ms", "warmup",
-                 "anchor_every", "energy_s")
+                 "anchor_every", "energy_s", "rounds", "reps", "threads")
+NOISE_FILE = "noise.json"
+SAMPLES_FILE = "e2e_samples.parquet"
 
 
 def _check_whole(name: str, value, low: int | None = None) -> None:
@@ -71,6 +73,9 @@ class ProfileConfig:
     warmup: int = 3
     anchor_every: int = 40  # re-measure the anchor cell after this many cells, to expose drift
     energy_s: float = 0.5  # GPU: length of each energy-per-token measurement (uniform configs); 0 skips
+    rounds: int = 6  # end-to-end: interleaved rounds (every config and the full model once per round, shuffled)
+    reps: int = 3  # end-to-end: timed steps per config per round (after `warmup` untimed ones)
+    threads: int = 0  # CPU: torch intra-op threads, recorded in device.json; 0 = one (see flextron.devices)
     layers_only: bool = False  # skip the end-to-end cells; a later run without it adds them to the same profile
     restart: bool = False  # remove profile/ and measure everything again (else a sweep resumes)
 
@@ -78,7 +83,8 @@ class ProfileConfig:
         check_device_name(self.device)
         if not self.regime:
             raise FlextronError("give at least one --regime, e.g. --regime decode:b1:ctx1024")
-        for name, low in (("e2e_random", 0), ("seed", None), ("min_reps", 1), ("warmup", 0), ("anchor_every", 1)):
+        for name, low in (("e2e_random", 0), ("seed", None), ("min_reps", 1), ("warmup", 0), ("anchor_every", 1),
+                          ("rounds", 2), ("reps", 1), ("threads", 0)):
             _check_whole(name, getattr(self, name), low)
         check_finite("min_time_ms", self.min_time_ms, low=0)
         check_finite("energy_s", self.energy_s, low=0)
@@ -425,8 +431,9 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
     if cfg.restart and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    threads = set_cpu_threads(cfg.device, cfg.threads)  # before device_info, which records the count
     tele = Telemetry(cfg.device)
-    info = tele.device_info()
+    info = {**tele.device_info(), "threads_choice": threads}
     _start_or_resume(out_dir, cfg, info)
     spec = elastic.spec
     regimes = cfg.regimes()
@@ -447,7 +454,11 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
 
     layers = layers_w.combine(out_dir / LAYERS_FILE)
     e2e = e2e_w.combine(out_dir / E2E_FILE) if not cfg.layers_only else pd.DataFrame()
+    rounds = sorted((out_dir / PARTS_DIR).glob("e2e_round-*.parquet"))
+    if rounds:  # every raw end-to-end sample, with its round (the parts stay for a resume)
+        write_parquet_atomic(pd.concat([_read_part(p) for p in rounds], ignore_index=True), out_dir / SAMPLES_FILE)
     elastic.set_config(spec.full())
+    noise = read_json(out_dir / NOISE_FILE) if (out_dir / NOISE_FILE).is_file() else {}
     anchors = layers[layers["anchor"] & (layers["status"] == "ok")] if len(layers) else layers
     drift = {}
     for rk, g in (anchors.groupby("regime") if len(anchors) else []):
@@ -462,6 +473,9 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
         "measured_now": n_measured,
         "throttled_cells": int(layers["throttled"].fillna(False).sum()) if "throttled" in layers else 0,
         "anchor_cv": drift,
+        "noise_floor_pct": {k: v["noise_floor_pct"] for k, v in noise.items()},
+        "ratio_noise_floor_pct": {k: v["ratio_noise_floor_pct"] for k, v in noise.items()},
+        "threads": threads,
     }
 
 
@@ -519,23 +533,115 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
         return n_measured
 
     e2e_cfgs = spec.uniform_configs() + random_configs(spec, cfg.e2e_random, cfg.seed)
-    todo = [c for c in e2e_cfgs if f"{regime.key}|{c.key}" not in done]
-    it = progress(todo, desc=f"end-to-end {regime.key}") if progress else todo
-    for sub in it:
-        extra = {"config": sub.to_json(), "config_key": sub.key,
-                 "uniform": len(set(sub.mlp_width)) == 1 and len(set(sub.heads)) == 1,
-                 "params": sub.param_count(spec), "flops": sub.flops(spec, regime),
-                 "bytes": sub.bytes_moved(spec, regime)}
-        row = measure(lambda: bench.forward_fn(sub), f"{regime.key}|{sub.key}", extra)
-        if row["status"] == "ok":
-            med_s = row["latency_ms_median"] / 1e3
-            row["achieved_tflops"] = extra["flops"] / med_s / 1e12
-            row["achieved_gbps"] = extra["bytes"] / med_s / 1e9
-            row["energy_mj_per_token"] = (_energy_per_token(tele, timer.prepare(bench.forward_fn(sub)), regime, cfg.energy_s)
-                                          if extra["uniform"] and cfg.energy_s > 0 else None)
+    if all(f"{regime.key}|{c.key}" in done for c in e2e_cfgs):
+        return n_measured
+    e2e_timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.reps, min_time_s=0.0,
+                                                           max_reps=cfg.reps))
+    return n_measured + _e2e_rounds(elastic, regime, cfg, tele, rbase, e2e_cfgs, bench, e2e_timer, e2e_w, progress)
+
+
+def _probe(bench, timer, sub: SubnetConfig, regime: Regime) -> str:
+    """"ok", or the status of a config that cannot run here: out of memory, or (under CUDA graphs) any
+    capture error. Other errors are bugs and raise."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            timer.prepare(bench.forward_fn(sub))()
+        return "ok"
+    except Exception as e:  # noqa: BLE001 - recorded as the config's status, not fatal
+        if not (_is_oom(e) or regime.mode == "cuda_graph"):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return "oom" if _is_oom(e) else f"error: {type(e).__name__}: {str(e)[:200]}"
+
+
+def _round_parts(folder: Path, regime: Regime) -> list[Path]:
+    return sorted(folder.glob(f"e2e_round-{safe_name(regime.key)}-*.parquet"))
+
+
+def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, e2e_cfgs: list[SubnetConfig],
+                bench, timer, e2e_w: _PartWriter, progress=None) -> int:
+    """The end-to-end set in `cfg.rounds` interleaved rounds (profiler/rounds.py): each round, every
+    config and the full model once, in a fresh order; each finished round is written as one part, so
+    an interrupted sweep resumes at the round in flight. Then one row per config (statistics over
+    rounds, `ratio_to_full` with its bounds) goes to the e2e parts, and the split-half noise floor
+    to noise.json. Configs that fail a first probe (OOM, or any error under CUDA graphs) get a row
+    with their status and stay out of the rounds. Returns how many configs were measured now."""
+    import pandas as pd
+
+    from profiler.interleaved import FULL
+    from profiler.rounds import measure_in_rounds, noise_floor, summarise
+
+    spec = elastic.spec
+    folder = e2e_w.folder
+    full_key = spec.full().key
+    by_key = {c.key: c for c in e2e_cfgs}
+    done_rounds = pd.concat([_read_part(p) for p in _round_parts(folder, regime)], ignore_index=True) \
+        if _round_parts(folder, regime) else pd.DataFrame(columns=["round", "key", "latency_ms"])
+    failed, n = {}, 0
+    if not len(done_rounds):  # first start of this regime's rounds: probe every config once
+        for c in e2e_cfgs:
+            status = _probe(bench, timer, c, regime)
+            if status != "ok":
+                failed[c.key] = {"status": status}
+    else:
+        failed_keys = set(by_key) - set(done_rounds["key"])
+        failed = {k: {"status": "error: failed its probe before an interrupted sweep; re-run with --restart"} for k in failed_keys}
+    keys = [k for k in by_key if k not in failed]
+
+    def measure_one(key: str) -> list[float]:
+        return timer.measure(bench.forward_fn(by_key[key])).samples_ms
+
+    def write_round(rows: list[dict]) -> None:
+        r = rows[0]["round"]
+        df = pd.DataFrame(rows).assign(regime=regime.key)
+        write_parquet_atomic(df, folder / f"e2e_round-{safe_name(regime.key)}-{r:04d}.parquet")
+
+    first = int(done_rounds["round"].max()) + 1 if len(done_rounds) else 0
+    todo = cfg.rounds - done_rounds["round"].nunique() if len(done_rounds) else cfg.rounds
+    rows = done_rounds.to_dict("records")
+    if todo > 0 and full_key in keys:
+        rows += measure_in_rounds(keys, measure_one, todo, seed=cfg.seed, first_round=first, on_round=write_round,
+                                  progress=progress, desc=f"end-to-end {regime.key}")
+    elif full_key not in keys:
+        raise FlextronError(f"the full model failed in {regime.key} ({failed[full_key]['status']}); "
+                            "nothing can be measured relative to it")
+    n = len(e2e_cfgs) if not len(done_rounds) else len(keys) if todo > 0 else 0  # cells (configs) measured now
+    samples = pd.DataFrame(rows)
+    samples["key"] = samples["key"].map(lambda k: FULL if k == full_key else k)
+    stats = summarise(samples, FULL).set_index("key")
+    noise = noise_floor(samples, FULL)
+    for c in e2e_cfgs:
+        extra = {"config": c.to_json(), "config_key": c.key,
+                 "uniform": len(set(c.mlp_width)) == 1 and len(set(c.heads)) == 1,
+                 "params": c.param_count(spec), "flops": c.flops(spec, regime), "bytes": c.bytes_moved(spec, regime)}
+        row = {**rbase, **extra, "cell_key": f"{regime.key}|{c.key}"}
+        if c.key in failed:
+            e2e_w.add({**row, "status": failed[c.key]["status"], "latency_ms_median": float("nan"), "n": 0, "samples_ms": []})
+            continue
+        st = stats.loc[FULL if c.key == full_key else c.key]
+        med_s = st["latency_ms_median"] / 1e3
+        mine = samples[samples["key"] == (FULL if c.key == full_key else c.key)]
+        row.update({k: float(v) if not isinstance(v, (int, np_integer())) else int(v) for k, v in st.items()},
+                   status="ok", samples_ms=[float(x) for x in mine["latency_ms"]],
+                   achieved_tflops=extra["flops"] / med_s / 1e12, achieved_gbps=extra["bytes"] / med_s / 1e9)
+        row.update({k: v for k, v in tele.sample().items() if k in ("sm_clock_mhz", "mem_clock_mhz", "power_w",
+                                                                    "temp_c", "throttle_reasons")})
+        row["energy_mj_per_token"] = (_energy_per_token(tele, timer.prepare(bench.forward_fn(c)), regime, cfg.energy_s)
+                                      if extra["uniform"] and cfg.energy_s > 0 else None)
         e2e_w.add(row)
     e2e_w.flush()
-    return n_measured
+    noises = read_json(folder.parent / NOISE_FILE) if (folder.parent / NOISE_FILE).is_file() else {}
+    write_json_atomic(folder.parent / NOISE_FILE, {**noises, regime.key: noise})
+    return n
+
+
+def np_integer():
+    import numpy as np
+
+    return np.integer
 
 
 def _energy_per_token(tele, fn, regime: Regime, seconds: float) -> float | None:

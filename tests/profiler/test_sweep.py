@@ -238,7 +238,7 @@ def test_oom_cells_are_recorded_counted_and_refused_by_fit(tiny_run, tmp_path, m
         return cell_fn(self, layer, kind, width)
 
     def failing_forward(self, cfg):
-        if cfg == spec.full():
+        if cfg == spec.smallest():  # not the full model: it is every round's reference
             raise oom
         return quick_forward(self, cfg)
 
@@ -285,3 +285,48 @@ def test_gpu_sweep_records_telemetry(tiny_run, tmp_path):
     layers = pd.read_parquet(tmp_path / "g" / "layers.parquet")
     assert layers["sm_clock_mhz"].notna().all()
     assert (layers["status"] == "ok").all()
+
+
+def test_end_to_end_set_is_measured_in_interleaved_rounds_and_resumes_by_round(tiny_run, tmp_path):
+    """Every config (the full model included) once per round; rows carry statistics over rounds and
+    the ratio to the full model; raw samples keep their round; a sweep killed between rounds resumes
+    with the rounds it lacks; the split-half noise floor is written per regime."""
+    from profiler.sweep import NOISE_FILE
+
+    el = ElasticModel.load(tiny_run / "elastic")
+    cfg = ProfileConfig(run=str(tiny_run), regime=("decode:b1:ctx32",), **{**FAST, "e2e_random": 3}, rounds=4, reps=2)
+
+    class DyingBar:
+        def __init__(self, total=None, desc=""):
+            self.n, self.desc = 0, desc
+
+        def update(self, k=1):
+            self.n += k
+            if self.desc.startswith("end-to-end") and self.n == 2 * n_cfgs + 1:  # inside the third round
+                raise Kill()
+
+        def close(self):
+            pass
+
+    def progress(items=None, desc="", total=None):
+        return items if items is not None else DyingBar(total, desc)
+
+    n_cfgs = len(el.spec.uniform_configs()) + 3
+    with pytest.raises(Kill):
+        run_sweep(el, tmp_path / "p", cfg, progress=progress)
+    rounds = sorted((tmp_path / "p" / "parts").glob("e2e_round-*.parquet"))
+    assert len(rounds) == 2  # two whole rounds were written; the one in flight was lost
+    run_sweep(el, tmp_path / "p", cfg)
+    samples = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "p" / "parts").glob("e2e_round-*.parquet"))])
+    assert sorted(samples["round"].unique()) == [0, 1, 2, 3]
+    per = samples.groupby("round")["key"].nunique()
+    assert (per == n_cfgs).all()  # every config in every round, the full model among them
+    assert (samples.groupby(["round", "key"]).size() == 2).all()  # reps per round
+    orders = samples[samples["sample"] == 0].sort_values(["round", "order"]).groupby("round")["key"].apply(tuple)
+    assert orders.nunique() > 1  # a fresh order per round
+    e2e = pd.read_parquet(tmp_path / "p" / "e2e.parquet")
+    full = e2e[e2e["config_key"] == el.spec.full().key].iloc[0]
+    assert full["ratio_to_full"] == 1.0 and (e2e["rounds"] == 4).all()
+    assert {"ratio_to_full_hi", "latency_ms_p90", "latency_ms_p99", "cv_rounds"} <= set(e2e.columns)
+    noise = json.loads((tmp_path / "p" / NOISE_FILE).read_text())["decode:b1:ctx32:float32:eager"]
+    assert noise["noise_floor_pct"] >= 0 and noise["rounds"] == 4
