@@ -1,16 +1,18 @@
 """`flextron fit`: predict a sub-network's end-to-end latency from its per-layer choices.
 
-The per-layer terms are the sweep's isolated medians. Summing them misses what only the whole
-model shows (launch gaps, norms and residual adds, cache effects between layers, fixed overhead),
-so a non-negative linear correction is learned on part of the end-to-end set:
+The sweep's isolated per-layer times are the prior. Summing them misses what only the whole model
+shows (launch gaps, norms and residual adds, cache effects between layers, host time in eager
+mode), so `LatencyModel` learns from part of the end-to-end set: a scaled or host-bound
+(max(host, device) per module) form of the isolated times, plus per-layer, per-choice terms shrunk
+toward them, chosen by cross-validation on the training configs. With a profile measured in
+interleaved rounds, the targets are each config's ratio to the full model in the same round times
+the full model's median, so the machine's drift during the profile is not fitted.
 
-    latency_ms = intercept + a_attn * sum_l attn[l, heads_l] + a_mlp * sum_l mlp[l, width_l]
-
-and its error is reported on end-to-end configs it never saw, beside the noise of the measurements
-themselves (median CV of the end-to-end cells, CV of the drift anchors); a model that cannot rank
-configs, or whose error is far above that noise, is fitted but warned about loudly. A regime with
-failed cells (OOM, errors) is refused unless `--allow-errors`. Saved as plain JSON: loading never
-unpickles anything.
+Its error is reported on end-to-end configs it never saw, beside the profile's test-retest noise
+floor (and the samples' CV): at the floor, the machine is the limit; far above it, the model is
+wrong, and `fit` says so. A model that cannot rank held-out configs is fitted but warned about
+loudly. A regime with failed cells (OOM, errors) is refused unless `--allow-errors`. Saved as plain
+JSON: loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -33,36 +35,58 @@ MIN_SPEARMAN = 0.5
 # ... or when its held-out MAPE exceeds NOISE_FACTOR times the measurement noise and MAPE_FLOOR_PCT.
 NOISE_FACTOR = 3.0
 MAPE_FLOOR_PCT = 5.0
+# A held-out error within this many times the noise floor (or this many %) is "at the floor".
+VERDICT_FACTOR = 1.5
+VERDICT_MIN_PCT = 1.0
+
+
+FORMS = ("scaled", "host_bound")
+ALPHAS = (None, 10.0, 1.0, 0.1)  # ridge strength of the per-layer terms learned end to end; None: none learned
 
 
 class LatencyModel(RegressorMixin, BaseEstimator):
     """scikit-learn regressor: X is [n, 2L] ints (MLP widths of layers 0..L-1, then head counts),
     y is measured end-to-end latency in ms.
 
+    A prediction is `intercept + sum_l attn_eff[l, heads_l] + mlp_eff[l, width_l]`, with per-layer,
+    per-choice effective costs built in two steps, both fitted to the end-to-end set:
+
+    1. From the sweep's isolated times A[l, h] and M[l, w], in one of two forms:
+       `scaled`: a_attn * A and a_mlp * M (device-bound: the step is the sum of its kernels), or
+       `host_bound`: max(h_attn, a_attn * A) and max(h_mlp, a_mlp * M), where h is the host's cost of
+       one module call (eager steps on a fast device wait for the host when the kernels are short).
+    2. Plus per-layer, per-choice terms learned from the end-to-end configs themselves and shrunk
+       toward zero by a ridge penalty (so toward step 1, the isolated times): what isolated layers
+       miss (cache effects between layers, launch gaps that depend on the shape).
+
+    The form and the ridge strength are chosen by cross-validation on the training configs only.
+    Every choice stays additive and independent per layer, so `range_ms` is exact and
+    `layer_table_ms` hands the routers the same costs the model predicts with.
+
     Args:
         attn_table: {layer: {heads: isolated attention ms}} for one regime and device.
         mlp_table: {layer: {width: isolated MLP ms}}.
         fixed_ms: isolated embedding + final norm + LM head time.
+        forms: the forms tried (see above).
+        alphas: the ridge strengths tried for the learned per-layer terms (None: none learned).
+        cv_folds: folds of the cross-validation that chooses among them.
     """
 
-    def __init__(self, attn_table=None, mlp_table=None, fixed_ms: float = 0.0):
+    def __init__(self, attn_table=None, mlp_table=None, fixed_ms: float = 0.0, forms=FORMS, alphas=ALPHAS,
+                 cv_folds: int = 5):
         self.attn_table = attn_table
         self.mlp_table = mlp_table
         self.fixed_ms = fixed_ms
+        self.forms = forms
+        self.alphas = alphas
+        self.cv_folds = cv_folds
 
-    def _sums(self, X) -> np.ndarray:
-        X = np.asarray(X, dtype=np.int64)
+    # ---- shapes ---------------------------------------------------------------------------------
+    def _choices(self):
         L = len(self.mlp_table)
-        if X.ndim != 2 or X.shape[1] != 2 * L:
-            raise FlextronError(f"expected configs as [n, {2 * L}] (widths then heads), got shape {X.shape}")
-        out = np.zeros((len(X), 2))
-        for i, row in enumerate(X):
-            for layer in range(L):
-                w, h = int(row[layer]), int(row[L + layer])
-                attn_ms, mlp_ms = self._cell_ms(layer, w, h)
-                out[i, 0] += attn_ms
-                out[i, 1] += mlp_ms
-        return out
+        heads = [sorted(self.attn_table.get(l, {})) for l in range(L)]
+        widths = [sorted(self.mlp_table.get(l, {})) for l in range(L)]
+        return heads, widths
 
     def _cell_ms(self, layer: int, width: int, heads: int) -> tuple[float, float]:
         """Isolated (attention ms at `heads`, MLP ms at `width`) of one layer."""
@@ -75,17 +99,134 @@ class LatencyModel(RegressorMixin, BaseEstimator):
                 "re-run `flextron profile` with this ElasticSpec"
             ) from None
 
-    def fit(self, X, y):
+    def _indices(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """Per-layer choice indices [n, L] of the heads and of the MLP widths."""
+        X = np.asarray(X, dtype=np.int64)
+        L = len(self.mlp_table)
+        if X.ndim != 2 or X.shape[1] != 2 * L:
+            raise FlextronError(f"expected configs as [n, {2 * L}] (widths then heads), got shape {X.shape}")
+        heads, widths = self._choices()
+        hpos = [{h: i for i, h in enumerate(hs)} for hs in heads]
+        wpos = [{w: i for i, w in enumerate(ws)} for ws in widths]
+        hi, wi = np.zeros((len(X), L), np.int64), np.zeros((len(X), L), np.int64)
+        for n, row in enumerate(X):
+            for l in range(L):
+                w, h = int(row[l]), int(row[L + l])
+                if h not in hpos[l] or w not in wpos[l]:
+                    self._cell_ms(l, w, h)  # raises, naming what was profiled
+                hi[n, l], wi[n, l] = hpos[l][h], wpos[l][w]
+        return hi, wi
+
+    def _priors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Isolated times as arrays A [L, max heads choices], M [L, max width choices] (NaN-padded)."""
+        heads, widths = self._choices()
+        L = len(heads)
+        A = np.full((L, max(map(len, heads))), np.nan)
+        M = np.full((L, max(map(len, widths))), np.nan)
+        for l in range(L):
+            A[l, :len(heads[l])] = [self.attn_table[l][h] for h in heads[l]]
+            M[l, :len(widths[l])] = [self.mlp_table[l][w] for w in widths[l]]
+        return A, M
+
+    def _sums(self, X) -> np.ndarray:
+        """[n, 2]: the isolated attention and MLP times of each config, summed over layers."""
+        hi, wi = self._indices(X)
+        A, M = self._priors()
+        rows = np.arange(A.shape[0])
+        return np.stack([A[rows, hi].sum(1), M[rows, wi].sum(1)], axis=1)
+
+    # ---- the model ------------------------------------------------------------------------------
+    @staticmethod
+    def _base(form: str, theta, A, M):
+        c, a, m = theta[:3]
+        if form == "scaled":
+            return c, a * A, m * M
+        return c, np.maximum(theta[3], a * A), np.maximum(theta[4], m * M)
+
+    def _fit_one(self, form, alpha, hi, wi, y, iters: int = 8):
+        """(theta, delta_attn [L, H], delta_mlp [L, W]) fitted to (hi, wi) -> y: the form's few
+        parameters and the ridge-shrunk per-layer terms by backfitting (each fitted to what the other
+        leaves), so an effect only some configs show is not smeared into the form's coefficients."""
+        from scipy.optimize import least_squares
         from sklearn.linear_model import LinearRegression
 
-        sums = self._sums(X)
-        reg = LinearRegression(positive=True).fit(sums, np.asarray(y, dtype=float))
-        self.coef_ = reg.coef_.astype(float)
-        self.intercept_ = float(reg.intercept_)
+        A, M = self._priors()
+        L, H, W = A.shape[0], A.shape[1], M.shape[1]
+        rows = np.arange(L)
+        sums = np.stack([A[rows, hi].sum(1), M[rows, wi].sum(1)], axis=1)
+        lin = LinearRegression(positive=True).fit(sums, y)
+        theta = [float(lin.intercept_), *map(float, lin.coef_)]
+        if form == "host_bound":
+            theta += [float(np.nanmin(A)), float(np.nanmin(M))]
+        lo = [-np.inf] + [0.0] * (len(theta) - 1)
+        theta = np.asarray([max(v, b + 1e-12) if np.isfinite(b) else v for v, b in zip(theta, lo)])
+
+        def base(t):
+            c, Ae, Me = self._base(form, t, A, M)
+            return c + Ae[rows, hi].sum(1) + Me[rows, wi].sum(1)
+
+        phi = np.zeros((len(y), L * (H + W)))  # one-hot features of every (layer, choice)
+        for n in range(len(y)):
+            phi[n, rows * H + hi[n]] = 1.0
+            phi[n, L * H + rows * W + wi[n]] = 1.0
+        scale = float(np.mean(y))
+        learned = np.zeros(len(y))
+        delta = np.zeros(L * (H + W))
+        for _ in range(iters if alpha is not None else 1):
+            target = y - learned
+            # relative residuals: the error that matters is the relative one (MAPE), small configs included
+            theta = least_squares(lambda t: (base(t) - target) / y, theta, bounds=(lo, np.inf)).x
+            if alpha is None:
+                break
+            r = (y - base(theta)) / scale  # ridge on the residual, dual form (configs << features)
+            delta = phi.T @ np.linalg.solve(phi @ phi.T + alpha * np.eye(len(y)), r) * scale
+            learned = phi @ delta
+        return np.asarray(theta, float), delta[: L * H].reshape(L, H), delta[L * H:].reshape(L, W)
+
+    def _predict_with(self, form, theta, dA, dM, hi, wi):
+        A, M = self._priors()
+        rows = np.arange(A.shape[0])
+        c, Ae, Me = self._base(form, theta, A, M)
+        return c + (Ae + dA)[rows, hi].sum(1) + (Me + dM)[rows, wi].sum(1)
+
+    def fit(self, X, y):
+        from sklearn.model_selection import KFold
+
+        y = np.asarray(y, dtype=float)
+        hi, wi = self._indices(X)
+        candidates = [(f, a) for f in self.forms for a in self.alphas]
+        k = min(self.cv_folds, len(y))
+        cv = {}
+        if len(candidates) > 1 and k >= 2:
+            for form, alpha in candidates:
+                errs = []
+                for tr, va in KFold(k, shuffle=True, random_state=0).split(hi):
+                    theta, dA, dM = self._fit_one(form, alpha, hi[tr], wi[tr], y[tr])
+                    p = self._predict_with(form, theta, dA, dM, hi[va], wi[va])
+                    errs += list(np.abs(p - y[va]) / y[va])
+                cv[f"{form}/{alpha}"] = round(100 * float(np.mean(errs)), 4)
+            best = min(candidates, key=lambda fa: cv[f"{fa[0]}/{fa[1]}"])
+        else:
+            best = candidates[0]
+        self.form_, self.alpha_ = best
+        theta, self.delta_attn_, self.delta_mlp_ = self._fit_one(*best, hi, wi, y)
+        self.intercept_ = float(theta[0])
+        self.coef_ = theta[1:3].astype(float)
+        self.host_ms_ = theta[3:5].astype(float) if self.form_ == "host_bound" else np.zeros(2)
+        self.cv_mape_pct_ = cv
         return self
 
+    def _effective(self) -> tuple[np.ndarray, np.ndarray]:
+        A, M = self._priors()
+        theta = np.concatenate([[self.intercept_], self.coef_, self.host_ms_])
+        _, Ae, Me = self._base(self.form_, theta, A, M)
+        return Ae + self.delta_attn_, Me + self.delta_mlp_
+
     def predict(self, X) -> np.ndarray:
-        return self.intercept_ + self._sums(X) @ self.coef_
+        hi, wi = self._indices(X)
+        Ae, Me = self._effective()
+        rows = np.arange(Ae.shape[0])
+        return self.intercept_ + Ae[rows, hi].sum(1) + Me[rows, wi].sum(1)
 
     def predict_config(self, cfg: SubnetConfig) -> float:
         """Predicted end-to-end ms of one config."""
@@ -94,34 +235,36 @@ class LatencyModel(RegressorMixin, BaseEstimator):
     def range_ms(self, spec) -> tuple[float, float]:
         """(least, greatest) predicted end-to-end ms over every config of `spec`, exactly.
 
-        The prediction is `intercept + sum_l (a_attn * attn[l, heads_l] + a_mlp * mlp[l, width_l])`:
-        a sum of per-layer terms with independent choices, so its extremes are the sums of per-layer
-        extremes (whatever the coefficients' signs). The narrowest config is not assumed fastest: a
-        noisy profile can time a narrow width slower than a wider one.
+        A prediction is a sum of per-layer terms with independent choices, so its extremes are the
+        sums of per-layer extremes. The narrowest config is not assumed fastest: a noisy profile can
+        time a narrow width slower than a wider one.
         """
         if spec.num_layers != len(self.mlp_table):
             raise FlextronError(f"the spec has {spec.num_layers} layers, the latency model {len(self.mlp_table)}; "
                                 "re-run `flextron profile` and `flextron fit` for this model")
-        lo = hi = self.intercept_
-        for layer in range(spec.num_layers):
-            w_full, h_full = spec.mlp_widths[layer][-1], spec.head_counts[layer][-1]
-            attn = [self.coef_[0] * self._cell_ms(layer, w_full, h)[0] for h in spec.head_counts[layer]]
-            mlp = [self.coef_[1] * self._cell_ms(layer, w, h_full)[1] for w in spec.mlp_widths[layer]]
-            lo += min(attn) + min(mlp)
-            hi += max(attn) + max(mlp)
-        return float(lo), float(hi)
+        tab = self.layer_table_ms(spec)
+        lo = self.intercept_ + float(tab["attn_ms"].min(-1).values.sum() + tab["mlp_ms"].min(-1).values.sum())
+        hi = self.intercept_ + float(tab["attn_ms"].max(-1).values.sum() + tab["mlp_ms"].max(-1).values.sum())
+        return lo, hi
 
     def naive_predict(self, X) -> np.ndarray:
         """The baseline: isolated layer times summed, plus the fixed parts."""
         return self.fixed_ms + self._sums(X).sum(1)
 
     def layer_table_ms(self, spec) -> dict:
-        """Per-layer tables for router training: attention [L, n_heads], MLP [L, n_widths] in ms,
-        scaled by the fitted corrections, plus the fixed part (intercept)."""
+        """Per-layer tables for router training: attention [L, n_heads], MLP [L, n_widths] in ms, the
+        effective costs this model predicts with, plus the fixed part (intercept)."""
         import torch
 
-        attn = torch.tensor([[self.coef_[0] * self.attn_table[l][h] for h in spec.head_counts[l]] for l in range(spec.num_layers)])
-        mlp = torch.tensor([[self.coef_[1] * self.mlp_table[l][w] for w in spec.mlp_widths[l]] for l in range(spec.num_layers)])
+        heads, widths = self._choices()
+        Ae, Me = self._effective()
+        for l in range(spec.num_layers):
+            for h in spec.head_counts[l]:
+                self._cell_ms(l, spec.mlp_widths[l][-1], h)
+            for w in spec.mlp_widths[l]:
+                self._cell_ms(l, w, spec.head_counts[l][-1])
+        attn = torch.tensor([[Ae[l, heads[l].index(h)] for h in spec.head_counts[l]] for l in range(spec.num_layers)])
+        mlp = torch.tensor([[Me[l, widths[l].index(w)] for w in spec.mlp_widths[l]] for l in range(spec.num_layers)])
         return {"attn_ms": attn, "mlp_ms": mlp, "fixed_ms": self.intercept_}
 
     # ---- plain-JSON persistence ---------------------------------------------------------------
@@ -130,8 +273,12 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             "attn_table": {str(l): {str(k): v for k, v in t.items()} for l, t in self.attn_table.items()},
             "mlp_table": {str(l): {str(k): v for k, v in t.items()} for l, t in self.mlp_table.items()},
             "fixed_ms": self.fixed_ms,
+            "form_": self.form_, "alpha_": self.alpha_,
             "coef_": list(map(float, self.coef_)),
             "intercept_": self.intercept_,
+            "host_ms_": list(map(float, self.host_ms_)),
+            "delta_attn_": np.nan_to_num(self.delta_attn_).tolist(), "delta_mlp_": np.nan_to_num(self.delta_mlp_).tolist(),
+            "cv_mape_pct_": self.cv_mape_pct_,
         }
 
     @classmethod
@@ -145,6 +292,17 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         m.intercept_ = float(d["intercept_"])
         if m.coef_.shape != (2,) or not np.isfinite(m.coef_).all():
             raise ValueError(f"coef_ must be two finite numbers (attention, MLP), got {d['coef_']!r}")
+        m.form_ = d.get("form_", "scaled")
+        if m.form_ not in FORMS:
+            raise ValueError(f"form_ must be one of {FORMS}, got {m.form_!r}")
+        m.alpha_ = d.get("alpha_")
+        m.host_ms_ = np.asarray(d.get("host_ms_", [0.0, 0.0]), dtype=float)
+        A, M = m._priors()
+        m.delta_attn_ = np.asarray(d.get("delta_attn_", np.zeros_like(A)), dtype=float)
+        m.delta_mlp_ = np.asarray(d.get("delta_mlp_", np.zeros_like(M)), dtype=float)
+        if m.delta_attn_.shape != A.shape or m.delta_mlp_.shape != M.shape:
+            raise ValueError("delta tables do not match the profiled choices")
+        m.cv_mape_pct_ = d.get("cv_mape_pct_", {})
         return m
 
 
@@ -194,15 +352,38 @@ class FitConfig:
             raise FlextronError(f"--seed must be a whole number, got {self.seed}")
 
 
-def measurement_noise(layers, e2e, regime_key: str) -> dict:
-    """How noisy the regime's own measurements are, in %: the median CV of its end-to-end cells'
-    samples, and the CV of its drift-anchor medians over the sweep (None with fewer than two)."""
+def measurement_noise(layers, e2e, regime_key: str, floor: dict | None = None) -> dict:
+    """How noisy the regime's own measurements are, in %: the profile's split-half test-retest noise
+    floor of end-to-end medians and of ratios to the full model (`floor`, from noise.json), the
+    median CV of the end-to-end cells' samples, and the CV of the drift-anchor medians."""
     e = e2e[(e2e["regime"] == regime_key) & (e2e["status"] == "ok")]
     a = layers[(layers["regime"] == regime_key) & layers["anchor"] & (layers["status"] == "ok")]["latency_ms_median"]
     e2e_cv = float(e["cv"].median()) if "cv" in e and e["cv"].notna().any() else float("nan")
     anchor_cv = float(a.std() / a.mean()) if len(a) > 1 else float("nan")
-    return {"e2e_median_cv_pct": round(100 * e2e_cv, 3) if np.isfinite(e2e_cv) else None,
+    floor = floor or {}
+    return {"noise_floor_pct": floor.get("noise_floor_pct"), "ratio_noise_floor_pct": floor.get("ratio_noise_floor_pct"),
+            "e2e_median_cv_pct": round(100 * e2e_cv, 3) if np.isfinite(e2e_cv) else None,
             "anchor_cv_pct": round(100 * anchor_cv, 3) if np.isfinite(anchor_cv) else None}
+
+
+def noise_of_targets(metrics: dict) -> tuple[float | None, str]:
+    """The noise the held-out error is compared with, and its name: the test-retest floor of what
+    the model was fitted to (ratios to the full model, or medians), else the samples' median CV."""
+    for key in ("ratio_noise_floor_pct", "noise_floor_pct", "e2e_median_cv_pct"):
+        if metrics.get(key) is not None and (key != "ratio_noise_floor_pct" or metrics.get("target") == "ratio_to_full"):
+            return metrics[key], key
+    return None, "none"
+
+
+def verdict(metrics: dict) -> str:
+    """Which limits this model: the machine (its error is at the noise floor) or the model itself."""
+    noise, name = noise_of_targets(metrics)
+    mape = metrics["heldout"]["mape_pct"]
+    if noise is None:
+        return "no noise floor measured: re-profile to tell model error from machine noise"
+    if mape <= max(VERDICT_FACTOR * noise, VERDICT_MIN_PCT):
+        return f"at the noise floor ({mape:.3g}% vs {name} {noise:.3g}%): the machine is the limit"
+    return f"above the noise floor ({mape:.3g}% vs {name} {noise:.3g}%): the model misses something"
 
 
 def fit_warnings(metrics: dict) -> list[str]:
@@ -215,20 +396,19 @@ def fit_warnings(metrics: dict) -> list[str]:
         how = (f"Spearman {rho} on {held['n']} configs, want >= {MIN_SPEARMAN}" if rho is not None else
                f"Spearman undefined: too few configs ({held['n']}) or one prediction for all")
         out.append(f"{rk}: the latency model cannot rank held-out sub-networks ({how}); budgets from it are not "
-                   "trustworthy. Profile with more --min-time-ms and --e2e-random on a quiet device")
-    noise = [v for v in (metrics["e2e_median_cv_pct"], metrics["anchor_cv_pct"]) if v is not None]
-    limit = max(NOISE_FACTOR * max(noise, default=0.0), MAPE_FLOOR_PCT)
+                   "trustworthy. Profile with more --rounds and --e2e-random on a quiet device")
+    noise, name = noise_of_targets(metrics)
+    limit = max(NOISE_FACTOR * (noise or 0.0), MAPE_FLOOR_PCT)
     if held["mape_pct"] > limit:
-        e2e_cv, anchor_cv = (f"{v}%" if v is not None else "n/a" for v in (metrics["e2e_median_cv_pct"], metrics["anchor_cv_pct"]))
-        out.append(f"{rk}: held-out error {held['mape_pct']:.3g}% is far above the measurement noise (end-to-end "
-                   f"median CV {e2e_cv}, anchor CV {anchor_cv}): the "
-                   "per-layer model does not explain end-to-end latency here (naive sum: "
-                   f"{metrics['naive_sum_heldout']['mape_pct']:.3g}%). Check the profile for drift or throttling "
-                   "and profile again before searching under budgets")
+        out.append(f"{rk}: held-out error {held['mape_pct']:.3g}% is far above the measurement noise ({name} "
+                   f"{noise if noise is not None else 'n/a'}%): the model does not explain end-to-end latency here "
+                   f"(naive sum: {metrics['naive_sum_heldout']['mape_pct']:.3g}%). Check the profile for drift or "
+                   "throttling and profile again before searching under budgets")
     return out
 
 
-def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int) -> tuple[LatencyModel, dict, dict]:
+def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
+               floor: dict | None = None) -> tuple[LatencyModel, dict, dict]:
     attn, mlp, fixed = tables_from_profile(layers, regime_key)
     rows = e2e[(e2e["regime"] == regime_key) & (e2e["status"] == "ok")]
     if not attn or rows.empty:
@@ -238,7 +418,13 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int) -> 
     usable = np.array([all(h in attn.get(l, {}) and w in mlp.get(l, {}) for l, (w, h) in enumerate(zip(c.mlp_width, c.heads)))
                        for c in configs], bool)
     rows, configs = rows[usable], [c for c, u in zip(configs, usable) if u]
-    y = rows["latency_ms_median"].to_numpy()
+    y, target = rows["latency_ms_median"].to_numpy(float), "latency_ms_median"
+    if "ratio_to_full" in rows and rows["ratio_to_full"].notna().all():
+        # Measured in interleaved rounds: each config relative to the full model in the same round,
+        # times the full model's median, so the machine's drift over the profile is not fitted.
+        full = rows[rows["ratio_to_full"] == 1.0]["latency_ms_median"]
+        if len(full):
+            y, target = rows["ratio_to_full"].to_numpy(float) * float(full.iloc[0]), "ratio_to_full"
     uniform = rows["uniform"].to_numpy(bool)
     rng = np.random.default_rng(seed)
     hetero = np.flatnonzero(~uniform)
@@ -253,14 +439,18 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int) -> 
     model = LatencyModel(attn, mlp, fixed).fit(X[train], y[train])
     metrics = {
         "regime": regime_key,
+        "target": target,
         "train_configs": int(len(train)),
         "heldout": error_metrics(y[test], model.predict(X[test])),
         "naive_sum_heldout": error_metrics(y[test], model.naive_predict(X[test])),
-        **measurement_noise(layers, e2e, regime_key),
+        **measurement_noise(layers, e2e, regime_key, floor),
+        "form": model.form_, "alpha": model.alpha_, "cv_mape_pct": model.cv_mape_pct_,
         "coef_attn": float(model.coef_[0]), "coef_mlp": float(model.coef_[1]), "intercept_ms": model.intercept_,
+        "host_ms": [float(v) for v in model.host_ms_],
         "heldout_keys": [configs[i].key for i in test],
         "configs_without_layer_cells": int((~usable).sum()),
     }
+    metrics["verdict"] = verdict(metrics)
     metrics["warnings"] = fit_warnings(metrics)
     held = np.zeros(len(rows), bool)
     held[test] = True
@@ -284,7 +474,7 @@ def fit(cfg: FitConfig) -> dict:
 
     from flextron.rundir import (RunDir, fresh_tmp_dir, read_json, read_parquet, recover_swap, require_columns,
                                  save_stage_config, swap_in, write_json_atomic, write_parquet_atomic)
-    from profiler.sweep import DEVICE_FILE, E2E_FILE, LAYERS_FILE, cells_by_status, status_kind
+    from profiler.sweep import DEVICE_FILE, E2E_FILE, LAYERS_FILE, NOISE_FILE, cells_by_status, status_kind
 
     run = RunDir(cfg.run)
     prof = run.require("profile", LAYERS_FILE)
@@ -296,6 +486,7 @@ def fit(cfg: FitConfig) -> dict:
     device = read_json(device_path, run.root)
     if not isinstance(device.get("device_name"), str):
         raise _corrupt(device_path, run.root, "no device_name")
+    noise = read_json(prof / NOISE_FILE, run.root) if (prof / NOISE_FILE).is_file() else {}
     devices = set(layers["device_name"]) | set(e2e["device_name"])
     if len(devices) > 1:
         raise FlextronError(f"the profile mixes devices {sorted(devices)}; fit one device per run directory")
@@ -319,7 +510,7 @@ def fit(cfg: FitConfig) -> dict:
                     "(for oom: a smaller batch or context, or a device "
                     "with more memory), or pass --allow-errors to fit on the ok cells"
                 )
-        model, m, p = fit_regime(layers, e2e, regime_key, cfg.holdout_frac, cfg.seed)
+        model, m, p = fit_regime(layers, e2e, regime_key, cfg.holdout_frac, cfg.seed, noise.get(regime_key))
         if failed:
             m["warnings"].insert(0, f"{what}; fitted on the ok cells (--allow-errors): configs using a failed layer "
                                     f"cell cannot be predicted ({m['configs_without_layer_cells']} measured configs "
@@ -342,6 +533,8 @@ def fit(cfg: FitConfig) -> dict:
         "device": device["device_name"],
         **{k: {"heldout_mape_pct": m["heldout"]["mape_pct"], "heldout_max_ape_pct": m["heldout"]["max_ape_pct"],
                "spearman": m["heldout"]["spearman"], "naive_mape_pct": m["naive_sum_heldout"]["mape_pct"],
+               "noise_floor_pct": m["noise_floor_pct"], "ratio_noise_floor_pct": m["ratio_noise_floor_pct"],
+               "verdict": m["verdict"], "form": m["form"],
                "e2e_median_cv_pct": m["e2e_median_cv_pct"], "anchor_cv_pct": m["anchor_cv_pct"],
                "cells_by_status": m["cells_by_status"]}
            for k, m in metrics.items()},
