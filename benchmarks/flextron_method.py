@@ -146,10 +146,10 @@ def main():
     t_min = routers.meta["table"]["smallest_frac"]
     static_cfgs = [routers.config_for(float(t) * predict(spec.full()), predict) for t in np.linspace(t_min, 1.0, 9)]
     static_ll = [ev.loss(c) for c in static_cfgs]
-    points = sorted(routers.meta["dynamic_calibration"], key=lambda c: c["budget_frac"])
+    points = sorted(routers.meta["dynamic_calibration"], key=lambda c: c["router_frac"])
     routing.install()
     try:  # quality of each calibrated point under hard per-token routing
-        evals = [dynamic_eval(trained, routing, windows, tuple(pt["heads"]), pt["budget_frac"], table, shift=pt["shift"])
+        evals = [dynamic_eval(trained, routing, windows, tuple(pt["heads"]), pt["router_frac"], table, shift=pt["shift"])
                  for pt in points]
     finally:
         routing.remove()
@@ -161,7 +161,7 @@ def main():
             if i < len(points):
                 routing.install()
                 try:
-                    routing.set(points[i]["budget_frac"], soft=False, shift=points[i]["shift"])
+                    routing.set(points[i]["router_frac"], soft=False, shift=points[i]["shift"])
                     t_dyn[i].append(decode_ms(trained, val, ctx, 32, SubnetConfig(spec.full().mlp_width, tuple(points[i]["heads"]))))
                 finally:
                     routing.remove()
@@ -179,7 +179,7 @@ def main():
     dyn_rows = []
     for pt, d, ts in zip(points, evals, t_dyn):
         dyn_ms = float(np.median(ts))
-        dyn_rows.append({"budget_frac": pt["budget_frac"], "shift": pt["shift"], "dynamic_ppl": math.exp(d["loss"]),
+        dyn_rows.append({"budget_frac": pt["router_frac"], "shift": pt["shift"], "dynamic_ppl": math.exp(d["loss"]),
                          "expected_ms": d["expected_frac"] * table["full"], "measured_ms": dyn_ms,
                          "static_ppl_at_measured_ms": best_under(static_front, dyn_ms)})
     device = Telemetry(args.device).device_name

@@ -449,7 +449,7 @@ def calibrate_dynamic(elastic, routing: DynamicRouting, windows, table: dict, he
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if expected(t, heads, mid) <= t else (mid, hi)
         e = expected(t, heads, hi)
-        out.append({"budget_frac": round(float(t), 4), "heads": list(heads), "shift": round(hi, 4),
+        out.append({"router_frac": round(float(t), 4), "heads": list(heads), "shift": round(hi, 4),
                     "expected_frac": round(e, 4), "meets": e <= t + 1e-6})
     routing.set(1.0, soft=False)
     return out
@@ -459,7 +459,7 @@ def calibrated_point(calibration: list[dict], t: float) -> dict:
     """The calibrated budget point that serves budget fraction t: the largest one not above t (its
     heads, shift and router budget input), so the expected latency never exceeds t; below every
     calibrated budget, the smallest one."""
-    frac = itemgetter("budget_frac")
+    frac = itemgetter("router_frac")
     return max((c for c in calibration if frac(c) <= t + 1e-9), default=min(calibration, key=frac), key=frac)
 
 
@@ -517,12 +517,17 @@ class Routers:
         return cls(regime_dir(run_root, regime_key, weights=weights), spec, run_root)
 
     def dynamic_point(self, t: float, joint: bool = False) -> dict:
-        """How the dynamic router (or the jointly fine-tuned one) serves budget fraction t: the calibrated
-        point's `budget_frac` (the router's budget input), static `heads` and logit `shift`."""
+        """How the dynamic router (or the jointly fine-tuned one) serves router input t (a fraction of
+        the latency table's full model): the calibrated point's `router_frac`, static `heads` and logit
+        `shift`, with the Budget it stands for (`budget_ms`, `budget_frac` of `reference_full_ms`)."""
         calib = self.meta.get("joint_calibration" if joint else "dynamic_calibration")
         if not calib:
             raise FlextronError(f"{self.folder} has no calibrated dynamic router; re-run `flextron route`")
         return calibrated_point(calib, t)
+
+    def dynamic_point_for(self, budget_ms: float, joint: bool = False) -> dict:
+        """The calibrated point serving a Budget of `budget_ms` (resolved like search and verify do)."""
+        return self.dynamic_point(budget_ms / self.meta["table"]["full_ms"], joint)
 
     def config_for(self, budget_ms: float, predict) -> SubnetConfig:
         """The static router's config for `budget_ms` (see `answer_static`)."""

@@ -131,6 +131,7 @@ class RouteConfig:
 
 
 def route(cfg: RouteConfig) -> dict:
+    from flextron.budget import Budget
     from flextron.data import token_windows
     from flextron.devices import check_device
     from flextron.elastic import ElasticModel
@@ -175,6 +176,11 @@ def route(cfg: RouteConfig) -> dict:
             f"the surrogate's held-out relative error is {sur_metrics['heldout_mean_rel_err']:.3f}, above --surrogate-threshold "
             f"{cfg.surrogate_threshold}; evaluate more configs (--surrogate-samples {2 * cfg.surrogate_samples}) before training routers")
     smallest_frac = table["smallest_frac"]
+    reference_ms = None
+    if fitted is not None:  # the Budget's reference: the full model measured in the profile
+        from search.optuna_search import full_latency_ms
+
+        reference_ms = full_latency_ms(run.root, regime_key, spec)
     static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight, cfg.seed, cfg.lr)
 
     def static_answer(t: float) -> SubnetConfig:
@@ -183,6 +189,15 @@ def route(cfg: RouteConfig) -> dict:
         if predict is None:
             return route_static(static, spec, t)
         return answer_static(static, sur, spec, t * predict(spec.full()), predict)
+
+    def budget_of(t: float) -> dict:
+        """The Budget a router input t stands for: t of the table's full model in ms, and that as a
+        fraction of the reference (the full model measured in the profile), as search and verify use."""
+        ms = t * table["full"]
+        if not reference_ms:  # never profiled: the analytic table has no measured reference
+            return {"budget_ms": round(ms, 6), "reference_full_ms": None, "budget_frac": None}
+        b = Budget(regime_key, budget_ms=ms).resolve(reference_ms)
+        return {"budget_ms": b.budget_ms, "reference_full_ms": b.reference_full_ms, "budget_frac": b.budget_frac}
 
     # the budget grid: the static answers are reported there, and the dynamic router is calibrated there
     grid = [round(smallest_frac + (1 - smallest_frac) * i / 8, 4) for i in range(9)]
@@ -233,8 +248,8 @@ def route(cfg: RouteConfig) -> dict:
                                   cfg.corpus)
 
     def calibrate(desc: str) -> list[dict]:
-        return calibrate_dynamic(elastic, routing, calib_windows, table, static_heads,
-                                 progress(grid, desc=desc))
+        points = calibrate_dynamic(elastic, routing, calib_windows, table, static_heads, progress(grid, desc=desc))
+        return [{**p, **budget_of(p["router_frac"])} for p in points]
 
     dyn_calib = calibrate("calibrate dynamic router")
 
@@ -263,9 +278,10 @@ def route(cfg: RouteConfig) -> dict:
     answers = []
     for t, c in grid_answers.items():
         pe = float(expected_latency(table, *one_hot(spec, [c]))[0])
-        answers.append({"budget_frac": t, "expected_frac": round(pe, 4), "predicted_ms": round(predict(c), 4) if predict else None,
+        answers.append({"router_frac": t, **budget_of(t), "expected_frac": round(pe, 4), "predicted_ms": round(predict(c), 4) if predict else None,
                         "config": c.to_dict()})
     meta = {"regime": regime_key, "weights": wname, "weights_tag": run.weights_tag(wname), "seconds": round(time.perf_counter() - t0, 1),
+            "reference_full_ms": reference_ms,
             "table": {"source": table["source"], "unit": table["unit"], "full_ms": table["full"],
                       "smallest_frac": smallest_frac},
             "surrogate": {**sur_metrics, "threshold": cfg.surrogate_threshold, "samples": len(cfgs),
@@ -279,5 +295,5 @@ def route(cfg: RouteConfig) -> dict:
     swap_in(tmp, folder)
     return {"regime": regime_key, "routers": str(folder), "table_source": table["source"],
             "surrogate_heldout_rel_err": round(sur_metrics["heldout_mean_rel_err"], 4),
-            "static_answers": [{k: a[k] for k in ("budget_frac", "expected_frac", "predicted_ms")} for a in answers],
+            "static_answers": [{k: a[k] for k in ("budget_frac", "budget_ms", "expected_frac", "predicted_ms")} for a in answers],
             "seconds": meta["seconds"]}

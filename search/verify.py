@@ -65,6 +65,7 @@ def _best_files(run) -> list:
 def verify(cfg: VerifyConfig) -> dict:
     import pandas as pd
 
+    from flextron.budget import Budget
     from flextron.devices import check_device, set_cpu_threads
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
@@ -103,6 +104,7 @@ def verify(cfg: VerifyConfig) -> dict:
             trials_path = bf.with_name("trials.parquet")
             trials = read_parquet(trials_path, run.root) if trials_path.is_file() else None
             for b in best["best"]:
+                # the search's Budget, resolved against this session's full model (measured in these rounds)
                 frac = b.get("budget_frac") or b["budget_ms"] / b["reference_full_ms"]
                 limit = frac * (1 + cfg.tolerance)
                 sub = orig = spec.validate(SubnetConfig.from_dict(b["config"]))
@@ -123,9 +125,10 @@ def verify(cfg: VerifyConfig) -> dict:
                         if alt_st["verdict"] == "within":
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
+                budget = Budget(regime.key, budget_frac=frac, quantile=cfg.quantile).resolve(st["reference_full_ms"])
                 rows.append({"regime": regime.key, "device_name": device_name, "weights": best.get("weights", "elastic"),
-                             "quantile": cfg.quantile, "budget_frac": frac, "limit_frac": limit,
-                             "budget_ms": frac * st["reference_full_ms"], "reference_full_ms": st["reference_full_ms"],
+                             "quantile": cfg.quantile, "budget_frac": budget.budget_frac, "limit_frac": limit,
+                             "budget_ms": budget.budget_ms, "reference_full_ms": budget.reference_full_ms,
                              "searched_budget_ms": b["budget_ms"], "config": sub.to_json(), "config_key": sub.key,
                              "predicted_latency_ms": pred, "loss": loss, "ppl": math.exp(loss),
                              **{k: st[k] for k in ("measured_latency_ms", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",

@@ -212,10 +212,10 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     # (the full budget always) unless even the narrowest routing (the largest shift) misses it, and a
     # budget between two calibrated ones is served by the lower one
     for key in ("dynamic_calibration", "joint_calibration"):
-        calib = sorted(meta[key], key=lambda c: c["budget_frac"])
+        calib = sorted(meta[key], key=lambda c: c["router_frac"])
         assert len(calib) == 9 and calib[-1]["meets"]
         # (values are stored rounded to 4 places)
-        assert all(c["expected_frac"] <= c["budget_frac"] + 1e-4 if c["meets"] else c["expected_frac"] > c["budget_frac"] - 1e-4
+        assert all(c["expected_frac"] <= c["router_frac"] + 1e-4 if c["meets"] else c["expected_frac"] > c["router_frac"] - 1e-4
                    for c in calib)
         assert all(c["meets"] or c["shift"] == 32.0 for c in calib)
     routers = Routers.load(run, out["regime"], ElasticModel.load(run / "trained").spec, weights="trained")
@@ -224,9 +224,9 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
         Routers.load(run, out["regime"], routers.spec, weights="elastic")
     with pytest.raises(FlextronError, match="holds no routers"):
         route(RouteConfig(run=str(run), budget_ms=1.0, weights="elastic"))
-    mid, nxt = sorted(meta["dynamic_calibration"], key=lambda c: c["budget_frac"])[4:6]
-    assert routers.dynamic_point((mid["budget_frac"] + nxt["budget_frac"]) / 2) == mid
-    assert routers.dynamic_point(0.0)["budget_frac"] == meta["dynamic_calibration"][0]["budget_frac"]
+    mid, nxt = sorted(meta["dynamic_calibration"], key=lambda c: c["router_frac"])[4:6]
+    assert routers.dynamic_point((mid["router_frac"] + nxt["router_frac"]) / 2) == mid
+    assert routers.dynamic_point(0.0)["router_frac"] == meta["dynamic_calibration"][0]["router_frac"]
     spec = ElasticModel.load(run / "trained").spec
     lat = LatencyModels.load(run).get(out["regime"])
     lo_ms, hi_ms = lat.predict_config(spec.smallest()), lat.predict_config(spec.full())
@@ -254,6 +254,13 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     results = results_dir(run, out["regime"], "trained")
     assert "router" in set(pd.read_parquet(results / "trials.parquet")["source"])
     assert json.loads((results / "best.json").read_text())["weights"] == "trained"
+    # one Budget: the search and the routers resolve a fraction against the same reference to the same ms
+    search(SearchConfig(run=str(run), budget_frac=(1.5,), trials=2, eval_windows=2, eval_seq_len=32))
+    b = next(x for x in json.loads((results / "best.json").read_text())["best"] if x["budget_frac"] == 1.5)
+    assert meta["reference_full_ms"] == b["reference_full_ms"]
+    for a in meta["static_answers"] + meta["dynamic_calibration"]:
+        assert a["budget_ms"] == pytest.approx(a["budget_frac"] * meta["reference_full_ms"], rel=1e-5)
+    assert routers.dynamic_point_for(b["budget_ms"]) == routers.dynamic_point(b["budget_ms"] / meta["table"]["full_ms"])
     # a profiled regime whose fit is missing is an error naming `flextron fit`, never the analytic table
     shutil.rmtree(run / "latency_model")
     with pytest.raises(FlextronError, match="not fitted yet.*flextron fit"):
