@@ -29,6 +29,7 @@ from flextron.spec import DEFAULT_ALIGNMENT, DEFAULT_HEAD_CHOICES, DEFAULT_MLP_C
 CONFIG_FILE = "convert_config.json"
 PARITY_TOLERANCE = 1e-4
 PARITY_TOLERANCE_FP64 = 1e-8
+FP64_FLIP_SHARE = 0.25  # of the model's own fp32-vs-fp64 error: what fp32 roundings inside an fp64 run may add
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,16 @@ def convert(cfg: ConvertConfig) -> dict:
     # must vanish. In fp32 it may not exceed 1e-4 or, for deep models whose own fp32 rounding
     # already exceeds that, twice the original's distance from its own fp64 result.
     fp32_bound = max(PARITY_TOLERANCE, 2 * fp32_floor)
-    if parity64 > PARITY_TOLERANCE_FP64 or parity > fp32_bound:
+    # In fp64 the difference vanishes unless the model rounds to fp32 inside (transformers 5.x takes
+    # RMSNorm and the eager softmax in fp32 whatever the dtype): a 1e-16 summation-order difference
+    # can then flip one fp32 rounding, which the layers grow (1.3e-5 measured on SmolLM2, against its
+    # own fp32 error of 1.1e-4). A wrong permutation is off by O(1), far above either bound.
+    fp64_bound = max(PARITY_TOLERANCE_FP64, FP64_FLIP_SHARE * fp32_floor)
+    if parity64 > fp64_bound or parity > fp32_bound:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FlextronError(
             f"full-width elastic logits differ from the original by {parity:.3g} in fp32 (bound {fp32_bound:.3g}) "
-            f"and {parity64:.3g} in fp64 (bound {PARITY_TOLERANCE_FP64}); the conversion was not written. "
+            f"and {parity64:.3g} in fp64 (bound {fp64_bound:.3g}); the conversion was not written. "
             "Please report this model with its config.json"
         )
     report = {
@@ -147,6 +153,7 @@ def convert(cfg: ConvertConfig) -> dict:
         "spec": spec.summary(),
         "parity_max_abs_diff": parity,
         "parity_fp64_max_abs_diff": parity64,
+        "parity_fp64_bound": fp64_bound,
         "fp32_noise_floor": fp32_floor,
         "parity_tokens": parity_ids.numel(),
         "ranked": cfg.rank,

@@ -105,6 +105,14 @@ class _Artifacts:
                     raise FlextronError(f"{cache} is corrupt ({type(e).__name__}: {str(e)[:160]}); rebuild it with "
                                         f"`{rebuild_command(run, cache)}`") from None
 
+        lpath = run / "export" / "lookup.json"
+        self.lookup = read_json(lpath, run).get("rows", []) if lpath.is_file() else []
+        self.noise = {}
+        for stage, path in (("profile", prof / "noise.json"), ("verify", run / "verify" / "noise.json")):
+            if path.is_file():
+                d = read_json(path, run)
+                self.noise[stage] = d.get("regimes", d)
+
         vpath = run / "verify" / "verified.parquet"
         self.verified = pd.DataFrame()
         if vpath.is_file():
@@ -122,7 +130,10 @@ class _Artifacts:
         try:
             m = self.metrics[regime]
             return {**{k: m["heldout"][k] for k in ("mape_pct", "max_ape_pct", "spearman", "n")},
-                    "naive_mape_pct": m["naive_sum_heldout"]["mape_pct"]}
+                    "naive_mape_pct": m["naive_sum_heldout"]["mape_pct"],
+                    "noise_floor_pct": m.get("ratio_noise_floor_pct") if m.get("target") == "ratio_to_full"
+                    else m.get("noise_floor_pct"), "verdict": m.get("verdict", "no noise floor measured"),
+                    "form": m.get("form", "scaled")}
         except (KeyError, TypeError) as e:
             raise FlextronError(f"{path} is corrupt (no held-out metrics for {regime!r}: {type(e).__name__} {e}); "
                                 f"rebuild it with `{rebuild_command(self.run, path)}`") from None
@@ -133,21 +144,33 @@ def _tables(a: _Artifacts) -> list[Table]:
     tables = []
     if a.preds is not None:
         t = Table("Latency model (held-out end-to-end configs)",
-                  ["regime", "MAPE %", "max %", "Spearman", "naive-sum MAPE %", "n"],
-                  note="Error on measured sub-networks the model was not fitted on; the naive sum of "
-                       "per-layer times is the baseline it must beat.")
+                  ["regime", "MAPE %", "max %", "Spearman", "noise floor %", "naive-sum MAPE %", "n", "form", "verdict"],
+                  note="Error on measured sub-networks the model was not fitted on, beside the profile's test-retest "
+                       "noise floor (two halves of its interleaved rounds): an error at the floor means the machine "
+                       "is the limit, far above it the model is wrong. The naive sum of per-layer times is the "
+                       "baseline it must beat.")
         for regime in sorted(a.preds["regime"].unique()):
             m = a.heldout(regime)
             t.rows.append([regime, _num(m["mape_pct"], 2), _num(m["max_ape_pct"], 2), _num(m["spearman"], 3),
-                           _num(m["naive_mape_pct"], 2), str(m["n"])])
+                           _num(m["noise_floor_pct"], 2), _num(m["naive_mape_pct"], 2), str(m["n"]), str(m["form"]),
+                           str(m["verdict"])])
         tables.append(t)
     if len(a.verified):
-        t = Table("Budgets (measured on the device)",
-                  ["regime", "weights", "budget ms", "predicted ms", "measured ms", "ppl", "within budget", "source"])
-        for r in a.verified.sort_values(["regime", "weights", "budget_ms"]).itertuples():
-            t.rows.append([r.regime, r.weights, _num(r.budget_ms, 3), _num(r.predicted_latency_ms, 3),
-                           _num(r.measured_latency_ms, 3), _num(r.ppl, 2), "yes" if r.within_budget else "NO",
-                           str(r.source)])
+        t = Table("Budgets (verified on the device in interleaved rounds)",
+                  ["regime", "weights", "q", "budget x full", "budget ms", "predicted ms", "measured ms", "ratio to full",
+                   "95% upper bound", "rounds", "verdict", "ppl", "source"],
+                  note="A budget is a fraction of the full model measured in the same rounds; a pick is within it "
+                       "when the upper 95% bootstrap bound of its ratio to the full model (at the quantile q) is.")
+        v = a.verified
+        for col, default in (("quantile", "p50"), ("budget_frac", math.nan), ("ratio", math.nan), ("ratio_hi", math.nan),
+                             ("rounds", 0), ("verdict", "")):
+            if col not in v.columns:
+                v = v.assign(**{col: default})
+        for r in v.sort_values(["regime", "weights", "budget_ms"]).itertuples():
+            t.rows.append([r.regime, r.weights, str(r.quantile), _num(r.budget_frac, 3), _num(r.budget_ms, 3),
+                           _num(r.predicted_latency_ms, 3), _num(r.measured_latency_ms, 3), _num(r.ratio, 3),
+                           _num(r.ratio_hi, 3), str(r.rounds), str(r.verdict) or ("within" if r.within_budget else "over"),
+                           _num(r.ppl, 2), str(r.source)])
         tables.append(t)
     if a.searches:
         t = Table("Search", ["regime", "weights", "distinct configs evaluated", "evaluated trials",
@@ -157,6 +180,30 @@ def _tables(a: _Artifacts) -> list[Table]:
             ev = trials[trials["evaluated"].astype(bool)]
             distinct = ev["config"].nunique() if "config" in ev.columns else len(ev)
             t.rows.append([regime, weights, str(distinct), str(len(ev)), str(int((~trials["evaluated"].astype(bool)).sum()))])
+        tables.append(t)
+    if a.lookup:
+        t = Table("Lookup (what a deployment reads)",
+                  ["regime", "weights", "q", "budget x full", "budget ms", "config", "p50 ms", "p90 ms", "ratio to full",
+                   "95% upper bound", "ppl", "source"],
+                  note="Every row was measured within its budget with 95% confidence; more budget never gives a "
+                       "worse config. The reference is the full model measured in the same rounds.")
+        for r in a.lookup:
+            cfg = r.get("config", {})
+            key = "m" + ".".join(map(str, cfg.get("mlp_width", []))) + "-h" + ".".join(map(str, cfg.get("heads", [])))
+            t.rows.append([str(r.get("regime")), str(r.get("weights")), str(r.get("quantile", "p50")),
+                           _num(r.get("budget_frac"), 3), _num(r.get("budget_ms"), 3), key, _num(r.get("latency_ms_p50"), 3),
+                           _num(r.get("latency_ms_p90"), 3), _num(r.get("ratio_to_full"), 3), _num(r.get("ratio_hi"), 3),
+                           _num(r.get("ppl"), 2), str(r.get("source"))])
+        tables.append(t)
+    if a.noise:
+        t = Table("Measurement noise", ["stage", "regime", "noise floor % (medians)", "noise floor % (ratio to full)",
+                                        "rounds"],
+                  note="Test-retest error of each stage's own measurements: two halves of its interleaved rounds.")
+        for stage, noise in a.noise.items():
+            for regime, n in sorted(noise.items()):
+                if isinstance(n, dict):
+                    t.rows.append([stage, regime, _num(n.get("noise_floor_pct"), 2), _num(n.get("ratio_noise_floor_pct"), 2),
+                                   str(n.get("rounds", ""))])
         tables.append(t)
     uniform = a.e2e[a.e2e["uniform"].astype(bool)]
     t = Table("Uniform-width sub-networks", ["regime", "weights", "config", "measured ms", "validation ppl"],

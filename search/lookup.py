@@ -158,5 +158,6 @@ def write_lookup(run, weights: str = "auto") -> dict:
     flat = pd.DataFrame([{**{k: v for k, v in r.items() if k != "config"}, "config": json.dumps(r["config"])} for r in rows])
     write_text_atomic(out / "lookup.csv", flat.to_csv(index=False))
     return {"lookup": str(out / LOOKUP_JSON), "rows": len(rows), "weights": wname,
-            "budgets_ms": [r["budget_ms"] for r in rows], "ppl": [round(r["ppl"], 3) for r in rows],
+            "budget_frac": [r["budget_frac"] for r in rows], "budgets_ms": [round(r["budget_ms"], 4) for r in rows],
+            "ratio_to_full": [round(r["ratio_to_full"], 4) for r in rows], "ppl": [round(r["ppl"], 3) for r in rows],
             "sources": [r["source"] for r in rows]}

@@ -97,10 +97,12 @@ def test_report_tables_show_the_latency_models_heldout_error_and_the_verified_bu
     verified = pd.read_parquet(searched / "verify" / "verified.parquet")
     assert len(verified) == 2  # one row per budget
     for v in verified.itertuples():
-        assert [regime, "elastic", f"{v.budget_ms:.3f}", f"{v.predicted_latency_ms:.3f}",
-                f"{v.measured_latency_ms:.3f}", f"{v.ppl:.2f}", "yes" if v.within_budget else "NO", v.source] in page.rows
+        assert [regime, "elastic", v.quantile, f"{v.budget_frac:.3f}", f"{v.budget_ms:.3f}", f"{v.predicted_latency_ms:.3f}",
+                f"{v.measured_latency_ms:.3f}", f"{v.ratio:.3f}", f"{v.ratio_hi:.3f}", str(v.rounds), v.verdict,
+                f"{v.ppl:.2f}", v.source] in page.rows
     summary = (searched / "reports" / "summary.md").read_text()
-    assert f"| {regime} | elastic | {verified['budget_ms'].iloc[0]:.3f} |" in summary  # same numbers, Markdown
+    assert f"| {regime} | elastic | p50 | {verified['budget_frac'].iloc[0]:.3f} | {verified['budget_ms'].iloc[0]:.3f} |" \
+        in summary  # same numbers, Markdown
 
 
 def test_each_figure_is_embedded_as_a_png_and_search_is_shown_per_regime_and_weights(searched):
@@ -156,8 +158,8 @@ def test_trained_and_one_shot_results_are_kept_apart(run):
         assert len(uniform_rows) == len(uniform)
         assert {row[-1] for row in uniform_rows} == {f"{math.exp(loss[w]):.2f}"}  # never the other weights' loss
         assert any(c.startswith("Search progress") and f"{w} weights" in c for c in page.captions)
-        assert sum(1 for row in page.rows if row[:2] == [regime, w] and len(row) == 8) == len(verified)
-    assert {row[5] for row in page.rows if row[:2] == [regime, "trained"] and len(row) == 8} == {"1.50"}
+        assert sum(1 for row in page.rows if row[:2] == [regime, w] and len(row) == 13) == len(verified)
+    assert {row[11] for row in page.rows if row[:2] == [regime, "trained"] and len(row) == 13} == {"1.50"}
 
 
 def _snapshot(root, skip):
@@ -215,3 +217,24 @@ def test_corrupt_artifact_names_the_file_and_its_rebuild_command(run, artifact, 
     with pytest.raises(FlextronError, match=rf"{path.name}.*{command} --run"):
         build_report(ReportConfig(run=str(run)))
     assert (run / "reports" / "index.html").read_bytes() == good  # the previous report is kept
+
+
+def test_report_shows_the_noise_floor_the_verdict_and_the_lookup(run):
+    """The latency model's error stands beside the profile's noise floor with a verdict saying what
+    limits it; the lookup a deployment reads and each stage's measurement noise are tables too."""
+    from search.export import ExportConfig, export
+
+    export(ExportConfig(run=str(run), lookup=True))
+    build_report(ReportConfig(run=str(run)))
+    page = _page(run)
+    regime = _regime(run)
+    m = json.loads((run / "latency_model" / "metrics.json").read_text())[regime]
+    row = next(r for r in page.rows if r[0] == regime and r[1] == f"{m['heldout']['mape_pct']:.2f}")
+    assert row[4] == f"{m['ratio_noise_floor_pct']:.2f}" and row[-1] == m["verdict"] and "noise floor" in row[-1]
+    lookup = json.loads((run / "export" / "lookup.json").read_text())["rows"]
+    for r in lookup:
+        assert [regime, r["weights"], r["quantile"], f"{r['budget_frac']:.3f}", f"{r['budget_ms']:.3f}"] in [x[:5] for x in page.rows]
+    assert any(h.startswith("Lookup") for h in page.headings) and any(h.startswith("Measurement noise") for h in page.headings)
+    noise = json.loads((run / "verify" / "noise.json").read_text())["regimes"][regime]
+    assert ["verify", regime, f"{noise['noise_floor_pct']:.2f}", f"{noise['ratio_noise_floor_pct']:.2f}",
+            str(noise["rounds"])] in page.rows
