@@ -7,8 +7,6 @@ config for tests. Nothing is fetched from a hub and nothing runs with `trust_rem
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import glob
 import hashlib
 import importlib
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flextron.errors import FlextronError
+from flextron.rundir import file_lock
 
 
 @dataclass(frozen=True)
@@ -173,19 +172,6 @@ def _load_gguf(path: Path):
     return model, tok
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path):
-    """An exclusive lock on `lock_path` (created if missing) for the duration of the block.
-    The lock file is never removed: removing it would let a third process lock a different inode."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _cache_damage() -> tuple[type[BaseException], ...]:
     """What loading a damaged cache entry raises (checked: truncated or garbage safetensors, bad or
     missing config/tokenizer files). Anything else (KeyboardInterrupt, MemoryError) is not the
@@ -205,7 +191,7 @@ def _cached_checkpoint(key: str, loader):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = cache_root() / "models" / key
-    with _locked(target.with_name(key + ".lock")):
+    with file_lock(target.with_name(key + ".lock")):
         if (target / "config.json").is_file():
             try:
                 tok = AutoTokenizer.from_pretrained(target)

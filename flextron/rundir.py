@@ -8,7 +8,9 @@ that rebuilds it instead of raising a library traceback.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -240,6 +242,22 @@ def recover_swap(folder: str | Path) -> str | None:
         old.rename(folder)
         return "restored"
     return None
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: str | Path):
+    """An exclusive lock on `lock_path` (created if missing) for the duration of the block, for
+    read-modify-write of artifacts that several processes share (a model cache entry, one search's
+    results written by many workers). The lock file is never removed: removing it would let a
+    third process lock a different inode."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---- stage configs ----------------------------------------------------------------------------------

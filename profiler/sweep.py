@@ -624,7 +624,7 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
         st = stats.loc[FULL if c.key == full_key else c.key]
         med_s = st["latency_ms_median"] / 1e3
         mine = samples[samples["key"] == (FULL if c.key == full_key else c.key)]
-        row.update({k: float(v) if not isinstance(v, (int, np_integer())) else int(v) for k, v in st.items()},
+        row.update({k: v.item() if hasattr(v, "item") else v for k, v in st.items()},  # numpy scalars to Python
                    status="ok", samples_ms=[float(x) for x in mine["latency_ms"]],
                    achieved_tflops=extra["flops"] / med_s / 1e12, achieved_gbps=extra["bytes"] / med_s / 1e9)
         row.update({k: v for k, v in tele.sample().items() if k in ("sm_clock_mhz", "mem_clock_mhz", "power_w",
@@ -636,12 +636,6 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     noises = read_json(folder.parent / NOISE_FILE) if (folder.parent / NOISE_FILE).is_file() else {}
     write_json_atomic(folder.parent / NOISE_FILE, {**noises, regime.key: noise})
     return n
-
-
-def np_integer():
-    import numpy as np
-
-    return np.integer
 
 
 def _energy_per_token(tele, fn, regime: Regime, seconds: float) -> float | None:

@@ -73,7 +73,8 @@ class Lookup:
         return max(fit, key=lambda r: r.budget_ms)
 
 
-def _num(v) -> float | None:
+def optional_float(v) -> float | None:
+    """A float, or None for a missing value (None or NaN, as Parquet gives it back)."""
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
@@ -114,7 +115,7 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
             rows.append({"regime": regime, "device_name": first["device_name"], "budget_ms": float(first["budget_ms"]),
                          "budget_frac": float(frac), "reference_full_ms": float(first["reference_full_ms"]),
                          "quantile": quantile, "weights": weights, "config": json.loads(best["config"]),
-                         "predicted_latency_ms": _num(best["predicted_latency_ms"]),
+                         "predicted_latency_ms": optional_float(best["predicted_latency_ms"]),
                          "measured_latency_ms": float(best["measured_latency_ms"]),
                          "latency_ms_p50": float(best["latency_ms_p50"]), "latency_ms_p90": float(best["latency_ms_p90"]),
                          "ratio_to_full": float(best["ratio"]), "ratio_hi": float(best["ratio_hi"]),

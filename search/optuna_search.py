@@ -353,6 +353,8 @@ def pareto_front(df):
 
 def best_per_budget(trials) -> list[dict]:
     """The lowest-loss evaluated config of every budget in `trials`."""
+    from search.lookup import optional_float
+
     best = []
     budgets = trials[trials["evaluated"] & trials["budget_ms"].notna()] if len(trials) else trials
     if len(budgets) and "quantile" not in budgets.columns:
@@ -360,18 +362,12 @@ def best_per_budget(trials) -> list[dict]:
     for (b, q), g in (budgets.groupby(["budget_ms", "quantile"]) if len(budgets) else []):
         r = g.loc[g["loss"].idxmin()]
         frac, ref = r.get("budget_frac"), r.get("reference_full_ms")
-        best.append({"budget_ms": float(b), "quantile": q, "budget_frac": None if frac is None or pd_isna(frac) else float(frac),
-                     "reference_full_ms": None if ref is None or pd_isna(ref) else float(ref),
+        best.append({"budget_ms": float(b), "quantile": q, "budget_frac": optional_float(frac),
+                     "reference_full_ms": optional_float(ref),
                      "config": json.loads(r["config"]), "predicted_latency_ms": float(r["predicted_latency_ms"]),
                      "loss": float(r["loss"]), "source": r["source"],  # search, or the seed it came from
                      "study": r["study"]})
     return best
-
-
-def pd_isna(v) -> bool:
-    import pandas as pd
-
-    return bool(pd.isna(v))
 
 
 def _storage_id(cfg: SearchConfig) -> str:
@@ -405,7 +401,8 @@ def search(cfg: SearchConfig) -> dict:
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
     from flextron.routers import Routers, regime_dir
-    from flextron.rundir import RunDir, read_json, read_parquet, save_stage_config, write_json_atomic, write_parquet_atomic
+    from flextron.rundir import (RunDir, file_lock, read_json, read_parquet, save_stage_config, write_json_atomic,
+                                 write_parquet_atomic)
     from profiler.latency_model import LatencyModels
     from search.quality import QUALITY_CACHE, QualityEvaluator
 
@@ -477,26 +474,28 @@ def search(cfg: SearchConfig) -> dict:
             print(f"flextron search: budget {b['budget_ms']:.4g} ms stopped early: {r['stop']}", file=sys.stderr)
         results.append(r)
 
-    # This call's studies, plus what earlier searches of the same regime, weights and setting left in
-    # other storages (a switch to a journal file must not drop earlier picks).
-    sid = _storage_id(cfg)
-    trials = collect_trials(storage, prefix, sid)
-    trials_path = out / "trials.parquet"
-    if trials_path.is_file():
-        old = read_parquet(trials_path, run.root)
-        if "storage" in old.columns:
-            fresh = set(zip(trials["storage"], trials["study"])) if len(trials) else set()
-            old = old[[(s, st) not in fresh for s, st in zip(old["storage"], old["study"])]]
-            trials = pd.concat([old.drop(columns=["regime", "device_name", "weights"], errors="ignore"), trials],
-                               ignore_index=True)
-    trials = trials.assign(regime=regime_key, device_name=models.device_name, weights=wname)
-    write_parquet_atomic(trials, trials_path)
-    if len(trials):
-        write_parquet_atomic(pareto_front(trials), out / "pareto.parquet")
-    best = best_per_budget(trials)
-    write_json_atomic(best_path, {"regime": regime_key, "device_name": models.device_name, "weights": wname,
-                                  "quality_setting": evaluator.setting, "best": best})
-    save_stage_config(out / "search_config.json", cfg)
+    # Several workers may finish together: the results folder is read, merged and written under a lock.
+    with file_lock(out.parent / f".{out.name}.lock"):
+        # This call's studies, plus what earlier searches of the same regime, weights and setting left in
+        # other storages (a switch to a journal file must not drop earlier picks).
+        sid = _storage_id(cfg)
+        trials = collect_trials(storage, prefix, sid)
+        trials_path = out / "trials.parquet"
+        if trials_path.is_file():
+            old = read_parquet(trials_path, run.root)
+            if "storage" in old.columns:
+                fresh = set(zip(trials["storage"], trials["study"])) if len(trials) else set()
+                old = old[[(s, st) not in fresh for s, st in zip(old["storage"], old["study"])]]
+                trials = pd.concat([old.drop(columns=["regime", "device_name", "weights"], errors="ignore"), trials],
+                                   ignore_index=True)
+        trials = trials.assign(regime=regime_key, device_name=models.device_name, weights=wname)
+        write_parquet_atomic(trials, trials_path)
+        if len(trials):
+            write_parquet_atomic(pareto_front(trials), out / "pareto.parquet")
+        best = best_per_budget(trials)
+        write_json_atomic(best_path, {"regime": regime_key, "device_name": models.device_name, "weights": wname,
+                                      "quality_setting": evaluator.setting, "best": best})
+        save_stage_config(out / "search_config.json", cfg)
     by_budget = {(b["budget_ms"], b["quantile"]): b for b in best}
     return {
         "regime": regime_key, "weights": wname, "results": str(out), "budgets_ms": [b["budget_ms"] for b in budgets],

@@ -382,3 +382,32 @@ def test_verify_bad_flags_keep_earlier_results(run_copy):
         with pytest.raises(FlextronError, match=msg):
             verify(VerifyConfig(run=str(run_copy), **kw))
     assert (run_copy / "verify" / "verified.parquet").read_bytes() == before
+
+
+def test_two_regimes_keep_their_own_results(tiny_run, tmp_path):
+    """Each regime's trials, picks and replacements stay its own; verify covers both."""
+    import shutil
+
+    from flextron.elastic import ElasticModel
+    from profiler.latency_model import FitConfig, fit
+    from profiler.sweep import ProfileConfig, run_sweep
+    from search.optuna_search import results_dir
+    from search.verify import VerifyConfig, verify
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    regimes = ("decode:b1:ctx16", "prefill:b1:s16")
+    run_sweep(ElasticModel.load(run / "elastic"), run / "profile",
+              ProfileConfig(regime=regimes, min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, rounds=2, reps=2))
+    fit(FitConfig(run=str(run)))
+    keys = {}
+    for r in regimes:
+        keys[r] = _search(run, regime=r, budget_frac=(5.0,))["regime"]
+    for r, key in keys.items():
+        trials = pd.read_parquet(results_dir(run, key, "elastic") / "trials.parquet")
+        assert set(trials["regime"]) == {key} and trials["study"].str.contains(key, regex=False).all()
+    verify(VerifyConfig(run=str(run), rounds=2, reps=1, warmup=0))
+    ver = pd.read_parquet(run / "verify" / "verified.parquet")
+    assert sorted(ver["regime"]) == sorted(keys.values())
+    uni = pd.read_parquet(run / "verify" / "uniform.parquet")
+    assert set(uni["regime"]) == set(keys.values())
