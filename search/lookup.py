@@ -57,8 +57,8 @@ class Lookup:
             raise FlextronError(f"{path} is not a lookup table ({type(e).__name__}: {e}); "
                                 f"rebuild it with `flextron export --run {run.root} --lookup`") from None
 
-    def for_budget(self, budget_ms: float, regime: str | None = None) -> LookupRow:
-        """The row with the largest budget not above `budget_ms` (nearest feasible, never over)."""
+    def for_budget(self, budget_ms: float, regime: str | None = None, quantile: str = "p50") -> LookupRow:
+        """The row with the largest budget not above `budget_ms` at `quantile` (nearest feasible, never over)."""
         regimes = sorted({r.regime for r in self.rows})
         if regime is None and len(regimes) > 1:
             raise FlextronError(f"the lookup holds several regimes {regimes}; name one with --regime")
@@ -66,6 +66,10 @@ class Lookup:
         match = [r for r in self.rows if r.regime == rk or r.regime.startswith(rk + ":")]
         if not match:
             raise FlextronError(f"regime {rk} is not in the lookup (it holds {regimes})")
+        quantiles = sorted({r.quantile for r in match})
+        match = [r for r in match if r.quantile == quantile]
+        if not match:
+            raise FlextronError(f"the lookup holds no {quantile} budgets for {rk} (it holds {quantiles})")
         fit = [r for r in match if r.budget_ms <= budget_ms]
         if not fit:
             lo = min(r.budget_ms for r in match)
@@ -88,9 +92,8 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
     from profiler.rounds import RATIO_COLUMN
 
     rows = []
-    for regime, vg in verified.groupby("regime"):
+    for (regime, quantile), vg in verified.groupby(["regime", "quantile"]):  # a p90 pick never serves p50
         weights = vg["weights"].iloc[0]
-        quantile = vg["quantile"].iloc[0]
         col = RATIO_COLUMN[quantile]
         cands = [dict(config=r.config, predicted_latency_ms=r.predicted_latency_ms, measured_latency_ms=r.measured_latency_ms,
                       latency_ms_p50=r.latency_ms_p50, latency_ms_p90=r.latency_ms_p90, ratio=r.ratio, ratio_hi=r.ratio_hi,

@@ -35,7 +35,7 @@ class VerifyConfig:
     max_rounds: int = 18  # rounds a pick inside the noise band may get before it is decided
     reps: int = 5  # timed steps per config per round
     warmup: int = 2  # untimed steps before each config's timed ones in a round
-    quantile: str = "p50"  # p50 | p90 | p99 of per-step latency that a budget bounds
+    quantile: str = ""  # p50 | p90 | p99 of per-step latency a budget bounds; default: the one each pick was searched for
     tolerance: float = 0.0  # a pick may exceed its budget fraction by this share (0.02 = 2%)
     threads: int = 0  # CPU: torch intra-op threads; 0 = one (see flextron.devices.set_cpu_threads)
 
@@ -51,7 +51,8 @@ class VerifyConfig:
         check_finite("warmup", self.warmup, low=0)
         check_finite("tolerance", self.tolerance, low=0, high=0.5)
         check_finite("threads", self.threads, low=0)
-        check_quantile(self.quantile)
+        if self.quantile:
+            check_quantile(self.quantile)
 
 
 def _best_files(run) -> list:
@@ -109,7 +110,8 @@ def verify(cfg: VerifyConfig) -> dict:
                 limit = frac * (1 + cfg.tolerance)
                 sub = orig = spec.validate(SubnetConfig.from_dict(b["config"]))
                 pred, loss, source = b["predicted_latency_ms"], b["loss"], b["source"]
-                st = _decide(session, sub, limit, cfg)
+                quantile = cfg.quantile or b.get("quantile", "p50")
+                st = _decide(session, sub, limit, cfg, quantile)
                 replaced = 0
                 if st["verdict"] != "within" and trials is not None:
                     cands = trials[(trials["budget_ms"] == b["budget_ms"]) & trials["evaluated"]].drop_duplicates("config")
@@ -121,13 +123,13 @@ def verify(cfg: VerifyConfig) -> dict:
                             break
                         replaced += 1
                         session.run({alt.key: alt}, cfg.rounds)
-                        alt_st = _decide(session, alt, limit, cfg)
+                        alt_st = _decide(session, alt, limit, cfg, quantile)
                         if alt_st["verdict"] == "within":
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
-                budget = Budget(regime.key, budget_frac=frac, quantile=cfg.quantile).resolve(st["reference_full_ms"])
+                budget = Budget(regime.key, budget_frac=frac, quantile=quantile).resolve(st["reference_full_ms"])
                 rows.append({"regime": regime.key, "device_name": device_name, "weights": best.get("weights", "elastic"),
-                             "quantile": cfg.quantile, "budget_frac": budget.budget_frac, "limit_frac": limit,
+                             "quantile": quantile, "budget_frac": budget.budget_frac, "limit_frac": limit,
                              "budget_ms": budget.budget_ms, "reference_full_ms": budget.reference_full_ms,
                              "searched_budget_ms": b["budget_ms"], "config": sub.to_json(), "config_key": sub.key,
                              "predicted_latency_ms": pred, "loss": loss, "ppl": math.exp(loss),
@@ -164,11 +166,11 @@ def verify(cfg: VerifyConfig) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig) -> dict:
+def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, quantile: str) -> dict:
     """The pick's verdict against `limit` (a fraction of the full model), measuring more rounds of it
     and the full model while it sits inside the noise band."""
-    st = session.stats(sub.key, cfg.quantile, limit)
+    st = session.stats(sub.key, quantile, limit)
     while st["verdict"] == "uncertain" and session.rounds_of[sub.key] < cfg.max_rounds:
         session.run({sub.key: sub}, min(cfg.rounds, cfg.max_rounds - session.rounds_of[sub.key]))
-        st = session.stats(sub.key, cfg.quantile, limit)
+        st = session.stats(sub.key, quantile, limit)
     return st
