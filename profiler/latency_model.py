@@ -311,14 +311,17 @@ def encode(configs: list[SubnetConfig]) -> np.ndarray:
 
 
 def tables_from_profile(layers, regime_key: str) -> tuple[dict, dict, float]:
+    """Isolated per-layer times of one regime: drift-corrected by the sweep's anchors when the profile
+    has them (`latency_ms_corrected`), else the plain medians."""
     d = layers[(layers["regime"] == regime_key) & (~layers["anchor"]) & (layers["status"] == "ok")]
+    col = "latency_ms_corrected" if "latency_ms_corrected" in d.columns else "latency_ms_median"
     attn, mlp = {}, {}
-    for row in d.itertuples():
-        if row.kind == "attn":
-            attn.setdefault(int(row.layer), {})[int(row.width)] = float(row.latency_ms_median)
-        elif row.kind == "mlp":
-            mlp.setdefault(int(row.layer), {})[int(row.width)] = float(row.latency_ms_median)
-    fixed = float(d[d["kind"].isin(["embed", "head"])]["latency_ms_median"].sum())
+    for layer, kind, width, ms in zip(d["layer"], d["kind"], d["width"], d[col]):
+        if kind == "attn":
+            attn.setdefault(int(layer), {})[int(width)] = float(ms)
+        elif kind == "mlp":
+            mlp.setdefault(int(layer), {})[int(width)] = float(ms)
+    fixed = float(d[d["kind"].isin(["embed", "head"])][col].sum())
     return attn, mlp, fixed
 
 

@@ -453,6 +453,9 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
                 e2e_w.flush()
 
     layers = layers_w.combine(out_dir / LAYERS_FILE)
+    if len(layers):
+        layers = drift_corrected(layers)
+        write_parquet_atomic(layers, out_dir / LAYERS_FILE)
     e2e = e2e_w.combine(out_dir / E2E_FILE) if not cfg.layers_only else pd.DataFrame()
     rounds = sorted((out_dir / PARTS_DIR).glob("e2e_round-*.parquet"))
     if rounds:  # every raw end-to-end sample, with its round (the parts stay for a resume)
@@ -505,6 +508,7 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
             row.update(timing.row(), status="ok")
             row.update({k: after[k] for k in ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temp_c", "throttle_reasons")})
             row["throttled"] = bool(before["throttled"] or after["throttled"])
+            row["measured_at"] = time.time()  # when: the drift correction interpolates anchors in time
         except Exception as e:  # noqa: BLE001 - an OOM or capture failure is recorded, not fatal
             if not (_is_oom(e) or regime.mode == "cuda_graph"):
                 raise
@@ -538,6 +542,28 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
     e2e_timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.reps, min_time_s=0.0,
                                                            max_reps=cfg.reps))
     return n_measured + _e2e_rounds(elastic, regime, cfg, tele, rbase, e2e_cfgs, bench, e2e_timer, e2e_w, progress)
+
+
+def drift_corrected(layers):
+    """`layers` with `latency_ms_corrected`: each cell's median scaled by how far the anchor cell,
+    re-measured through the sweep, had drifted when the cell was measured (linear in time between
+    the anchors around it; the nearest one outside them). The layer cells' counterpart of the
+    end-to-end set's same-round reference. Cells without anchors around them keep their median."""
+    import numpy as np
+
+    out = layers.copy()
+    out["latency_ms_corrected"] = out["latency_ms_median"]
+    if "measured_at" not in out.columns:
+        return out
+    for rk, g in out.groupby("regime"):
+        a = g[g["anchor"] & (g["status"] == "ok") & g["measured_at"].notna()].sort_values("measured_at")
+        if len(a) < 2:
+            continue
+        ref = float(a["latency_ms_median"].median())
+        cells = g.index[g["measured_at"].notna() & ~g["anchor"]]
+        level = np.interp(out.loc[cells, "measured_at"], a["measured_at"], a["latency_ms_median"])
+        out.loc[cells, "latency_ms_corrected"] = out.loc[cells, "latency_ms_median"] * ref / level
+    return out
 
 
 def _probe(bench, timer, sub: SubnetConfig, regime: Regime) -> str:

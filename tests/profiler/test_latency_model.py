@@ -138,7 +138,7 @@ def rewrite_profile(run, latency_ms, cv=0.01):
     path = run / "profile" / "layers.parquet"
     layers = pd.read_parquet(path)
     per_unit = layers["kind"].map({"attn": 0.01, "mlp": 0.001, "embed": 0.0, "head": 0.0})
-    layers["latency_ms_median"] = 0.05 + per_unit * layers["width"]
+    layers["latency_ms_median"] = layers["latency_ms_corrected"] = 0.05 + per_unit * layers["width"]
     layers.to_parquet(path)
     path = run / "profile" / "e2e.parquet"
     e2e = pd.read_parquet(path)

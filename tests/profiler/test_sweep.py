@@ -330,3 +330,22 @@ def test_end_to_end_set_is_measured_in_interleaved_rounds_and_resumes_by_round(t
     assert {"ratio_to_full_hi", "latency_ms_p90", "latency_ms_p99", "cv_rounds"} <= set(e2e.columns)
     noise = json.loads((tmp_path / "p" / NOISE_FILE).read_text())["decode:b1:ctx32:float32:eager"]
     assert noise["noise_floor_pct"] >= 0 and noise["rounds"] == 4
+
+
+def test_layer_cells_are_corrected_for_the_drift_their_anchors_saw():
+    """A machine slowing down 2x over a sweep: the anchor, re-measured through it, scales each cell
+    back to the anchor's median level at the time the cell was measured."""
+    from profiler.sweep import drift_corrected
+
+    rows = []
+    for t in range(0, 101, 10):  # the anchor, true 1.0 ms, measured every 10 s as the machine slows
+        rows.append({"regime": "r", "anchor": True, "status": "ok", "measured_at": t, "latency_ms_median": 1.0 + t / 100})
+    true = {5: 0.5, 42: 2.0, 97: 0.3}
+    for t, ms in true.items():
+        rows.append({"regime": "r", "anchor": False, "status": "ok", "measured_at": t, "latency_ms_median": ms * (1 + t / 100)})
+    out = drift_corrected(pd.DataFrame(rows))
+    cells = out[~out["anchor"]].set_index("measured_at")["latency_ms_corrected"]
+    for t, ms in true.items():
+        assert cells[t] == pytest.approx(ms * 1.5, rel=1e-9)  # the anchors' median level is 1.5
+    raw = out[~out["anchor"]].set_index("measured_at")["latency_ms_median"]
+    assert raw[97] / raw[5] == pytest.approx(0.3 * 1.97 / (0.5 * 1.05))  # uncorrected: drift mixed into the ratio
