@@ -66,19 +66,5 @@ class Budget:
             return Budget(self.regime, self.budget_ms, round(self.budget_ms / ref, 6), self.quantile, ref)
         return Budget(self.regime, self.budget_ms, self.budget_frac, self.quantile, ref)
 
-    @property
-    def resolved(self) -> bool:
-        return self.budget_ms is not None and self.budget_frac is not None and self.reference_full_ms is not None
-
-    @property
-    def q(self) -> float:
-        """The quantile as a number in (0, 1)."""
-        return QUANTILES[self.quantile]
-
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def describe(self) -> str:
-        frac = f" ({self.budget_frac:.3g}x of {self.reference_full_ms:.4g} ms)" if self.resolved else ""
-        ms = f"{self.budget_ms:.4g} ms" if self.budget_ms is not None else f"{self.budget_frac:.3g}x"
-        return f"{self.quantile} {ms}{frac} for {self.regime}"

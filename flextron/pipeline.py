@@ -73,8 +73,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         step(f"search {r}", search, SearchConfig(run=cfg.out, regime=r, budget_frac=cfg.budget_frac, trials=cfg.trials,
                                                  quantile=cfg.quantile, eval_windows=cfg.eval_windows, device=cfg.device,
                                                  skip_infeasible=True, restart=cfg.restart))
-    step("verify", verify, VerifyConfig(run=cfg.out, device=cfg.device, rounds=cfg.rounds, quantile=cfg.quantile,
-                                        threads=cfg.threads))
+    step("verify", verify, VerifyConfig(run=cfg.out, device=cfg.device, rounds=cfg.rounds, threads=cfg.threads))
     step("export", export, ExportConfig(run=cfg.out, lookup=True))
     step("report", build_report, ReportConfig(run=cfg.out))
     save_stage_config(f"{cfg.out}/run_config.json", cfg)

@@ -196,8 +196,10 @@ def train(cfg: TrainConfig) -> dict:
     out = run / TRAIN_DIR
     ckpt = out / "ckpt"
     trained = run / TRAINED_DIR
-    if cfg.restart:  # the trained weights go too: the config that made them is gone
-        for path in (out, trained, trained.with_name(TRAINED_DIR + ".tmp"), trained.with_name(TRAINED_DIR + ".old")):
+    if cfg.restart:  # the trained weights go too (the config that made them is gone), and what was built on them
+        built_on = [*run.root.glob("search/*/trained"), *run.root.glob("router/*/trained")]
+        for path in (out, trained, trained.with_name(TRAINED_DIR + ".tmp"), trained.with_name(TRAINED_DIR + ".old"),
+                     *built_on):
             shutil.rmtree(path, ignore_errors=True)
     recover_swap(ckpt)  # a kill between a checkpoint swap's renames: the complete version wins
     resume = (ckpt / "state.json").is_file()
@@ -244,7 +246,8 @@ def train(cfg: TrainConfig) -> dict:
         writer = csv.DictWriter(fh, fieldnames=fields)
         t0 = time.perf_counter() - state["seconds"]
         bar = progress(total=cfg.steps, desc="train", initial=state["step"])
-        for step in range(state["step"], cfg.steps):
+        start_step = state["step"]
+        for step in range(start_step, cfg.steps):
             rng = random.Random(cfg.seed * 1_000_003 + step)  # per-step RNG: a resumed run samples the same configs
             configs = sandwich_configs(spec, rng, cfg.random_configs)
             lr = _lr_at(step, cfg)
@@ -279,6 +282,8 @@ def train(cfg: TrainConfig) -> dict:
                 save_checkpoint(ckpt, student, opt, state)
         bar.close()
     student.model.eval()
-    save_checkpoint(trained, student)
+    steps_now = state["step"] - start_step
+    if steps_now or not (trained / "config.json").is_file():  # unchanged weights keep their identity (weights_tag)
+        save_checkpoint(trained, student)
     return {"run": str(run.root), "steps": state["step"], "tokens": state["tokens"], "resumed": resume,
             "seconds": round(state["seconds"], 1), "trained": str(trained), "metrics": str(metrics_path)}

@@ -27,6 +27,7 @@ class InterleavedSession:
         self.timer = Timer(device, regime.mode, TimerConfig(warmup=warmup, min_reps=reps, min_time_s=0.0, max_reps=reps))
         self.regime, self.seed = regime, seed
         self.configs: dict[str, SubnetConfig] = {FULL: elastic.spec.full()}
+        self.full_key = elastic.spec.full().key  # the full model is the reference: one key, measured once a round
         self.samples: list[dict] = []
         self.rounds_of: dict[str, int] = {}
 
@@ -37,8 +38,9 @@ class InterleavedSession:
         """`rounds` more rounds over `subs` and the full model; returns the new raw rows."""
         from profiler.rounds import measure_in_rounds
 
+        subs = {k: v for k, v in subs.items() if k not in (FULL, self.full_key)}
         self.configs.update(subs)
-        keys = [FULL] + [k for k in subs if k != FULL]
+        keys = [FULL] + list(subs)
         first = self.rounds_of.get(FULL, 0)  # the full model is in every round: its count numbers them
         rows = measure_in_rounds(keys, self._measure, rounds, seed=self.seed, first_round=first, progress=progress)
         rows = [{**r, "regime": self.regime.key} for r in rows]
@@ -47,15 +49,27 @@ class InterleavedSession:
             self.rounds_of[k] = self.rounds_of.get(k, 0) + rounds
         return rows
 
+    def key_of(self, key: str) -> str:
+        return FULL if key == self.full_key else key
+
     def stats(self, key: str, quantile: str, budget_frac: float) -> dict:
         """`key`'s compliance verdict against `budget_frac` at `quantile`, and its latency quantiles."""
-        from profiler.rounds import RATIO_COLUMN, compliance, per_round
+        from profiler.rounds import compliance, per_round, tail_ratio
 
-        rt = per_round([s for s in self.samples if s["key"] in (key, FULL)], FULL)
+        key = self.key_of(key)
+        samples = [s for s in self.samples if s["key"] in (key, FULL)]
+        rt = per_round(samples, FULL)
         mine = rt[rt["key"] == key]
-        verdict = compliance(mine[RATIO_COLUMN[quantile]].to_numpy(), budget_frac, seed=self.seed)
+        verdict = compliance(*tail_ratio(samples, key, FULL, quantile, seed=self.seed), budget_frac)
         vals = np.asarray([s["latency_ms"] for s in self.samples if s["key"] == key], float)
         full = rt[rt["key"] == FULL]["median_ms"]
         return {**verdict, "rounds": int(len(mine)), "measured_latency_ms": float(mine["median_ms"].median()),
                 "latency_ms_p50": float(np.quantile(vals, 0.5)), "latency_ms_p90": float(np.quantile(vals, 0.9)),
                 "latency_ms_p99": float(np.quantile(vals, 0.99)), "reference_full_ms": float(full.median())}
+
+    def reference_ms(self) -> float:
+        """The full model's median step over every round so far: this session's Budget reference."""
+        from profiler.rounds import per_round
+
+        rt = per_round([s for s in self.samples if s["key"] == FULL], FULL)
+        return float(rt["median_ms"].median())

@@ -75,23 +75,30 @@ def measure_in_rounds(keys: list[str], measure: Callable[[str], list[float]], ro
     return out
 
 
-def per_round(samples, reference: str):
-    """One row per (key, round): the round's median and tail quantiles, and each over the reference's
-    median in the same round (`ratio_to_full`, `ratio_p90`, `ratio_p99`)."""
+def normalised(samples, reference: str):
+    """Every raw sample with `ratio`: its latency over the reference's median in the same round."""
     import pandas as pd
 
     df = pd.DataFrame(samples) if not isinstance(samples, pd.DataFrame) else samples
-    g = df.groupby(["key", "round"])["latency_ms"]
-    rt = pd.DataFrame({"median_ms": g.median(), "p90_ms": g.quantile(0.9), "p99_ms": g.quantile(0.99),
-                       "n": g.size()}).reset_index()
-    ref = rt[rt["key"] == reference].set_index("round")["median_ms"]
+    ref = df[df["key"] == reference].groupby("round")["latency_ms"].median()
     if ref.empty:
         raise FlextronError(f"the reference {reference!r} was not measured in these rounds")
-    rt = rt[rt["round"].isin(ref.index)].copy()
-    denom = rt["round"].map(ref)
-    rt["ratio_to_full"] = rt["median_ms"] / denom
-    rt["ratio_p90"] = rt["p90_ms"] / denom
-    rt["ratio_p99"] = rt["p99_ms"] / denom
+    df = df[df["round"].isin(ref.index)]
+    return df.assign(ratio=df["latency_ms"] / df["round"].map(ref))
+
+
+def per_round(samples, reference: str):
+    """One row per (key, round): the round's median and tail quantiles, and each over the reference's
+    median in the same round (`ratio_to_full`, `ratio_p90`, `ratio_p99`). A round holds a few samples
+    per config: its own tail quantiles are rough; `tail_ratio` pools rounds for tail budgets."""
+    import pandas as pd
+
+    df = normalised(samples, reference)
+    g = df.groupby(["key", "round"])
+    rt = pd.DataFrame({"median_ms": g["latency_ms"].median(), "p90_ms": g["latency_ms"].quantile(0.9),
+                       "p99_ms": g["latency_ms"].quantile(0.99), "n": g.size(),
+                       "ratio_to_full": g["ratio"].median(), "ratio_p90": g["ratio"].quantile(0.9),
+                       "ratio_p99": g["ratio"].quantile(0.99)}).reset_index()
     return rt
 
 
@@ -110,11 +117,37 @@ def bootstrap_bounds(values, stat: Callable = np.median, confidence: float = CON
 
 
 RATIO_COLUMN = {"p50": "ratio_to_full", "p90": "ratio_p90", "p99": "ratio_p99"}
+QUANTILE = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+MIN_TAIL_SAMPLES = {"p50": 1, "p90": 20, "p99": 100}  # samples a quantile needs to be more than the maximum
+
+
+def tail_ratio(samples, key: str, reference: str, quantile: str, seed: int = 0,
+               confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """(estimate, lower, upper bound) of `key`'s `quantile` step latency over the reference's median,
+    from every sample of every round (each over its own round's reference): the median of per-round
+    medians for p50; for p90/p99 the quantile of the pooled samples, bootstrapped over rounds."""
+    df = normalised(samples, reference)
+    mine = df[df["key"] == key]
+    by_round = [g["ratio"].to_numpy() for _, g in mine.groupby("round")]
+    if quantile == "p50":
+        med = np.array([np.median(r) for r in by_round])
+        return (float(np.median(med)), *bootstrap_bounds(med, seed=seed, confidence=confidence))
+    n = sum(len(r) for r in by_round)
+    if n < MIN_TAIL_SAMPLES[quantile]:
+        raise FlextronError(f"a {quantile} budget needs at least {MIN_TAIL_SAMPLES[quantile]} samples per config, "
+                            f"these rounds hold {n}; raise --rounds or --reps")
+    q = QUANTILE[quantile]
+    rng = np.random.default_rng(seed)
+    boots = [np.quantile(np.concatenate([by_round[i] for i in rng.integers(0, len(by_round), len(by_round))]), q)
+             for _ in range(N_BOOT // 4)]
+    est = float(np.quantile(np.concatenate(by_round), q))
+    return est, float(np.quantile(boots, 1 - confidence)), float(np.quantile(boots, confidence))
 
 
 def summarise(samples, reference: str, seed: int = 0):
     """One row per key: latency statistics over all samples and rounds, `ratio_to_full` (median
-    over rounds) with its bootstrap bounds, and the tail ratios."""
+    over rounds) and the tail ratios (pooled over rounds, see `tail_ratio`) with their bootstrap
+    bounds (NaN for a tail with too few samples to estimate)."""
     import pandas as pd
 
     df = pd.DataFrame(samples) if not isinstance(samples, pd.DataFrame) else samples
@@ -131,9 +164,10 @@ def summarise(samples, reference: str, seed: int = 0):
                "cv_rounds": float(med_rounds.std() / med_rounds.mean()) if len(med_rounds) > 1 else 0.0,
                "cv": float(s.std() / s.mean())}
         for q, col in RATIO_COLUMN.items():
-            lo, hi = bootstrap_bounds(g[col].to_numpy(), seed=seed)
-            row[col] = float(np.median(g[col]))
-            row[f"{col}_lo"], row[f"{col}_hi"] = lo, hi
+            try:
+                row[col], row[f"{col}_lo"], row[f"{col}_hi"] = tail_ratio(df, key, reference, q, seed=seed)
+            except FlextronError:  # too few samples for this tail
+                row[col] = row[f"{col}_lo"] = row[f"{col}_hi"] = float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -159,11 +193,9 @@ def noise_floor(samples, reference: str) -> dict:
     return out
 
 
-def compliance(ratio_per_round, budget_frac: float, seed: int = 0, confidence: float = CONFIDENCE) -> dict:
-    """Whether a config is within `budget_frac` of the full model, from its per-round ratios:
-    `within` when the upper bound is at or below the budget, `over` when the lower bound is above
-    it, and `uncertain` when the interval straddles it (measure more rounds, then decide)."""
-    lo, hi = bootstrap_bounds(ratio_per_round, seed=seed, confidence=confidence)
+def compliance(ratio: float, lo: float, hi: float, budget_frac: float, confidence: float = CONFIDENCE) -> dict:
+    """Whether a config is within `budget_frac` of the full model, from its ratio's bounds: `within`
+    when the upper bound is at or below the budget, `over` when the lower bound is above it, and
+    `uncertain` when the interval straddles it (measure more rounds, then decide)."""
     verdict = "within" if hi <= budget_frac else "over" if lo > budget_frac else "uncertain"
-    return {"verdict": verdict, "ratio": float(np.median(ratio_per_round)), "ratio_lo": lo, "ratio_hi": hi,
-            "confidence": confidence}
+    return {"verdict": verdict, "ratio": ratio, "ratio_lo": lo, "ratio_hi": hi, "confidence": confidence}

@@ -639,6 +639,9 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     samples["key"] = samples["key"].map(lambda k: FULL if k == full_key else k)
     stats = summarise(samples, FULL).set_index("key")
     noise = noise_floor(samples, FULL)
+    # before the rows: once they are in the parts, a resume skips this regime and would never write it
+    noises = read_json(folder.parent / NOISE_FILE) if (folder.parent / NOISE_FILE).is_file() else {}
+    write_json_atomic(folder.parent / NOISE_FILE, {**noises, regime.key: noise})
     for c in e2e_cfgs:
         extra = {"config": c.to_json(), "config_key": c.key,
                  "uniform": len(set(c.mlp_width)) == 1 and len(set(c.heads)) == 1,
@@ -659,8 +662,6 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
                                       if extra["uniform"] and cfg.energy_s > 0 else None)
         e2e_w.add(row)
     e2e_w.flush()
-    noises = read_json(folder.parent / NOISE_FILE) if (folder.parent / NOISE_FILE).is_file() else {}
-    write_json_atomic(folder.parent / NOISE_FILE, {**noises, regime.key: noise})
     return n
 
 

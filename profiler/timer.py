@@ -57,7 +57,7 @@ class Timing:
             "latency_ms_median": self.median_ms,
             "latency_ms_p10": self.p10_ms,
             "latency_ms_p90": self.p90_ms,
-            "latency_ms_p99": self.p99_ms,  # tail budgets (`search --quantile p99`) read it
+            "latency_ms_p99": self.p99_ms,
             "latency_ms_mean": float(np.mean(self.samples_ms)),
             "n": len(self.samples_ms),
             "cv": self.cv,

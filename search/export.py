@@ -17,11 +17,15 @@ class ExportConfig:
     lookup: bool = False
     weights: str = "auto"  # elastic | trained | auto (trained when it exists); --budget-ms uses the lookup row's own
     overwrite: bool = False  # replace the previous flextron export in --out
+    quantile: str = "p50"  # with --budget-ms: the lookup's p50, p90 or p99 budgets
 
     def __post_init__(self):
         from flextron.rundir import check_finite
 
+        from flextron.budget import check_quantile
+
         check_finite("budget_ms", self.budget_ms, low=0.0)
+        check_quantile(self.quantile)
         modes = sum([bool(self.config), self.budget_ms > 0, self.lookup])
         if modes != 1:
             raise FlextronError("flextron export takes exactly one of --config CONFIG, --budget-ms X, or --lookup")
@@ -47,7 +51,7 @@ def export(cfg: ExportConfig) -> dict:
     if cfg.budget_ms > 0:
         from search.lookup import Lookup
 
-        row = Lookup.load(run.root).for_budget(cfg.budget_ms, cfg.regime or None)
+        row = Lookup.load(run.root).for_budget(cfg.budget_ms, cfg.regime or None, cfg.quantile)
         # the weights the row's quality was measured with, whatever --weights says
         elastic = ElasticModel.load(run.weights(row.weights)[1])
         sub = elastic.spec.validate(row.config)

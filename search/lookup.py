@@ -142,6 +142,8 @@ def write_lookup(run, weights: str = "auto") -> dict:
                             f"re-run `flextron verify --run {run.root}`")
     searched = sorted(set(verified["weights"]))
     verified = verified[verified["weights"] == wname]
+    if "weights_tag" in verified.columns:  # picks of weights `flextron train` has replaced since are stale
+        verified = verified[verified["weights_tag"].fillna(wname) == run.weights_tag(wname)]
     if verified.empty:
         raise FlextronError(f"no verified picks for the {wname} weights (verified: {searched}); run "
                             f"`flextron search --weights {wname}` and `flextron verify`, or export with --weights {searched[0]}"

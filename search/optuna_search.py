@@ -459,7 +459,8 @@ def search(cfg: SearchConfig) -> dict:
         if prev.get("quality_setting") != evaluator.setting:
             raise FlextronError(
                 f"{out} holds picks evaluated on {prev.get('quality_setting')!r}; this search evaluates on "
-                f"{evaluator.setting!r} (--eval-windows, --eval-seq-len, --corpus). Their losses are not comparable: "
+                f"{evaluator.setting!r} (--eval-windows, --eval-seq-len, --corpus, or re-trained weights). Their losses "
+                "are not comparable: "
                 "search with the same settings, or pass --restart to replace those results")
     attrs = {"regime": regime_key, "device_name": models.device_name, "weights": wname,
              "quality_setting": evaluator.setting}
@@ -488,13 +489,13 @@ def search(cfg: SearchConfig) -> dict:
                 old = old[[(s, st) not in fresh for s, st in zip(old["storage"], old["study"])]]
                 trials = pd.concat([old.drop(columns=["regime", "device_name", "weights"], errors="ignore"), trials],
                                    ignore_index=True)
-        trials = trials.assign(regime=regime_key, device_name=models.device_name, weights=wname)
+        trials = trials.assign(regime=regime_key, device_name=models.device_name, weights=wname)  # one folder: one of each
         write_parquet_atomic(trials, trials_path)
         if len(trials):
             write_parquet_atomic(pareto_front(trials), out / "pareto.parquet")
         best = best_per_budget(trials)
         write_json_atomic(best_path, {"regime": regime_key, "device_name": models.device_name, "weights": wname,
-                                      "quality_setting": evaluator.setting, "best": best})
+                                      "weights_tag": wtag, "quality_setting": evaluator.setting, "best": best})
         save_stage_config(out / "search_config.json", cfg)
     by_budget = {(b["budget_ms"], b["quantile"]): b for b in best}
     return {

@@ -40,13 +40,6 @@ def quality_setting(split: str, corpus: str, windows: int, seq_len: int, weights
     return base if weights == "elastic" else f"{base}:{weights}"
 
 
-def with_weights(setting: str, weights: str) -> str:
-    """The same setting for other weights (e.g. the one-shot baseline of a trained search)."""
-    split, corpus, size = setting.split(":")[:3]
-    windows, seq_len = size.split("x")
-    return quality_setting(split, corpus, int(windows), int(seq_len), weights)
-
-
 def search_quality_setting(run_root: str | Path, regime: str | None = None, weights: str | None = None) -> str | None:
     """The quality setting (split, corpus, windows, weights) the run's search used for `regime` and
     `weights` (any when None), from its `best.json` files; None when nothing was searched."""

@@ -24,7 +24,6 @@ VERIFIED_FILE = "verified.parquet"
 UNIFORM_FILE = "uniform.parquet"  # the uniform configs measured in the same session as the picks
 SAMPLES_FILE = "samples.parquet"  # every raw sample, with its round
 MAX_REPLACEMENTS = 5
-FULL = "full"  # the reference's key in every session (profiler.interleaved)
 
 
 @dataclass(frozen=True)
@@ -64,14 +63,17 @@ def _best_files(run) -> list:
 
 
 def verify(cfg: VerifyConfig) -> dict:
+    import sys
+
     import pandas as pd
 
     from flextron.budget import Budget
     from flextron.devices import check_device, set_cpu_threads
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
-    from flextron.rundir import RunDir, read_json, read_parquet, save_stage_config, write_parquet_atomic
-    from profiler.interleaved import InterleavedSession
+    from flextron.rundir import RunDir, read_json, read_parquet, save_stage_config, write_json_atomic, write_parquet_atomic
+    from profiler.interleaved import FULL, InterleavedSession
+    from profiler.rounds import MIN_TAIL_SAMPLES
     from profiler.rounds import noise_floor, summarise
     from profiler.telemetry import Telemetry
 
@@ -86,7 +88,18 @@ def verify(cfg: VerifyConfig) -> dict:
         if best.get("device_name") != device_name:
             raise FlextronError(f"{bf} was searched for {best.get('device_name')!r} but this device is {device_name!r}; "
                                 "verify on the device that was profiled")
+        wname = best.get("weights", "elastic")
+        if best.get("weights_tag", wname) != run.weights_tag(wname):
+            print(f"flextron verify: skipping {bf}: it was searched on {wname} weights that `flextron train` has "
+                  "replaced since; search again to verify them", file=sys.stderr)
+            continue
         by_regime.setdefault(best["regime"], []).append((bf, best))
+        for b in best["best"]:
+            q = cfg.quantile or b.get("quantile", "p50")
+            if cfg.rounds * cfg.reps < MIN_TAIL_SAMPLES[q]:  # refuse before measuring anything
+                raise FlextronError(f"{bf} holds a {q} budget: its quantile needs at least {MIN_TAIL_SAMPLES[q]} "
+                                    f"samples per config, --rounds {cfg.rounds} x --reps {cfg.reps} give "
+                                    f"{cfg.rounds * cfg.reps}; raise --reps")
     # Latency depends on shapes, not on weight values: one-shot weights time every pick.
     elastic = ElasticModel.load(run.elastic)
     rows, uniform_rows, all_samples, noise, t0 = [], [], [], {}, time.perf_counter()
@@ -101,6 +114,7 @@ def verify(cfg: VerifyConfig) -> dict:
                 first[sub.key] = sub
         session.run(first, cfg.rounds, progress)
 
+        decided = []
         for bf, best in picks:
             trials_path = bf.with_name("trials.parquet")
             trials = read_parquet(trials_path, run.root) if trials_path.is_file() else None
@@ -114,7 +128,10 @@ def verify(cfg: VerifyConfig) -> dict:
                 st = _decide(session, sub, limit, cfg, quantile)
                 replaced = 0
                 if st["verdict"] != "within" and trials is not None:
-                    cands = trials[(trials["budget_ms"] == b["budget_ms"]) & trials["evaluated"]].drop_duplicates("config")
+                    same = (trials["budget_ms"] == b["budget_ms"]) & trials["evaluated"]
+                    if "quantile" in trials.columns:  # a p50 and a p90 study may share a budget in ms
+                        same &= trials["quantile"].fillna("p50") == b.get("quantile", "p50")
+                    cands = trials[same].drop_duplicates("config")
                     for c in cands.sort_values("loss").itertuples():
                         alt = SubnetConfig.from_json(c.config)
                         if alt == sub:
@@ -127,36 +144,41 @@ def verify(cfg: VerifyConfig) -> dict:
                         if alt_st["verdict"] == "within":
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
-                budget = Budget(regime.key, budget_frac=frac, quantile=quantile).resolve(st["reference_full_ms"])
+                decided.append((sub, quantile, limit, frac))
                 rows.append({"regime": regime.key, "device_name": device_name, "weights": best.get("weights", "elastic"),
-                             "quantile": quantile, "budget_frac": budget.budget_frac, "limit_frac": limit,
-                             "budget_ms": budget.budget_ms, "reference_full_ms": budget.reference_full_ms,
+                             "weights_tag": best.get("weights_tag"), "quantile": quantile, "limit_frac": limit,
                              "searched_budget_ms": b["budget_ms"], "config": sub.to_json(), "config_key": sub.key,
                              "predicted_latency_ms": pred, "loss": loss, "ppl": math.exp(loss),
-                             **{k: st[k] for k in ("measured_latency_ms", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
-                                                   "ratio", "ratio_lo", "ratio_hi", "verdict", "rounds")},
-                             "within_budget": st["verdict"] == "within", "replacements_tried": replaced,
-                             "replaced": sub != orig, "source": source})
+                             "replacements_tried": replaced, "replaced": sub != orig, "source": source})
+        # Every pick's numbers and Budget from the session's final rounds: one reference for all rows.
+        reference = session.reference_ms()
+        for row, (sub, quantile, limit, frac) in zip(rows[len(rows) - len(decided):], decided):
+            st = session.stats(sub.key, quantile, limit)
+            budget = Budget(regime.key, budget_frac=frac, quantile=quantile).resolve(reference)
+            row.update({"budget_frac": budget.budget_frac, "budget_ms": budget.budget_ms,
+                        "reference_full_ms": budget.reference_full_ms,
+                        **{k: st[k] for k in ("measured_latency_ms", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
+                                              "ratio", "ratio_lo", "ratio_hi", "verdict", "rounds")},
+                        "within_budget": st["verdict"] == "within"})
         # The lookup's fallbacks, measured in the same rounds as the picks (ratios at every quantile).
         summary = summarise(session.samples, FULL).set_index("key")
         for sub in spec.uniform_configs():
-            s = summary.loc[sub.key]
+            s = summary.loc[session.key_of(sub.key)]
             uniform_rows.append({"regime": regime.key, "device_name": device_name, "config": sub.to_json(),
                                  "config_key": sub.key, "measured_latency_ms": s["latency_ms_median"],
                                  **{c: s[c] for c in summary.columns if c.startswith(("latency_ms_p", "ratio_"))},
-                                 "reference_full_ms": float(summary.loc[FULL, "latency_ms_median"]), "rounds": int(s["rounds"])})
+                                 "reference_full_ms": reference, "rounds": int(s["rounds"])})
         noise[regime.key] = noise_floor(session.samples, FULL)
         all_samples += session.samples
     if not rows:
-        raise FlextronError("the search results hold no evaluated picks to verify; run `flextron search` with more --trials")
+        raise FlextronError("the search results hold no evaluated picks of the current weights to verify; "
+                            "run `flextron search` (with more --trials)")
     out = run / "verify"
     df = pd.DataFrame(rows)
     write_parquet_atomic(df, out / VERIFIED_FILE)
     write_parquet_atomic(pd.DataFrame(uniform_rows), out / UNIFORM_FILE)
     write_parquet_atomic(pd.DataFrame(all_samples), out / SAMPLES_FILE)
     save_stage_config(out / "verify_config.json", cfg)
-    from flextron.rundir import write_json_atomic
-
     write_json_atomic(out / "noise.json", {"device_name": device_name, "threads": threads, "regimes": noise})
     return {"device": device_name, "threads": threads, "verified": len(df), "within_budget": int(df["within_budget"].sum()),
             "verdicts": df["verdict"].value_counts().to_dict(), "replaced": int(df["replaced"].sum()),
@@ -170,7 +192,7 @@ def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, quantil
     """The pick's verdict against `limit` (a fraction of the full model), measuring more rounds of it
     and the full model while it sits inside the noise band."""
     st = session.stats(sub.key, quantile, limit)
-    while st["verdict"] == "uncertain" and session.rounds_of[sub.key] < cfg.max_rounds:
-        session.run({sub.key: sub}, min(cfg.rounds, cfg.max_rounds - session.rounds_of[sub.key]))
+    while st["verdict"] == "uncertain" and session.rounds_of[session.key_of(sub.key)] < cfg.max_rounds:
+        session.run({sub.key: sub}, min(cfg.rounds, cfg.max_rounds - session.rounds_of[session.key_of(sub.key)]))
         st = session.stats(sub.key, quantile, limit)
     return st

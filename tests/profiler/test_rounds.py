@@ -3,7 +3,7 @@ import pytest
 
 from flextron.budget import Budget
 from flextron.errors import FlextronError
-from profiler.rounds import RoundsConfig, compliance, measure_in_rounds, noise_floor, per_round, summarise
+from profiler.rounds import RoundsConfig, compliance, measure_in_rounds, noise_floor, per_round, summarise, tail_ratio
 
 
 class FakeMachine:
@@ -60,16 +60,23 @@ def test_noise_floor_recovers_known_jitter():
     assert noise_floor(measure_in_rounds(list(TRUE), quiet.measure, rounds=6), "full")["noise_floor_pct"] < 0.2
 
 
-def test_compliance_with_confidence_and_quantile_columns():
-    assert compliance([0.70, 0.71, 0.69, 0.70], 0.8)["verdict"] == "within"
-    assert compliance([0.90, 0.91, 0.92, 0.90], 0.8)["verdict"] == "over"
-    assert compliance([0.75, 0.85, 0.79, 0.82, 0.77], 0.8)["verdict"] == "uncertain"
-    # p90 budgets use the tail of the per-step samples, not the median
-    rows = [{"round": r, "key": k, "latency_ms": v} for r in range(4) for k, vals in
-            {"full": [10, 10, 10, 10, 10], "x": [7, 7, 7, 7, 12]}.items() for v in vals]
-    rt = per_round(rows, "full").set_index("key")
-    assert rt.loc["x", "ratio_to_full"].iloc[0] == pytest.approx(0.7)
-    assert rt.loc["x", "ratio_p90"].iloc[0] == pytest.approx(1.0, abs=0.01)
+def test_compliance_with_confidence_and_quantiles_from_the_right_samples():
+    def verdict(per_round_medians, frac):
+        rows = [{"round": r, "key": k, "latency_ms": v} for r, m in enumerate(per_round_medians)
+                for k, v in (("full", 10.0), ("x", 10.0 * m))]
+        return compliance(*tail_ratio(rows, "x", "full", "p50"), frac)["verdict"]
+
+    assert verdict([0.70, 0.71, 0.69, 0.70], 0.8) == "within"
+    assert verdict([0.90, 0.91, 0.92, 0.90], 0.8) == "over"
+    assert verdict([0.75, 0.85, 0.79, 0.82, 0.77], 0.8) == "uncertain"
+    # p90 budgets use the tail of the per-step samples, pooled over rounds, not the median
+    rows = [{"round": r, "key": k, "latency_ms": v} for r in range(6) for k, vals in
+            {"full": [10] * 5, "x": [7, 7, 7, 7, 12]}.items() for v in vals]
+    assert per_round(rows, "full").set_index("key").loc["x", "ratio_to_full"].iloc[0] == pytest.approx(0.7)
+    p50, p90 = tail_ratio(rows, "x", "full", "p50"), tail_ratio(rows, "x", "full", "p90")
+    assert p50[0] == pytest.approx(0.7) and p90[0] == pytest.approx(1.2)
+    with pytest.raises(FlextronError, match="a p99 budget needs at least 100 samples"):
+        tail_ratio(rows, "x", "full", "p99")
 
 
 def test_rounds_and_budgets_refuse_bad_values():

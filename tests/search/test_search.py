@@ -334,7 +334,7 @@ def test_quantile_budgets_use_the_tail_samples(run_copy, monkeypatch, quantile, 
     frac = pick.param_count(spec) / spec.full().param_count(spec)
     _one_pick(run_copy, spec, pick, frac * 1.05)
     _fake_latency(monkeypatch, spec, lambda f, n: [10.0 * f] * 4 + [10.0 * f * (2.0 if abs(f - frac) < 1e-9 else 1.0)])
-    verify(VerifyConfig(run=str(run_copy), rounds=3, reps=5, warmup=0, quantile=quantile))
+    verify(VerifyConfig(run=str(run_copy), rounds=4, reps=5, warmup=0, quantile=quantile))
     ver = pd.read_parquet(run_copy / "verify" / "verified.parquet").iloc[0]
     assert ver["verdict"] == verdict and ver["quantile"] == quantile
 
@@ -411,3 +411,22 @@ def test_two_regimes_keep_their_own_results(tiny_run, tmp_path):
     assert sorted(ver["regime"]) == sorted(keys.values())
     uni = pd.read_parquet(run / "verify" / "uniform.parquet")
     assert set(uni["regime"]) == set(keys.values())
+
+
+def test_picks_of_replaced_trained_weights_are_never_verified_or_resumed(run_copy, capsys):
+    """`flextron train` rewrote trained/ after a search: its picks, losses and studies are stale."""
+    import os
+    import shutil
+
+    from search.verify import VerifyConfig, verify
+
+    shutil.copytree(run_copy / "elastic", run_copy / "trained")
+    b = _budget(run_copy, 2.0)
+    _search(run_copy, budget_ms=(b,), weights="trained")
+    for f in (run_copy / "trained").glob("*.safetensors"):  # as a new training run's weights would be
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    with pytest.raises(FlextronError, match="no evaluated picks of the current weights"):
+        verify(VerifyConfig(run=str(run_copy), rounds=2, reps=1, warmup=0))
+    assert "replaced since" in capsys.readouterr().err
+    with pytest.raises(FlextronError, match="re-trained weights"):
+        _search(run_copy, budget_ms=(b,), weights="trained")
