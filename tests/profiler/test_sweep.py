@@ -79,7 +79,10 @@ def test_sweep_covers_every_layer_and_choice(tiny_run, tmp_path, one_thread):
 
 
 SIGNAL_SCRIPT = """
-import sys, time
+import signal, sys, time
+# A test run started in the background (`make test &`) hands its children SIGINT ignored, and the
+# sweep leaves ignored signals ignored (as under nohup); this process stands for a foreground one.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import flextron.progress
 import profiler.sweep
 from flextron.cli import main
