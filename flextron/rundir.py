@@ -122,9 +122,12 @@ def rebuild_command(run_root: str | Path, path: str | Path) -> str:
 
 
 # ---- reading artifacts ------------------------------------------------------------------------------
-def _corrupt(path: Path, run_root, err: Exception) -> FlextronError:
+def corrupt_error(path: str | Path, run_root, err: Exception | str) -> FlextronError:
+    """The error for a corrupt artifact: its path, what is wrong, and the command that rebuilds it."""
+    path = Path(path)
+    why = err if isinstance(err, str) else f"{type(err).__name__}: {str(err)[:160]}"
     fix = f"rebuild it with `{rebuild_command(run_root, path)}`" if run_root is not None else "rebuild it"
-    return FlextronError(f"{path} is corrupt or unreadable ({type(err).__name__}: {str(err)[:160]}); {fix}")
+    return FlextronError(f"{path} is corrupt or unreadable ({why}); {fix}")
 
 
 def read_json(path: str | Path, run_root: str | Path | None = None, expect: type = dict):
@@ -135,9 +138,9 @@ def read_json(path: str | Path, run_root: str | Path | None = None, expect: type
     except FileNotFoundError:
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise _corrupt(path, run_root, e) from None
+        raise corrupt_error(path, run_root, e) from None
     if not isinstance(obj, expect):
-        raise _corrupt(path, run_root, TypeError(f"expected a JSON {expect.__name__}, got {type(obj).__name__}"))
+        raise corrupt_error(path, run_root, TypeError(f"expected a JSON {expect.__name__}, got {type(obj).__name__}"))
     return obj
 
 
@@ -151,14 +154,14 @@ def read_parquet(path: str | Path, run_root: str | Path | None = None, columns: 
     try:
         df = pd.read_parquet(path, columns=columns)
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a damaged file
-        raise _corrupt(path, run_root, e) from None
+        raise corrupt_error(path, run_root, e) from None
     return df
 
 
 def require_columns(df, path: str | Path, columns, run_root: str | Path | None = None):
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise _corrupt(Path(path), run_root, KeyError(f"missing columns {missing}"))
+        raise corrupt_error(Path(path), run_root, KeyError(f"missing columns {missing}"))
     return df
 
 

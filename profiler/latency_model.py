@@ -466,17 +466,11 @@ LAYER_COLUMNS = ["regime", "device_name", "anchor", "status", "kind", "layer", "
 E2E_COLUMNS = ["regime", "device_name", "status", "config", "uniform", "latency_ms_median", "cv"]
 
 
-def _corrupt(path: Path, run_root, why: str) -> FlextronError:
-    from flextron.rundir import rebuild_command
-
-    return FlextronError(f"{path} is corrupt ({why}); rebuild it with `{rebuild_command(run_root, path)}`")
-
-
 def fit(cfg: FitConfig) -> dict:
     import pandas as pd
 
-    from flextron.rundir import (RunDir, fresh_tmp_dir, read_json, read_parquet, recover_swap, require_columns,
-                                 save_stage_config, swap_in, write_json_atomic, write_parquet_atomic)
+    from flextron.rundir import (RunDir, corrupt_error, fresh_tmp_dir, read_json, read_parquet, recover_swap,
+                                 require_columns, save_stage_config, swap_in, write_json_atomic, write_parquet_atomic)
     from profiler.sweep import DEVICE_FILE, E2E_FILE, LAYERS_FILE, NOISE_FILE, cells_by_status, status_kind
 
     run = RunDir(cfg.run)
@@ -488,7 +482,7 @@ def fit(cfg: FitConfig) -> dict:
     device_path = run.require("profile", DEVICE_FILE) / DEVICE_FILE
     device = read_json(device_path, run.root)
     if not isinstance(device.get("device_name"), str):
-        raise _corrupt(device_path, run.root, "no device_name")
+        raise corrupt_error(device_path, run.root, "no device_name")
     noise = read_json(prof / NOISE_FILE, run.root) if (prof / NOISE_FILE).is_file() else {}
     devices = set(layers["device_name"]) | set(e2e["device_name"])
     if len(devices) > 1:
@@ -555,7 +549,7 @@ class LatencyModels:
 
     @classmethod
     def load(cls, run_root: str | Path) -> "LatencyModels":
-        from flextron.rundir import RunDir, read_json, recover_swap
+        from flextron.rundir import RunDir, corrupt_error, read_json, recover_swap
 
         run = RunDir(run_root)
         recover_swap(run / "latency_model")
@@ -564,7 +558,7 @@ class LatencyModels:
         try:
             return cls(str(d["device_name"]), {str(k): LatencyModel.from_dict(v) for k, v in d["regimes"].items()})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise _corrupt(path, run.root, f"{type(e).__name__}: {str(e)[:160]}") from None
+            raise corrupt_error(path, run.root, e) from None
 
     def get(self, regime_key: str) -> LatencyModel:
         if regime_key not in self.models:

@@ -32,7 +32,6 @@ N_BOOT = 2000
 class RoundsConfig:
     rounds: int = 6  # each config is measured once per round, in a fresh random order
     reps: int = 5  # timed calls per config per round (after the timer's warm-up)
-    seed: int = 0
 
     def __post_init__(self):
         for name in ("rounds", "reps"):

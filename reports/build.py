@@ -185,8 +185,9 @@ def _tables(a: _Artifacts) -> list[Table]:
         t = Table("Lookup (what a deployment reads)",
                   ["regime", "weights", "q", "budget x full", "budget ms", "config", "p50 ms", "p90 ms", "ratio to full",
                    "95% upper bound", "ppl", "source"],
-                  note="Every row was measured within its budget with 95% confidence; more budget never gives a "
-                       "worse config. The reference is the full model measured in the same rounds.")
+                  note="Every row was measured within its budget (times 1 + verify's --tolerance) with 95% "
+                       "confidence; more budget never gives a worse config. The reference is the full model "
+                       "measured in the same rounds.")
         for r in a.lookup:
             cfg = r.get("config", {})
             key = "m" + ".".join(map(str, cfg.get("mlp_width", []))) + "-h" + ".".join(map(str, cfg.get("heads", [])))
