@@ -46,6 +46,7 @@ class SearchConfig:
     skip_infeasible: bool = False  # drop budgets below the smallest sub-network instead of failing
     weights: str = "auto"  # elastic (one-shot) | trained | auto (trained when `flextron train` made it)
     restart: bool = False  # remove this regime's and weights' search results and studies, then search anew
+    margin: float = -1.0  # aim this share below each budget; -1: the latency model's own uncertainty (see search)
 
     def __post_init__(self):
         from flextron.devices import check_device_name
@@ -66,6 +67,21 @@ class SearchConfig:
         if not self.frontier and not self.budget_ms and not self.budget_frac:
             raise FlextronError("give --budget-ms X or --budget-frac F (repeatable), or --frontier")
         check_device_name(self.device)
+        check_finite("margin", self.margin, low=-1, high=0.5)
+        if -1 < self.margin < 0:
+            raise FlextronError(f"--margin must be -1 (auto) or in [0, 0.5], got {self.margin}")
+
+
+def search_margin(run_root: Path, regime_key: str) -> float:
+    """How far below a budget the search aims so its picks hold when measured: the latency model's
+    held-out error or the profile's noise floor (of ratios), whichever is larger, capped at 10%. A
+    pick predicted right at its budget is a coin toss on a machine with a 1% noise floor."""
+    from flextron.rundir import read_json
+
+    path = run_root / "latency_model" / "metrics.json"
+    m = read_json(path, run_root).get(regime_key, {}) if path.is_file() else {}
+    pct = max(m.get("heldout", {}).get("mape_pct") or 0.0, m.get("ratio_noise_floor_pct") or 0.0)
+    return min(0.10, pct / 100)
 
 
 def results_dir(run_root: str | Path, regime_key: str, weights: str) -> Path:
@@ -199,7 +215,7 @@ def _progress(study):
 
 
 def search_budget(study_name, storage, spec, lat_model, evaluator, budget, cfg: SearchConfig, progress=None,
-                  routers=None, attrs: dict | None = None, tail: float = 1.0) -> dict:
+                  routers=None, attrs: dict | None = None, tail: float = 1.0, margin: float = 0.0, floor_ms: float = 0.0) -> dict:
     """Run one budget's study until it holds `cfg.trials` distinct evaluated (feasible) configs.
 
     `budget` is a resolved Budget's dict; `tail` the regime's quantile-over-median factor (see
@@ -211,7 +227,8 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget, cfg: 
 
     from profiler.latency_model import encode
 
-    budget_ms = budget["budget_ms"] / tail  # on the median scale the latency model predicts
+    # on the median scale the latency model predicts, `margin` below the budget (never below the fastest config)
+    budget_ms = max(budget["budget_ms"] / tail * (1 - margin), floor_ms)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = cfg.seed if not cfg.storage else cfg.seed * 1_000_003 + os.getpid()
     random_sampler = optuna.samplers.RandomSampler(seed=seed)
@@ -462,6 +479,7 @@ def search(cfg: SearchConfig) -> dict:
                 f"{evaluator.setting!r} (--eval-windows, --eval-seq-len, --corpus, or re-trained weights). Their losses "
                 "are not comparable: "
                 "search with the same settings, or pass --restart to replace those results")
+    margin = search_margin(run.root, regime_key) if cfg.margin < 0 else cfg.margin
     attrs = {"regime": regime_key, "device_name": models.device_name, "weights": wname,
              "quality_setting": evaluator.setting}
     t0 = time.perf_counter()
@@ -470,7 +488,8 @@ def search(cfg: SearchConfig) -> dict:
         results.append(search_frontier(f"{prefix}|frontier", storage, spec, lat_model, evaluator, cfg, attrs))
     for b in sorted(budgets, key=lambda b: b["budget_ms"]):
         name = f"{prefix}|budget={b['budget_ms']:.6g}" + ("" if cfg.quantile == "p50" else f"@{cfg.quantile}")
-        r = search_budget(name, storage, spec, lat_model, evaluator, b, cfg, progress, routers, attrs, tail)
+        r = search_budget(name, storage, spec, lat_model, evaluator, b, cfg, progress, routers, attrs, tail, margin,
+                          lo / tail)
         if r["stop"] != "done":
             print(f"flextron search: budget {b['budget_ms']:.4g} ms stopped early: {r['stop']}", file=sys.stderr)
         results.append(r)
@@ -495,7 +514,8 @@ def search(cfg: SearchConfig) -> dict:
             write_parquet_atomic(pareto_front(trials), out / "pareto.parquet")
         best = best_per_budget(trials)
         write_json_atomic(best_path, {"regime": regime_key, "device_name": models.device_name, "weights": wname,
-                                      "weights_tag": wtag, "quality_setting": evaluator.setting, "best": best})
+                                      "weights_tag": wtag, "quality_setting": evaluator.setting, "search_margin": margin,
+                                      "best": best})
         save_stage_config(out / "search_config.json", cfg)
     by_budget = {(b["budget_ms"], b["quantile"]): b for b in best}
     return {
@@ -505,7 +525,7 @@ def search(cfg: SearchConfig) -> dict:
         "evaluated_trials": int(trials["evaluated"].sum()) if len(trials) else 0,
         "infeasible_skipped": int((~trials["evaluated"]).sum()) if len(trials) else 0,
         "eval_tokens": evaluator.tokens,
-        "reference_full_ms": full_ms, "quantile": cfg.quantile,
+        "reference_full_ms": full_ms, "quantile": cfg.quantile, "margin": round(margin, 4),
         "per_budget": [{k: r[k] for k in ("budget_ms", "budget_frac", "evaluated", "asked_here", "repeats_here", "stop")}
                        | ({"ppl": round(math.exp(by_budget[(r["budget_ms"], r["quantile"])]["loss"]), 3),
                            "predicted_ms": round(by_budget[(r["budget_ms"], r["quantile"])]["predicted_latency_ms"], 4)}

@@ -52,16 +52,16 @@ def test_search_never_evaluates_infeasible_configs_and_resumes(fitted):
     from search.optuna_search import SearchConfig, search
 
     b = _budget(fitted, 0.4)
-    s = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=6, eval_windows=2, eval_seq_len=32))
+    s = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=6, eval_windows=2, eval_seq_len=32, margin=0.0))
     trials = pd.read_parquet(_results(fitted) / "trials.parquet")
     ev = trials[trials["evaluated"]]
     assert ev["config"].nunique() == 6 and (ev["predicted_latency_ms"] <= b).all()
     assert (trials[~trials["evaluated"]]["predicted_latency_ms"] > b).all()
     assert s["quality_evaluations"] <= 6  # cached configs are not evaluated twice
     # a second call on the same storage resumes: nothing more to do at the same trial count
-    s2 = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=6, eval_windows=2, eval_seq_len=32))
+    s2 = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=6, eval_windows=2, eval_seq_len=32, margin=0.0))
     assert s2["quality_evaluations"] == 0 and s2["per_budget"][0]["evaluated"] == 6
-    s3 = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=8, eval_windows=2, eval_seq_len=32))
+    s3 = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=8, eval_windows=2, eval_seq_len=32, margin=0.0))
     assert s3["per_budget"][0]["evaluated"] == 8 and s3["per_budget"][0]["stop"] == "done"
 
 
@@ -430,3 +430,22 @@ def test_picks_of_replaced_trained_weights_are_never_verified_or_resumed(run_cop
     assert "replaced since" in capsys.readouterr().err
     with pytest.raises(FlextronError, match="re-trained weights"):
         _search(run_copy, budget_ms=(b,), weights="trained")
+
+
+def test_search_aims_below_each_budget_by_the_models_uncertainty(run_copy):
+    """Picks predicted right at a budget are a coin toss when measured: the search keeps a margin,
+    by default the latency model's held-out error or the profile's noise floor, whichever is larger."""
+    from search.optuna_search import search_margin
+
+    b = _budget(run_copy, 0.8)
+    s = _search(run_copy, budget_ms=(b,), trials=4, margin=0.1)
+    trials = pd.read_parquet(_results(run_copy) / "trials.parquet")
+    ev = trials[trials["evaluated"]]
+    assert s["margin"] == 0.1 and (ev["predicted_latency_ms"] <= 0.9 * b + 1e-9).all()
+    assert ((trials[~trials["evaluated"]]["predicted_latency_ms"] > 0.9 * b)).all()
+    m = json.loads((run_copy / "latency_model" / "metrics.json").read_text())
+    key = next(iter(m))
+    expected = min(0.1, max(m[key]["heldout"]["mape_pct"], m[key]["ratio_noise_floor_pct"] or 0) / 100)
+    assert search_margin(run_copy, key) == pytest.approx(expected)
+    with pytest.raises(FlextronError, match="--margin must be -1"):
+        _search(run_copy, budget_ms=(b,), margin=-0.5)
