@@ -102,6 +102,7 @@ def verify(cfg: VerifyConfig) -> dict:
     # Latency depends on shapes, not on weight values: one-shot weights time every pick.
     elastic = ElasticModel.load(run.elastic)
     rows, uniform_rows, all_samples, noise, t0 = [], [], [], {}, time.perf_counter()
+    evaluated_fallbacks = 0
     for regime_key, picks in sorted(by_regime.items()):
         regime = Regime.parse(regime_key)
         session = InterleavedSession(elastic, regime, cfg.device, cfg.reps, cfg.warmup, seed=len(all_samples))
@@ -169,6 +170,13 @@ def verify(cfg: VerifyConfig) -> dict:
                                  "reference_full_ms": reference, "rounds": int(s["rounds"])})
         noise[regime.key] = noise_floor(session.samples, FULL)
         all_samples += session.samples
+        # A fallback the lookup may quote needs its loss on the picks' evaluation setting; a search
+        # evaluates only some uniform configs, so two runs could otherwise quote different fallbacks.
+        for bf, best in picks:
+            limit = max(r["limit_frac"] for r in rows if r["regime"] == regime.key)
+            compliant = [sub for sub in spec.uniform_configs()
+                         if summary.loc[session.key_of(sub.key), "ratio_to_full_hi"] <= limit]
+            evaluated_fallbacks += _fallback_losses(run, bf, best, compliant, cfg.device)
     if not rows:
         raise FlextronError("the search results hold no evaluated picks of the current weights to verify; "
                             "run `flextron search` (with more --trials)")
@@ -181,10 +189,38 @@ def verify(cfg: VerifyConfig) -> dict:
     write_json_atomic(out / "noise.json", {"device_name": device_name, "threads": threads, "regimes": noise})
     return {"device": device_name, "threads": threads, "verified": len(df), "within_budget": int(df["within_budget"].sum()),
             "verdicts": df["verdict"].value_counts().to_dict(), "replaced": int(df["replaced"].sum()),
+            "fallback_losses_evaluated": evaluated_fallbacks,
             "max_ratio_over_budget_frac": round(float((df["ratio"] / df["budget_frac"]).max()), 4),
             "noise_floor_pct": {k: v["noise_floor_pct"] for k, v in noise.items()},
             "ratio_noise_floor_pct": {k: v["ratio_noise_floor_pct"] for k, v in noise.items()},
             "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -> int:
+    """Evaluate (once, into the run's quality cache) the loss of each uniform config in `compliant`
+    that the search of `best_file` never evaluated, on that search's own setting. Returns how many."""
+    from flextron.elastic import ElasticModel
+    from flextron.rundir import read_json
+    from search.quality import QUALITY_CACHE, QualityEvaluator, read_quality_cache
+
+    cache = run / "search" / QUALITY_CACHE
+    setting = best.get("quality_setting")
+    config_path = best_file.with_name("search_config.json")
+    if not setting or not config_path.is_file():
+        return 0
+    todo = [c for c in compliant if c.key not in read_quality_cache(cache, setting)]
+    if not todo:
+        return 0
+    scfg = read_json(config_path, run.root)
+    wname = best.get("weights", "elastic")
+    model = ElasticModel.load(run.weights(wname)[1], device=device)  # fp32, as the search evaluated
+    ev = QualityEvaluator(model, cache, scfg["eval_windows"], scfg["eval_seq_len"], corpus=run.corpus(scfg["corpus"]),
+                          tag=best.get("weights_tag", wname))
+    if ev.setting != setting:  # not the picks' setting (another corpus since?): their losses would not compare
+        return 0
+    for c in todo:
+        ev.loss(c)
+    return len(todo)
 
 
 def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, quantile: str) -> dict:

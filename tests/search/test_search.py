@@ -92,6 +92,13 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
     assert set(ver["weights"]) == {"elastic"}
     assert {"predicted_latency_ms", "measured_latency_ms", "within_budget"} <= set(ver.columns)
     uni = pd.read_parquet(fitted / "verify" / "uniform.parquet")  # fallbacks measured in the same session
+    # every fallback measured within a budget has its loss on the search's setting, searched or not
+    from search.quality import read_quality_cache
+
+    setting = json.loads((_results(fitted) / "best.json").read_text())["quality_setting"]
+    losses = read_quality_cache(fitted / "search" / "quality_cache.jsonl", setting)
+    limit = ver["limit_frac"].max()
+    assert set(uni[uni["ratio_to_full_hi"] <= limit]["config_key"]) <= set(losses)
     spec = json.loads((fitted / "elastic" / "elastic_spec.json").read_text())
     assert len(uni) == len(spec["mlp_widths"][0]) * len(spec["head_counts"][0]) and (uni["measured_latency_ms"] > 0).all()
     s = export(ExportConfig(run=str(fitted), lookup=True))
