@@ -311,11 +311,14 @@ def safe_name(text: str) -> str:
 
 
 def check_finite(name: str, value: float, low: float | None = None, low_inclusive: bool = True,
-                 high: float | None = None) -> None:
-    """A FlextronError naming flag `name` unless `value` is a finite number within the bounds."""
+                 high: float | None = None, whole: bool = False) -> None:
+    """A FlextronError naming flag `name` unless `value` is a finite number (a whole one with
+    `whole`) within the bounds."""
     flag = "--" + name.replace("_", "-")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise FlextronError(f"{flag} must be a finite number, got {value!r}")
+    if whole and int(value) != value:
+        raise FlextronError(f"{flag} must be a whole number, got {value}")
     if low is not None and (value < low or (value == low and not low_inclusive)):
         raise FlextronError(f"{flag} must be {'>=' if low_inclusive else '>'} {low}, got {value}")
     if high is not None and value > high:

@@ -350,9 +350,7 @@ class FitConfig:
         check_finite("holdout_frac", self.holdout_frac, low=0, low_inclusive=False)
         if self.holdout_frac >= 1:
             raise FlextronError(f"--holdout-frac must be in (0, 1), got {self.holdout_frac}")
-        check_finite("seed", self.seed, low=0)  # numpy's generator takes no negative seed
-        if int(self.seed) != self.seed:
-            raise FlextronError(f"--seed must be a whole number, got {self.seed}")
+        check_finite("seed", self.seed, low=0, whole=True)  # numpy's generator takes no negative seed
 
 
 def measurement_noise(layers, e2e, regime_key: str, floor: dict | None = None) -> dict:

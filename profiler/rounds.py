@@ -34,10 +34,10 @@ class RoundsConfig:
     reps: int = 5  # timed calls per config per round (after the timer's warm-up)
 
     def __post_init__(self):
+        from flextron.rundir import check_finite
+
         for name in ("rounds", "reps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise FlextronError(f"--{name} must be a whole number, got {v!r}")
+            check_finite(name, getattr(self, name), whole=True)
         if self.rounds < 2:
             raise FlextronError(f"--rounds must be at least 2 (statistics and the noise floor are taken over rounds), got {self.rounds}")
         if self.reps < 1:

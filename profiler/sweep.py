@@ -53,12 +53,6 @@ NOISE_FILE = "noise.json"
 SAMPLES_FILE = "e2e_samples.parquet"
 
 
-def _check_whole(name: str, value, low: int | None = None) -> None:
-    check_finite(name, value, low=low)
-    if int(value) != value:
-        raise FlextronError(f"--{name.replace('_', '-')} must be a whole number, got {value}")
-
-
 @dataclass(frozen=True)
 class ProfileConfig:
     run: str = "runs/demo"
@@ -85,7 +79,7 @@ class ProfileConfig:
             raise FlextronError("give at least one --regime, e.g. --regime decode:b1:ctx1024")
         for name, low in (("e2e_random", 0), ("seed", None), ("min_reps", 1), ("warmup", 0), ("anchor_every", 1),
                           ("rounds", 2), ("reps", 1), ("threads", 0)):
-            _check_whole(name, getattr(self, name), low)
+            check_finite(name, getattr(self, name), low=low, whole=True)
         check_finite("min_time_ms", self.min_time_ms, low=0)
         check_finite("energy_s", self.energy_s, low=0)
         if self.dtype and self.dtype not in DTYPE_BYTES:
@@ -223,13 +217,15 @@ class _PartWriter:
             tmp.rename(path)
             self.rows = []
 
-    def combine(self, out: Path) -> "pd.DataFrame":  # noqa: F821
+    def combine(self, out: Path, transform=None) -> "pd.DataFrame":  # noqa: F821
+        """Every part as one table (last row per cell), `transform`ed, written to `out`."""
         import pandas as pd
 
         parts = self.parts()
         df = pd.concat([_read_part(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
         if len(df):
             df = df.drop_duplicates("cell_key", keep="last")
+            df = transform(df) if transform else df
             write_parquet_atomic(df, out)
         return df
 
@@ -452,10 +448,7 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
                 layers_w.flush()
                 e2e_w.flush()
 
-    layers = layers_w.combine(out_dir / LAYERS_FILE)
-    if len(layers):
-        layers = drift_corrected(layers)
-        write_parquet_atomic(layers, out_dir / LAYERS_FILE)
+    layers = layers_w.combine(out_dir / LAYERS_FILE, transform=drift_corrected)
     e2e = e2e_w.combine(out_dir / E2E_FILE) if not cfg.layers_only else pd.DataFrame()
     rounds = sorted((out_dir / PARTS_DIR).glob("e2e_round-*.parquet"))
     if rounds:  # every raw end-to-end sample, with its round (the parts stay for a resume)
