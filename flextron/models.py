@@ -151,6 +151,19 @@ def _gguf_path_for_builtin(name: str) -> Path:
     return Path(mod.assemble())
 
 
+def source_gguf(source: str) -> Path | None:
+    """The GGUF file a model source came from (a built-in real model or a `.gguf` path), else None."""
+    if source in BUILTIN_REAL:
+        return _gguf_path_for_builtin(source)
+    if source.endswith(".gguf"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FlextronError(f"the run was converted from {path}, which no longer exists; restore it to copy its "
+                                "tokenizer into the GGUF")
+        return path
+    return None
+
+
 def _load_gguf(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

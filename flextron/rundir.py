@@ -65,6 +65,15 @@ class RunDir:
             choice = "trained" if (self.root / "trained" / "config.json").is_file() else "elastic"
         return choice, self.require(choice)
 
+    def source_gguf(self) -> Path | None:
+        """The GGUF file this run was converted from (built-in real models and `.gguf` sources), else
+        None: a GGUF export copies its tokenizer from there."""
+        from flextron.models import source_gguf
+
+        model = read_json(self.root / "convert_config.json", self.root).get("model", "") \
+            if (self.root / "convert_config.json").is_file() else ""
+        return source_gguf(model) if model else None
+
     def weights_tag(self, name: str) -> str:
         """`name` plus an identity of the weights' current files for `trained` (which `flextron train`
         rewrites): quality caches, Optuna studies and routers keyed by it never serve losses measured

@@ -18,6 +18,9 @@ class ExportConfig:
     weights: str = "auto"  # elastic | trained | auto (trained when it exists); --budget-ms uses the lookup row's own
     overwrite: bool = False  # replace the previous flextron export in --out
     quantile: str = "p50"  # with --budget-ms: the lookup's p50, p90 or p99 budgets
+    format: str = "hf"  # hf: a transformers folder | gguf: one llama.cpp file (--out FILE.gguf)
+    gguf_type: str = "f16"  # with --format gguf: f32 | f16 | q8_0 weights (norms stay f32)
+    engine: str = ""  # with --budget-ms: the lookup's rows measured in this engine (torch | llamacpp)
 
     def __post_init__(self):
         from flextron.rundir import check_finite
@@ -26,6 +29,12 @@ class ExportConfig:
 
         check_finite("budget_ms", self.budget_ms, low=0.0)
         check_quantile(self.quantile)
+        if self.format not in ("hf", "gguf"):
+            raise FlextronError(f"--format {self.format!r}: use hf (a transformers folder) or gguf (a llama.cpp file)")
+        if self.format == "gguf":
+            from flextron.gguf_export import check_gguf_type
+
+            check_gguf_type(self.gguf_type)
         modes = sum([bool(self.config), self.budget_ms > 0, self.lookup])
         if modes != 1:
             raise FlextronError("flextron export takes exactly one of --config CONFIG, --budget-ms X, or --lookup")
@@ -47,19 +56,32 @@ def export(cfg: ExportConfig) -> dict:
         from search.lookup import write_lookup
 
         return write_lookup(run, cfg.weights)
-    check_out_dir(cfg.out, cfg.overwrite)  # before loading any weights
+    if cfg.format == "gguf":
+        from flextron.gguf_export import check_gguf_out
+
+        check_gguf_out(cfg.out, cfg.overwrite)  # before loading any weights
+    else:
+        check_out_dir(cfg.out, cfg.overwrite)
     if cfg.budget_ms > 0:
         from search.lookup import Lookup
 
-        row = Lookup.load(run.root).for_budget(cfg.budget_ms, cfg.regime or None, cfg.quantile)
+        row = Lookup.load(run.root).for_budget(cfg.budget_ms, cfg.regime or None, cfg.quantile, cfg.engine or None)
         # the weights the row's quality was measured with, whatever --weights says
-        elastic = ElasticModel.load(run.weights(row.weights)[1])
+        weights_dir = run.weights(row.weights)[1]
+        elastic = ElasticModel.load(weights_dir)
         sub = elastic.spec.validate(row.config)
         extra = {"budget_ms": cfg.budget_ms, "regime": row.regime, "weights": row.weights,
                  "measured_latency_ms": row.measured_latency_ms, "latency_ms_p90": row.latency_ms_p90,
                  "budget_frac": row.budget_frac, "reference_full_ms": row.reference_full_ms, "source": row.source}
     else:
-        elastic = ElasticModel.load(run.weights(cfg.weights)[1])
+        weights_dir = run.weights(cfg.weights)[1]
+        elastic = ElasticModel.load(weights_dir)
         sub = parse_config(elastic.spec, cfg.config)
         extra = {"config_arg": cfg.config}
+    if cfg.format == "gguf":
+        from flextron.gguf_export import write_gguf
+
+        return {**write_gguf(elastic, sub, cfg.out, cfg.gguf_type, source_gguf=run.source_gguf(),
+                             elastic_dir=weights_dir, name=f"flextron {sub.key()}", overwrite=cfg.overwrite),
+                "config": sub.to_dict(), **extra}
     return export_subnet(elastic, sub, cfg.out, extra=extra, overwrite=cfg.overwrite)
