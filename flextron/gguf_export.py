@@ -155,10 +155,16 @@ def _tokenizer_from_hf(writer, tokenizer, elastic_dir: Path, vocab_size: int) ->
 
 
 def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f16", *, source_gguf: Path | None = None,
-               elastic_dir: Path | None = None, name: str = "flextron subnet", overwrite: bool = False) -> dict:
+               elastic_dir: Path | None = None, name: str = "flextron subnet", overwrite: bool = False,
+               drop: str = "") -> dict:
     """Write `cfg` of `elastic` to the GGUF file `out`. `source_gguf` (the run's source file, when
     there is one) supplies the tokenizer; otherwise it is built from the tokenizer files in
-    `elastic_dir`. Returns what was written."""
+    `elastic_dir`. Returns what was written.
+
+    `drop` ("mlp" or "attn") writes a probe, not a model: every layer but the first without its MLP
+    (or its attention), as deci's n_ff = 0 (n_head = 0) layers. (llama.cpp cannot build a model with
+    no FFN or no KV cache at all, so layer 0 keeps `cfg`'s own.) The llama.cpp engine times probes beside
+    configs to give the latency model its per-layer terms (`profiler/llamacpp.py`)."""
     import gguf
 
     from flextron.export import _sliced_state_dict
@@ -170,9 +176,13 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
     out = check_gguf_out(out, overwrite)
     config = elastic.model.config
     theta = _rope_theta(config)
-    uniform = len(set(cfg.mlp_width)) == 1 and len(set(cfg.heads)) == 1
+    if drop not in ("", "mlp", "attn"):
+        raise ValueError(f"drop must be '', 'mlp' or 'attn', got {drop!r}")
+    uniform = len(set(cfg.mlp_width)) == 1 and len(set(cfg.heads)) == 1 and not drop
     arch = "llama" if uniform else "deci"
-    kv = [h // spec.q_per_kv for h in cfg.heads]
+    n_ff = [0 if drop == "mlp" and i else w for i, w in enumerate(cfg.mlp_width)]
+    n_head = [0 if drop == "attn" and i else h for i, h in enumerate(cfg.heads)]
+    kv = [h // spec.q_per_kv for h in n_head]
     qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
 
@@ -196,8 +206,8 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
             writer.add_head_count(cfg.heads[0])
             writer.add_head_count_kv(kv[0])
         else:
-            writer.add_feed_forward_length(list(cfg.mlp_width))
-            writer.add_head_count(list(cfg.heads))
+            writer.add_feed_forward_length(n_ff)
+            writer.add_head_count(n_head)
             writer.add_head_count_kv(kv)
         if source_gguf is not None:
             _copy_tokenizer_from_gguf(writer, source_gguf)
@@ -211,17 +221,19 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
             _tensor(writer, "output.weight", state["lm_head.weight"], qtype)
         for i in range(spec.num_layers):
             p, b = f"model.layers.{i}.", f"blk.{i}."
-            heads = {"q_proj": cfg.heads[i], "k_proj": kv[i]}
+            heads = {"q_proj": n_head[i], "k_proj": kv[i]}
             for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
                 for part in ("weight", "bias"):
                     t = state.get(f"{p}self_attn.{hf}.{part}")
-                    if t is None:
+                    if t is None or not n_head[i]:
                         continue
                     _tensor(writer, f"{b}{gg}.{part}", _rope_rows(t, heads[hf]) if hf in heads else t, qtype)
-            for hf, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
-                _tensor(writer, f"{b}{gg}.weight", state[f"{p}mlp.{hf}.weight"], qtype)
-            _tensor(writer, f"{b}attn_norm.weight", state[f"{p}input_layernorm.weight"], qtype)
-            _tensor(writer, f"{b}ffn_norm.weight", state[f"{p}post_attention_layernorm.weight"], qtype)
+            if n_ff[i]:
+                for hf, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+                    _tensor(writer, f"{b}{gg}.weight", state[f"{p}mlp.{hf}.weight"], qtype)
+                _tensor(writer, f"{b}ffn_norm.weight", state[f"{p}post_attention_layernorm.weight"], qtype)
+            if n_head[i]:
+                _tensor(writer, f"{b}attn_norm.weight", state[f"{p}input_layernorm.weight"], qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -14,7 +14,11 @@ from pathlib import Path
 
 from flextron.errors import FlextronError
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "q8_0": 34 / 32}  # q8_0: 32 int8 + an f16 scale
+# The engines a regime can be measured in: transformers (`torch`, modes eager and cuda_graph) and
+# llama.cpp (`llamacpp`, its own mode, CPU, batch 1, GGUF weights in f32/f16/q8_0).
+LLAMACPP_DTYPES = ("float32", "float16", "q8_0")
+GGUF_TYPE_OF = {"float32": "f32", "float16": "f16", "q8_0": "q8_0"}
 DEFAULT_ALIGNMENT = 64
 DEFAULT_MLP_CHOICES = 8
 DEFAULT_HEAD_CHOICES = 4
@@ -136,7 +140,7 @@ class SubnetConfig:
     def kv_bytes_per_token(self, spec: "ElasticSpec", dtype: str = "bfloat16") -> int:
         """KV-cache bytes one token occupies across all layers."""
         q_per_kv = spec.num_heads // spec.num_kv_heads
-        return sum(2 * (h // q_per_kv) * spec.head_dim * DTYPE_BYTES[dtype] for h in self.heads)
+        return int(sum(2 * (h // q_per_kv) * spec.head_dim * DTYPE_BYTES[dtype] for h in self.heads))
 
     def flops(self, spec: "ElasticSpec", regime: "Regime") -> float:
         """Forward FLOPs for the whole batch in this regime (2 per multiply-add)."""
@@ -150,8 +154,10 @@ class SubnetConfig:
     def bytes_moved(self, spec: "ElasticSpec", regime: "Regime") -> float:
         """Minimum bytes read and written per forward: weights once, KV cache, activations in/out."""
         b = DTYPE_BYTES[regime.dtype]
-        kv = self.kv_bytes_per_token(spec, regime.dtype)
+        llamacpp = regime.engine == "llamacpp"  # llama.cpp keeps an f16 KV cache and f32 activations
+        kv = self.kv_bytes_per_token(spec, "float16" if llamacpp else regime.dtype)
         weights = self.matmul_params(spec) * b
+        b = 4 if llamacpp else b
         if regime.phase == "decode":
             kv_traffic = regime.batch * (regime.seq_len * kv + kv)  # read context, write new token
         else:
@@ -342,7 +348,8 @@ class ElasticSpec:
 
 
 _REGIME_RE = re.compile(r"^(prefill|decode):b(\d+):(s|ctx)(\d+)((?::[a-z0-9_]+)*)$")
-MODES = ("eager", "cuda_graph")
+MODES = ("eager", "cuda_graph", "llamacpp")
+ENGINES = ("torch", "llamacpp")
 
 
 @dataclass(frozen=True)
@@ -368,6 +375,20 @@ class Regime:
             raise FlextronError(f"regime dtype {self.dtype!r} unknown; use one of {sorted(DTYPE_BYTES)}")
         if self.mode not in MODES:
             raise FlextronError(f"regime mode {self.mode!r} unknown; use one of {list(MODES)}")
+        if self.mode == "llamacpp":
+            if self.dtype not in LLAMACPP_DTYPES:
+                raise FlextronError(f"regime {self.key}: llama.cpp runs GGUF weights in {list(LLAMACPP_DTYPES)}, "
+                                    f"not {self.dtype}")
+            if self.batch != 1:
+                raise FlextronError(f"regime {self.key}: the llama.cpp engine measures batch 1; use the torch "
+                                    "engine for batched regimes")
+        elif self.dtype == "q8_0":
+            raise FlextronError(f"regime {self.key}: q8_0 weights run in llama.cpp only; add :llamacpp "
+                                "(or --engine llamacpp)")
+
+    @property
+    def engine(self) -> str:
+        return "llamacpp" if self.mode == "llamacpp" else "torch"
 
     @property
     def new_tokens(self) -> int:

@@ -35,7 +35,7 @@ from flextron.devices import check_device, check_device_name, set_cpu_threads
 from flextron.errors import FlextronError
 from flextron.rundir import (check_finite, check_resume, read_json, safe_name, save_stage_config,
                              write_json_atomic, write_parquet_atomic)
-from flextron.spec import DTYPE_BYTES, MODES, Regime, SubnetConfig
+from flextron.spec import DTYPE_BYTES, ENGINES, MODES, Regime, SubnetConfig
 
 LAYERS_FILE = "layers.parquet"
 E2E_FILE = "e2e.parquet"
@@ -47,7 +47,7 @@ FLUSH_S = 5.0  # buffered rows are written at least this often, so a SIGKILL los
 # Settings that change what a cell measures: a resumed sweep must match them all, or its parts
 # would mix two measurements under one cell key. (`dtype` and `mode` come before `regime` so that
 # changing --dtype is reported as --dtype, not as the regime keys it resolves into.)
-RESUME_FIELDS = ("device", "dtype", "mode", "regime", "e2e_random", "seed", "min_reps", "min_time_ms", "warmup",
+RESUME_FIELDS = ("device", "engine", "dtype", "mode", "regime", "e2e_random", "seed", "min_reps", "min_time_ms", "warmup",
                  "anchor_every", "energy_s", "rounds", "reps", "threads")
 NOISE_FILE = "noise.json"
 SAMPLES_FILE = "e2e_samples.parquet"
@@ -57,9 +57,10 @@ SAMPLES_FILE = "e2e_samples.parquet"
 class ProfileConfig:
     run: str = "runs/demo"
     device: str = "cpu"
+    engine: str = "torch"  # torch: the model's transformers code | llamacpp: its GGUF export in llama.cpp (CPU)
     regime: tuple[str, ...] = ("decode:b1:ctx256", "prefill:b1:s128")
-    dtype: str = ""  # applied to regimes that name none; default float32 on CPU, bfloat16 on CUDA
-    mode: str = ""  # likewise; default eager on CPU, cuda_graph on CUDA
+    dtype: str = ""  # applied to regimes that name none; default float32 on CPU, bfloat16 on CUDA, q8_0 in llama.cpp
+    mode: str = ""  # likewise; default eager on CPU, cuda_graph on CUDA, llamacpp for --engine llamacpp
     e2e_random: int = 16  # random heterogeneous sub-networks measured end to end (plus the uniform ones)
     seed: int = 0
     min_reps: int = 10
@@ -75,6 +76,8 @@ class ProfileConfig:
 
     def __post_init__(self):
         check_device_name(self.device)
+        if self.engine not in ENGINES:
+            raise FlextronError(f"--engine {self.engine!r}: use one of {list(ENGINES)}")
         if not self.regime:
             raise FlextronError("give at least one --regime, e.g. --regime decode:b1:ctx1024")
         for name, low in (("e2e_random", 0), ("seed", None), ("min_reps", 1), ("warmup", 0), ("anchor_every", 1),
@@ -90,23 +93,31 @@ class ProfileConfig:
         if len(set(keys)) < len(keys):
             raise FlextronError(f"--regime names the same regime twice ({keys}); give each once")
 
+    def _defaults(self) -> tuple[str, str]:
+        cuda = self.device.startswith("cuda")
+        if self.engine == "llamacpp":
+            return self.dtype or "q8_0", self.mode or "llamacpp"
+        return self.dtype or ("bfloat16" if cuda else "float32"), self.mode or ("cuda_graph" if cuda else "eager")
+
     def regimes(self) -> list[Regime]:
         cuda = self.device.startswith("cuda")
-        dtype = self.dtype or ("bfloat16" if cuda else "float32")
-        mode = self.mode or ("cuda_graph" if cuda else "eager")
+        dtype, mode = self._defaults()
         out = [Regime.parse(r, dtype=dtype, mode=mode) for r in self.regime]
         for r in out:
             if r.mode == "cuda_graph" and not cuda:
                 raise FlextronError(f"regime {r.key}: cuda_graph mode needs --device cuda; use eager on CPU")
+            if r.engine != self.engine:
+                raise FlextronError(f"regime {r.key} runs in the {r.engine} engine but --engine is {self.engine}; "
+                                    "profile each engine into its own run directory")
+            if r.engine == "llamacpp" and cuda:
+                raise FlextronError("the llama.cpp engine measures on the CPU here; pass --device cpu")
         return out
 
     def resolved(self) -> "ProfileConfig":
         """This config with its defaults made explicit (dtype, mode, full regime keys): what is saved
         and compared on resume, so `decode:b1:ctx32` and `decode:b1:ctx32:float32:eager` match."""
-        cuda = self.device.startswith("cuda")
-        return dataclasses.replace(self, dtype=self.dtype or ("bfloat16" if cuda else "float32"),
-                                   mode=self.mode or ("cuda_graph" if cuda else "eager"),
-                                   regime=tuple(r.key for r in self.regimes()))
+        dtype, mode = self._defaults()
+        return dataclasses.replace(self, dtype=dtype, mode=mode, regime=tuple(r.key for r in self.regimes()))
 
 
 def random_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
@@ -402,7 +413,11 @@ def _start_or_resume(out_dir: Path, cfg: ProfileConfig, info: dict) -> None:
     prev = _read_state(config_path, run_root)
     check_resume(config_path, resolved, RESUME_FIELDS, what=f"the profile in {out_dir}")
     if device_path.is_file():
-        prev_name = _read_state(device_path, run_root).get("device_name")
+        prev = _read_state(device_path, run_root)
+        prev_name = prev.get("device_name")
+        if prev.get("engine", "torch") != info["engine"]:
+            raise FlextronError(f"{out_dir} holds a profile measured in {prev.get('engine', 'torch')}; this one is "
+                                f"{info['engine']}. Profile each engine into its own run directory, or pass --restart")
         if prev_name != info["device_name"]:
             raise FlextronError(
                 f"{out_dir} holds a profile from {prev_name!r}; this device is {info['device_name']!r}. "
@@ -429,12 +444,17 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = set_cpu_threads(cfg.device, cfg.threads)  # before device_info, which records the count
     tele = Telemetry(cfg.device)
-    info = {**tele.device_info(), "threads_choice": threads}
+    info = {**tele.device_info(), "threads_choice": threads, "engine": cfg.engine}
+    if cfg.engine == "llamacpp":
+        from profiler.llamacpp import require_binding
+
+        info["llama_cpp_python"] = require_binding().__version__
     _start_or_resume(out_dir, cfg, info)
     spec = elastic.spec
     regimes = cfg.regimes()
     rng = random.Random(cfg.seed)
-    base = {"device": str(tele.device), "device_name": info["device_name"], "model_family": spec.family}
+    base = {"device": str(tele.device), "device_name": info["device_name"], "model_family": spec.family,
+            "engine": cfg.engine}
     n_measured = 0
     with _Interrupts() as interrupts:
         layers_w = _PartWriter(out_dir / PARTS_DIR, "layers", guard=interrupts.deferred)
@@ -483,11 +503,13 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
     from profiler.timer import Timer, TimerConfig
 
     spec = elastic.spec
+    rbase = {**base, "regime": regime.key, **regime.to_dict()}
+    if regime.engine == "llamacpp":
+        return _sweep_llamacpp(elastic, regime, cfg, tele, rbase, done, layers_w, e2e_w, progress)
     elastic.to(device=cfg.device, dtype=getattr(torch, regime.dtype))
     timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.min_reps,
                                                        min_time_s=cfg.min_time_ms / 1e3))
     bench = RegimeBench(elastic, regime, cfg.device)
-    rbase = {**base, "regime": regime.key, **regime.to_dict()}
     n_measured = 0
 
     def measure(fn_factory, key, extra):
@@ -535,6 +557,58 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
     e2e_timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.reps, min_time_s=0.0,
                                                            max_reps=cfg.reps))
     return n_measured + _e2e_rounds(elastic, regime, cfg, tele, rbase, e2e_cfgs, bench, e2e_timer, e2e_w, progress)
+
+
+def _sweep_llamacpp(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, done: set[str],
+                    layers_w: _PartWriter, e2e_w: _PartWriter, progress=None) -> int:
+    """One llama.cpp regime: per-layer terms from probes timed in interleaved rounds beside the full
+    model (profiler/llamacpp.py), then the end-to-end set in rounds exactly as in the torch engine."""
+    from profiler.interleaved import FULL
+    import torch
+
+    from profiler.llamacpp import LlamaCppBench, layer_terms, probe_keys
+    from profiler.rounds import measure_in_rounds, summarise
+    from profiler.timer import Timer, TimerConfig
+
+    from flextron.rundir import RunDir
+
+    spec = elastic.spec
+    elastic.to(device="cpu", dtype=torch.float32)
+    timer = Timer("cpu", "eager", TimerConfig(warmup=cfg.warmup, min_reps=cfg.reps, min_time_s=0.0, max_reps=cfg.reps))
+    source = RunDir(e2e_w.folder.parent.parent).source_gguf()
+    n_measured = 0
+    with LlamaCppBench(elastic, regime, threads=cfg.threads or 1, source_gguf=source) as bench:
+        cells = [(kind, w) for kind, w in probe_keys(spec) if w]
+        keys = [f"{regime.key}|{layer}|{kind}|{w}" for layer in range(spec.num_layers) for kind, w in cells]
+        if not all(k in done for k in keys):
+            probes = {f"{kind}:{w}": (kind, w) for kind, w in probe_keys(spec)}
+
+            def measure_probe(key: str) -> list[float]:
+                fn = bench.forward_fn(spec.full()) if key == FULL else bench.probe_fn(*probes[key])
+                return timer.measure(fn).samples_ms
+
+            rows = measure_in_rounds([FULL, *probes], measure_probe, cfg.rounds, seed=cfg.seed, progress=progress,
+                                     desc=f"probes {regime.key}")
+            st = summarise(rows, FULL).set_index("key")
+            full_ms = float(st.loc[FULL, "latency_ms_median"])
+            times = {probes[k]: float(st.loc[k, "ratio_to_full"]) * full_ms for k in probes}
+            terms = layer_terms(times, spec)
+            now = time.time()
+            for idx, (kind, w) in enumerate(cells):
+                for layer in range(spec.num_layers):
+                    ms = terms[(kind, w)]
+                    layers_w.add({**rbase, "cell_key": f"{regime.key}|{layer}|{kind}|{w}", "layer": layer,
+                                  "kind": kind, "width": w, "anchor": False, "order": idx, "status": "ok",
+                                  "latency_ms_median": ms, "latency_ms_corrected": ms, "n": int(st.loc[
+                                      f"{kind}:{w}", "n"]), "probe_ms": times[(kind, w)], "measured_at": now})
+                n_measured += 1
+            layers_w.flush()
+        if cfg.layers_only:
+            return n_measured
+        e2e_cfgs = spec.uniform_configs() + random_configs(spec, cfg.e2e_random, cfg.seed)
+        if all(f"{regime.key}|{c.key}" in done for c in e2e_cfgs):
+            return n_measured
+        return n_measured + _e2e_rounds(elastic, regime, cfg, tele, rbase, e2e_cfgs, bench, timer, e2e_w, progress)
 
 
 def drift_corrected(layers):
