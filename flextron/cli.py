@@ -25,6 +25,7 @@ COMMANDS = {
     "report": ("reports.build", "ReportConfig", "build_report", "HTML + PNG + Markdown report of a run"),
     "train": ("flextron.train", "TrainConfig", "train", "elastic continued training (sandwich distillation)"),
     "route": ("search.route", "RouteConfig", "route", "train the static and dynamic routers, or pick a config for --budget-ms"),
+    "lookup": ("search.lookup", "LookupConfig", "lookup", "the lookup row a budget is served by (config, latency, ppl)"),
     "run": ("flextron.pipeline", "RunConfig", "run_pipeline", "convert → profile → fit → search → verify → export → report"),
 }
 

@@ -17,6 +17,7 @@ class RunConfig:
     model: str = DEFAULT_MODEL
     out: str = "runs/demo"
     device: str = "cpu"
+    engine: str = "torch"  # where latency is measured: torch (transformers) | llamacpp (GGUF in llama.cpp, CPU)
     regime: tuple[str, ...] = ("decode:b1:ctx256",)
     budget_frac: tuple[float, ...] = (0.7, 0.8, 0.9)
     quantile: str = "p50"  # p50 | p90 | p99 of per-step latency that the budgets bound
@@ -66,7 +67,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         return steps[name]
 
     step("convert", convert, ConvertConfig(model=cfg.model, out=cfg.out, mlp_choices=cfg.mlp_choices, head_choices=cfg.head_choices))
-    step("profile", profile, ProfileConfig(run=cfg.out, device=cfg.device, regime=cfg.regime, e2e_random=cfg.e2e_random,
+    step("profile", profile, ProfileConfig(run=cfg.out, device=cfg.device, engine=cfg.engine, regime=cfg.regime, e2e_random=cfg.e2e_random,
                                            rounds=cfg.rounds, threads=cfg.threads, restart=cfg.restart))
     step("fit", fit, FitConfig(run=cfg.out))
     for r in cfg.regime:

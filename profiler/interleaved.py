@@ -1,6 +1,7 @@
-"""One regime's end-to-end measurements in interleaved rounds, on the model's own transformers code.
+"""One regime's end-to-end measurements in interleaved rounds, in the regime's engine: the model's
+own transformers code (`RegimeBench`), or its GGUF exports in llama.cpp (`LlamaCppBench`).
 
-`InterleavedSession` holds a RegimeBench and a Timer for one regime and adds rounds over any set of
+`InterleavedSession` holds a bench and a Timer for one regime and adds rounds over any set of
 sub-networks: the full model (key `full`, the reference) is in every round, the order is shuffled
 per round, and raw samples keep their round (see `profiler/rounds.py`). The profile's end-to-end
 set, verify and the benchmarks all measure through it.
@@ -10,26 +11,47 @@ from __future__ import annotations
 
 import numpy as np
 
+from flextron.errors import FlextronError
 from flextron.spec import Regime, SubnetConfig
 
 FULL = "full"
 
 
 class InterleavedSession:
-    def __init__(self, elastic, regime: Regime, device: str, reps: int, warmup: int, seed: int = 0):
+    def __init__(self, elastic, regime: Regime, device: str, reps: int, warmup: int, seed: int = 0,
+                 threads: int | None = None, source_gguf=None):
         import torch
 
         from profiler.sweep import RegimeBench
         from profiler.timer import Timer, TimerConfig
 
-        elastic.to(device=device, dtype=getattr(torch, regime.dtype))
-        self.bench = RegimeBench(elastic, regime, device)
+        if regime.engine == "llamacpp":
+            from profiler.llamacpp import LlamaCppBench
+
+            if device != "cpu":
+                raise FlextronError(f"regime {regime.key} runs in llama.cpp on the CPU; pass --device cpu")
+            elastic.to(device="cpu", dtype=torch.float32)
+            self.bench = LlamaCppBench(elastic, regime, threads=threads or 1, source_gguf=source_gguf)
+        else:
+            elastic.to(device=device, dtype=getattr(torch, regime.dtype))
+            self.bench = RegimeBench(elastic, regime, device)
         self.timer = Timer(device, regime.mode, TimerConfig(warmup=warmup, min_reps=reps, min_time_s=0.0, max_reps=reps))
         self.regime, self.seed = regime, seed
         self.configs: dict[str, SubnetConfig] = {FULL: elastic.spec.full()}
         self.full_key = elastic.spec.full().key  # the full model is the reference: one key, measured once a round
         self.samples: list[dict] = []
         self.rounds_of: dict[str, int] = {}
+
+    def close(self) -> None:
+        """Free what the engine holds (llama.cpp's loaded models and their GGUF files)."""
+        if hasattr(self.bench, "close"):
+            self.bench.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _measure(self, key: str) -> list[float]:
         return self.timer.measure(self.bench.forward_fn(self.configs[key])).samples_ms

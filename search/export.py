@@ -19,7 +19,8 @@ class ExportConfig:
     overwrite: bool = False  # replace the previous flextron export in --out
     quantile: str = "p50"  # with --budget-ms: the lookup's p50, p90 or p99 budgets
     format: str = "hf"  # hf: a transformers folder | gguf: one llama.cpp file (--out FILE.gguf)
-    gguf_type: str = "f16"  # with --format gguf: f32 | f16 | q8_0 weights (norms stay f32)
+    gguf_type: str = ""  # --format gguf: f32 | f16 | q8_0 weights (norms stay f32); default f16, or the type a
+    # llama.cpp lookup row was measured with
     engine: str = ""  # with --budget-ms: the lookup's rows measured in this engine (torch | llamacpp)
 
     def __post_init__(self):
@@ -31,9 +32,11 @@ class ExportConfig:
         check_quantile(self.quantile)
         if self.format not in ("hf", "gguf"):
             raise FlextronError(f"--format {self.format!r}: use hf (a transformers folder) or gguf (a llama.cpp file)")
-        if self.format == "gguf":
+        if self.gguf_type:
             from flextron.gguf_export import check_gguf_type
 
+            if self.format != "gguf":
+                raise FlextronError("--gguf-type applies to --format gguf")
             check_gguf_type(self.gguf_type)
         modes = sum([bool(self.config), self.budget_ms > 0, self.lookup])
         if modes != 1:
@@ -70,7 +73,8 @@ def export(cfg: ExportConfig) -> dict:
         weights_dir = run.weights(row.weights)[1]
         elastic = ElasticModel.load(weights_dir)
         sub = elastic.spec.validate(row.config)
-        extra = {"budget_ms": cfg.budget_ms, "regime": row.regime, "weights": row.weights,
+        gguf_type = _measured_gguf_type(row, cfg.gguf_type) if cfg.format == "gguf" else ""
+        extra = {"budget_ms": cfg.budget_ms, "regime": row.regime, "engine": row.engine, "weights": row.weights,
                  "measured_latency_ms": row.measured_latency_ms, "latency_ms_p90": row.latency_ms_p90,
                  "budget_frac": row.budget_frac, "reference_full_ms": row.reference_full_ms, "source": row.source}
     else:
@@ -78,10 +82,27 @@ def export(cfg: ExportConfig) -> dict:
         elastic = ElasticModel.load(weights_dir)
         sub = parse_config(elastic.spec, cfg.config)
         extra = {"config_arg": cfg.config}
+        gguf_type = cfg.gguf_type or "f16"
     if cfg.format == "gguf":
         from flextron.gguf_export import write_gguf
 
-        return {**write_gguf(elastic, sub, cfg.out, cfg.gguf_type, source_gguf=run.source_gguf(),
-                             elastic_dir=weights_dir, name=f"flextron {sub.key()}", overwrite=cfg.overwrite),
+        return {**write_gguf(elastic, sub, cfg.out, gguf_type, source_gguf=run.source_gguf(),
+                             elastic_dir=weights_dir, name="flextron subnet", overwrite=cfg.overwrite),
                 "config": sub.to_dict(), **extra}
     return export_subnet(elastic, sub, cfg.out, extra=extra, overwrite=cfg.overwrite)
+
+
+def _measured_gguf_type(row, asked: str) -> str:
+    """The GGUF type to write for a lookup row: the one its latency was measured with when it was
+    measured in llama.cpp (another type would run at another speed), else `asked` or f16."""
+    from flextron.spec import GGUF_TYPE_OF, Regime
+
+    regime = Regime.parse(row.regime)
+    if regime.engine != "llamacpp":
+        return asked or "f16"
+    measured = GGUF_TYPE_OF[regime.dtype]
+    if asked and asked != measured:
+        raise FlextronError(f"the lookup row for this budget was measured in llama.cpp with {measured} weights; "
+                            f"--gguf-type {asked} would run at another latency. Drop --gguf-type, or profile "
+                            f"with --engine llamacpp --dtype {dict(map(reversed, GGUF_TYPE_OF.items()))[asked]}")
+    return measured

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flextron.errors import FlextronError
-from flextron.spec import SubnetConfig
+from flextron.spec import Regime, SubnetConfig
 
 LOOKUP_JSON = "lookup.json"
 
@@ -38,6 +38,11 @@ class LookupRow:
     latency_ms_p90: float | None = None
     ratio_to_full: float | None = None  # at `quantile`, median over rounds
     ratio_hi: float | None = None  # its upper 95% bound: at or below the budget fraction, by construction
+    engine: str = "torch"  # where it was measured: torch (transformers) or llamacpp (its GGUF in llama.cpp)
+
+    def latency_at_quantile(self) -> float | None:
+        """The measured step latency at the quantile the budget bounds (p99: not kept, None)."""
+        return {"p50": self.latency_ms_p50, "p90": self.latency_ms_p90}.get(self.quantile)
 
 
 class Lookup:
@@ -57,13 +62,22 @@ class Lookup:
             raise FlextronError(f"{path} is not a lookup table ({type(e).__name__}: {e}); "
                                 f"rebuild it with `flextron export --run {run.root} --lookup`") from None
 
-    def for_budget(self, budget_ms: float, regime: str | None = None, quantile: str = "p50") -> LookupRow:
-        """The row with the largest budget not above `budget_ms` at `quantile` (nearest feasible, never over)."""
-        regimes = sorted({r.regime for r in self.rows})
+    def for_budget(self, budget_ms: float, regime: str | None = None, quantile: str = "p50",
+                   engine: str | None = None) -> LookupRow:
+        """The row with the largest budget not above `budget_ms` at `quantile` (nearest feasible, never over),
+        among the rows measured in `engine` when one is named."""
+        rows = self.rows
+        if engine is not None:
+            rows = [r for r in rows if r.engine == engine]
+            if not rows:
+                raise FlextronError(f"the lookup holds no rows measured in {engine} (it holds "
+                                    f"{sorted({r.engine for r in self.rows})}); profile with --engine {engine} "
+                                    "in a run directory of its own")
+        regimes = sorted({r.regime for r in rows})
         if regime is None and len(regimes) > 1:
             raise FlextronError(f"the lookup holds several regimes {regimes}; name one with --regime")
         rk = regime or regimes[0]
-        match = [r for r in self.rows if r.regime == rk or r.regime.startswith(rk + ":")]
+        match = [r for r in rows if r.regime == rk or r.regime.startswith(rk + ":")]
         if not match:
             raise FlextronError(f"regime {rk} is not in the lookup (it holds {regimes})")
         quantiles = sorted({r.quantile for r in match})
@@ -115,7 +129,8 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
             if prev is not None and prev["loss"] < best["loss"]:
                 best = prev
             prev = best
-            rows.append({"regime": regime, "device_name": first["device_name"], "budget_ms": float(first["budget_ms"]),
+            rows.append({"regime": regime, "engine": Regime.parse(regime).engine, "device_name": first["device_name"],
+                         "budget_ms": float(first["budget_ms"]),
                          "budget_frac": float(frac), "reference_full_ms": float(first["reference_full_ms"]),
                          "quantile": quantile, "weights": weights, "config": json.loads(best["config"]),
                          "predicted_latency_ms": optional_float(best["predicted_latency_ms"]),
@@ -167,3 +182,33 @@ def write_lookup(run, weights: str = "auto") -> dict:
             "budget_frac": [r["budget_frac"] for r in rows], "budgets_ms": [round(r["budget_ms"], 4) for r in rows],
             "ratio_to_full": [round(r["ratio_to_full"], 4) for r in rows], "ppl": [round(r["ppl"], 3) for r in rows],
             "sources": [r["source"] for r in rows]}
+
+
+@dataclass(frozen=True)
+class LookupConfig:
+    run: str = "runs/demo"
+    budget_ms: float = 0.0  # the step-latency budget to look up (ms)
+    regime: str = ""  # needed when the lookup holds several regimes
+    engine: str = ""  # only rows measured in this engine (torch | llamacpp)
+    quantile: str = "p50"  # the lookup's p50, p90 or p99 budgets
+
+    def __post_init__(self):
+        from flextron.budget import check_quantile
+        from flextron.rundir import check_finite
+        from flextron.spec import ENGINES
+
+        check_finite("budget_ms", self.budget_ms, low=0.0, low_inclusive=False)
+        check_quantile(self.quantile)
+        if self.engine and self.engine not in ENGINES:
+            raise FlextronError(f"--engine {self.engine!r}: use one of {list(ENGINES)}")
+
+
+def lookup(cfg: LookupConfig) -> dict:
+    """`flextron lookup`: the row a deployment with this budget serves (nearest feasible budget,
+    never over it): its config, where and how it was measured, its latency and perplexity."""
+    row = Lookup.load(cfg.run).for_budget(cfg.budget_ms, cfg.regime or None, cfg.quantile, cfg.engine or None)
+    return {"budget_ms_asked": cfg.budget_ms, "budget_ms": row.budget_ms, "budget_frac": row.budget_frac,
+            "regime": row.regime, "engine": row.engine, "device_name": row.device_name, "quantile": row.quantile,
+            "config": row.config.to_dict(), "measured_latency_ms": row.latency_at_quantile(),
+            "median_latency_ms": row.measured_latency_ms, "ratio_to_full": row.ratio_to_full,
+            "ppl": row.ppl, "source": row.source, "weights": row.weights}

@@ -105,7 +105,8 @@ def verify(cfg: VerifyConfig) -> dict:
     evaluated_fallbacks = 0
     for regime_key, picks in sorted(by_regime.items()):
         regime = Regime.parse(regime_key)
-        session = InterleavedSession(elastic, regime, cfg.device, cfg.reps, cfg.warmup, seed=len(all_samples))
+        session = InterleavedSession(elastic, regime, cfg.device, cfg.reps, cfg.warmup, seed=len(all_samples),
+                                     threads=threads, source_gguf=run.source_gguf() if regime.engine == "llamacpp" else None)
         spec = elastic.spec
         first = {s.key: s for s in spec.uniform_configs()}
         for _, best in picks:
@@ -145,7 +146,7 @@ def verify(cfg: VerifyConfig) -> dict:
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
                 decided.append((sub, quantile, limit, frac))
-                rows.append({"regime": regime.key, "device_name": device_name, "weights": best.get("weights", "elastic"),
+                rows.append({"regime": regime.key, "engine": regime.engine, "device_name": device_name, "weights": best.get("weights", "elastic"),
                              "weights_tag": best.get("weights_tag"), "quantile": quantile, "limit_frac": limit,
                              "searched_budget_ms": b["budget_ms"], "config": sub.to_json(), "config_key": sub.key,
                              "predicted_latency_ms": pred, "loss": loss, "ppl": math.exp(loss),
@@ -170,6 +171,7 @@ def verify(cfg: VerifyConfig) -> dict:
                                  "reference_full_ms": reference, "rounds": int(s["rounds"])})
         noise[regime.key] = noise_floor(session.samples, FULL)
         all_samples += session.samples
+        session.close()
         # A fallback the lookup may quote needs its loss on the picks' evaluation setting; a search
         # evaluates only some uniform configs, so two runs could otherwise quote different fallbacks.
         for bf, best in picks:
