@@ -14,6 +14,7 @@ source GGUF when the run was converted from one, else built from the run's `toke
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -98,16 +99,24 @@ def _tensor(writer, name: str, arr: np.ndarray, qtype) -> None:
         writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
 
 
-def _copy_tokenizer_from_gguf(writer, source: Path) -> None:
+@functools.lru_cache(maxsize=4)
+def _tokenizer_fields(source: str, stamp: tuple[int, int]) -> tuple:
+    """The `tokenizer.*` metadata of a GGUF file as (key, value, type, sub-type), read once per
+    process and file version (`stamp`: size, mtime): parsing 49k tokens and merges takes seconds."""
     import gguf
 
-    reader = gguf.GGUFReader(str(source))
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        sub = field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    out = []
+    for key, field in gguf.GGUFReader(source).fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            out.append((key, field.contents(), vtype, field.types[1] if vtype == gguf.GGUFValueType.ARRAY else None))
+    return tuple(out)
+
+
+def _copy_tokenizer_from_gguf(writer, source: Path) -> None:
+    st = source.stat()
+    for key, value, vtype, sub in _tokenizer_fields(str(source), (st.st_size, st.st_mtime_ns)):
+        writer.add_key_value(key, value, vtype, sub_type=sub)
 
 
 def _tokenizer_from_hf(writer, tokenizer, elastic_dir: Path, vocab_size: int) -> None:
