@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 
 
@@ -44,6 +45,7 @@ def main() -> None:
     from profiler.rounds import measure_in_rounds, per_round
     from profiler.sweep import RegimeBench
     from profiler.timer import Timer, TimerConfig
+    from profiler.telemetry import Telemetry
     from search.lookup import Lookup
 
     llama_cpp = require_binding()
@@ -61,18 +63,24 @@ def main() -> None:
     benches = [LlamaCppBench(elastic, Regime("decode", 1, args.ctx, t, "llamacpp"), threads=threads,
                              source_gguf=run.source_gguf()) for t in args.types]
     engines.update({f"llamacpp-{b.gguf_type}": b for b in benches})
-    print(json.dumps({"device": platform.processor() or platform.machine(), "cpu_count": __import__("os").cpu_count(),
+    print(json.dumps({"device": Telemetry("cpu").device_name, "machine": platform.machine(), "cpu_count": os.cpu_count(),
                       "threads": threads, "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
                       "model": spec.family, "layers": spec.num_layers, "ctx": args.ctx,
                       "configs": {k: c.to_dict() for k, c in configs.items() if k != "full"},
                       "rounds": args.rounds, "reps": args.reps}), flush=True)
-    fns = {}
+    keys = [f"{e}|{name}" for e in engines for name in configs]
+    for b in benches:  # export and load every GGUF before timing anything
+        for cfg in configs.values():
+            b.forward_fn(cfg)
+
+    def measure(key: str) -> list[float]:
+        e, name = key.split("|")
+        # a fresh step each time: the transformers bench sets the config (and its KV cache) when built
+        return timer.measure(engines[e].forward_fn(configs[name])).samples_ms
+
+    reference = "torch-fp32|full"
     with torch.inference_mode():
-        for e, bench in engines.items():  # build (and, for llama.cpp, export and load) before timing
-            for name, cfg in configs.items():
-                fns[f"{e}|{name}"] = timer.prepare(bench.forward_fn(cfg))
-        reference = "torch-fp32|full"
-        rows = measure_in_rounds(list(fns), lambda k: timer.measure(fns[k]).samples_ms, args.rounds, seed=args.seed)
+        rows = measure_in_rounds(keys, measure, args.rounds, seed=args.seed)
     for b in benches:
         b.close()
     df = pd.DataFrame(rows)
