@@ -10,6 +10,9 @@ reordered for llama.cpp's rotary layout (the same row permutation llama.cpp's ow
 to Hugging Face Llama checkpoints). Tokenizer, chat template and special tokens are copied from the
 source GGUF when the run was converted from one, else built from the run's `tokenizer.json`
 (byte-level BPE only). The file is written beside its target and renamed into place.
+
+Mistral models with a sliding window are written as `llama` like llama.cpp's own converter does:
+llama.cpp then attends to the whole context, which differs only past the window.
 """
 
 from __future__ import annotations
