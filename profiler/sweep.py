@@ -548,15 +548,19 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
             layers_w.add(measure(lambda: bench.cell_fn(*anchor), akey,
                                  {"layer": anchor[0], "kind": anchor[1], "width": anchor[2], "anchor": True, "order": idx}))
     layers_w.flush()
-    if cfg.layers_only:
-        return n_measured
-
-    e2e_cfgs = spec.uniform_configs() + random_configs(spec, cfg.e2e_random, cfg.seed)
-    if all(f"{regime.key}|{c.key}" in done for c in e2e_cfgs):
-        return n_measured
     e2e_timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.reps, min_time_s=0.0,
                                                            max_reps=cfg.reps))
-    return n_measured + _e2e_rounds(elastic, regime, cfg, tele, rbase, e2e_cfgs, bench, e2e_timer, e2e_w, progress)
+    return n_measured + _e2e_set(elastic, regime, cfg, tele, rbase, done, bench, e2e_timer, e2e_w, progress)
+
+
+def _e2e_set(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, done: set[str], bench, timer,
+             e2e_w: _PartWriter, progress=None) -> int:
+    """The end-to-end set (every uniform config and `e2e_random` random ones) in rounds, unless
+    `--layers-only` or already measured; returns how many configs were measured now."""
+    e2e_cfgs = elastic.spec.uniform_configs() + random_configs(elastic.spec, cfg.e2e_random, cfg.seed)
+    if cfg.layers_only or all(f"{regime.key}|{c.key}" in done for c in e2e_cfgs):
+        return 0
+    return _e2e_rounds(elastic, regime, cfg, tele, rbase, e2e_cfgs, bench, timer, e2e_w, progress)
 
 
 def _sweep_llamacpp(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, done: set[str],
@@ -603,12 +607,7 @@ def _sweep_llamacpp(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: di
                                       f"{kind}:{w}", "n"]), "probe_ms": times[(kind, w)], "measured_at": now})
                 n_measured += 1
             layers_w.flush()
-        if cfg.layers_only:
-            return n_measured
-        e2e_cfgs = spec.uniform_configs() + random_configs(spec, cfg.e2e_random, cfg.seed)
-        if all(f"{regime.key}|{c.key}" in done for c in e2e_cfgs):
-            return n_measured
-        return n_measured + _e2e_rounds(elastic, regime, cfg, tele, rbase, e2e_cfgs, bench, timer, e2e_w, progress)
+        return n_measured + _e2e_set(elastic, regime, cfg, tele, rbase, done, bench, timer, e2e_w, progress)
 
 
 def drift_corrected(layers):
