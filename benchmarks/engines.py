@@ -63,7 +63,8 @@ def main() -> None:
     benches = [LlamaCppBench(elastic, Regime("decode", 1, args.ctx, t, "llamacpp"), threads=threads,
                              source_gguf=run.source_gguf()) for t in args.types]
     engines.update({f"llamacpp-{b.gguf_type}": b for b in benches})
-    print(json.dumps({"device": Telemetry("cpu").device_name, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+    print(json.dumps({"device": Telemetry("cpu").device_name, "machine": platform.machine(),
+                      "cpu_count": os.cpu_count(),
                       "threads": threads, "torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
                       "model": spec.family, "layers": spec.num_layers, "ctx": args.ctx,
                       "configs": {k: c.to_dict() for k, c in configs.items() if k != "full"},

@@ -29,15 +29,12 @@ from flextron.spec import SubnetConfig
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
 # Families whose decoder llama.cpp's llama/deci graphs compute exactly (RMSNorm, SwiGLU, rotary
-# positions with rotate-half, optional q/k/v/o biases: Qwen2's q/k/v biases included). The others are refused, naming the family.
+# positions with rotate-half, optional q/k/v/o biases: Qwen2's q/k/v biases included). The others
+# are refused, naming the family.
 LLAMA_LAYOUT = ("llama", "mistral", "qwen2")
-REFUSED = {
-    "qwen3": "llama.cpp's deci graph has no per-head q/k norms",
-    "gemma3": "llama.cpp's gemma3 graph (sliding-window layers, scaled embeddings, extra norms) reads one "
-              "shape for every layer",
-    "gemma3_text": "llama.cpp's gemma3 graph (sliding-window layers, scaled embeddings, extra norms) reads one "
-                   "shape for every layer",
-}
+_GEMMA3 = ("llama.cpp's gemma3 graph (sliding-window layers, scaled embeddings, extra norms) reads one shape "
+           "for every layer")
+REFUSED = {"qwen3": "llama.cpp's deci graph has no per-head q/k norms", "gemma3": _GEMMA3, "gemma3_text": _GEMMA3}
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED = 1, 3, 4, 5
 
 
@@ -84,6 +81,14 @@ def _rope_theta(config) -> float:
     if theta is None:
         raise FlextronError("the model config has no rope_theta; cannot write the GGUF rotary settings")
     return float(theta)
+
+
+def _gguf_kinds(gguf_type: str):
+    """(tensor type, file type) of a --gguf-type."""
+    import gguf
+
+    q, f = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    return {"f32": (q.F32, f.ALL_F32), "f16": (q.F16, f.MOSTLY_F16), "q8_0": (q.Q8_0, f.MOSTLY_Q8_0)}[gguf_type]
 
 
 def _tensor(writer, name: str, arr: np.ndarray, qtype) -> None:
@@ -168,15 +173,15 @@ def _tokenizer_from_hf(writer, tokenizer, elastic_dir: Path, vocab_size: int) ->
 
 def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f16", *, source_gguf: Path | None = None,
                elastic_dir: Path | None = None, name: str = "flextron subnet", overwrite: bool = False,
-               drop: str = "") -> dict:
+               drop_attention: bool = False) -> dict:
     """Write `cfg` of `elastic` to the GGUF file `out`. `source_gguf` (the run's source file, when
     there is one) supplies the tokenizer; otherwise it is built from the tokenizer files in
     `elastic_dir`. Returns what was written.
 
-    `drop` ("mlp" or "attn") writes a probe, not a model: every layer but the first without its MLP
-    (or its attention), as deci's n_ff = 0 (n_head = 0) layers. (llama.cpp cannot build a model with
-    no FFN or no KV cache at all, so layer 0 keeps `cfg`'s own.) The llama.cpp engine times probes beside
-    configs to give the latency model its per-layer terms (`profiler/llamacpp.py`)."""
+    `drop_attention` writes a probe, not a model: every layer but the first without its attention
+    (deci's n_head = 0 layers; llama.cpp cannot build a model without any KV cache, so layer 0 keeps
+    `cfg`'s). The llama.cpp engine times it beside configs as the zero of its attention terms
+    (`profiler/llamacpp.py`). No FFN-free counterpart: this llama.cpp's deci graph asserts on those."""
     import gguf
 
     from flextron.export import _sliced_state_dict
@@ -188,22 +193,17 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
     out = check_gguf_out(out, overwrite)
     config = elastic.model.config
     theta = _rope_theta(config)
-    if drop not in ("", "mlp", "attn"):
-        raise ValueError(f"drop must be '', 'mlp' or 'attn', got {drop!r}")
-    uniform = len(set(cfg.mlp_width)) == 1 and len(set(cfg.heads)) == 1 and not drop
+    uniform = len(set(cfg.mlp_width)) == 1 and len(set(cfg.heads)) == 1 and not drop_attention
     arch = "llama" if uniform else "deci"
-    n_ff = [0 if drop == "mlp" and i else w for i, w in enumerate(cfg.mlp_width)]
-    n_head = [0 if drop == "attn" and i else h for i, h in enumerate(cfg.heads)]
+    n_head = [0 if drop_attention and i else h for i, h in enumerate(cfg.heads)]
     kv = [h // spec.q_per_kv for h in n_head]
-    qtype = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-             "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
+    qtype, file_type = _gguf_kinds(gguf_type)
 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         writer.add_name(name)
-        writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
+        writer.add_file_type(file_type)
         writer.add_block_count(spec.num_layers)
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(spec.hidden_size)
@@ -218,7 +218,7 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
             writer.add_head_count(cfg.heads[0])
             writer.add_head_count_kv(kv[0])
         else:
-            writer.add_feed_forward_length(n_ff)
+            writer.add_feed_forward_length(list(cfg.mlp_width))
             writer.add_head_count(n_head)
             writer.add_head_count_kv(kv)
         if source_gguf is not None:
@@ -240,10 +240,9 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
                     if t is None or not n_head[i]:
                         continue
                     _tensor(writer, f"{b}{gg}.{part}", _rope_rows(t, heads[hf]) if hf in heads else t, qtype)
-            if n_ff[i]:
-                for hf, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
-                    _tensor(writer, f"{b}{gg}.weight", state[f"{p}mlp.{hf}.weight"], qtype)
-                _tensor(writer, f"{b}ffn_norm.weight", state[f"{p}post_attention_layernorm.weight"], qtype)
+            for hf, gg in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+                _tensor(writer, f"{b}{gg}.weight", state[f"{p}mlp.{hf}.weight"], qtype)
+            _tensor(writer, f"{b}ffn_norm.weight", state[f"{p}post_attention_layernorm.weight"], qtype)
             if n_head[i]:
                 _tensor(writer, f"{b}attn_norm.weight", state[f"{p}input_layernorm.weight"], qtype)
         writer.write_header_to_file()

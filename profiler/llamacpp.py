@@ -68,14 +68,14 @@ class LlamaCppBench:
         vocab = elastic.spec.vocab_size
         self.prompt = [(7 + 31 * i) % vocab for i in range(n)]  # any fixed tokens: timing only
 
-    def _load(self, name: str, cfg: SubnetConfig, drop: str = ""):
+    def _load(self, name: str, cfg: SubnetConfig, drop_attention: bool = False):
         if name in self._models:
             return self._models[name]
         from flextron.gguf_export import write_gguf
 
         path = self.dir / f"m{len(self._models)}.gguf"
         write_gguf(self.elastic, cfg, path, self.gguf_type, source_gguf=self.source_gguf,
-                   elastic_dir=self.dir / "tokenizer", drop=drop)
+                   elastic_dir=self.dir / "tokenizer", drop_attention=drop_attention)
         n = self.regime.seq_len
         llm = self.llama_cpp.Llama(model_path=str(path), n_ctx=n + 8, n_batch=max(n, 8), n_ubatch=max(n, 8),
                                    n_threads=self.threads, n_threads_batch=self.threads, logits_all=False,
@@ -111,8 +111,7 @@ class LlamaCppBench:
             cfg = SubnetConfig(full.mlp_width, (width or spec.head_counts[0][0],) * L)
         else:
             cfg = SubnetConfig((width,) * L, full.heads)
-        drop = "attn" if kind == "attn" and width == 0 else ""
-        return self._step(self._load(f"probe|{kind}|{width}", cfg, drop))
+        return self._step(self._load(f"probe|{kind}|{width}", cfg, drop_attention=kind == "attn" and width == 0))
 
     def close(self) -> None:
         for llm in self._models.values():

@@ -47,8 +47,8 @@ FLUSH_S = 5.0  # buffered rows are written at least this often, so a SIGKILL los
 # Settings that change what a cell measures: a resumed sweep must match them all, or its parts
 # would mix two measurements under one cell key. (`dtype` and `mode` come before `regime` so that
 # changing --dtype is reported as --dtype, not as the regime keys it resolves into.)
-RESUME_FIELDS = ("device", "engine", "dtype", "mode", "regime", "e2e_random", "seed", "min_reps", "min_time_ms", "warmup",
-                 "anchor_every", "energy_s", "rounds", "reps", "threads")
+RESUME_FIELDS = ("device", "engine", "dtype", "mode", "regime", "e2e_random", "seed", "min_reps", "min_time_ms",
+                 "warmup", "anchor_every", "energy_s", "rounds", "reps", "threads")
 NOISE_FILE = "noise.json"
 SAMPLES_FILE = "e2e_samples.parquet"
 
@@ -567,14 +567,13 @@ def _sweep_llamacpp(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: di
                     layers_w: _PartWriter, e2e_w: _PartWriter, progress=None) -> int:
     """One llama.cpp regime: per-layer terms from probes timed in interleaved rounds beside the full
     model (profiler/llamacpp.py), then the end-to-end set in rounds exactly as in the torch engine."""
-    from profiler.interleaved import FULL
     import torch
 
+    from flextron.rundir import RunDir
+    from profiler.interleaved import FULL
     from profiler.llamacpp import LlamaCppBench, layer_terms, probe_keys
     from profiler.rounds import measure_in_rounds, summarise
     from profiler.timer import Timer, TimerConfig
-
-    from flextron.rundir import RunDir
 
     spec = elastic.spec
     elastic.to(device="cpu", dtype=torch.float32)

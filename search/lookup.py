@@ -36,13 +36,14 @@ class LookupRow:
     quantile: str = "p50"  # the quantile of per-step latency the budget bounds
     latency_ms_p50: float | None = None
     latency_ms_p90: float | None = None
+    latency_ms_p99: float | None = None  # from every sample of the verify session (p99 budgets need >= 100)
     ratio_to_full: float | None = None  # at `quantile`, median over rounds
     ratio_hi: float | None = None  # its upper 95% bound: at or below the budget fraction, by construction
     engine: str = "torch"  # where it was measured: torch (transformers) or llamacpp (its GGUF in llama.cpp)
 
     def latency_at_quantile(self) -> float | None:
-        """The measured step latency at the quantile the budget bounds (p99: not kept, None)."""
-        return {"p50": self.latency_ms_p50, "p90": self.latency_ms_p90}.get(self.quantile)
+        """The measured step latency at the quantile the budget bounds."""
+        return {"p50": self.latency_ms_p50, "p90": self.latency_ms_p90, "p99": self.latency_ms_p99}[self.quantile]
 
 
 class Lookup:
@@ -110,14 +111,16 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
         weights = vg["weights"].iloc[0]
         col = RATIO_COLUMN[quantile]
         cands = [dict(config=r.config, predicted_latency_ms=r.predicted_latency_ms, measured_latency_ms=r.measured_latency_ms,
-                      latency_ms_p50=r.latency_ms_p50, latency_ms_p90=r.latency_ms_p90, ratio=r.ratio, ratio_hi=r.ratio_hi,
+                      latency_ms_p50=r.latency_ms_p50, latency_ms_p90=r.latency_ms_p90,
+                      latency_ms_p99=getattr(r, "latency_ms_p99", float("nan")), ratio=r.ratio, ratio_hi=r.ratio_hi,
                       loss=r.loss, source=r.source) for r in vg.itertuples()]
         losses = uniform_loss.get(regime, {})
         for r in uniform[uniform["regime"] == regime].itertuples():
             if r.config_key in losses:
                 cands.append(dict(config=r.config, predicted_latency_ms=float("nan"), measured_latency_ms=r.measured_latency_ms,
                                   latency_ms_p50=r.latency_ms_p50, latency_ms_p90=r.latency_ms_p90,
-                                  ratio=getattr(r, col), ratio_hi=getattr(r, f"{col}_hi"),
+                                  latency_ms_p99=getattr(r, "latency_ms_p99", float("nan")), ratio=getattr(r, col),
+                                  ratio_hi=getattr(r, f"{col}_hi"),
                                   loss=losses[r.config_key], source="uniform"))
         prev = None
         for frac, bg in vg.groupby("budget_frac"):
@@ -136,6 +139,7 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
                          "predicted_latency_ms": optional_float(best["predicted_latency_ms"]),
                          "measured_latency_ms": float(best["measured_latency_ms"]),
                          "latency_ms_p50": float(best["latency_ms_p50"]), "latency_ms_p90": float(best["latency_ms_p90"]),
+                         "latency_ms_p99": optional_float(best["latency_ms_p99"]),
                          "ratio_to_full": float(best["ratio"]), "ratio_hi": float(best["ratio_hi"]),
                          "ppl": math.exp(best["loss"]), "source": best["source"]})
     return rows

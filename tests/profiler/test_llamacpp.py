@@ -80,8 +80,7 @@ def test_profile_in_llamacpp_is_keyed_by_engine_and_refuses_mixing(tiny_run, tmp
     assert rk in fitted
 
 
-@pytest.mark.parametrize("engine", ["llamacpp"])
-def test_the_chain_runs_on_llamacpp_and_exports_what_it_measured(tmp_path, engine):
+def test_the_chain_runs_on_llamacpp_and_exports_what_it_measured(tmp_path):
     """run → lookup → export --budget-ms --format gguf: the GGUF holds the row's config in the type
     it was measured with, and llama.cpp runs it with the elastic model's logits."""
     import torch
@@ -92,11 +91,15 @@ def test_the_chain_runs_on_llamacpp_and_exports_what_it_measured(tmp_path, engin
     from search.lookup import LookupConfig, lookup
 
     run = tmp_path / "run"
-    out = run_pipeline(RunConfig(model="tiny-llama", out=str(run), engine=engine, regime=("decode:b1:ctx32",),
+    out = run_pipeline(RunConfig(model="tiny-llama", out=str(run), engine="llamacpp", regime=("decode:b1:ctx32",),
                                  trials=4, e2e_random=6, rounds=3, eval_windows=2))
     budget = max(out["lookup_budgets_ms"]) * 1.01
     row = lookup(LookupConfig(run=str(run), budget_ms=budget))
     assert row["engine"] == "llamacpp" and row["budget_ms"] <= budget and row["ppl"] > 1
+    from search.lookup import Lookup
+
+    picked = Lookup.load(run).for_budget(budget)
+    assert row["measured_latency_ms"] == picked.latency_ms_p50 and picked.latency_ms_p99 >= picked.latency_ms_p90
     with pytest.raises(FlextronError, match="below the smallest budget"):
         lookup(LookupConfig(run=str(run), budget_ms=min(out["lookup_budgets_ms"]) * 0.5))
     with pytest.raises(FlextronError, match="no rows measured in torch"):
