@@ -11,7 +11,6 @@ the model packages.
 import argparse
 import copy
 import json
-
 import sys
 from pathlib import Path
 

@@ -44,8 +44,8 @@ def main() -> None:
     from profiler.llamacpp import LlamaCppBench, require_binding
     from profiler.rounds import measure_in_rounds, per_round
     from profiler.sweep import RegimeBench
-    from profiler.timer import Timer, TimerConfig
     from profiler.telemetry import Telemetry
+    from profiler.timer import Timer, TimerConfig
     from search.lookup import Lookup
 
     llama_cpp = require_binding()

@@ -24,15 +24,15 @@ import torch
 from flextron.data import token_windows
 from flextron.elastic import ElasticModel
 from flextron.routers import DynamicRouting, Routers, dynamic_eval, load_tensors, regime_dir
-from search.optuna_search import results_dir
-from search.route import RouteConfig, latency_table, route
 from flextron.rundir import RunDir
 from flextron.spec import SubnetConfig
 from flextron.train import TrainConfig, train
 from profiler.latency_model import LatencyModels
+from profiler.profile import Profile
 from profiler.telemetry import Telemetry
-from search.optuna_search import SearchConfig, search
+from search.optuna_search import SearchConfig, results_dir, search
 from search.quality import QUALITY_CACHE, QualityEvaluator
+from search.route import RouteConfig, latency_table, route
 
 
 @torch.no_grad()
@@ -100,10 +100,11 @@ def main():
         fit(FitConfig(run=str(out)))
     models = LatencyModels.load(out)
     regime = models.resolve(args.regime)
-    e2e = pd.read_parquet(out / "profile" / "e2e.parquet")
+    prof = Profile.load(out)
+    e2e = prof.e2e
     one_shot = ElasticModel.load(run.elastic, device=args.device)
     spec = one_shot.spec
-    full_ms = float(e2e[(e2e.regime == regime) & (e2e.config_key == spec.full().key)].latency_ms_median.iloc[0])
+    full_ms = prof.full_ms(regime, spec)
     cache = out / "search" / QUALITY_CACHE
     front0 = frontier(e2e, regime, QualityEvaluator(one_shot, cache, tag="elastic"))
 

@@ -26,8 +26,9 @@ def main() -> None:
     ap.add_argument("--skip-real", action="store_true", help="tiny models only")
     args = ap.parse_args()
 
-    import numpy as np
     import pydoc_data.topics
+
+    import numpy as np
     import torch
 
     from flextron.elastic import ElasticModel, spec_from_model

@@ -23,6 +23,7 @@ import torch
 from flextron.elastic import ElasticModel, spec_from_model
 from flextron.spec import Regime
 from profiler.latency_model import FitConfig, fit
+from profiler.profile import LAYERS_FILE, Profile, profile_dir
 from profiler.sweep import ProfileConfig, run_sweep
 from profiler.timer import Timer, TimerConfig
 
@@ -117,7 +118,7 @@ def main():
         name = args.model
     el.to(device=args.device)
     t0 = time.perf_counter()
-    sweep = run_sweep(el, out / "profile", replace(pcfg, layers_only=True))
+    sweep = run_sweep(el, profile_dir(out), replace(pcfg, layers_only=True))
     t_layers = time.perf_counter() - t0
     if args.sweep_only:
         print(f"device: {sweep['device']}  torch {torch.__version__}  model {name}  layer sweep {t_layers:.1f} s for "
@@ -127,14 +128,14 @@ def main():
     repeat = None
     if args.repeat:
         run_sweep(el, out / "profile-repeat", replace(pcfg, layers_only=True, seed=1))
-        repeat = repeat_cv(pd.read_parquet(out / "profile" / "layers.parquet"),
-                           pd.read_parquet(out / "profile-repeat" / "layers.parquet"))
+        repeat = repeat_cv(pd.read_parquet(profile_dir(out) / LAYERS_FILE),
+                           pd.read_parquet(out / "profile-repeat" / LAYERS_FILE))
     t1 = time.perf_counter()
-    run_sweep(el, out / "profile", pcfg)  # resumes: the layer cells are done, so this measures end to end
+    run_sweep(el, profile_dir(out), pcfg)  # resumes: the layer cells are done, so this measures end to end
     t_e2e = time.perf_counter() - t1
     summary = fit(FitConfig(run=str(out)))
     metrics = json.loads((out / "latency_model" / "metrics.json").read_text())
-    e2e = pd.read_parquet(out / "profile" / "e2e.parquet")
+    e2e = Profile.load(out).e2e
     spec = el.spec
     print(f"device: {summary['device']}  torch {torch.__version__}  model {name}  "
           f"MLP widths {spec.mlp_widths[0]}  heads {spec.head_counts[0]}")

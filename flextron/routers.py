@@ -48,9 +48,9 @@ def regime_dir(run_root: str | Path, regime_key: str, *, weights: str) -> Path:
     routers trained on `trained/` never serve (or seed a search over) the one-shot `elastic/` weights."""
     if weights not in ROUTER_WEIGHTS:
         raise FlextronError(f"routers are stored per resolved weights {list(ROUTER_WEIGHTS)}, got {weights!r}")
-    from flextron.rundir import safe_name
+    from flextron.spec import regime_slug
 
-    return Path(run_root) / ROUTERS_DIR / safe_name(regime_key) / weights
+    return Path(run_root) / ROUTERS_DIR / regime_slug(regime_key) / weights
 
 
 # ---- the latency table ------------------------------------------------------------------------------

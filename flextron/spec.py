@@ -399,6 +399,12 @@ class Regime:
         length = f"ctx{self.seq_len}" if self.phase == "decode" else f"s{self.seq_len}"
         return f"{self.phase}:b{self.batch}:{length}:{self.dtype}:{self.mode}"
 
+    @property
+    def slug(self) -> str:
+        """The key as one file-name component (`decode_b1_ctx256_float32_eager`): run folders and
+        part files per regime are named by it."""
+        return regime_slug(self.key)
+
     @classmethod
     def parse(cls, text: str, dtype: str = "float32", mode: str = "eager") -> "Regime":
         """`decode:b1:ctx1024` or `prefill:b8:s1024`, optionally `:bfloat16` and/or `:cuda_graph`."""
@@ -426,5 +432,41 @@ class Regime:
                 raise FlextronError(f"regime {text!r}: unknown part {part!r}; dtypes {sorted(DTYPE_BYTES)}, modes {list(MODES)}")
         return cls(phase, int(batch), int(length), dtype, mode)
 
+    @classmethod
+    def parse_option(cls, text: str) -> "Regime":
+        """`parse` for a --regime value: its error names the flag."""
+        try:
+            return cls.parse(text)
+        except FlextronError as e:
+            raise FlextronError(f"--regime: {e}") from None
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def regime_slug(key: str) -> str:
+    """A regime key (or any text that names one) as one safe file-name component."""
+    from flextron.rundir import safe_name
+
+    return safe_name(key)
+
+
+def resolve_regime(keys, regime: str | None, what: str = "profiled", fix: str = "") -> str:
+    """The one key of `keys` that `regime` names: the key itself, the one key it is a short form of
+    (`decode:b1:ctx256` names `decode:b1:ctx256:float32:eager`), or the only key when `regime` is
+    None. A malformed regime, none matching or several matching is a FlextronError that lists
+    `keys` (`what` says what they are; `fix` is how to get the missing one)."""
+    keys = sorted(set(keys))
+    if not regime:
+        if len(keys) == 1:
+            return keys[0]
+        if not keys:
+            raise FlextronError(f"no regime was {what}{'; ' + fix if fix else ''}")
+        raise FlextronError(f"several regimes were {what} ({keys}); name one with --regime")
+    Regime.parse_option(regime)
+    matches = [regime] if regime in keys else [k for k in keys if k.startswith(regime + ":")]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise FlextronError(f"--regime {regime} matches several {what} regimes {matches}; name one in full")
+    raise FlextronError(f"regime {regime} was not {what} ({what}: {keys}){'; ' + fix if fix else ''}")

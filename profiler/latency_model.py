@@ -460,31 +460,26 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
     return model, metrics, preds
 
 
-LAYER_COLUMNS = ["regime", "device_name", "anchor", "status", "kind", "layer", "width", "latency_ms_median"]
-E2E_COLUMNS = ["regime", "device_name", "status", "config", "uniform", "latency_ms_median", "cv"]
 
 
 def fit(cfg: FitConfig) -> dict:
     import pandas as pd
 
-    from flextron.rundir import (RunDir, corrupt_error, fresh_tmp_dir, read_json, read_parquet, recover_swap,
-                                 require_columns, save_stage_config, swap_in, write_json_atomic, write_parquet_atomic)
-    from profiler.sweep import DEVICE_FILE, E2E_FILE, LAYERS_FILE, NOISE_FILE, cells_by_status, status_kind
+    from flextron.rundir import (
+        RunDir,
+        fresh_tmp_dir,
+        recover_swap,
+        save_stage_config,
+        swap_in,
+        write_json_atomic,
+        write_parquet_atomic,
+    )
+    from profiler.profile import Profile
+    from profiler.sweep import cells_by_status, status_kind
 
     run = RunDir(cfg.run)
-    prof = run.require("profile", LAYERS_FILE)
-    if not (prof / E2E_FILE).is_file():
-        raise FlextronError(f"{prof / E2E_FILE} is missing; run `flextron profile --run {run.root}` without --layers-only")
-    layers = require_columns(read_parquet(prof / LAYERS_FILE, run.root), prof / LAYERS_FILE, LAYER_COLUMNS, run.root)
-    e2e = require_columns(read_parquet(prof / E2E_FILE, run.root), prof / E2E_FILE, E2E_COLUMNS, run.root)
-    device_path = run.require("profile", DEVICE_FILE) / DEVICE_FILE
-    device = read_json(device_path, run.root)
-    if not isinstance(device.get("device_name"), str):
-        raise corrupt_error(device_path, run.root, "no device_name")
-    noise = read_json(prof / NOISE_FILE, run.root) if (prof / NOISE_FILE).is_file() else {}
-    devices = set(layers["device_name"]) | set(e2e["device_name"])
-    if len(devices) > 1:
-        raise FlextronError(f"the profile mixes devices {sorted(devices)}; fit one device per run directory")
+    profile = Profile.load(run.root)
+    layers, e2e, device, noise = profile.layers, profile.e2e, profile.device, profile.noise
     t0 = time.perf_counter()
     regimes = sorted(set(layers["regime"]))
     by_status = cells_by_status([layers, e2e], regimes)
@@ -568,16 +563,10 @@ class LatencyModels:
 
     def resolve(self, regime: str | None) -> str:
         """A regime key from a full key, a short form (decode:b1:ctx256) or None when only one exists."""
-        if not regime:
-            if len(self.models) == 1:
-                return next(iter(self.models))
-            raise FlextronError(f"several regimes were profiled ({sorted(self.models)}); name one with --regime")
-        if regime in self.models:
-            return regime
-        matches = [k for k in self.models if k.startswith(regime + ":")]
-        if len(matches) == 1:
-            return matches[0]
-        return self.get(regime) and regime  # raises with the list of profiled regimes
+        from flextron.spec import resolve_regime
+
+        return resolve_regime(self.models, regime, f"profiled on {self.device_name}",
+                              fix=f"measure it with `flextron profile --regime {regime}` then `flextron fit`")
 
     def predict(self, regime_key: str, configs: list[SubnetConfig]) -> np.ndarray:
         return self.get(regime_key).predict(encode(configs))

@@ -33,15 +33,18 @@ from pathlib import Path
 
 from flextron.devices import check_device, check_device_name, set_cpu_threads
 from flextron.errors import FlextronError
-from flextron.rundir import (check_finite, check_resume, read_json, safe_name, save_stage_config,
-                             write_json_atomic, write_parquet_atomic)
+from flextron.rundir import (
+    check_finite,
+    check_resume,
+    read_json,
+    save_stage_config,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from flextron.spec import DTYPE_BYTES, ENGINES, MODES, Regime, SubnetConfig
+from profiler.profile import DEVICE_FILE, E2E_FILE, LAYERS_FILE, NOISE_FILE, PARTS_DIR, SAMPLES_FILE, profile_dir
 
-LAYERS_FILE = "layers.parquet"
-E2E_FILE = "e2e.parquet"
-DEVICE_FILE = "device.json"
 CONFIG_FILE = "profile_config.json"
-PARTS_DIR = "parts"
 FLUSH_S = 5.0  # buffered rows are written at least this often, so a SIGKILL loses only seconds of work
 
 # Settings that change what a cell measures: a resumed sweep must match them all, or its parts
@@ -49,8 +52,6 @@ FLUSH_S = 5.0  # buffered rows are written at least this often, so a SIGKILL los
 # changing --dtype is reported as --dtype, not as the regime keys it resolves into.)
 RESUME_FIELDS = ("device", "engine", "dtype", "mode", "regime", "e2e_random", "seed", "min_reps", "min_time_ms",
                  "warmup", "anchor_every", "energy_s", "rounds", "reps", "threads")
-NOISE_FILE = "noise.json"
-SAMPLES_FILE = "e2e_samples.parquet"
 
 
 @dataclass(frozen=True)
@@ -649,7 +650,7 @@ def _probe(bench, timer, sub: SubnetConfig, regime: Regime) -> str:
 
 
 def _round_parts(folder: Path, regime: Regime) -> list[Path]:
-    return sorted(folder.glob(f"e2e_round-{safe_name(regime.key)}-*.parquet"))
+    return sorted(folder.glob(f"e2e_round-{regime.slug}-*.parquet"))
 
 
 def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, e2e_cfgs: list[SubnetConfig],
@@ -688,7 +689,7 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     def write_round(rows: list[dict]) -> None:
         r = rows[0]["round"]
         df = pd.DataFrame(rows).assign(regime=regime.key)
-        write_parquet_atomic(df, folder / f"e2e_round-{safe_name(regime.key)}-{r:04d}.parquet")
+        write_parquet_atomic(df, folder / f"e2e_round-{regime.slug}-{r:04d}.parquet")
 
     first = int(done_rounds["round"].max()) + 1 if len(done_rounds) else 0
     todo = cfg.rounds - done_rounds["round"].nunique() if len(done_rounds) else cfg.rounds
@@ -759,5 +760,5 @@ def profile(cfg: ProfileConfig) -> dict:
     check_device(cfg.device)  # before loading anything
     elastic = ElasticModel.load(run.require("elastic"))
     t0 = time.perf_counter()
-    summary = run_sweep(elastic, run / "profile", cfg, progress=progress)
+    summary = run_sweep(elastic, profile_dir(run.root), cfg, progress=progress)
     return {**summary, "seconds": round(time.perf_counter() - t0, 1)}

@@ -63,16 +63,12 @@ class _Artifacts:
         import pandas as pd
 
         from flextron.rundir import read_json, read_parquet, rebuild_command, require_columns
+        from profiler.profile import Profile
         from search.quality import QUALITY_CACHE, read_quality_cache
 
         self.run = run
-        prof = run / "profile"
-        self.layers = require_columns(read_parquet(prof / "layers.parquet", run), prof / "layers.parquet",
-                                      ["regime", "device_name", "layer", "kind", "width", "anchor", "status",
-                                       "latency_ms_median"], run)
-        self.e2e = require_columns(read_parquet(prof / "e2e.parquet", run), prof / "e2e.parquet",
-                                   ["regime", "config_key", "uniform", "params", "latency_ms_median"], run)
-        self.device = str(self.layers["device_name"].iloc[0]) if len(self.layers) else "unknown device"
+        self.profile = Profile.load(run)
+        self.layers, self.e2e, self.device = self.profile.layers, self.profile.e2e, self.profile.device_name
 
         lm = run / "latency_model"
         self.preds, self.metrics = None, {}
@@ -108,10 +104,11 @@ class _Artifacts:
         lpath = run / "export" / "lookup.json"
         self.lookup = read_json(lpath, run).get("rows", []) if lpath.is_file() else []
         self.noise = {}
-        for stage, path in (("profile", prof / "noise.json"), ("verify", run / "verify" / "noise.json")):
-            if path.is_file():
-                d = read_json(path, run)
-                self.noise[stage] = d.get("regimes", d)
+        if self.profile.noise:
+            self.noise["profile"] = self.profile.noise
+        if (run / "verify" / "noise.json").is_file():
+            d = read_json(run / "verify" / "noise.json", run)
+            self.noise["verify"] = d.get("regimes", d)
 
         vpath = run / "verify" / "verified.parquet"
         self.verified = pd.DataFrame()
@@ -386,8 +383,6 @@ def build_report(cfg: ReportConfig) -> dict:
     from flextron.rundir import fresh_tmp_dir, swap_in
 
     run = Path(cfg.run)
-    if not (run / "profile" / "layers.parquet").is_file():
-        raise FlextronError(f"{run / 'profile'} has no profile; run `flextron profile --run {run}` first")
     a = _Artifacts(run)
     tables = _tables(a)
     final = run / "reports"

@@ -24,9 +24,8 @@ class ExportConfig:
     engine: str = ""  # with --budget-ms: the lookup's rows measured in this engine (torch | llamacpp)
 
     def __post_init__(self):
-        from flextron.rundir import check_finite
-
         from flextron.budget import check_quantile
+        from flextron.rundir import check_finite
 
         check_finite("budget_ms", self.budget_ms, low=0.0)
         check_quantile(self.quantile)

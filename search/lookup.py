@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from flextron.errors import FlextronError
 from flextron.spec import Regime, SubnetConfig
@@ -74,13 +73,10 @@ class Lookup:
                 raise FlextronError(f"the lookup holds no rows measured in {engine} (it holds "
                                     f"{sorted({r.engine for r in self.rows})}); profile with --engine {engine} "
                                     "in a run directory of its own")
-        regimes = sorted({r.regime for r in rows})
-        if regime is None and len(regimes) > 1:
-            raise FlextronError(f"the lookup holds several regimes {regimes}; name one with --regime")
-        rk = regime or regimes[0]
-        match = [r for r in rows if r.regime == rk or r.regime.startswith(rk + ":")]
-        if not match:
-            raise FlextronError(f"regime {rk} is not in the lookup (it holds {regimes})")
+        from flextron.spec import resolve_regime
+
+        rk = resolve_regime({r.regime for r in rows}, regime, "in the lookup")
+        match = [r for r in rows if r.regime == rk]
         quantiles = sorted({r.quantile for r in match})
         match = [r for r in match if r.quantile == quantile]
         if not match:

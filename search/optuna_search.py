@@ -87,8 +87,9 @@ def search_margin(run_root: Path, regime_key: str) -> float:
 def results_dir(run_root: str | Path, regime_key: str, weights: str) -> Path:
     """Where one regime's search results for one set of weights live: they never share files."""
     from flextron.rundir import safe_name
+    from flextron.spec import regime_slug
 
-    return Path(run_root) / "search" / safe_name(regime_key) / safe_name(weights)
+    return Path(run_root) / "search" / regime_slug(regime_key) / safe_name(weights)
 
 
 def open_storage(cfg: SearchConfig, run_root: Path):
@@ -145,33 +146,6 @@ def _tpe(seed: int, n_startup: int):
     if not hasattr(optuna.trial.Trial, "set_constraint"):
         kw["constraints_func"] = _constraints
     return optuna.samplers.TPESampler(**kw)
-
-
-def full_latency_ms(run_root: Path, regime_key: str, spec) -> float:
-    """The full model's measured end-to-end latency in this regime (the reference for fractions)."""
-    from flextron.rundir import read_parquet
-
-    e2e = read_parquet(run_root / "profile" / "e2e.parquet", run_root)
-    row = e2e[(e2e["regime"] == regime_key) & (e2e["config_key"] == spec.full().key) & (e2e["status"] == "ok")]
-    if row.empty:
-        raise FlextronError(f"the full model was not measured end to end for {regime_key}; re-run `flextron profile`")
-    return float(row["latency_ms_median"].iloc[0])
-
-
-def tail_factor(run_root: Path, regime_key: str, quantile: str) -> float:
-    """How much longer the `quantile` of a step is than its median in this regime: the median over the
-    profile's end-to-end configs of their quantile over their median (1 for p50). The latency model
-    predicts medians; a tail budget is met when median x this factor fits."""
-    from flextron.rundir import read_parquet
-
-    if quantile == "p50":
-        return 1.0
-    e2e = read_parquet(run_root / "profile" / "e2e.parquet", run_root)
-    col = f"latency_ms_{quantile}"
-    rows = e2e[(e2e["regime"] == regime_key) & (e2e["status"] == "ok")]
-    if col not in rows.columns or rows[col].isna().all():
-        raise FlextronError(f"the profile of {regime_key} has no {quantile} latencies; re-run `flextron profile --restart`")
-    return float((rows[col] / rows["latency_ms_median"]).median())
 
 
 def feasible_range(lat_model, spec) -> tuple[float, float]:
@@ -418,9 +392,17 @@ def search(cfg: SearchConfig) -> dict:
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
     from flextron.routers import Routers, regime_dir
-    from flextron.rundir import (RunDir, file_lock, read_json, read_parquet, save_stage_config, write_json_atomic,
-                                 write_parquet_atomic)
+    from flextron.rundir import (
+        RunDir,
+        file_lock,
+        read_json,
+        read_parquet,
+        save_stage_config,
+        write_json_atomic,
+        write_parquet_atomic,
+    )
     from profiler.latency_model import LatencyModels
+    from profiler.profile import Profile
     from search.quality import QUALITY_CACHE, QualityEvaluator
 
     run = RunDir(cfg.run)
@@ -449,8 +431,9 @@ def search(cfg: SearchConfig) -> dict:
             routers = None
 
     # Every budget is resolved against one reference: the full model measured in the profile.
-    full_ms = full_latency_ms(run.root, regime_key, spec)
-    tail = tail_factor(run.root, regime_key, cfg.quantile)
+    profile = Profile.load(run.root)
+    full_ms = profile.full_ms(regime_key, spec)
+    tail = profile.tail_factor(regime_key, cfg.quantile)
     lo, hi = lo * tail, hi * tail  # the feasible range at this quantile
     budgets = [Budget(regime_key, budget_ms=b, quantile=cfg.quantile).resolve(full_ms).to_dict() for b in cfg.budget_ms]
     budgets += [Budget(regime_key, budget_frac=f, quantile=cfg.quantile).resolve(full_ms).to_dict() for f in cfg.budget_frac]

@@ -19,38 +19,26 @@ import torch
 
 from flextron.devices import check_device_name
 from flextron.errors import FlextronError
+from flextron.routers import (
+    DynamicRouting,
+    Routers,
+    analytic_table,
+    anneal,
+    answer_static,
+    calibrate_dynamic,
+    dynamic_step,
+    expected_latency,
+    fit_surrogate,
+    measured_table,
+    one_hot,
+    regime_dir,
+    route_static,
+    sample_configs,
+    save_tensors,
+    train_static,
+)
 from flextron.rundir import WEIGHTS, check_finite
 from flextron.spec import Regime, SubnetConfig
-from flextron.routers import (DynamicRouting, Routers, analytic_table, anneal, answer_static, calibrate_dynamic,
-                              dynamic_step, expected_latency, fit_surrogate, measured_table, one_hot, regime_dir, route_static, sample_configs,
-                              save_tensors, train_static)
-
-
-def profiled_regimes(run_root) -> set[str]:
-    """Regime keys with rows in the run's profile: finished tables and the parts of a sweep in progress."""
-    from flextron.rundir import read_parquet
-
-    prof = Path(run_root) / "profile"
-    keys: set[str] = set()
-    for path in sorted(prof.glob("*.parquet")) + sorted((prof / "parts").glob("*.parquet")):
-        df = read_parquet(path, run_root)
-        if "regime" in df.columns:
-            keys.update(df["regime"].astype(str))
-    return keys
-
-
-def check_regime(regime: str) -> str:
-    """`regime` if it parses (a malformed one is an error, never "not profiled"), else a FlextronError."""
-    try:
-        Regime.parse(regime)
-    except FlextronError as e:
-        raise FlextronError(f"--regime: {e}") from None
-    return regime
-
-
-def _matching(keys, regime: str) -> list[str]:
-    """The keys `regime` names: itself, or those it is a short form of (decode:b1:ctx256 -> ...:float32:eager)."""
-    return [regime] if regime in keys else sorted(k for k in keys if k.startswith(regime + ":"))
 
 
 def fitted_model(run_root, regime: str | None):
@@ -58,22 +46,20 @@ def fitted_model(run_root, regime: str | None):
     profiled (the caller then uses the analytic table, and says so). Everything else is an error: a
     regime that does not parse, a profiled regime not fitted yet, or (no regime named) no fit at all."""
     from profiler.latency_model import MODEL_FILE, LatencyModels
+    from profiler.profile import profiled_regimes
 
     if regime is None:
         models = LatencyModels.load(run_root)
         key = models.resolve(None)
         return key, models.get(key), models.device_name
-    check_regime(regime)
+    Regime.parse_option(regime)
     if (Path(run_root) / "latency_model" / MODEL_FILE).is_file():
         models = LatencyModels.load(run_root)
-        fitted = _matching(models.models, regime)
-        if len(fitted) > 1:
-            raise FlextronError(f"--regime {regime} matches several fitted regimes {fitted}; name one in full")
-        if fitted:
-            return fitted[0], models.get(fitted[0]), models.device_name
-    profiled = _matching(profiled_regimes(run_root), regime)
-    if profiled:
-        raise FlextronError(f"regime {profiled[0]} was profiled but its latency model is not fitted yet; "
+        if any(k == regime or k.startswith(regime + ":") for k in models.models):
+            key = models.resolve(regime)
+            return key, models.get(key), models.device_name
+    if any(k == regime or k.startswith(regime + ":") for k in profiled_regimes(run_root)):
+        raise FlextronError(f"regime {regime} was profiled but its latency model is not fitted yet; "
                             f"run `flextron fit --run {run_root}` first")
     return None
 
@@ -127,7 +113,7 @@ class RouteConfig:
         if self.weights not in WEIGHTS:
             raise FlextronError(f"--weights must be one of {list(WEIGHTS)}, got {self.weights!r}")
         if self.regime:
-            check_regime(self.regime)
+            Regime.parse_option(self.regime)
 
 
 def route(cfg: RouteConfig) -> dict:
@@ -178,9 +164,9 @@ def route(cfg: RouteConfig) -> dict:
     smallest_frac = table["smallest_frac"]
     reference_ms = None
     if fitted is not None:  # the Budget's reference: the full model measured in the profile
-        from search.optuna_search import full_latency_ms
+        from profiler.profile import Profile
 
-        reference_ms = full_latency_ms(run.root, regime_key, spec)
+        reference_ms = Profile.load(run.root).full_ms(regime_key, spec)
     static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight, cfg.seed, cfg.lr)
 
     def static_answer(t: float) -> SubnetConfig:

@@ -71,7 +71,14 @@ def verify(cfg: VerifyConfig) -> dict:
     from flextron.devices import check_device, set_cpu_threads
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
-    from flextron.rundir import RunDir, read_json, read_parquet, save_stage_config, write_json_atomic, write_parquet_atomic
+    from flextron.rundir import (
+        RunDir,
+        read_json,
+        read_parquet,
+        save_stage_config,
+        write_json_atomic,
+        write_parquet_atomic,
+    )
     from profiler.interleaved import FULL, InterleavedSession
     from profiler.rounds import MIN_TAIL_SAMPLES, noise_floor, summarise
     from profiler.telemetry import Telemetry

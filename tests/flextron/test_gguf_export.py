@@ -9,8 +9,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import require_llama_cpp
 import torch
+from conftest import require_llama_cpp
 
 from flextron.elastic import ElasticModel, spec_from_model
 from flextron.errors import FlextronError

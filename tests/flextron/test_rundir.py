@@ -8,8 +8,18 @@ from dataclasses import dataclass
 import pytest
 
 from flextron.errors import FlextronError
-from flextron.rundir import (RunDir, check_resume, fresh_tmp_dir, read_json, read_parquet, recover_swap, safe_name,
-                             save_stage_config, swap_in, write_json_atomic)
+from flextron.rundir import (
+    RunDir,
+    check_resume,
+    fresh_tmp_dir,
+    read_json,
+    read_parquet,
+    recover_swap,
+    safe_name,
+    save_stage_config,
+    swap_in,
+    write_json_atomic,
+)
 
 
 def _folder(path, text):

@@ -8,8 +8,7 @@ import pandas as pd
 import pytest
 
 from flextron.errors import FlextronError
-from flextron.spec import ElasticSpec
-from flextron.spec import SubnetConfig
+from flextron.spec import ElasticSpec, SubnetConfig
 from profiler.latency_model import FitConfig, LatencyModel, LatencyModels, encode, fit, tables_from_profile
 from profiler.sweep import random_configs
 

@@ -184,6 +184,8 @@ def test_crafted_regime_and_device_strings_stay_inside_reports_and_are_escaped(r
     for best_path in run.glob("search/*/*/best.json"):
         best = json.loads(best_path.read_text())
         best_path.write_text(json.dumps({**best, "regime": regime, "weights": "w<script>x</script>"}))
+    dev = json.loads((run / "profile" / "device.json").read_text())
+    (run / "profile" / "device.json").write_text(json.dumps({**dev, "device_name": device}))
     for sub in ("pareto_x", "heatmap_x"):  # a crafted run can ship the folders a traversal needs
         (run / "reports" / sub).mkdir(parents=True)
     before = _snapshot(tmp_path, run / "reports")
