@@ -184,7 +184,7 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
     (`profiler/llamacpp.py`). No FFN-free counterpart: this llama.cpp's deci graph asserts on those."""
     import gguf
 
-    from flextron.export import _sliced_state_dict
+    from flextron.hf_export import _sliced_state_dict
 
     spec = elastic.spec
     spec.validate(cfg)

@@ -50,7 +50,7 @@ class ExportConfig:
 def export(cfg: ExportConfig) -> dict:
     from flextron.elastic import ElasticModel
     from flextron.evaluate import parse_config
-    from flextron.export import check_out_dir, export_subnet
+    from flextron.hf_export import check_out_dir, export_subnet
     from flextron.rundir import RunDir
 
     run = RunDir(cfg.run)

@@ -5,7 +5,7 @@ import torch
 
 from flextron.convert import ConvertConfig, convert
 from flextron.elastic import ElasticModel
-from flextron.export import export_subnet, load_subnet
+from flextron.hf_export import export_subnet, load_subnet
 from flextron.models import TINY, load_source
 from flextron.spec import SubnetConfig
 

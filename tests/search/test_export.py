@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from flextron.errors import FlextronError
-from flextron.export import SUBNET_FILE, load_subnet
+from flextron.hf_export import SUBNET_FILE, load_subnet
 from search.export import ExportConfig, export
 
 

@@ -77,7 +77,7 @@ def test_budget_below_smallest_names_the_feasible_range(fitted):
 
 
 def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
-    from flextron.export import load_subnet
+    from flextron.hf_export import load_subnet
     from reports.build import ReportConfig, build_report
     from search.export import ExportConfig, export
     from search.lookup import Lookup
