@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from flextron.elastic import ElasticModel
-from flextron.pipeline import RunConfig, run_pipeline
+from flextron.cli.run import RunConfig, run_pipeline
 from flextron.spec import Regime, SubnetConfig
 from profiler.telemetry import Telemetry
 

@@ -34,16 +34,18 @@ FP64_FLIP_SHARE = 0.25  # of the model's own fp32-vs-fp64 error: what fp32 round
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    model: str = DEFAULT_MODEL
-    out: str = "runs/demo"
-    alignment: int = DEFAULT_ALIGNMENT
-    mlp_choices: int = DEFAULT_MLP_CHOICES
-    head_choices: int = DEFAULT_HEAD_CHOICES
-    rank: bool = True  # False keeps the stored order (first-k slicing), the baseline ranking is measured against
-    corpus: str = BUILTIN_CORPUS
-    calib_windows: int = 32
-    calib_seq_len: int = 256
-    overwrite: bool = False
+    out: str  #: the run directory to create (or reuse, when it holds this same conversion)
+    model: str = DEFAULT_MODEL  #: a built-in name (smollm2-135m, gemma3-270m, tiny-*), a transformers folder or a .gguf file
+    alignment: int = DEFAULT_ALIGNMENT  #: elastic MLP widths are multiples of this (64 runs well on GPUs)
+    mlp_choices: int = DEFAULT_MLP_CHOICES  #: how many nested MLP widths each layer may take
+    head_choices: int = DEFAULT_HEAD_CHOICES  #: how many nested attention head counts each layer may take
+    #: rank neurons and heads by importance on calibration text so prefixes keep the most important
+    #: ones; --no-rank keeps the stored order (first-k slicing, the baseline ranking is measured against)
+    rank: bool = True
+    corpus: str = BUILTIN_CORPUS  #: calibration, training and evaluation text: `builtin` or text files / a folder
+    calib_windows: int = 32  #: calibration windows for the importance ranking
+    calib_seq_len: int = 256  #: tokens per calibration window
+    overwrite: bool = False  #: replace another conversion in --out (removes every later stage's results)
 
     def __post_init__(self):
         for name in ("alignment", "mlp_choices", "head_choices", "calib_windows", "calib_seq_len"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 
 from flextron.errors import FlextronError
 
@@ -10,10 +12,36 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 def check_device_name(device: str) -> str:
-    """The syntax only (cheap, no torch): `cpu`, `cuda` or `cuda:N`. For config `__post_init__`."""
+    """The syntax only (cheap, no torch): `cpu`, `cuda` or `cuda:N`."""
     if not isinstance(device, str) or not _DEVICE_RE.match(device):
-        raise FlextronError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+        raise FlextronError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
     return device
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        print(f"flextron: --device auto: CUDA is present, using cuda ({torch.cuda.get_device_name(0)})",
+              file=sys.stderr)
+        return "cuda"
+    print("flextron: --device auto: no CUDA device, using cpu", file=sys.stderr)
+    return "cpu"
+
+
+def resolve_device(device: str, cpu_only: bool = False) -> str:
+    """`device` checked, with `auto` made concrete: CUDA when torch sees it (said once on stderr), else
+    the CPU; `cpu_only` (the llama.cpp engine) makes auto the CPU. For config `__post_init__`, so the
+    saved config records the device that was used."""
+    if device == "auto":
+        return "cpu" if cpu_only else _auto_device()
+    return check_device_name(device)
+
+
+def set_device_field(cfg, cpu_only: bool = False) -> None:
+    """Resolve a frozen config's `device` field in place (see `resolve_device`)."""
+    object.__setattr__(cfg, "device", resolve_device(cfg.device, cpu_only))
 
 
 def check_device(device: str) -> str:

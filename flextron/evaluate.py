@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from flextron.data import token_windows
-from flextron.devices import check_device, check_device_name
+from flextron.devices import check_device, set_device_field
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.spec import ElasticSpec, SubnetConfig
@@ -19,15 +19,15 @@ from flextron.spec import ElasticSpec, SubnetConfig
 
 @dataclass(frozen=True)
 class EvalConfig:
-    run: str = "runs/demo"
-    config: str = "full"
-    split: str = "validation"
-    seq_len: int = 256
-    windows: int = 32  # 32 x 256 = 8192 tokens: a fast CPU default
-    batch_size: int = 8
-    corpus: str = ""  # default: the corpus the run was converted with
-    device: str = "cpu"
-    weights: str = "auto"  # elastic (one-shot) | trained | auto (trained when `flextron train` made it)
+    run: str  #: the run directory (made by `flextron convert`)
+    config: str = "full"  #: the sub-network: full | smallest | uniform:F (F of every width) | a JSON file or string
+    split: str = "validation"  #: the corpus split to score (validation never overlaps training or calibration)
+    seq_len: int = 256  #: tokens per window
+    windows: int = 32  #: windows scored; 32 x 256 = 8192 tokens is a fast CPU default
+    batch_size: int = 8  #: windows per forward
+    corpus: str = ""  #: text to score; empty: the corpus the run was converted with
+    device: str = "auto"  #: cpu, cuda, cuda:N, or auto (CUDA when present, and says so)
+    weights: str = "auto"  #: elastic (one-shot) | trained | auto (trained when `flextron train` made it)
 
     def __post_init__(self):
         if self.split in ("calibration", "train"):
@@ -37,7 +37,7 @@ class EvalConfig:
                 raise FlextronError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise FlextronError(f"--seq-len must be at least 2 (one token predicts the next), got {self.seq_len}")
-        check_device_name(self.device)
+        set_device_field(self)
 
 
 def parse_config(spec: ElasticSpec, text: str) -> SubnetConfig:

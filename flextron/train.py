@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flextron.devices import check_device_name
+from flextron.devices import set_device_field
 from flextron.errors import FlextronError
 from flextron.rundir import check_finite
 from flextron.spec import SubnetConfig
@@ -46,22 +46,22 @@ RESUME_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "random_configs
 
 @dataclass(frozen=True)
 class TrainConfig:
-    run: str = "runs/demo"
-    steps: int = 40  # optimiser steps in total; a resumed run continues up to this (and must repeat it)
-    batch_size: int = 4
-    seq_len: int = 128
-    grad_accum: int = 1
-    random_configs: int = 2  # sampled heterogeneous sub-networks per step, besides full and smallest
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup: int = 4
-    distill_weight: float = 0.9  # share of the KL-to-teacher term; the rest is the LM loss
-    temperature: float = 1.0
-    checkpoint_every: int = 10
-    device: str = "cpu"
-    seed: int = 0
-    corpus: str = ""  # default: the corpus the run was converted with
-    restart: bool = False  # start again (removes RUN/train/ and RUN/trained/) instead of resuming
+    run: str  #: the run directory (made by `flextron convert`); writes RUN/train/ and RUN/trained/
+    steps: int = 40  #: optimiser steps in total; a resumed run continues up to this (and must repeat it)
+    batch_size: int = 4  #: windows per micro-batch
+    seq_len: int = 128  #: tokens per window
+    grad_accum: int = 1  #: micro-batches per optimiser step
+    random_configs: int = 2  #: sampled heterogeneous sub-networks per step, besides the full and the smallest
+    lr: float = 5e-5  #: AdamW peak learning rate (linear warm-up, then cosine decay)
+    weight_decay: float = 0.0  #: AdamW weight decay
+    warmup: int = 4  #: warm-up steps
+    distill_weight: float = 0.9  #: share of the KL-to-teacher term in the loss; the rest is the LM loss
+    temperature: float = 1.0  #: distillation temperature
+    checkpoint_every: int = 10  #: write a resumable checkpoint every this many steps
+    device: str = "auto"  #: cpu, cuda, cuda:N, or auto (CUDA when present, and says so)
+    seed: int = 0  #: seed of data order and sampled sub-networks
+    corpus: str = ""  #: training text; empty: the corpus the run was converted with
+    restart: bool = False  #: start again (removes RUN/train/ and RUN/trained/) instead of resuming
 
     def __post_init__(self):
         for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("grad_accum", 1), ("random_configs", 0),
@@ -71,7 +71,7 @@ class TrainConfig:
         check_finite("temperature", self.temperature, low=0, low_inclusive=False)
         check_finite("distill_weight", self.distill_weight, low=0, high=1)
         check_finite("seed", self.seed)
-        check_device_name(self.device)
+        set_device_field(self)
 
 
 def sandwich_configs(spec, rng: random.Random, n_random: int) -> list[tuple[str, SubnetConfig]]:

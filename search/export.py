@@ -9,19 +9,23 @@ from flextron.errors import FlextronError
 
 @dataclass(frozen=True)
 class ExportConfig:
-    run: str = "runs/demo"
-    config: str = ""  # full | smallest | uniform:F | JSON file; exclusive with --budget-ms / --lookup
-    out: str = ""  # a new or empty folder, or a previous export with --overwrite; never inside elastic/ or trained/
-    budget_ms: float = 0.0  # export the lookup's config for this budget (needs --regime if several)
-    regime: str = ""
-    lookup: bool = False
-    weights: str = "auto"  # elastic | trained | auto (trained when it exists); --budget-ms uses the lookup row's own
-    overwrite: bool = False  # replace the previous flextron export in --out
-    quantile: str = "p50"  # with --budget-ms: the lookup's p50, p90 or p99 budgets
-    format: str = "hf"  # hf: a transformers folder | gguf: one llama.cpp file (--out FILE.gguf)
-    gguf_type: str = ""  # --format gguf: f32 | f16 | q8_0 weights (norms stay f32); default f16, or the type a
-    # llama.cpp lookup row was measured with
-    engine: str = ""  # with --budget-ms: the lookup's rows measured in this engine (torch | llamacpp)
+    run: str  #: the run directory
+    config: str = ""  #: full | smallest | uniform:F | JSON file; exclusive with --budget-ms / --lookup
+    #: a new or empty folder (hf), a FILE.gguf (gguf), or a previous export with --overwrite; never
+    #: inside elastic/ or trained/
+    out: str = ""
+    budget_ms: float = 0.0  #: export the lookup's config for this budget in ms (needs --regime if several)
+    regime: str = ""  #: with --budget-ms: the lookup's regime (short form accepted)
+    lookup: bool = False  #: write RUN/export/lookup.json and .csv from the verified picks
+    #: elastic | trained | auto (trained when it exists); --budget-ms uses the lookup row's own
+    weights: str = "auto"
+    overwrite: bool = False  #: replace the previous flextron export in --out
+    quantile: str = "p50"  #: with --budget-ms: the lookup's p50, p90 or p99 budgets
+    format: str = "hf"  #: hf: a transformers folder | gguf: one llama.cpp file (--out FILE.gguf)
+    #: --format gguf: f32 | f16 | q8_0 weights (norms stay f32); empty: f16, or the type a llama.cpp
+    #: lookup row was measured with
+    gguf_type: str = ""
+    engine: str = ""  #: with --budget-ms: the lookup's rows measured in this engine (torch | llamacpp)
 
     def __post_init__(self):
         from flextron.budget import check_quantile

@@ -186,11 +186,11 @@ def write_lookup(run, weights: str = "auto") -> dict:
 
 @dataclass(frozen=True)
 class LookupConfig:
-    run: str = "runs/demo"
-    budget_ms: float = 0.0  # the step-latency budget to look up (ms)
-    regime: str = ""  # needed when the lookup holds several regimes
-    engine: str = ""  # only rows measured in this engine (torch | llamacpp)
-    quantile: str = "p50"  # the lookup's p50, p90 or p99 budgets
+    run: str  #: the run directory (exported with --lookup)
+    budget_ms: float = 0.0  #: the step-latency budget to look up, in ms
+    regime: str = ""  #: needed when the lookup holds several regimes (short form accepted)
+    engine: str = ""  #: only rows measured in this engine (torch | llamacpp)
+    quantile: str = "p50"  #: the lookup's p50, p90 or p99 budgets
 
     def __post_init__(self):
         from flextron.budget import check_quantile

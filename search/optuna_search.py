@@ -27,29 +27,33 @@ STORAGE_FILE = "optuna.db"
 
 @dataclass(frozen=True)
 class SearchConfig:
-    run: str = "runs/demo"
-    regime: str = ""  # a profiled regime (short form accepted); required when several were profiled
-    budget_ms: tuple[float, ...] = ()
-    budget_frac: tuple[float, ...] = ()  # budgets as fractions of the full model's measured latency (the profile's)
-    quantile: str = "p50"  # p50 | p90 | p99: the quantile of per-step latency a budget bounds
-    trials: int = 24  # distinct configs evaluated per budget (infeasible proposals and repeats are free and not counted)
-    frontier: bool = False  # multi-objective search of latency and loss together (no budget)
-    sampler: str = "tpe"  # tpe (seeded with uniform and router configs) | random (plain random search, no seeds: the baseline)
-    storage: str = ""  # default: sqlite in RUN/search; or a database URL, or a *.log journal file (workers sharing
-    # one study offset their sampler seed by their process id, so they explore different configs)
-    study_prefix: str = ""
-    eval_windows: int = 8
-    eval_seq_len: int = 128
-    corpus: str = ""  # default: the corpus the run was converted with
-    seed: int = 0
-    device: str = "cpu"
-    skip_infeasible: bool = False  # drop budgets below the smallest sub-network instead of failing
-    weights: str = "auto"  # elastic (one-shot) | trained | auto (trained when `flextron train` made it)
-    restart: bool = False  # remove this regime's and weights' search results and studies, then search anew
-    margin: float = -1.0  # aim this share below each budget; -1: the latency model's own uncertainty (see search)
+    run: str  #: the run directory (profiled and fitted)
+    regime: str = ""  #: a profiled regime (short form accepted); required when several were profiled
+    budget_ms: tuple[float, ...] = ()  #: budgets in ms of per-step latency
+    budget_frac: tuple[float, ...] = ()  #: budgets as fractions of the full model's measured latency (the profile's)
+    quantile: str = "p50"  #: p50 | p90 | p99: the quantile of per-step latency a budget bounds
+    #: distinct configs evaluated per budget (infeasible proposals and repeats are free and not counted)
+    trials: int = 24
+    frontier: bool = False  #: multi-objective search of latency and loss together (no budget)
+    #: tpe (seeded with uniform and router configs) | random (plain random search, no seeds: the baseline)
+    sampler: str = "tpe"
+    #: the Optuna storage; empty: sqlite in RUN/search. A database URL or a *.log journal file lets
+    #: workers share one study (each offsets its sampler seed by its process id)
+    storage: str = ""
+    study_prefix: str = ""  #: study name prefix; empty: device|regime|sampler|weights|quality setting
+    eval_windows: int = 8  #: validation windows per config evaluated
+    eval_seq_len: int = 128  #: tokens per validation window
+    corpus: str = ""  #: validation text; empty: the corpus the run was converted with
+    seed: int = 0  #: sampler seed
+    device: str = "auto"  #: where quality is evaluated: cpu, cuda, cuda:N, or auto (CUDA when present)
+    skip_infeasible: bool = False  #: drop budgets below the smallest sub-network instead of failing
+    weights: str = "auto"  #: elastic (one-shot) | trained | auto (trained when `flextron train` made it)
+    restart: bool = False  #: remove this regime's and weights' search results and studies, then search anew
+    #: aim this share below each budget; -1: the latency model's own held-out uncertainty
+    margin: float = -1.0
 
     def __post_init__(self):
-        from flextron.devices import check_device_name
+        from flextron.devices import set_device_field
         from flextron.rundir import check_finite
 
         check_finite("trials", self.trials, low=1)
@@ -66,7 +70,7 @@ class SearchConfig:
         check_quantile(self.quantile)
         if not self.frontier and not self.budget_ms and not self.budget_frac:
             raise FlextronError("give --budget-ms X or --budget-frac F (repeatable), or --frontier")
-        check_device_name(self.device)
+        set_device_field(self)
         check_finite("margin", self.margin, low=-1, high=0.5)
         if -1 < self.margin < 0:
             raise FlextronError(f"--margin must be -1 (auto) or in [0, 0.5], got {self.margin}")

@@ -28,23 +28,24 @@ MAX_REPLACEMENTS = 5
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    run: str = "runs/demo"
-    device: str = "cpu"
-    rounds: int = 6  # interleaved rounds over every pick, the full model and the uniform configs
-    max_rounds: int = 18  # rounds a pick inside the noise band may get before it is decided
-    reps: int = 5  # timed steps per config per round
-    warmup: int = 2  # untimed steps before each config's timed ones in a round
-    quantile: str = ""  # p50 | p90 | p99 of per-step latency a budget bounds; default: the one each pick was searched for
-    tolerance: float = 0.0  # a pick may exceed its budget fraction by this share (0.02 = 2%)
-    threads: int = 0  # CPU: torch intra-op threads; 0 = one (see flextron.devices.set_cpu_threads)
+    run: str  #: the run directory (searched)
+    device: str = "auto"  #: the profiled device: cpu, cuda, cuda:N, or auto (CUDA when present, and says so)
+    rounds: int = 6  #: interleaved rounds over every pick, the full model and the uniform configs
+    max_rounds: int = 18  #: rounds a pick inside the noise band may get before it is decided
+    reps: int = 5  #: timed steps per config per round
+    warmup: int = 2  #: untimed steps before each config's timed ones in a round
+    #: p50 | p90 | p99 of per-step latency a budget bounds; empty: the one each pick was searched for
+    quantile: str = ""
+    tolerance: float = 0.0  #: a pick may exceed its budget fraction by this share (0.02 = 2%)
+    threads: int = 0  #: CPU: torch intra-op threads while measuring; 0 = one (steady on small, shared CPUs)
 
     def __post_init__(self):
         from flextron.budget import check_quantile
-        from flextron.devices import check_device_name
+        from flextron.devices import set_device_field
         from flextron.rundir import check_finite
         from profiler.rounds import RoundsConfig
 
-        check_device_name(self.device)
+        set_device_field(self)
         RoundsConfig(rounds=self.rounds, reps=self.reps)
         check_finite("max_rounds", self.max_rounds, low=self.rounds)
         check_finite("warmup", self.warmup, low=0)

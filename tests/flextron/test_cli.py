@@ -1,12 +1,83 @@
+import argparse
+import dataclasses
 import json
 
 import pytest
 
-from flextron.cli import main
+from flextron.cli import _add_dataclass_args, build_parser, field_docs, main
+from flextron.cli.stages import STAGES
 
 
 def last_json(capsys):
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("command", sorted(STAGES))
+def test_every_flag_has_help_from_its_field_doc(command):
+    """--help explains every flag in words from the config's `#:` field docs, not just its default."""
+    cls = STAGES[command].load()[0]
+    docs = field_docs(cls)
+    undocumented = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert undocumented == [], f"{cls.__name__} fields without a #: doc: {undocumented}"
+    text = build_parser(command)._subparsers._group_actions[0].choices[command].format_help()
+    for f in dataclasses.fields(cls):
+        assert docs[f.name].split()[0] in text
+
+
+def test_field_docs_read_trailing_and_leading_comments_only():
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        a: int = 1  #: trailing doc
+        #: leading doc
+        #: over two lines
+        b: str = "x"
+        c: float = 0.5  # a plain comment is not help
+        # a plain comment
+        d: tuple[int, ...] = ()
+
+    assert field_docs(C) == {"a": "trailing doc", "b": "leading doc over two lines"}
+
+
+def test_run_is_required_and_lists_take_several_values(capsys):
+    for argv in (["eval"], ["search"], ["convert"], ["run"], ["profile"], ["verify"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert "required: --" in capsys.readouterr().err
+
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        run: str  #: the run
+        budget_frac: tuple[float, ...] = (0.7,)  #: fractions
+
+    parser = argparse.ArgumentParser()
+    _add_dataclass_args(parser, C)
+    assert parser.parse_args(["--run", "r", "--budget-frac", "0.5", "0.6"]).budget_frac == [0.5, 0.6]
+    assert parser.parse_args(["--run", "r", "--budget-frac", "0.5", "--budget-frac", "0.6"]).budget_frac == [0.5, 0.6]
+    assert parser.parse_args(["--run", "r"]).budget_frac is None  # the dataclass default applies
+    help_ = parser.format_help()
+    assert "the run (required)" in help_ and "fractions (default: 0.7)" in help_
+
+
+def test_device_auto_picks_cuda_when_present_and_says_so(monkeypatch, capsys):
+    import torch
+
+    from flextron import devices
+
+    for cuda, expected in ((False, "cpu"), (True, "cuda")):
+        devices._auto_device.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+        assert devices.resolve_device("auto") == expected
+        assert f"--device auto: " in capsys.readouterr().err
+        assert devices.resolve_device("auto", cpu_only=True) == "cpu"  # the llama.cpp engine
+    devices._auto_device.cache_clear()
+    from flextron.cli.run import RunConfig
+    from flextron.evaluate import EvalConfig
+
+    assert EvalConfig(run="r").device == "cuda"  # resolved when the config is made, so it is saved concrete
+    assert RunConfig(out="r", engine="llamacpp").device == "cpu"
+    devices._auto_device.cache_clear()
 
 
 def test_convert_eval_export_through_the_cli(tmp_path, capsys):

@@ -86,7 +86,7 @@ def test_the_chain_runs_on_llamacpp_and_exports_what_it_measured(tmp_path):
     import torch
 
     from flextron.elastic import ElasticModel
-    from flextron.pipeline import RunConfig, run_pipeline
+    from flextron.cli.run import RunConfig, run_pipeline
     from search.export import ExportConfig, export
     from search.lookup import LookupConfig, lookup
 
