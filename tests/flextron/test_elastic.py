@@ -5,7 +5,6 @@ import torch
 
 from flextron.convert import ConvertConfig, convert
 from flextron.elastic import ElasticModel
-from flextron.hf_export import export_subnet, load_subnet
 from flextron.models import TINY, load_source
 from flextron.spec import SubnetConfig
 
@@ -23,7 +22,6 @@ def test_full_width_matches_original_for_every_family(family, tmp_path):
         diff = (elastic(input_ids=ids).logits - original(input_ids=ids).logits).abs().max().item()
     assert diff <= 1e-4
 
-
 def test_ranking_permutes_weights(tiny_run):
     imp = json.loads((tiny_run / "elastic" / "importance.json").read_text())
     # after the permutation the stored order is by descending importance
@@ -38,7 +36,6 @@ def test_ranking_permutes_weights(tiny_run):
     h.remove()
     a = acts[0]
     assert a[: len(a) // 4].mean() > a[-len(a) // 4 :].mean()
-
 
 def _dense_sliced(model, spec, cfg: SubnetConfig):
     """`model` (a plain transformers model) with every layer's Linears cut by hand to `cfg`: rows of
@@ -62,7 +59,6 @@ def _dense_sliced(model, spec, cfg: SubnetConfig):
                 new.bias = nn.Parameter(old.bias.detach()[:rows].clone())
             setattr(holder, name, new)
     return model
-
 
 def test_a_config_runs_the_dense_model_sliced_to_it_without_copying_weights(tiny_run, monkeypatch):
     from transformers import AutoModelForCausalLM
@@ -98,39 +94,3 @@ def test_a_config_runs_the_dense_model_sliced_to_it_without_copying_weights(tiny
         full = elastic(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, full, atol=1e-3)  # the config changes the answer: the test sees slicing
-
-
-def test_export_uniform_loads_with_plain_transformers(tiny_run, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    elastic = ElasticModel.load(tiny_run / "elastic")
-    cfg = elastic.spec.uniform(0.5, 0.5)
-    info = export_subnet(elastic, cfg, tmp_path / "u")
-    assert info["uniform"]
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "u")
-    assert plain.config.intermediate_size == cfg.mlp_width[0]
-    assert all(p.is_contiguous() for p in plain.parameters())
-    ids = torch.randint(0, 300, (2, 12))
-    with torch.no_grad(), elastic.use(cfg):
-        ref = elastic(input_ids=ids).logits
-        assert (plain(input_ids=ids).logits - ref).abs().max().item() < 1e-5
-
-
-def test_export_heterogeneous_runs_generate(tiny_run, tmp_path):
-    elastic = ElasticModel.load(tiny_run / "elastic")
-    spec = elastic.spec
-    cfg = SubnetConfig(
-        tuple(ws[i % len(ws)] for i, ws in enumerate(spec.mlp_widths)),
-        tuple(hs[(i + 1) % len(hs)] for i, hs in enumerate(spec.head_counts)),
-    )
-    assert len(set(cfg.mlp_width)) > 1
-    info = export_subnet(elastic, cfg, tmp_path / "h")
-    assert not info["uniform"] and info["loader"] == "flextron.load_subnet"
-    model = load_subnet(tmp_path / "h")
-    ids = torch.randint(0, 300, (2, 12))
-    with torch.no_grad(), elastic.use(cfg):
-        ref = elastic(input_ids=ids).logits
-        assert (model(input_ids=ids).logits - ref).abs().max().item() < 1e-5
-        out = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
-        ref_out = elastic.model.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
-    assert out.tolist() == ref_out.tolist()

@@ -177,7 +177,7 @@ def test_train_config_refuses_bad_flags_naming_them(field, value):
     from flextron.train import TrainConfig
 
     with pytest.raises(FlextronError, match="--" + field.replace("_", "-")):
-        TrainConfig(**{field: value})
+        TrainConfig(run="r", **{field: value})
 
 
 def test_train_refuses_a_device_this_machine_lacks(tiny_run):
@@ -185,3 +185,25 @@ def test_train_refuses_a_device_this_machine_lacks(tiny_run):
 
     with pytest.raises(FlextronError, match="--device cuda:99"):
         train(TrainConfig(run=str(tiny_run), device="cuda:99"))
+
+
+def test_distill_loss_matches_a_hand_computed_value():
+    """Two-token vocabulary, one predicted position: student logits (0, 0) give (1/2, 1/2), teacher
+    logits (ln 3, 0) give (3/4, 1/4) at T=1; at T=2 the teacher is (√3, 1)/(√3 + 1)."""
+    import math
+
+    import torch
+
+    from flextron.train import distill_loss
+
+    student = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])  # the last position predicts nothing
+    teacher = torch.tensor([[[math.log(3.0), 0.0], [-5.0, 5.0]]])
+    labels = torch.tensor([[1, 0]])  # position 0 predicts token 0
+    ce = math.log(2.0)
+    kl_t1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    p = math.sqrt(3.0) / (math.sqrt(3.0) + 1.0)
+    kl_t2 = (p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)) * 2.0 ** 2  # T^2 keeps gradients in scale
+    assert distill_loss(student, teacher, labels, 0.0, 1.0).item() == pytest.approx(ce, abs=1e-6)
+    assert distill_loss(student, teacher, labels, 1.0, 1.0).item() == pytest.approx(kl_t1, abs=1e-6)
+    assert distill_loss(student, teacher, labels, 0.9, 1.0).item() == pytest.approx(0.9 * kl_t1 + 0.1 * ce, abs=1e-6)
+    assert distill_loss(student, teacher, labels, 1.0, 2.0).item() == pytest.approx(kl_t2, abs=1e-6)

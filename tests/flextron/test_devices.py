@@ -1,0 +1,34 @@
+"""flextron/devices.py: --device checked once, `auto` made concrete."""
+
+import pytest
+
+from flextron.errors import FlextronError
+
+
+def test_device_auto_picks_cuda_when_present_and_says_so(monkeypatch, capsys):
+    import torch
+
+    from flextron import devices
+
+    for cuda, expected in ((False, "cpu"), (True, "cuda")):
+        devices._auto_device.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+        assert devices.resolve_device("auto") == expected
+        assert "--device auto: " in capsys.readouterr().err
+        assert devices.resolve_device("auto", cpu_only=True) == "cpu"  # the llama.cpp engine
+    devices._auto_device.cache_clear()
+    from flextron.cli.run import RunConfig
+    from flextron.evaluate import EvalConfig
+
+    assert EvalConfig(run="r").device == "cuda"  # resolved when the config is made, so it is saved concrete
+    assert RunConfig(out="r", engine="llamacpp").device == "cpu"
+    devices._auto_device.cache_clear()
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:", "CPU", "cuda:x", "", 0])
+def test_bad_device_names_are_refused_naming_the_choices(bad):
+    from flextron.devices import resolve_device
+
+    with pytest.raises(FlextronError, match="cpu, cuda, cuda:N or auto"):
+        resolve_device(bad)

@@ -1,0 +1,62 @@
+"""search/lookup.py: the budget lookup built from verified picks, and the chain verify → lookup → report → export."""
+
+import json
+
+import pandas as pd
+import pytest
+from search_helpers import _budget, _results
+
+from flextron.errors import FlextronError
+
+
+def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
+    from flextron.hf_export import load_subnet
+    from reports.build import ReportConfig, build_report
+    from search.export import ExportConfig, export
+    from search.lookup import Lookup
+    from search.optuna_search import SearchConfig, search
+    from search.verify import VerifyConfig, verify
+
+    budgets = tuple(_budget(fitted, f) * 3 for f in (0.5, 0.9))  # generous: CPU timing noise in CI
+    search(SearchConfig(run=str(fitted), budget_ms=budgets, trials=4, eval_windows=2, eval_seq_len=32))
+    v = verify(VerifyConfig(run=str(fitted), rounds=2, reps=2, warmup=1))
+    assert v["verified"] >= 2
+    ver = pd.read_parquet(fitted / "verify" / "verified.parquet")
+    assert set(ver["weights"]) == {"elastic"}
+    assert {"predicted_latency_ms", "measured_latency_ms", "within_budget"} <= set(ver.columns)
+    uni = pd.read_parquet(fitted / "verify" / "uniform.parquet")  # fallbacks measured in the same session
+    # every fallback measured within a budget has its loss on the search's setting, searched or not
+    from search.quality import read_quality_cache
+
+    setting = json.loads((_results(fitted) / "best.json").read_text())["quality_setting"]
+    losses = read_quality_cache(fitted / "search" / "quality_cache.jsonl", setting)
+    limit = ver["limit_frac"].max()
+    assert set(uni[uni["ratio_to_full_hi"] <= limit]["config_key"]) <= set(losses)
+    spec = json.loads((fitted / "elastic" / "elastic_spec.json").read_text())
+    assert len(uni) == len(spec["mlp_widths"][0]) * len(spec["head_counts"][0]) and (uni["measured_latency_ms"] > 0).all()
+    s = export(ExportConfig(run=str(fitted), lookup=True))
+    rows = json.loads((fitted / "export" / "lookup.json").read_text())["rows"]
+    assert s["rows"] == len(rows) >= 1
+    assert (fitted / "export" / "lookup.csv").is_file()
+    ppl = [r["ppl"] for r in sorted(rows, key=lambda r: r["budget_ms"])]
+    assert all(a >= b for a, b in zip(ppl, ppl[1:]))  # more budget never worse
+    assert all(r["ratio_hi"] <= r["budget_frac"] for r in rows)  # compliant with confidence, in the same rounds
+    assert all(r["reference_full_ms"] > 0 and r["latency_ms_p90"] >= r["latency_ms_p50"] for r in rows)
+    measured_now = dict(zip(uni["config"].map(lambda c: json.dumps(json.loads(c))), uni["measured_latency_ms"]))
+    for r in rows:
+        if r["source"] == "uniform":  # a fallback, or a search pick that was a uniform seed: same-session timing
+            assert r["measured_latency_ms"] == measured_now[json.dumps(r["config"])]
+        if r["predicted_latency_ms"] is None:  # only fallbacks were never predicted
+            assert r["source"] == "uniform"
+    look = Lookup.load(fitted)
+    top = max(r["budget_ms"] for r in rows)
+    assert look.for_budget(top * 10).budget_ms == top
+    with pytest.raises(FlextronError, match="below the smallest budget"):
+        look.for_budget(0.0)
+    out = export(ExportConfig(run=str(fitted), budget_ms=top, out=str(tmp_path / "sub")))
+    assert load_subnet(tmp_path / "sub") is not None and out["params"] > 0
+    r = build_report(ReportConfig(run=str(fitted)))
+    html = (fitted / "reports" / "index.html").read_text()
+    assert "Pareto" in html or "pareto" in html
+    assert len(r["plots"]) >= 4
+    assert "held-out" in (fitted / "reports" / "summary.md").read_text().lower() or "Latency model" in (fitted / "reports" / "summary.md").read_text()

@@ -1,0 +1,213 @@
+"""search/optuna_search.py: Optuna search under budgets, resumable, shared storages, never mixing settings."""
+
+import json
+import multiprocessing as mp
+
+import pandas as pd
+import pytest
+from search_helpers import _budget, _results, _search
+
+from flextron.errors import FlextronError
+
+
+def test_search_space_is_ordinal_and_round_trips_configs(tiny_run):
+    """Each layer's choice is an integer index (0 = narrowest); a config enqueued as parameters is
+    the config the trial suggests back."""
+    import random
+
+    import optuna
+
+    from flextron.elastic import ElasticModel
+    from search.optuna_search import config_params, suggest_config
+
+    spec = ElasticModel.load(tiny_run / "elastic").spec
+    for cfg in [spec.smallest(), spec.full()] + [spec.random_config(random.Random(i)) for i in range(5)]:
+        params = config_params(cfg, spec)
+        assert all(isinstance(v, int) for v in params.values())
+        assert params["mlp_idx_0"] == spec.mlp_widths[0].index(cfg.mlp_width[0])
+        assert suggest_config(optuna.trial.FixedTrial(params), spec) == cfg
+
+def test_search_never_evaluates_infeasible_configs_and_resumes(fitted):
+    from search.optuna_search import SearchConfig, search
+
+    b = _budget(fitted, 0.4)
+    s = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=6, eval_windows=2, eval_seq_len=32, margin=0.0))
+    trials = pd.read_parquet(_results(fitted) / "trials.parquet")
+    ev = trials[trials["evaluated"]]
+    assert ev["config"].nunique() == 6 and (ev["predicted_latency_ms"] <= b).all()
+    assert (trials[~trials["evaluated"]]["predicted_latency_ms"] > b).all()
+    assert s["quality_evaluations"] <= 6  # cached configs are not evaluated twice
+    # a second call on the same storage resumes: nothing more to do at the same trial count
+    s2 = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=6, eval_windows=2, eval_seq_len=32, margin=0.0))
+    assert s2["quality_evaluations"] == 0 and s2["per_budget"][0]["evaluated"] == 6
+    s3 = search(SearchConfig(run=str(fitted), budget_ms=(b,), trials=8, eval_windows=2, eval_seq_len=32, margin=0.0))
+    assert s3["per_budget"][0]["evaluated"] == 8 and s3["per_budget"][0]["stop"] == "done"
+
+def test_budget_below_smallest_names_the_feasible_range(fitted):
+    from search.optuna_search import SearchConfig, search
+
+    with pytest.raises(FlextronError, match="feasible p50 budgets run from"):
+        search(SearchConfig(run=str(fitted), budget_ms=(1e-6,), trials=2))
+    with pytest.raises(FlextronError, match="cannot open Optuna storage"):
+        search(SearchConfig(run=str(fitted), budget_ms=(1.0,), storage="postgresql://nobody@127.0.0.1:1/x"))
+    with pytest.raises(FlextronError, match="was not profiled"):
+        search(SearchConfig(run=str(fitted), regime="decode:b1:ctx32", budget_ms=(1.0,)))
+
+def _worker(args):
+    run, storage, b = args
+    from search.optuna_search import SearchConfig, search
+
+    return search(SearchConfig(run=run, budget_ms=(b,), trials=10, eval_windows=2, eval_seq_len=32,
+                               storage=storage, study_prefix="shared"))
+
+def test_four_workers_share_one_study(fitted, tmp_path):
+    import optuna
+
+    storage = str(tmp_path / "journal.log")
+    b = _budget(fitted, 0.8)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        pool.map(_worker, [(str(fitted), storage, b)] * 4)
+    from optuna.storages.journal import JournalFileBackend
+
+    st = optuna.storages.JournalStorage(JournalFileBackend(storage))
+    study = optuna.load_study(study_name=f"shared|budget={b:.6g}", storage=st)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))  # no duplicated trials
+    assert sorted(numbers) == list(range(len(numbers)))  # none lost
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)  # FAIL: a config another worker had
+    assert all(t.state in done for t in study.trials)  # nothing left running
+    evaluated = {t.user_attrs["config"] for t in study.trials
+                 if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated")}
+    assert len(evaluated) == 10  # distinct configs: repeats are not counted and workers never overshoot
+
+def test_trained_and_one_shot_studies_never_mix(run_copy):
+    """One-shot after trained: each result folder holds only its own weights' studies and losses."""
+    import shutil
+
+    b = _budget(run_copy, 0.6)
+    shutil.copytree(run_copy / "elastic", run_copy / "trained")  # stands in for `flextron train`'s output
+    _search(run_copy, budget_ms=(b,), weights="trained")
+    _search(run_copy, budget_ms=(b,), weights="elastic")
+    one_shot = pd.read_parquet(_results(run_copy, "elastic") / "trials.parquet")
+    trained = pd.read_parquet(_results(run_copy, "trained") / "trials.parquet")
+    assert len(one_shot) and len(trained)
+    assert not one_shot["study"].str.contains("trained").any()
+    assert trained["study"].str.contains("trained").all()
+    assert json.loads((_results(run_copy, "elastic") / "best.json").read_text())["weights"] == "elastic"
+    assert set(one_shot["weights"]) == {"elastic"} and set(trained["weights"]) == {"trained"}
+
+def test_another_evaluation_setting_is_refused_not_mixed(run_copy):
+    b = _budget(run_copy, 0.6)
+    _search(run_copy, budget_ms=(b,))
+    before = (_results(run_copy) / "best.json").read_bytes()
+    with pytest.raises(FlextronError, match="--eval-windows.*--restart"):
+        _search(run_copy, budget_ms=(b,), eval_windows=3)
+    assert (_results(run_copy) / "best.json").read_bytes() == before
+    s = _search(run_copy, budget_ms=(b,), eval_windows=3, restart=True)
+    best = json.loads((_results(run_copy) / "best.json").read_text())
+    assert best["quality_setting"].endswith("3x32") and s["per_budget"][0]["evaluated"] == 3
+    trials = pd.read_parquet(_results(run_copy) / "trials.parquet")
+    assert trials["study"].str.contains("3x32").all()  # the 2-window study is gone from the table
+
+def test_each_search_keeps_earlier_picks_across_budgets_and_storages(run_copy):
+    b1, b2, b3 = (_budget(run_copy, f) for f in (0.5, 0.7, 0.9))
+    _search(run_copy, budget_ms=(b1,))
+    _search(run_copy, budget_ms=(b2,))
+    _search(run_copy, budget_ms=(b3,), storage=str(run_copy / "journal.log"))
+    best = json.loads((_results(run_copy) / "best.json").read_text())
+    assert sorted(round(b["budget_ms"], 6) for b in best["best"]) == sorted(round(b, 6) for b in (b1, b2, b3))
+    trials = pd.read_parquet(_results(run_copy) / "trials.parquet")
+    assert trials["storage"].nunique() == 2
+
+def test_budgets_record_their_reference_and_bad_budgets_are_refused(run_copy):
+    s = _search(run_copy, budget_frac=(0.9,))
+    best = json.loads((_results(run_copy) / "best.json").read_text())["best"][0]
+    assert best["budget_frac"] == 0.9 and best["budget_ms"] == pytest.approx(0.9 * best["reference_full_ms"], abs=1e-3)
+    assert s["per_budget"][0]["budget_frac"] == 0.9
+    before = (_results(run_copy) / "best.json").read_bytes()
+    for bad, msg in [({"budget_ms": (float("inf"),)}, "--budget-ms must be a finite number"),
+                     ({"budget_ms": (-1.0,)}, "--budget-ms must be >"), ({"eval_windows": 0}, "--eval-windows must be >= 1"),
+                     ({"budget_frac": (float("nan"),)}, "--budget-frac must be a finite"),
+                     ({"budget_ms": (1.0,), "device": "gpu"}, "--device must be cpu")]:
+        with pytest.raises(FlextronError, match=msg):
+            _search(run_copy, **bad)
+    assert (_results(run_copy) / "best.json").read_bytes() == before
+
+def test_out_of_proposals_is_reported(run_copy, capsys, monkeypatch):
+    """Only two configs fit: the search stops after its capped proposals and says so."""
+    import numpy as np
+
+    from flextron.elastic import ElasticModel
+    from profiler.latency_model import LatencyModel, encode
+
+    spec = ElasticModel.load(run_copy / "elastic").spec
+    fits = encode([spec.smallest(), spec.uniform(0.25, 0.5)])
+    monkeypatch.setattr(LatencyModel, "predict",
+                        lambda self, X: np.where([any((x == f).all() for f in fits) for x in np.asarray(X)], 1.0, 2.0))
+    monkeypatch.setattr(LatencyModel, "range_ms", lambda self, spec: (1.0, 2.0))
+    s = _search(run_copy, budget_ms=(1.5,), trials=6)
+    r = s["per_budget"][0]
+    assert r["evaluated"] < 6 and r["stop"].startswith("ran out of proposals")
+    assert "stopped early: ran out of proposals" in capsys.readouterr().err
+
+def test_search_reads_the_runs_corpus(run_copy):
+    _search(run_copy, budget_ms=(_budget(run_copy, 0.8),), corpus="pydoc")
+    assert ":pydoc:" in json.loads((_results(run_copy) / "best.json").read_text())["quality_setting"]
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_missing_cuda_device_is_a_clear_error(run_copy):
+    from flextron.cli import main
+
+    for argv in (["search", "--run", str(run_copy), "--budget-ms", "1", "--device", "cuda:7"],
+                 ["eval", "--run", str(run_copy), "--device", "cuda:7"],
+                 ["verify", "--run", str(run_copy), "--device", "cuda:7"]):
+        if argv[0] == "verify":
+            _search(run_copy, budget_ms=(_budget(run_copy, 0.8),))
+        assert main(argv) == 2
+
+def test_two_regimes_keep_their_own_results(tiny_run, tmp_path):
+    """Each regime's trials, picks and replacements stay its own; verify covers both."""
+    import shutil
+
+    from flextron.elastic import ElasticModel
+    from profiler.latency_model import FitConfig, fit
+    from profiler.sweep import ProfileConfig, run_sweep
+    from search.optuna_search import results_dir
+    from search.verify import VerifyConfig, verify
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    regimes = ("decode:b1:ctx16", "prefill:b1:s16")
+    run_sweep(ElasticModel.load(run / "elastic"), run / "profile",
+              ProfileConfig(regime=regimes, min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, rounds=2, reps=2))
+    fit(FitConfig(run=str(run)))
+    keys = {}
+    for r in regimes:
+        keys[r] = _search(run, regime=r, budget_frac=(5.0,))["regime"]
+    for r, key in keys.items():
+        trials = pd.read_parquet(results_dir(run, key, "elastic") / "trials.parquet")
+        assert set(trials["regime"]) == {key} and trials["study"].str.contains(key, regex=False).all()
+    verify(VerifyConfig(run=str(run), rounds=2, reps=1, warmup=0))
+    ver = pd.read_parquet(run / "verify" / "verified.parquet")
+    assert sorted(ver["regime"]) == sorted(keys.values())
+    uni = pd.read_parquet(run / "verify" / "uniform.parquet")
+    assert set(uni["regime"]) == set(keys.values())
+
+def test_search_aims_below_each_budget_by_the_models_uncertainty(run_copy):
+    """Picks predicted right at a budget are a coin toss when measured: the search keeps a margin,
+    by default the latency model's held-out error or the profile's noise floor, whichever is larger."""
+    from search.optuna_search import search_margin
+
+    b = _budget(run_copy, 0.8)
+    s = _search(run_copy, budget_ms=(b,), trials=4, margin=0.1)
+    trials = pd.read_parquet(_results(run_copy) / "trials.parquet")
+    ev = trials[trials["evaluated"]]
+    assert s["margin"] == 0.1 and (ev["predicted_latency_ms"] <= 0.9 * b + 1e-9).all()
+    assert ((trials[~trials["evaluated"]]["predicted_latency_ms"] > 0.9 * b)).all()
+    m = json.loads((run_copy / "latency_model" / "metrics.json").read_text())
+    key = next(iter(m))
+    expected = min(0.1, max(m[key]["heldout"]["mape_pct"], m[key]["ratio_noise_floor_pct"] or 0) / 100)
+    assert search_margin(run_copy, key) == pytest.approx(expected)
+    with pytest.raises(FlextronError, match="--margin must be -1"):
+        _search(run_copy, budget_ms=(b,), margin=-0.5)
