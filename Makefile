@@ -36,7 +36,9 @@ setup: $(VENV)/.installed $(VENV)/.llamacpp
 demo: $(VENV)/.installed $(if $(filter llamacpp,$(ENGINE)),$(VENV)/.llamacpp)
 	$(BIN)/flextron run --out $(RUN) --device $(DEVICE) --engine $(ENGINE)
 
+# Lint first (ruff, line length 120, configured in pyproject.toml), then every test.
 test: setup
+	$(BIN)/ruff check .
 	FLEXTRON_REQUIRE_LLAMACPP=1 $(BIN)/python -m pytest -q tests
 
 clean:
