@@ -1,44 +1,31 @@
 """`flextron route`: train the routers of one regime against the surrogate and the latency model's
 `[layers, choices]` table, or answer a budget with the trained static router.
 
-The method lives in `flextron/routers.py` (latency as plain tensors and callables); this stage loads
-the latency model (an analytic table, labelled so, only when the regime was never profiled), the
-quality cache and the weights, and writes `RUN/router/<regime>/<weights>/`: built in a temporary
-folder and swapped in whole, so a killed re-run never leaves new weights beside old calibration.
+The method lives in `flextron/` (latency as plain tensors and callables): the table in
+`latency_table.py`, `surrogate.py`, `static_router.py`, `dynamic_router.py`, and `router_store.py` for
+the folder. This stage wires them up: it loads the latency model (an analytic table, labelled so, only
+when the regime was never profiled), the quality cache and the weights, and writes
+`RUN/router/<regime>/<weights>/`: built in a temporary folder and swapped in whole, so a killed re-run
+never leaves new weights beside old calibration.
 """
 
 from __future__ import annotations
 
-import random
+import functools
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from flextron.devices import check_device_name
+from flextron.dynamic_router import DynamicRouting, DynamicTrainer, calibrate_dynamic
 from flextron.errors import FlextronError
-from flextron.routers import (
-    DynamicRouting,
-    Routers,
-    analytic_table,
-    anneal,
-    answer_static,
-    calibrate_dynamic,
-    dynamic_step,
-    expected_latency,
-    fit_surrogate,
-    measured_table,
-    one_hot,
-    regime_dir,
-    route_static,
-    sample_configs,
-    save_tensors,
-    train_static,
-)
+from flextron.latency_table import LatencyTable, expected_latency
+from flextron.router_store import Routers, regime_dir, save_tensors
 from flextron.rundir import WEIGHTS, check_finite
-from flextron.spec import Regime, SubnetConfig
+from flextron.spec import Regime
+from flextron.static_router import static_answer, train_static
+from flextron.surrogate import fit_surrogate, one_hot, sample_configs
 
 
 def fitted_model(run_root, regime: str | None):
@@ -64,40 +51,55 @@ def fitted_model(run_root, regime: str | None):
     return None
 
 
-def table_for(spec, regime: str | None, fitted) -> dict:
+def table_for(spec, regime: str | None, fitted) -> LatencyTable:
     """The measured table from the fitted latency model, else the analytic one (labelled so)."""
     if fitted is None:
-        return analytic_table(spec, regime)
+        return LatencyTable.analytic(spec, regime)
     key, model, device = fitted
-    return measured_table(model.layer_table_ms(spec), f"measured ({device})", key)
+    return LatencyTable.from_model(model, spec, key, device)
 
 
-def latency_table(run_root, regime: str | None, spec) -> dict:
+def latency_table(run_root, regime: str | None, spec) -> LatencyTable:
     return table_for(spec, regime, fitted_model(run_root, regime))
 
 
 @dataclass(frozen=True)
 class RouteConfig:
+    #: the run directory (converted; profiled and fitted for measured latency); writes RUN/router/
     run: str = "runs/demo"
-    regime: str = ""  # default: the run's only fitted regime
-    budget_ms: float = 0.0  # > 0: print the static router's config for this budget (no training)
-    weights: str = "auto"  # elastic | trained | auto (trained when it exists); routers are kept per weights
-    surrogate_samples: int = 40  # heterogeneous configs evaluated for the surrogate, besides the uniform ones
-    surrogate_threshold: float = 0.05  # held-out mean relative loss error the surrogate must reach
-    static_steps: int = 800
+    #: the regime the routers are trained for (short form accepted); empty: the run's only fitted regime.
+    #: A regime never profiled trains on an analytic FLOPs/bytes table instead of measured latency, and says so
+    regime: str = ""
+    #: > 0: print the trained static router's config for this budget in ms of per-step latency (no
+    #: training; needs the regime's latency model); 0: train the routers
+    budget_ms: float = 0.0
+    #: elastic (one-shot) | trained | auto (trained when `flextron train` made it); routers are kept per weights
+    weights: str = "auto"
+    #: heterogeneous configs whose validation loss the surrogate is fitted on, besides the uniform ones
+    surrogate_samples: int = 40
+    #: the surrogate's held-out mean relative loss error must be at most this, else no router is trained
+    surrogate_threshold: float = 0.05
+    static_steps: int = 800  #: training steps of the static router (32 random budgets each)
+    #: training steps of the dynamic router, model frozen; 0: it is only calibrated, untrained
     dynamic_steps: int = 20
+    #: steps fine-tuning the model weights and the dynamic router together; 0: no joint fine-tuning
     joint_steps: int = 4
+    #: weight of the penalty on expected latency over budget against the loss; 0: latency is ignored
     latency_weight: float = 20.0
-    eval_windows: int = 8
-    eval_seq_len: int = 128
-    calib_windows: int = 4  # calibration-split windows the dynamic router's per-budget shift is fitted on
-    batch_size: int = 4
-    seq_len: int = 128
-    lr: float = 3e-3
+    eval_windows: int = 8  #: validation windows per config whose loss the surrogate is fitted on
+    eval_seq_len: int = 128  #: tokens per validation window
+    calib_windows: int = 4  #: calibration-split windows the dynamic router's per-budget shift is fitted on
+    batch_size: int = 4  #: train-split windows per dynamic-router and joint fine-tuning step
+    seq_len: int = 128  #: tokens per training and calibration window
+    lr: float = 3e-3  #: Adam learning rate of the static and dynamic routers
+    #: learning rate of the model weights in joint fine-tuning (the router keeps --lr)
     joint_lr: float = 1e-5
-    device: str = "cpu"
+    device: str = "cpu"  #: where the model runs for losses and training: cpu, cuda or cuda:N
+    #: seeds config sampling, the surrogate's fit and split, router training and its random budgets
     seed: int = 0
-    corpus: str = ""  # text for the surrogate's losses, router training and calibration; default: the run's
+    #: text for the surrogate's losses, router training and calibration; empty: the corpus the run was
+    #: converted with
+    corpus: str = ""
 
     def __post_init__(self):
         check_finite("budget_ms", self.budget_ms, low=0)
@@ -117,6 +119,8 @@ class RouteConfig:
 
 
 def route(cfg: RouteConfig) -> dict:
+    """Train the routers of one regime and weights into RUN/router/<regime>/<weights>/, or (with
+    `budget_ms`) answer that budget with the trained static router; returns the one-line summary."""
     from flextron.budget import Budget
     from flextron.data import token_windows
     from flextron.devices import check_device
@@ -133,18 +137,21 @@ def route(cfg: RouteConfig) -> dict:
     fitted = fitted_model(run.root, cfg.regime or None)
     predict = fitted[1].predict_config if fitted else None
     table = table_for(spec, cfg.regime or None, fitted)
-    regime_key = table["regime"]
+    regime_key = table.regime
     folder = regime_dir(run.root, regime_key, weights=wname)
     if cfg.budget_ms > 0:
         routers = Routers(folder, spec, run.root)
         if predict is None:
-            raise FlextronError(f"--budget-ms needs a latency model for {regime_key}; run `flextron profile` and `flextron fit` first")
+            raise FlextronError(f"--budget-ms needs a latency model for {regime_key}; "
+                                "run `flextron profile` and `flextron fit` first")
         lo = predict(spec.smallest())
         if cfg.budget_ms < lo:
-            raise FlextronError(f"budget {cfg.budget_ms} ms is below the smallest sub-network ({lo:.4g} ms predicted for {regime_key})")
+            raise FlextronError(f"budget {cfg.budget_ms} ms is below the smallest sub-network "
+                                f"({lo:.4g} ms predicted for {regime_key})")
         c = routers.config_for(cfg.budget_ms, predict)
-        return {"regime": regime_key, "budget_ms": cfg.budget_ms, "config": c.to_dict(), "predicted_latency_ms": round(predict(c), 4),
-                "source": "router", "table_source": routers.meta["table"]["source"]}
+        return {"regime": regime_key, "budget_ms": cfg.budget_ms, "config": c.to_dict(),
+                "predicted_latency_ms": round(predict(c), 4), "source": "router",
+                "table_source": routers.meta["table"]["source"]}
 
     if fitted is None:
         print(f"flextron route: regime {regime_key} was never profiled; the routers are trained on an analytic "
@@ -159,27 +166,29 @@ def route(cfg: RouteConfig) -> dict:
     sur, sur_metrics = fit_surrogate(spec, cfgs, losses, cfg.seed)
     if sur_metrics["heldout_mean_rel_err"] > cfg.surrogate_threshold:
         raise FlextronError(
-            f"the surrogate's held-out relative error is {sur_metrics['heldout_mean_rel_err']:.3f}, above --surrogate-threshold "
-            f"{cfg.surrogate_threshold}; evaluate more configs (--surrogate-samples {2 * cfg.surrogate_samples}) before training routers")
-    smallest_frac = table["smallest_frac"]
+            f"the surrogate's held-out relative error is {sur_metrics['heldout_mean_rel_err']:.3f}, above "
+            f"--surrogate-threshold {cfg.surrogate_threshold}; evaluate more configs "
+            f"(--surrogate-samples {2 * cfg.surrogate_samples}) before training routers")
+    smallest_frac = table.smallest_frac
     reference_ms = None
     if fitted is not None:  # the Budget's reference: the full model measured in the profile
         from profiler.profile import Profile
 
         reference_ms = Profile.load(run.root).full_ms(regime_key, spec)
-    static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight, cfg.seed, cfg.lr)
+    static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight,
+                                       cfg.seed, cfg.lr)
+    # the static answer at a budget fraction, computed once per fraction: reported on the grid below,
+    # and the dynamic router's heads at every budget it trains and calibrates at
+    answer = functools.cache(functools.partial(static_answer, static, sur, spec, predict=predict))
 
-    def static_answer(t: float) -> SubnetConfig:
-        """The static answer users get at budget fraction t (shrunk to fit and widened into unused
-        budget by the latency model), or the raw routing when the regime has no latency model."""
-        if predict is None:
-            return route_static(static, spec, t)
-        return answer_static(static, sur, spec, t * predict(spec.full()), predict)
+    def heads_for(t: float) -> tuple[int, ...]:
+        """The dynamic router's heads at budget fraction t: the static answer's."""
+        return answer(t).heads
 
     def budget_of(t: float) -> dict:
         """The Budget a router input t stands for: t of the table's full model in ms, and that as a
         fraction of the reference (the full model measured in the profile), as search and verify use."""
-        ms = t * table["full"]
+        ms = t * table.full
         if not reference_ms:  # never profiled: the analytic table has no measured reference
             return {"budget_ms": round(ms, 6), "reference_full_ms": None, "budget_frac": None}
         b = Budget(regime_key, budget_ms=ms).resolve(reference_ms)
@@ -187,11 +196,7 @@ def route(cfg: RouteConfig) -> dict:
 
     # the budget grid: the static answers are reported there, and the dynamic router is calibrated there
     grid = [round(smallest_frac + (1 - smallest_frac) * i / 8, 4) for i in range(9)]
-    grid_answers = {t: static_answer(t) for t in grid}
-
-    def static_heads(t: float) -> tuple[int, ...]:
-        """The dynamic router's heads at budget fraction t: the static answer's."""
-        return (grid_answers.get(t) or static_answer(t)).heads
+    grid_answers = {t: answer(t) for t in grid}
 
     # dynamic router: model frozen, routers trained on train-split windows against the frozen original
     teacher = ElasticModel.load(run.elastic, device=cfg.device)
@@ -201,29 +206,9 @@ def route(cfg: RouteConfig) -> dict:
                             max(1, (cfg.dynamic_steps + cfg.joint_steps) * cfg.batch_size), cfg.corpus)
     routing = DynamicRouting(elastic)
     routing.install()
-    opt = torch.optim.Adam(routing.parameters(), lr=cfg.lr)
-    rng = random.Random(cfg.seed)
-
-    def batch(i):
-        i0 = (i * cfg.batch_size) % len(windows)
-        return windows[i0: i0 + cfg.batch_size].to(cfg.device)
-
-    def steps(n: int, first_batch: int, optimizer, tau, desc: str, clip=None) -> list[dict]:
-        """n router steps at random budgets, heads from the static router; returns their history."""
-        hist = []
-        for step in progress(range(n), desc=desc):
-            t = rng.uniform(smallest_frac, 1.0)
-            loss, e = dynamic_step(elastic, routing, teacher, batch(first_batch + step), table,
-                                   static_heads(t), t, tau(step), cfg.latency_weight)
-            optimizer.zero_grad()
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(clip, 1.0)
-            optimizer.step()
-            hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss.detach()), "expected_frac": round(e, 4)})
-        return hist
-
-    dyn_hist = steps(cfg.dynamic_steps, 0, opt, lambda s: anneal(s, cfg.dynamic_steps, 1.0, 0.2), "dynamic router")
+    trainer = DynamicTrainer(elastic, routing, teacher, windows, table, heads_for, batch_size=cfg.batch_size,
+                             latency_weight=cfg.latency_weight, seed=cfg.seed)
+    dyn_hist = trainer.train_router(cfg.dynamic_steps, cfg.lr)
     # everything goes to a temporary folder, swapped in whole at the end
     recover_swap(folder)
     tmp = fresh_tmp_dir(folder)
@@ -234,24 +219,13 @@ def route(cfg: RouteConfig) -> dict:
                                   cfg.corpus)
 
     def calibrate(desc: str) -> list[dict]:
-        points = calibrate_dynamic(elastic, routing, calib_windows, table, static_heads, progress(grid, desc=desc))
+        points = calibrate_dynamic(elastic, routing, calib_windows, table, heads_for, grid, desc=desc)
         return [{**p, **budget_of(p["router_frac"])} for p in points]
 
     dyn_calib = calibrate("calibrate dynamic router")
-
-    # joint fine-tuning: model weights and dynamic router together, short, at a small learning rate
     joint_hist, joint_calib = [], []
     if cfg.joint_steps:
-        rids = {id(p) for p in routing.parameters()}
-        mparams = [p for p in elastic.model.parameters() if p.dtype.is_floating_point and id(p) not in rids]
-        for p in mparams:
-            p.requires_grad_(True)
-        jopt = torch.optim.AdamW([{"params": mparams, "lr": cfg.joint_lr}, {"params": routing.parameters(), "lr": cfg.lr}])
-        elastic.model.train()
-        joint_hist = steps(cfg.joint_steps, cfg.dynamic_steps, jopt, lambda s: 0.2, "joint fine-tuning", clip=mparams)
-        elastic.model.eval()
-        for p in mparams:
-            p.requires_grad_(False)
+        joint_hist = trainer.joint_finetune(cfg.joint_steps, router_lr=cfg.lr, model_lr=cfg.joint_lr)
         joint_calib = calibrate("calibrate joint router")
         routing.remove()
         elastic.save(tmp / "joint")
@@ -264,22 +238,24 @@ def route(cfg: RouteConfig) -> dict:
     answers = []
     for t, c in grid_answers.items():
         pe = float(expected_latency(table, *one_hot(spec, [c]))[0])
-        answers.append({"router_frac": t, **budget_of(t), "expected_frac": round(pe, 4), "predicted_ms": round(predict(c), 4) if predict else None,
-                        "config": c.to_dict()})
-    meta = {"regime": regime_key, "weights": wname, "weights_tag": run.weights_tag(wname), "seconds": round(time.perf_counter() - t0, 1),
-            "reference_full_ms": reference_ms,
-            "table": {"source": table["source"], "unit": table["unit"], "full_ms": table["full"],
+        answers.append({"router_frac": t, **budget_of(t), "expected_frac": round(pe, 4),
+                        "predicted_ms": round(predict(c), 4) if predict else None, "config": c.to_dict()})
+    meta = {"regime": regime_key, "weights": wname, "weights_tag": run.weights_tag(wname),
+            "seconds": round(time.perf_counter() - t0, 1), "reference_full_ms": reference_ms,
+            "table": {"source": table.source, "unit": table.unit, "full_ms": table.full,
                       "smallest_frac": smallest_frac},
             "surrogate": {**sur_metrics, "threshold": cfg.surrogate_threshold, "samples": len(cfgs),
                           "quality_evaluations": evaluator.evaluations},
             "static_history": static_hist, "dynamic_history": dyn_hist, "joint_history": joint_hist,
             "static_answers": answers, "dynamic_calibration": dyn_calib, "joint_calibration": joint_calib,
-            "calibration_tokens": calib_windows.numel(), "tokens": {"dynamic": cfg.dynamic_steps * cfg.batch_size * cfg.seq_len,
-                                                  "joint": cfg.joint_steps * cfg.batch_size * cfg.seq_len}}
+            "calibration_tokens": calib_windows.numel(),
+            "tokens": {"dynamic": cfg.dynamic_steps * cfg.batch_size * cfg.seq_len,
+                       "joint": cfg.joint_steps * cfg.batch_size * cfg.seq_len}}
     write_json_atomic(tmp / "router.json", meta)
     save_stage_config(tmp / "route_config.json", cfg)
     swap_in(tmp, folder)
-    return {"regime": regime_key, "routers": str(folder), "table_source": table["source"],
+    return {"regime": regime_key, "routers": str(folder), "table_source": table.source,
             "surrogate_heldout_rel_err": round(sur_metrics["heldout_mean_rel_err"], 4),
-            "static_answers": [{k: a[k] for k in ("budget_frac", "budget_ms", "expected_frac", "predicted_ms")} for a in answers],
+            "static_answers": [{k: a[k] for k in ("budget_frac", "budget_ms", "expected_frac", "predicted_ms")}
+                               for a in answers],
             "seconds": meta["seconds"]}

@@ -1,5 +1,5 @@
-"""Crash tests for `flextron train`: real kills (SIGKILL), then a resume, then a comparison with a
-run that was never interrupted."""
+"""`flextron train`: what it writes, what a resume must repeat, the distillation loss, and crash tests
+(real kills (SIGKILL), then a resume, then a comparison with a run that was never interrupted)."""
 
 import csv
 import json
@@ -51,8 +51,8 @@ def _kill_inside_rename(script: str) -> None:
             return out
         Path.rename = rename
     """)
-    p = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], cwd=REPO, capture_output=True, text=True,
-                       env=ONE_THREAD)
+    p = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], cwd=REPO, capture_output=True,
+                       text=True, env=ONE_THREAD)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
 
 
@@ -207,3 +207,106 @@ def test_distill_loss_matches_a_hand_computed_value():
     assert distill_loss(student, teacher, labels, 1.0, 1.0).item() == pytest.approx(kl_t1, abs=1e-6)
     assert distill_loss(student, teacher, labels, 0.9, 1.0).item() == pytest.approx(0.9 * kl_t1 + 0.1 * ce, abs=1e-6)
     assert distill_loss(student, teacher, labels, 1.0, 2.0).item() == pytest.approx(kl_t2, abs=1e-6)
+
+
+def test_train_writes_metrics_checkpoint_and_trained_weights(trained_run):
+    from flextron.elastic import ElasticModel
+
+    rows = list(csv.DictReader(open(trained_run / "train" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert int(rows[-1]["tokens"]) == 4 * 2 * 64
+    assert all(float(r["loss_full"]) > 0 and float(r["loss_smallest"]) > 0 for r in rows)
+    trained = ElasticModel.load(trained_run / "trained")
+    one_shot = ElasticModel.load(trained_run / "elastic")
+    diff = max((a - b).abs().max().item() for a, b in zip(trained.model.parameters(), one_shot.model.parameters()))
+    assert diff > 0  # the weights moved
+    assert not list((trained_run / "train").glob("*.tmp"))
+
+
+TRAIN_KW = dict(steps=4, batch_size=2, seq_len=64, checkpoint_every=2, lr=1e-3)  # as trained_run was trained
+
+
+def test_resume_refuses_every_changed_flag_that_shapes_training(trained_run, tmp_path):
+    """A resume must repeat every flag the result depends on (--steps too: it sets the cosine
+    schedule); the error names the flag, and --restart starts again from step 0."""
+    from flextron.train import TrainConfig, train
+
+    run = tmp_path / "r"
+    shutil.copytree(trained_run, run)
+    changes = {"steps": 6, "batch_size": 1, "seq_len": 32, "grad_accum": 2, "random_configs": 1, "lr": 2e-3,
+               "weight_decay": 0.1, "warmup": 2, "distill_weight": 0.5, "temperature": 2.0, "seed": 1,
+               "corpus": "pydoc"}
+    for name, value in changes.items():
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(FlextronError, match=rf"{flag} .*, now {value}.*--restart"):
+            train(TrainConfig(run=str(run), **{**TRAIN_KW, name: value}))
+    # a resume that repeats the flags (checkpoint_every may change) trains nothing more
+    out = train(TrainConfig(run=str(run), **{**TRAIN_KW, "checkpoint_every": 3}))
+    assert out["resumed"] and out["steps"] == 4
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "train" / "metrics.csv"))] == [1, 2, 3, 4]
+    out = train(TrainConfig(run=str(run), **{**TRAIN_KW, "steps": 2, "restart": True}))
+    assert not out["resumed"] and out["steps"] == 2
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "train" / "metrics.csv"))] == [1, 2]
+    assert json.loads((run / "train" / "train_config.json").read_text())["steps"] == 2
+
+
+def test_resume_after_an_interruption_between_checkpoints_keeps_one_row_per_step(tiny_run, tmp_path, monkeypatch):
+    """Metrics written after the last checkpoint (steps that will run again) are not duplicated."""
+    import flextron.train as tr
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    real_save = tr.save_checkpoint
+
+    def stop_at_step_4(folder, elastic, opt=None, state=None):
+        if state is not None and state["step"] == 4:  # rows 3 and 4 are written; the checkpoint is at 2
+            raise KeyboardInterrupt
+        real_save(folder, elastic, opt, state)
+
+    monkeypatch.setattr(tr, "save_checkpoint", stop_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(tr.TrainConfig(run=str(run), **{**TRAIN_KW, "steps": 6}))
+    metrics = run / "train" / "metrics.csv"
+    assert [int(r["step"]) for r in csv.DictReader(open(metrics))] == [1, 2, 3, 4]
+    monkeypatch.setattr(tr, "save_checkpoint", real_save)
+    out = tr.train(tr.TrainConfig(run=str(run), **{**TRAIN_KW, "steps": 6}))
+    assert out["resumed"] and out["tokens"] == 6 * 2 * 64
+    assert [int(r["step"]) for r in csv.DictReader(open(metrics))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_train_uses_the_runs_corpus_unless_told(tiny_run, tmp_path, monkeypatch):
+    import flextron.data
+    from flextron.train import TrainConfig, train
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    convert_cfg = json.loads((run / "convert_config.json").read_text())
+    (run / "convert_config.json").write_text(json.dumps({**convert_cfg, "corpus": "pydoc"}))
+    seen, real = [], flextron.data.token_windows
+    monkeypatch.setattr(flextron.data, "token_windows", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    train(TrainConfig(run=str(run), **{**TRAIN_KW, "steps": 1}))
+    assert seen == ["pydoc"]
+    assert json.loads((run / "train" / "train_config.json").read_text())["corpus"] == "pydoc"
+
+
+def test_distill_loss_is_zero_kl_for_identical_logits():
+    import torch
+
+    from flextron.train import distill_loss
+
+    logits = torch.randn(2, 5, 11)
+    ids = torch.randint(0, 11, (2, 5))
+    ce = distill_loss(logits, logits, ids, 0.0, 1.0)
+    assert distill_loss(logits, logits, ids, 1.0, 2.0).abs().item() < 1e-6
+    assert abs(distill_loss(logits, logits, ids, 0.5, 1.0).item() - 0.5 * ce.item()) < 1e-5
+
+
+@pytest.mark.gpu
+def test_train_on_cuda(tiny_run, tmp_path):
+    """The CUDA path: bf16 autocast training steps."""
+    from flextron.train import TrainConfig, train
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    out = train(TrainConfig(run=str(run), steps=3, batch_size=2, seq_len=64, checkpoint_every=2, device="cuda"))
+    assert out["steps"] == 3

@@ -1,5 +1,6 @@
-"""`flextron route` as a stage: its folder is swapped in whole, it reads the run's corpus, it falls back
-to the analytic table only for a regime never profiled, and it refuses bad flags and damaged files."""
+"""`flextron route` as a stage: it trains, saves and answers budgets, its folder is swapped in whole, it
+reads the run's corpus, it falls back to the analytic table only for a regime never profiled, and it
+refuses bad flags and damaged files."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from flextron.errors import FlextronError
+from flextron.spec import SubnetConfig
 
 REPO = Path(__file__).resolve().parents[2]
 REGIME = "prefill:b1:s64"  # never profiled in these runs: the analytic table
@@ -51,7 +53,7 @@ def routed(tiny_run, tmp_path_factory):
 
 
 def _folder(run):
-    from flextron.routers import regime_dir
+    from flextron.router_store import regime_dir
     from flextron.spec import Regime
 
     return regime_dir(run, Regime.parse(REGIME).key, weights="elastic")
@@ -59,6 +61,96 @@ def _folder(run):
 
 def _snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, profiled_copy):
+    from flextron.elastic import ElasticModel
+    from flextron.router_store import Routers, regime_dir
+    from flextron.static_router import _moves
+    from profiler.latency_model import LatencyModels
+    from search.route import RouteConfig, route
+
+    run = profiled_copy(trained_run, tmp_path / "r", "prefill:b1:s64", 6)
+    with pytest.raises(FlextronError, match="holds no routers"):
+        route(RouteConfig(run=str(run), budget_ms=1.0))
+    out = route(RouteConfig(run=str(run), static_steps=100, dynamic_steps=2, joint_steps=1, surrogate_samples=24,
+                            eval_windows=2, eval_seq_len=32, seq_len=32, batch_size=2, surrogate_threshold=0.5))
+    folder = regime_dir(run, out["regime"], weights="trained")
+    assert folder.name == "trained" and not (folder.parent / "elastic").exists()
+    assert not list(folder.parent.glob("*.tmp")) and not list(folder.parent.glob("*.old"))
+    meta = json.loads((folder / "router.json").read_text())
+    assert meta["weights"] == "trained" and meta["table"]["source"].startswith("measured")
+    saved = {p.name for p in folder.iterdir()}
+    assert {"static_router.safetensors", "surrogate.safetensors", "dynamic_router.safetensors"} <= saved
+    assert (folder / "joint" / "model.safetensors").is_file()
+    # the dynamic router is calibrated per budget on calibration text: a budget is met in expectation
+    # (the full budget always) unless even the narrowest routing (the largest shift) misses it, and a
+    # budget between two calibrated ones is served by the lower one
+    for key in ("dynamic_calibration", "joint_calibration"):
+        calib = sorted(meta[key], key=lambda c: c["router_frac"])
+        assert len(calib) == 9 and calib[-1]["meets"]
+        # (values are stored rounded to 4 places)
+        assert all(c["expected_frac"] <= c["router_frac"] + 1e-4 if c["meets"]
+                   else c["expected_frac"] > c["router_frac"] - 1e-4 for c in calib)
+        assert all(c["meets"] or c["shift"] == 32.0 for c in calib)
+    routers = Routers.load(run, out["regime"], ElasticModel.load(run / "trained").spec, weights="trained")
+    # routers trained on the trained weights never serve the one-shot ones
+    with pytest.raises(FlextronError, match="holds no routers"):
+        Routers.load(run, out["regime"], routers.spec, weights="elastic")
+    with pytest.raises(FlextronError, match="holds no routers"):
+        route(RouteConfig(run=str(run), budget_ms=1.0, weights="elastic"))
+    mid, nxt = sorted(meta["dynamic_calibration"], key=lambda c: c["router_frac"])[4:6]
+    assert routers.dynamic_point((mid["router_frac"] + nxt["router_frac"]) / 2) == mid
+    assert routers.dynamic_point(0.0)["router_frac"] == meta["dynamic_calibration"][0]["router_frac"]
+    spec = ElasticModel.load(run / "trained").spec
+    lat = LatencyModels.load(run).get(out["regime"])
+    lo_ms, hi_ms = lat.predict_config(spec.smallest()), lat.predict_config(spec.full())
+    for budget in (2 * max(lo_ms, hi_ms), lo_ms + 0.5 * abs(hi_ms - lo_ms)):
+        answer = route(RouteConfig(run=str(run), budget_ms=budget))
+        chosen = spec.validate(SubnetConfig.from_dict(answer["config"]))
+        assert answer["source"] == "router" and lat.predict_config(chosen) <= budget + 1e-9
+        # no budget is left idle: no single wider choice would still fit (at the full budget: the full model)
+        assert all(lat.predict_config(c) > budget for c in _moves(chosen, spec, +1))
+        if budget >= hi_ms:
+            assert chosen == spec.full()
+    with pytest.raises(FlextronError, match="below the smallest"):
+        route(RouteConfig(run=str(run), budget_ms=1e-6))
+    # a surrogate that misses the threshold stops before any router is trained
+    with pytest.raises(FlextronError, match="surrogate"):
+        route(RouteConfig(run=str(run), static_steps=10, dynamic_steps=1, joint_steps=0, surrogate_samples=24,
+                          eval_windows=2, eval_seq_len=32, surrogate_threshold=1e-9))
+    assert Routers.load(run, out["regime"], spec, weights="trained").meta["surrogate"]["threshold"] == 0.5
+    # the router's answer seeds the search, marked as router-chosen
+    import pandas as pd
+
+    from search.optuna_search import SearchConfig, results_dir, search
+
+    search(SearchConfig(run=str(run), budget_ms=(1e6,), trials=2, eval_windows=2, eval_seq_len=32))
+    results = results_dir(run, out["regime"], "trained")
+    assert "router" in set(pd.read_parquet(results / "trials.parquet")["source"])
+    assert json.loads((results / "best.json").read_text())["weights"] == "trained"
+    # one Budget: the search and the routers resolve a fraction against the same reference to the same ms
+    search(SearchConfig(run=str(run), budget_frac=(1.5,), trials=2, eval_windows=2, eval_seq_len=32))
+    b = next(x for x in json.loads((results / "best.json").read_text())["best"] if x["budget_frac"] == 1.5)
+    assert meta["reference_full_ms"] == b["reference_full_ms"]
+    for a in meta["static_answers"] + meta["dynamic_calibration"]:
+        assert a["budget_ms"] == pytest.approx(a["budget_frac"] * meta["reference_full_ms"], rel=1e-5)
+    assert routers.dynamic_point_for(b["budget_ms"]) == routers.dynamic_point(b["budget_ms"] / meta["table"]["full_ms"])
+    # a profiled regime whose fit is missing is an error naming `flextron fit`, never the analytic table
+    shutil.rmtree(run / "latency_model")
+    with pytest.raises(FlextronError, match="not fitted yet.*flextron fit"):
+        route(RouteConfig(run=str(run), regime=out["regime"], static_steps=10, surrogate_samples=24))
+
+
+def test_analytic_table_is_labelled_when_regime_not_profiled(tiny_run):
+    from flextron.elastic import ElasticModel
+    from search.route import latency_table
+
+    spec = ElasticModel.load(tiny_run / "elastic").spec
+    t = latency_table(tiny_run, "prefill:b1:s64", spec)
+    assert t.source.startswith("analytic") and t.unit == "relative"
+    assert t.mlp.shape == (spec.num_layers, len(spec.mlp_widths[0]))
+    assert (t.mlp.diff(dim=-1) > 0).all()
 
 
 def test_route_reads_the_corpus_it_is_given(routed):
@@ -98,7 +190,7 @@ def test_a_killed_rerun_leaves_the_routers_folder_as_it_was(routed, tmp_path):
     """SIGKILL during a re-run (after its new dynamic router was trained and saved, before the
     calibration that belongs to it): the folder still holds the old run's routers, all of them."""
     from flextron.elastic import ElasticModel
-    from flextron.routers import Routers
+    from flextron.router_store import Routers
     from flextron.spec import Regime
 
     run = tmp_path / "r"
@@ -125,7 +217,7 @@ def test_a_killed_rerun_leaves_the_routers_folder_as_it_was(routed, tmp_path):
 
 def test_damaged_router_files_name_the_file_and_the_command(routed, tmp_path):
     from flextron.elastic import ElasticModel
-    from flextron.routers import Routers
+    from flextron.router_store import Routers
     from flextron.spec import Regime
 
     run = tmp_path / "r"
