@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flextron.devices import check_device_name
+from flextron.devices import set_device_field
 from flextron.dynamic_router import DynamicRouting, DynamicTrainer, calibrate_dynamic
 from flextron.errors import FlextronError
 from flextron.latency_table import LatencyTable, expected_latency
@@ -66,7 +66,7 @@ def latency_table(run_root, regime: str | None, spec) -> LatencyTable:
 @dataclass(frozen=True)
 class RouteConfig:
     #: the run directory (converted; profiled and fitted for measured latency); writes RUN/router/
-    run: str = "runs/demo"
+    run: str
     #: the regime the routers are trained for (short form accepted); empty: the run's only fitted regime.
     #: A regime never profiled trains on an analytic FLOPs/bytes table instead of measured latency, and says so
     regime: str = ""
@@ -94,7 +94,7 @@ class RouteConfig:
     lr: float = 3e-3  #: Adam learning rate of the static and dynamic routers
     #: learning rate of the model weights in joint fine-tuning (the router keeps --lr)
     joint_lr: float = 1e-5
-    device: str = "cpu"  #: where the model runs for losses and training: cpu, cuda or cuda:N
+    device: str = "auto"  #: where the model runs for losses and training: cpu, cuda, cuda:N or auto (CUDA when present)
     #: seeds config sampling, the surrogate's fit and split, router training and its random budgets
     seed: int = 0
     #: text for the surrogate's losses, router training and calibration; empty: the corpus the run was
@@ -111,7 +111,7 @@ class RouteConfig:
         check_finite("lr", self.lr, low=0, low_inclusive=False)
         check_finite("joint_lr", self.joint_lr, low=0, low_inclusive=False)
         check_finite("seed", self.seed)
-        check_device_name(self.device)
+        set_device_field(self)
         if self.weights not in WEIGHTS:
             raise FlextronError(f"--weights must be one of {list(WEIGHTS)}, got {self.weights!r}")
         if self.regime:

@@ -242,7 +242,7 @@ def test_route_config_refuses_bad_flags_naming_them(field, value):
     from search.route import RouteConfig
 
     with pytest.raises(FlextronError, match="--" + field.replace("_", "-")):
-        RouteConfig(**{field: value})
+        RouteConfig(run="r", **{field: value})
 
 
 def test_route_refuses_a_device_this_machine_lacks(routed):
