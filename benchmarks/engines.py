@@ -41,9 +41,9 @@ def main() -> None:
     from flextron.elastic import ElasticModel
     from flextron.rundir import RunDir, read_json
     from flextron.spec import Regime
+    from profiler.bench import RegimeBench
     from profiler.llamacpp import LlamaCppBench, require_binding
     from profiler.rounds import measure_in_rounds, per_round
-    from profiler.sweep import RegimeBench
     from profiler.telemetry import Telemetry
     from profiler.timer import Timer, TimerConfig
     from search.lookup import Lookup

@@ -40,9 +40,9 @@ def main() -> None:
     from flextron.elastic import ElasticModel
     from flextron.rundir import RunDir
     from flextron.spec import Regime
+    from profiler.bench import RegimeBench
     from profiler.interleaved import FULL, InterleavedSession
     from profiler.rounds import noise_floor, per_round
-    from profiler.sweep import RegimeBench
     from profiler.telemetry import Telemetry
     from profiler.timer import Timer, TimerConfig
 

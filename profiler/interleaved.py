@@ -22,7 +22,7 @@ class InterleavedSession:
                  threads: int | None = None, source_gguf=None):
         import torch
 
-        from profiler.sweep import RegimeBench
+        from profiler.bench import RegimeBench
         from profiler.timer import Timer, TimerConfig
 
         if regime.engine == "llamacpp":
@@ -35,7 +35,8 @@ class InterleavedSession:
         else:
             elastic.to(device=device, dtype=getattr(torch, regime.dtype))
             self.bench = RegimeBench(elastic, regime, device)
-        self.timer = Timer(device, regime.mode, TimerConfig(warmup=warmup, min_reps=reps, min_time_s=0.0, max_reps=reps))
+        self.timer = Timer(device, regime.mode, TimerConfig(warmup=warmup, min_reps=reps, min_time_s=0.0,
+                                                            max_reps=reps))
         self.regime, self.seed = regime, seed
         self.configs: dict[str, SubnetConfig] = {FULL: elastic.spec.full()}
         self.full_key = elastic.spec.full().key  # the full model is the reference: one key, measured once a round

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils.validation import check_is_fitted
 
 from flextron.errors import FlextronError
 from flextron.spec import SubnetConfig
@@ -217,6 +218,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         return self
 
     def _effective(self) -> tuple[np.ndarray, np.ndarray]:
+        check_is_fitted(self)  # a NotFittedError naming `fit`, not a missing attribute
         A, M = self._priors()
         theta = np.concatenate([[self.intercept_], self.coef_, self.host_ms_])
         _, Ae, Me = self._base(self.form_, theta, A, M)
@@ -269,6 +271,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
 
     # ---- plain-JSON persistence ---------------------------------------------------------------
     def to_dict(self) -> dict:
+        check_is_fitted(self)
         return {
             "attn_table": {str(l): {str(k): v for k, v in t.items()} for l, t in self.attn_table.items()},
             "mlp_table": {str(l): {str(k): v for k, v in t.items()} for l, t in self.mlp_table.items()},
@@ -277,7 +280,8 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             "coef_": list(map(float, self.coef_)),
             "intercept_": self.intercept_,
             "host_ms_": list(map(float, self.host_ms_)),
-            "delta_attn_": np.nan_to_num(self.delta_attn_).tolist(), "delta_mlp_": np.nan_to_num(self.delta_mlp_).tolist(),
+            "delta_attn_": np.nan_to_num(self.delta_attn_).tolist(),
+            "delta_mlp_": np.nan_to_num(self.delta_mlp_).tolist(),
             "cv_mape_pct_": self.cv_mape_pct_,
         }
 
@@ -339,10 +343,13 @@ def error_metrics(y_true, y_pred) -> dict:
 
 @dataclass(frozen=True)
 class FitConfig:
-    run: str = "runs/demo"
-    holdout_frac: float = 0.5  # of the random heterogeneous configs; uniform ones always train
-    seed: int = 0
-    allow_errors: bool = False  # fit regimes with failed (OOM, error) cells on their ok cells
+    run: str = "runs/demo"  #: the run directory (profiled); the model goes to RUN/latency_model/
+    #: fraction of the random heterogeneous end-to-end configs held out to score the model, in (0, 1); the
+    #: uniform configs always train
+    holdout_frac: float = 0.5
+    seed: int = 0  #: seed of the held-out split (a non-negative whole number)
+    #: fit regimes with failed (OOM, error) cells on their ok cells, with a warning (without it: refused)
+    allow_errors: bool = False
 
     def __post_init__(self):
         from flextron.rundir import check_finite
@@ -362,7 +369,8 @@ def measurement_noise(layers, e2e, regime_key: str, floor: dict | None = None) -
     e2e_cv = float(e["cv"].median()) if "cv" in e and e["cv"].notna().any() else float("nan")
     anchor_cv = float(a.std() / a.mean()) if len(a) > 1 else float("nan")
     floor = floor or {}
-    return {"noise_floor_pct": floor.get("noise_floor_pct"), "ratio_noise_floor_pct": floor.get("ratio_noise_floor_pct"),
+    return {"noise_floor_pct": floor.get("noise_floor_pct"),
+            "ratio_noise_floor_pct": floor.get("ratio_noise_floor_pct"),
             "e2e_median_cv_pct": round(100 * e2e_cv, 3) if np.isfinite(e2e_cv) else None,
             "anchor_cv_pct": round(100 * anchor_cv, 3) if np.isfinite(anchor_cv) else None}
 
@@ -371,7 +379,8 @@ def noise_of_targets(metrics: dict) -> tuple[float | None, str]:
     """The noise the held-out error is compared with, and its name: the test-retest floor of what
     the model was fitted to (ratios to the full model, or medians), else the samples' median CV."""
     for key in ("ratio_noise_floor_pct", "noise_floor_pct", "e2e_median_cv_pct"):
-        if metrics.get(key) is not None and (key != "ratio_noise_floor_pct" or metrics.get("target") == "ratio_to_full"):
+        if metrics.get(key) is not None and (key != "ratio_noise_floor_pct"
+                                             or metrics.get("target") == "ratio_to_full"):
             return metrics[key], key
     return None, "none"
 
@@ -416,8 +425,8 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
         raise FlextronError(f"regime {regime_key} has no usable layer or end-to-end cells; re-run `flextron profile`")
     configs = [SubnetConfig.from_json(c) for c in rows["config"]]
     # Only with failed layer cells (fit --allow-errors): configs using one have no per-layer terms.
-    usable = np.array([all(h in attn.get(l, {}) and w in mlp.get(l, {}) for l, (w, h) in enumerate(zip(c.mlp_width, c.heads)))
-                       for c in configs], bool)
+    usable = np.array([all(h in attn.get(l, {}) and w in mlp.get(l, {})
+                           for l, (w, h) in enumerate(zip(c.mlp_width, c.heads))) for c in configs], bool)
     rows, configs = rows[usable], [c for c, u in zip(configs, usable) if u]
     y, target = rows["latency_ms_median"].to_numpy(float), "latency_ms_median"
     if "ratio_to_full" in rows and rows["ratio_to_full"].notna().all():
@@ -458,8 +467,6 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
     preds = {"regime": regime_key, "config_key": [c.key for c in configs], "measured_ms": y,
              "predicted_ms": model.predict(X), "naive_ms": model.naive_predict(X), "heldout": held}
     return model, metrics, preds
-
-
 
 
 def fit(cfg: FitConfig) -> dict:

@@ -1,12 +1,13 @@
 """The llama.cpp engine: sub-networks measured as the GGUF files `flextron export --format gguf`
 writes, run by llama.cpp (through `llama-cpp-python`) on the CPU.
 
-`LlamaCppBench` has the interface of the transformers `RegimeBench` that the sweep, verify and the
-benchmarks measure through: `forward_fn(cfg)` gives a zero-argument callable running one step of
-the regime. A decode step appends one token to a KV cache holding `seq_len` tokens and then drops
-it again (llama.cpp's `eval` truncates the cache to `n_tokens` first), so every timed step sees the
-same context; a prefill step evaluates `seq_len` tokens on an empty cache. Each config's GGUF is
-written once into a private temporary folder and loaded once (memory-mapped); `close()` frees them.
+`LlamaCppBench` has the interface of the transformers `RegimeBench` (profiler/bench.py) that the
+sweep, verify and the benchmarks measure through: `forward_fn(cfg)` gives a zero-argument callable
+running one step of the regime. A decode step appends one token to a KV cache holding `seq_len`
+tokens and then drops it again (llama.cpp's `eval` truncates the cache to `n_tokens` first), so
+every timed step sees the same context; a prefill step evaluates `seq_len` tokens on an empty cache.
+Each config's GGUF is written once into a private temporary folder and loaded once (memory-mapped);
+`close()` frees them.
 
 Per-layer terms (the latency model's priors) come from probes, since llama.cpp runs whole models
 only: a model whose every layer has MLP width `w` (heads full) gives the MLP terms, and one whose

@@ -39,7 +39,8 @@ class RoundsConfig:
         for name in ("rounds", "reps"):
             check_finite(name, getattr(self, name), whole=True)
         if self.rounds < 2:
-            raise FlextronError(f"--rounds must be at least 2 (statistics and the noise floor are taken over rounds), got {self.rounds}")
+            raise FlextronError("--rounds must be at least 2 (statistics and the noise floor are taken over rounds), "
+                                f"got {self.rounds}")
         if self.reps < 1:
             raise FlextronError(f"--reps must be at least 1, got {self.reps}")
 
@@ -62,8 +63,10 @@ def measure_in_rounds(keys: list[str], measure: Callable[[str], list[float]], ro
         for i, key in enumerate(order):
             samples = [float(s) for s in measure(key)]
             if not samples or not all(math.isfinite(s) and s > 0 for s in samples):
-                raise FlextronError(f"measuring {key} gave unusable samples {samples[:5]}; raise the timer's repetitions")
-            this_round += [{"round": r, "order": i, "key": key, "sample": j, "latency_ms": s} for j, s in enumerate(samples)]
+                raise FlextronError(f"measuring {key} gave unusable samples {samples[:5]}; "
+                                    "raise the timer's repetitions")
+            this_round += [{"round": r, "order": i, "key": key, "sample": j, "latency_ms": s}
+                           for j, s in enumerate(samples)]
             if bar:
                 bar.update(1)
         out += this_round

@@ -2,7 +2,7 @@
 
 Layer cells run the model's own attention and MLP modules, sliced to the cell's width, with the
 exact arguments the model passes them (captured from a real forward: rotary embeddings, masks, a
-real static KV cache for decode). End-to-end cells run the whole sliced model.
+real static KV cache for decode; profiler/bench.py). End-to-end cells run the whole sliced model.
 
 A sweep is resumable and says what it measured:
 - `profile_config.json` and `device.json` are written when the sweep starts. A resumed sweep must
@@ -10,10 +10,10 @@ A sweep is resumable and says what it measured:
   `--restart` or its own run directory) on the same device; `device.json` keeps the first start's
   facts. `--layers-only` may change between runs: a later run without it adds the end-to-end cells
   with the same settings.
-- Rows go to numbered Parquet parts, written every FLUSH_S seconds, every few cells and when the
-  sweep is interrupted (Ctrl-C or SIGTERM), so an interrupted sweep loses only the cell in flight
-  and a SIGKILL at most FLUSH_S seconds of finished cells; the resume measures exactly the cells
-  missing from the parts.
+- Rows go to numbered Parquet parts (profiler/parts.py), written every FLUSH_S seconds, every few
+  cells and when the sweep is interrupted (Ctrl-C or SIGTERM), so an interrupted sweep loses only
+  the cell in flight and a SIGKILL at most FLUSH_S seconds of finished cells; the resume measures
+  exactly the cells missing from the parts.
 - A cell that runs out of memory (any mode) or fails in `cuda_graph` mode is recorded as a row with
   its status and the sweep goes on; the summary counts cells by status per regime, and `flextron fit`
   refuses a regime with failed cells unless told `--allow-errors`.
@@ -21,12 +21,9 @@ A sweep is resumable and says what it measured:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +31,7 @@ from pathlib import Path
 from flextron.devices import check_device, check_device_name, set_cpu_threads
 from flextron.errors import FlextronError
 from flextron.rundir import (
+    RunDir,
     check_finite,
     check_resume,
     read_json,
@@ -42,10 +40,12 @@ from flextron.rundir import (
     write_parquet_atomic,
 )
 from flextron.spec import DTYPE_BYTES, ENGINES, MODES, Regime, SubnetConfig
+from profiler.bench import RegimeBench
+from profiler.energy import energy_per_token
+from profiler.parts import Interrupts, PartWriter, read_part
 from profiler.profile import DEVICE_FILE, E2E_FILE, LAYERS_FILE, NOISE_FILE, PARTS_DIR, SAMPLES_FILE, profile_dir
 
 CONFIG_FILE = "profile_config.json"
-FLUSH_S = 5.0  # buffered rows are written at least this often, so a SIGKILL loses only seconds of work
 
 # Settings that change what a cell measures: a resumed sweep must match them all, or its parts
 # would mix two measurements under one cell key. (`dtype` and `mode` come before `regime` so that
@@ -56,24 +56,39 @@ RESUME_FIELDS = ("device", "engine", "dtype", "mode", "regime", "e2e_random", "s
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    run: str = "runs/demo"
-    device: str = "cpu"
-    engine: str = "torch"  # torch: the model's transformers code | llamacpp: its GGUF export in llama.cpp (CPU)
+    run: str = "runs/demo"  #: the run directory (made by `flextron convert`); the profile goes to RUN/profile/
+    device: str = "cpu"  #: where latency is measured: cpu, cuda or cuda:N (the llama.cpp engine measures on the CPU)
+    engine: str = "torch"  #: torch (the model's transformers code) | llamacpp (its GGUF export in llama.cpp, CPU)
+    #: deployment regimes to measure: decode:bBATCH:ctxCONTEXT or prefill:bBATCH:sLENGTH, each optionally
+    #: followed by :DTYPE and :MODE (e.g. decode:b1:ctx1024:bfloat16:cuda_graph)
     regime: tuple[str, ...] = ("decode:b1:ctx256", "prefill:b1:s128")
-    dtype: str = ""  # applied to regimes that name none; default float32 on CPU, bfloat16 on CUDA, q8_0 in llama.cpp
-    mode: str = ""  # likewise; default eager on CPU, cuda_graph on CUDA, llamacpp for --engine llamacpp
-    e2e_random: int = 16  # random heterogeneous sub-networks measured end to end (plus the uniform ones)
-    seed: int = 0
+    #: dtype (float32 | bfloat16 | float16 | q8_0) of the regimes that name none; empty: float32 on CPU,
+    #: bfloat16 on CUDA, q8_0 in llama.cpp
+    dtype: str = ""
+    #: execution mode (eager | cuda_graph | llamacpp) of the regimes that name none; empty: eager on CPU,
+    #: cuda_graph on CUDA, llamacpp for --engine llamacpp
+    mode: str = ""
+    e2e_random: int = 16  #: random heterogeneous sub-networks measured end to end (beside every uniform one)
+    seed: int = 0  #: seed of the random end-to-end configs, the layer cells' order and the rounds' shuffles
+    #: torch layer cells: the fewest timed repetitions of a cell; timing goes on until --min-time-ms is also
+    #: met (2000 repetitions at most)
     min_reps: int = 10
+    #: torch layer cells: the least total timed time of a cell, in ms; 0: --min-reps alone decides
     min_time_ms: float = 30.0
-    warmup: int = 3
-    anchor_every: int = 40  # re-measure the anchor cell after this many cells, to expose drift
-    energy_s: float = 0.5  # GPU: length of each energy-per-token measurement (uniform configs); 0 skips
-    rounds: int = 6  # end-to-end: interleaved rounds (every config and the full model once per round, shuffled)
-    reps: int = 3  # end-to-end: timed steps per config per round (after `warmup` untimed ones)
-    threads: int = 0  # CPU: torch intra-op threads, recorded in device.json; 0 = one (see flextron.devices)
-    layers_only: bool = False  # skip the end-to-end cells; a later run without it adds them to the same profile
-    restart: bool = False  # remove profile/ and measure everything again (else a sweep resumes)
+    warmup: int = 3  #: untimed calls before a layer cell or an end-to-end config is timed
+    anchor_every: int = 40  #: re-measure the anchor layer cell after this many cells, to expose and correct drift
+    #: CUDA with NVML: seconds of each energy-per-token measurement (uniform configs only); 0 skips it
+    energy_s: float = 0.5
+    #: end-to-end: interleaved rounds (every config and the full model once per round, in a fresh order)
+    rounds: int = 6
+    reps: int = 3  #: end-to-end: timed steps per config per round (after --warmup untimed ones)
+    #: CPU: intra-op threads of torch (or llama.cpp) while measuring, recorded in device.json; 0: one (steady on
+    #: small, shared CPUs; see flextron.devices)
+    threads: int = 0
+    #: measure the layer cells only; a later run without it adds the end-to-end cells to the same profile
+    layers_only: bool = False
+    #: remove RUN/profile/ and measure everything again (without it, a stopped sweep resumes where it stopped)
+    restart: bool = False
 
     def __post_init__(self):
         check_device_name(self.device)
@@ -132,230 +147,6 @@ def random_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
             seen.add(cfg)
             out.append(cfg)
     return out
-
-
-class _Interrupts:
-    """For the duration of a sweep, SIGINT and SIGTERM raise KeyboardInterrupt (so `finally` blocks
-    write the buffered rows; SIGTERM would otherwise end the process on the spot), except inside
-    `deferred()`, where they wait for the block's end: a signal between a part's rename and the
-    clearing of its buffer would write those rows twice. Handlers can only be set from the main
-    thread; elsewhere signals keep their usual effect."""
-
-    def __init__(self):
-        self._depth, self._pending, self._previous = 0, None, {}
-
-    def __enter__(self) -> "_Interrupts":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. nohup: leave ignored signals ignored
-                    self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self._depth:
-            self._pending = signum
-            return
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    @contextlib.contextmanager
-    def deferred(self):
-        self._depth += 1
-        try:
-            yield
-        finally:
-            self._depth -= 1
-            if not self._depth and self._pending is not None:
-                signum, self._pending = self._pending, None
-                raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def _read_part(path: Path, columns: list[str] | None = None):
-    import pandas as pd
-
-    try:
-        return pd.read_parquet(path, columns=columns)
-    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a damaged file
-        raise FlextronError(
-            f"{path} is a corrupt part of an interrupted sweep ({type(e).__name__}: {str(e)[:160]}); delete it and "
-            "run the same `flextron profile` command again: its cells are measured again"
-        ) from None
-
-
-class _PartWriter:
-    """Rows go to numbered Parquet parts (temp file + rename, never half a part), written when
-    `flush_every` rows or `flush_s` seconds have gathered, and by `flush()` (which the sweep calls
-    when it is interrupted)."""
-
-    def __init__(self, folder: Path, prefix: str, flush_every: int = 16, flush_s: float | None = None,
-                 guard=contextlib.nullcontext):
-        self.folder, self.prefix, self.flush_every = folder, prefix, flush_every
-        self.flush_s = FLUSH_S if flush_s is None else flush_s
-        self.guard = guard  # a context in which the part is written and the buffer cleared, uninterrupted
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(f"{prefix}-*.tmp"):  # a write that a kill cut short; its rows were never counted
-            stale.unlink()
-        self.rows: list[dict] = []
-        self._flushed_at = time.monotonic()
-
-    def parts(self) -> list[Path]:
-        return sorted(self.folder.glob(f"{self.prefix}-*.parquet"))
-
-    def done_keys(self) -> set[str]:
-        keys = set()
-        for p in self.parts():
-            keys.update(_read_part(p, ["cell_key"])["cell_key"])
-        return keys
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= self.flush_every or time.monotonic() - self._flushed_at >= self.flush_s:
-            self.flush()
-
-    def flush(self) -> None:
-        import pandas as pd
-
-        self._flushed_at = time.monotonic()
-        if not self.rows:
-            return
-        with self.guard():
-            n = len(self.parts())
-            path = self.folder / f"{self.prefix}-{n:05d}-{time.time_ns()}.parquet"
-            tmp = path.with_suffix(".tmp")
-            pd.DataFrame(self.rows).to_parquet(tmp, index=False)
-            tmp.rename(path)
-            self.rows = []
-
-    def combine(self, out: Path, transform=None) -> "pd.DataFrame":  # noqa: F821
-        """Every part as one table (last row per cell), `transform`ed, written to `out`."""
-        import pandas as pd
-
-        parts = self.parts()
-        df = pd.concat([_read_part(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
-        if len(df):
-            df = df.drop_duplicates("cell_key", keep="last")
-            df = transform(df) if transform else df
-            write_parquet_atomic(df, out)
-        return df
-
-
-class RegimeBench:
-    """Inputs and captured per-layer call arguments for one regime on one device."""
-
-    def __init__(self, elastic, regime: Regime, device: str):
-        import torch
-
-        self.torch = torch
-        self.elastic, self.regime, self.device = elastic, regime, torch.device(device)
-        vocab = elastic.spec.vocab_size
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (regime.batch, regime.new_tokens), generator=g).to(self.device)
-        self._captures: dict[int, tuple] = {}
-
-    def _new_cache(self):
-        """A static KV cache of context+1 slots whose write position is reset by one op per call."""
-        from transformers import StaticCache
-
-        return StaticCache(config=self.elastic.model.config, max_cache_len=self.regime.seq_len + 1)
-
-    def _pin_position(self, cache):
-        torch = self.torch
-        pos = torch.full((len(cache.layers),), self.regime.seq_len, dtype=torch.long, device=self.device)
-        for i, layer in enumerate(cache.layers):
-            layer.cumulative_length = pos[i]
-        return lambda: pos.fill_(self.regime.seq_len)
-
-    def model_kwargs(self, cache=None) -> dict:
-        torch = self.torch
-        kw = {"input_ids": self.ids, "logits_to_keep": 1}
-        if self.regime.phase == "decode":
-            ctx = self.regime.seq_len
-            kw.update(past_key_values=cache, use_cache=True,
-                      cache_position=torch.tensor([ctx], device=self.device),
-                      position_ids=torch.full((self.regime.batch, 1), ctx, device=self.device))
-        else:
-            kw.update(use_cache=False)
-        return kw
-
-    def forward_fn(self, cfg: SubnetConfig):
-        """A zero-argument callable running the whole sub-network once (cache initialised)."""
-        el = self.elastic
-        el.set_config(cfg)
-        cache = self._new_cache() if self.regime.phase == "decode" else None
-        kw = self.model_kwargs(cache)
-        with self.torch.inference_mode():
-            el.model(**kw)  # initialises the cache lazily at this config's head counts
-        reset = self._pin_position(cache) if cache is not None else (lambda: None)
-
-        def run():
-            reset()
-            return el.model(**kw)
-
-        return run
-
-    def capture(self, head_idx: int):
-        """Arguments every attention and MLP module receives under uniform head choice `head_idx`."""
-        if head_idx in self._captures:
-            return self._captures[head_idx]
-        el = self.elastic
-        spec = el.spec
-        cfg = SubnetConfig(spec.full().mlp_width, tuple(hs[head_idx] for hs in spec.head_counts))
-        el.set_config(cfg)
-        cache = self._new_cache() if self.regime.phase == "decode" else None
-        attn_calls, mlp_inputs, head_in = {}, {}, {}
-        hooks = []
-        for i, layer in enumerate(el.adapter.layers(el.model)):
-            def attn_hook(mod, args, kwargs, i=i):
-                attn_calls[i] = (args, dict(kwargs))
-            def mlp_hook(mod, args, i=i):
-                mlp_inputs[i] = args[0].clone()
-            hooks.append(el.adapter.attn_of(layer).register_forward_pre_hook(attn_hook, with_kwargs=True))
-            hooks.append(el.adapter.mlp_of(layer).register_forward_pre_hook(mlp_hook))
-        hooks.append(el.model.lm_head.register_forward_pre_hook(lambda m, a: head_in.setdefault("x", a[0].clone())))
-        try:
-            with self.torch.inference_mode():
-                el.model(**self.model_kwargs(cache))
-        finally:
-            for h in hooks:
-                h.remove()
-        reset = self._pin_position(cache) if cache is not None else (lambda: None)
-        self._captures[head_idx] = (attn_calls, mlp_inputs, head_in["x"], reset)
-        return self._captures[head_idx]
-
-    def cell_fn(self, layer: int, kind: str, width: int):
-        el, spec = self.elastic, self.elastic.spec
-        model = el.model
-        if kind == "embed":
-            emb = model.get_input_embeddings()
-            return lambda: emb(self.ids)
-        if kind == "head":
-            _, _, head_x, _ = self.capture(len(spec.head_counts[0]) - 1)
-            norm = model.model.norm  # the final norm sits on the inner model in every supported family
-            return lambda: model.lm_head(norm(head_x))
-        layer_mod = el.adapter.layers(model)[layer]
-        if kind == "attn":
-            head_idx = spec.head_counts[layer].index(width)
-            attn_calls, _, _, reset = self.capture(head_idx)
-            args, kwargs = attn_calls[layer]
-            attn = el.adapter.attn_of(layer_mod)
-            el.set_config(SubnetConfig(spec.full().mlp_width, tuple(hs[head_idx] for hs in spec.head_counts)))
-
-            def run():
-                reset()
-                return attn(*args, **kwargs)
-
-            return run
-        if kind == "mlp":
-            _, mlp_inputs, _, _ = self.capture(len(spec.head_counts[0]) - 1)
-            x = mlp_inputs[layer]
-            mlp = el.adapter.mlp_of(layer_mod)
-            el.set_config(SubnetConfig(tuple(width if i == layer else ws[-1] for i, ws in enumerate(spec.mlp_widths)),
-                                       spec.full().heads))
-            return lambda: mlp(x)
-        raise ValueError(kind)
 
 
 def _layer_cells(spec) -> list[tuple[int, str, int]]:
@@ -451,19 +242,22 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
 
         info["llama_cpp_python"] = require_binding().__version__
     _start_or_resume(out_dir, cfg, info)
+    # llama.cpp: the GGUF file the run was converted from (None: none), whose tokenizer every export copies
+    source_gguf = RunDir(out_dir.parent).source_gguf() if cfg.engine == "llamacpp" else None
     spec = elastic.spec
     regimes = cfg.regimes()
     rng = random.Random(cfg.seed)
     base = {"device": str(tele.device), "device_name": info["device_name"], "model_family": spec.family,
             "engine": cfg.engine}
     n_measured = 0
-    with _Interrupts() as interrupts:
-        layers_w = _PartWriter(out_dir / PARTS_DIR, "layers", guard=interrupts.deferred)
-        e2e_w = _PartWriter(out_dir / PARTS_DIR, "e2e", flush_every=4, guard=interrupts.deferred)
+    with Interrupts() as interrupts:
+        layers_w = PartWriter(out_dir / PARTS_DIR, "layers", guard=interrupts.deferred)
+        e2e_w = PartWriter(out_dir / PARTS_DIR, "e2e", flush_every=4, guard=interrupts.deferred)
         done = layers_w.done_keys() | e2e_w.done_keys()
         try:
             for regime in regimes:
-                n_measured += _sweep_regime(elastic, regime, cfg, tele, base, rng, done, layers_w, e2e_w, progress)
+                n_measured += _sweep_regime(elastic, regime, cfg, tele, base, rng, done, layers_w, e2e_w,
+                                            source_gguf, progress)
         finally:  # an interrupt, or any error: the finished rows are kept for the resume
             with interrupts.deferred():
                 layers_w.flush()
@@ -473,7 +267,7 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
     e2e = e2e_w.combine(out_dir / E2E_FILE) if not cfg.layers_only else pd.DataFrame()
     rounds = sorted((out_dir / PARTS_DIR).glob("e2e_round-*.parquet"))
     if rounds:  # every raw end-to-end sample, with its round (the parts stay for a resume)
-        write_parquet_atomic(pd.concat([_read_part(p) for p in rounds], ignore_index=True), out_dir / SAMPLES_FILE)
+        write_parquet_atomic(pd.concat([read_part(p) for p in rounds], ignore_index=True), out_dir / SAMPLES_FILE)
     elastic.set_config(spec.full())
     noise = read_json(out_dir / NOISE_FILE) if (out_dir / NOISE_FILE).is_file() else {}
     anchors = layers[layers["anchor"] & (layers["status"] == "ok")] if len(layers) else layers
@@ -497,8 +291,9 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
 
 
 def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict, rng, done: set[str],
-                  layers_w: _PartWriter, e2e_w: _PartWriter, progress=None) -> int:
-    """Measure the cells of one regime that are not `done`; returns how many were measured."""
+                  layers_w: PartWriter, e2e_w: PartWriter, source_gguf: Path | None, progress=None) -> int:
+    """Measure the cells of one regime that are not `done`; returns how many were measured.
+    `source_gguf`: the run's source GGUF file, for a llama.cpp regime."""
     import torch
 
     from profiler.timer import Timer, TimerConfig
@@ -506,7 +301,7 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
     spec = elastic.spec
     rbase = {**base, "regime": regime.key, **regime.to_dict()}
     if regime.engine == "llamacpp":
-        return _sweep_llamacpp(elastic, regime, cfg, tele, rbase, done, layers_w, e2e_w, progress)
+        return _sweep_llamacpp(elastic, regime, cfg, tele, rbase, done, layers_w, e2e_w, source_gguf, progress)
     elastic.to(device=cfg.device, dtype=getattr(torch, regime.dtype))
     timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.min_reps,
                                                        min_time_s=cfg.min_time_ms / 1e3))
@@ -522,7 +317,8 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
             timing = timer.measure(fn)
             after = tele.sample()
             row.update(timing.row(), status="ok")
-            row.update({k: after[k] for k in ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temp_c", "throttle_reasons")})
+            row.update({k: after[k] for k in ("sm_clock_mhz", "mem_clock_mhz", "power_w", "temp_c",
+                                              "throttle_reasons")})
             row["throttled"] = bool(before["throttled"] or after["throttled"])
             row["measured_at"] = time.time()  # when: the drift correction interpolates anchors in time
         except Exception as e:  # noqa: BLE001 - an OOM or capture failure is recorded, not fatal
@@ -546,8 +342,9 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
                              {"layer": layer, "kind": kind, "width": width, "anchor": False, "order": idx}))
         if (idx + 1) % cfg.anchor_every == 0:
             akey = f"{regime.key}|anchor|{time.time_ns()}"
-            layers_w.add(measure(lambda: bench.cell_fn(*anchor), akey,
-                                 {"layer": anchor[0], "kind": anchor[1], "width": anchor[2], "anchor": True, "order": idx}))
+            layers_w.add(measure(lambda: bench.cell_fn(*anchor), akey, {"layer": anchor[0], "kind": anchor[1],
+                                                                        "width": anchor[2], "anchor": True,
+                                                                        "order": idx}))
     layers_w.flush()
     e2e_timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.reps, min_time_s=0.0,
                                                            max_reps=cfg.reps))
@@ -555,7 +352,7 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
 
 
 def _e2e_set(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, done: set[str], bench, timer,
-             e2e_w: _PartWriter, progress=None) -> int:
+             e2e_w: PartWriter, progress=None) -> int:
     """The end-to-end set (every uniform config and `e2e_random` random ones) in rounds, unless
     `--layers-only` or already measured; returns how many configs were measured now."""
     e2e_cfgs = elastic.spec.uniform_configs() + random_configs(elastic.spec, cfg.e2e_random, cfg.seed)
@@ -565,12 +362,12 @@ def _e2e_set(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, don
 
 
 def _sweep_llamacpp(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, done: set[str],
-                    layers_w: _PartWriter, e2e_w: _PartWriter, progress=None) -> int:
+                    layers_w: PartWriter, e2e_w: PartWriter, source_gguf: Path | None, progress=None) -> int:
     """One llama.cpp regime: per-layer terms from probes timed in interleaved rounds beside the full
-    model (profiler/llamacpp.py), then the end-to-end set in rounds exactly as in the torch engine."""
+    model (profiler/llamacpp.py), then the end-to-end set in rounds exactly as in the torch engine.
+    `source_gguf`: the run's source GGUF (the exports copy its tokenizer), or None."""
     import torch
 
-    from flextron.rundir import RunDir
     from profiler.interleaved import FULL
     from profiler.llamacpp import LlamaCppBench, layer_terms, probe_keys
     from profiler.rounds import measure_in_rounds, summarise
@@ -579,9 +376,8 @@ def _sweep_llamacpp(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: di
     spec = elastic.spec
     elastic.to(device="cpu", dtype=torch.float32)
     timer = Timer("cpu", "eager", TimerConfig(warmup=cfg.warmup, min_reps=cfg.reps, min_time_s=0.0, max_reps=cfg.reps))
-    source = RunDir(e2e_w.folder.parent.parent).source_gguf()
     n_measured = 0
-    with LlamaCppBench(elastic, regime, threads=cfg.threads or 1, source_gguf=source) as bench:
+    with LlamaCppBench(elastic, regime, threads=cfg.threads or 1, source_gguf=source_gguf) as bench:
         cells = [(kind, w) for kind, w in probe_keys(spec) if w]
         keys = [f"{regime.key}|{layer}|{kind}|{w}" for layer in range(spec.num_layers) for kind, w in cells]
         if not all(k in done for k in keys):
@@ -654,7 +450,7 @@ def _round_parts(folder: Path, regime: Regime) -> list[Path]:
 
 
 def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, e2e_cfgs: list[SubnetConfig],
-                bench, timer, e2e_w: _PartWriter, progress=None) -> int:
+                bench, timer, e2e_w: PartWriter, progress=None) -> int:
     """The end-to-end set in `cfg.rounds` interleaved rounds (profiler/rounds.py): each round, every
     config and the full model once, in a fresh order; each finished round is written as one part, so
     an interrupted sweep resumes at the round in flight. Then one row per config (statistics over
@@ -670,7 +466,7 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     folder = e2e_w.folder
     full_key = spec.full().key
     by_key = {c.key: c for c in e2e_cfgs}
-    done_rounds = pd.concat([_read_part(p) for p in _round_parts(folder, regime)], ignore_index=True) \
+    done_rounds = pd.concat([read_part(p) for p in _round_parts(folder, regime)], ignore_index=True) \
         if _round_parts(folder, regime) else pd.DataFrame(columns=["round", "key", "latency_ms"])
     failed, n = {}, 0
     if not len(done_rounds):  # first start of this regime's rounds: probe every config once
@@ -680,7 +476,8 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
                 failed[c.key] = {"status": status}
     else:
         failed_keys = set(by_key) - set(done_rounds["key"])
-        failed = {k: {"status": "error: failed its probe before an interrupted sweep; re-run with --restart"} for k in failed_keys}
+        failed = {k: {"status": "error: failed its probe before an interrupted sweep; re-run with --restart"}
+                  for k in failed_keys}
     keys = [k for k in by_key if k not in failed]
 
     def measure_one(key: str) -> list[float]:
@@ -714,7 +511,8 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
                  "params": c.param_count(spec), "flops": c.flops(spec, regime), "bytes": c.bytes_moved(spec, regime)}
         row = {**rbase, **extra, "cell_key": f"{regime.key}|{c.key}"}
         if c.key in failed:
-            e2e_w.add({**row, "status": failed[c.key]["status"], "latency_ms_median": float("nan"), "n": 0, "samples_ms": []})
+            e2e_w.add({**row, "status": failed[c.key]["status"], "latency_ms_median": float("nan"), "n": 0,
+                       "samples_ms": []})
             continue
         st = stats.loc[FULL if c.key == full_key else c.key]
         med_s = st["latency_ms_median"] / 1e3
@@ -724,37 +522,17 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
                    achieved_tflops=extra["flops"] / med_s / 1e12, achieved_gbps=extra["bytes"] / med_s / 1e9)
         row.update({k: v for k, v in tele.sample().items() if k in ("sm_clock_mhz", "mem_clock_mhz", "power_w",
                                                                     "temp_c", "throttle_reasons")})
-        row["energy_mj_per_token"] = (_energy_per_token(tele, timer.prepare(bench.forward_fn(c)), regime, cfg.energy_s)
+        row["energy_mj_per_token"] = (energy_per_token(tele, timer.prepare(bench.forward_fn(c)), regime, cfg.energy_s)
                                       if extra["uniform"] and cfg.energy_s > 0 else None)
         e2e_w.add(row)
     e2e_w.flush()
     return n
 
 
-def _energy_per_token(tele, fn, regime: Regime, seconds: float) -> float | None:
-    """mJ per generated/processed token from the NVML energy counter over >= `seconds` of runs
-    (the counter updates every few ms, so short spans would read as zero or one step)."""
-    import torch
-
-    if tele.energy_mj() is None:
-        return None
-    torch.cuda.synchronize()
-    e0, t0, runs = tele.energy_mj(), time.perf_counter(), 0
-    with torch.inference_mode():
-        while time.perf_counter() - t0 < seconds:
-            for _ in range(10):
-                fn()
-            runs += 10
-            torch.cuda.synchronize()
-    e1 = tele.energy_mj()
-    return (e1 - e0) / (runs * regime.batch * regime.new_tokens)
-
-
 def profile(cfg: ProfileConfig) -> dict:
     """`flextron profile`: the sweep of `cfg.run`'s elastic model into RUN/profile (see `run_sweep`)."""
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
-    from flextron.rundir import RunDir
 
     run = RunDir(cfg.run)
     check_device(cfg.device)  # before loading anything

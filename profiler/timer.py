@@ -125,7 +125,8 @@ class Timer:
         ):
             # A batch of reps with one sync, so host-side timing never enters the samples.
             batch = max(1, min(self.cfg.min_reps, self.cfg.max_reps - len(t.samples_ms)))
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(batch)]
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(batch)]
             for start, end in events:
                 if self._flush is not None:
                     self._flush.zero_()

@@ -27,6 +27,19 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_run(tiny_run, tmp_path_factory):
+    """A copy of `tiny_run` after 4 steps of `flextron train` (checkpoints every 2), for tests that only read it."""
+    import shutil
+
+    from flextron.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("train") / "run"
+    shutil.copytree(tiny_run, run)
+    train(TrainConfig(run=str(run), steps=4, batch_size=2, seq_len=64, checkpoint_every=2, lr=1e-3))
+    return run
+
+
 def _profiled_copy(src, dst, regime: str, e2e_random: int, fit: bool = True):
     """Copy run `src` to `dst`, profile it quickly in one regime, and (by default) fit the latency model."""
     import shutil

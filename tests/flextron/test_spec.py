@@ -86,3 +86,36 @@ def test_a_regime_naming_two_dtypes_or_modes_is_refused():
         Regime.parse("decode:b1:ctx32:float32:bfloat16")
     with pytest.raises(FlextronError, match="two modes"):
         Regime.parse("decode:b1:ctx32:eager:cuda_graph")
+
+
+def test_resolve_regime_names_one_key_or_lists_them():
+    from flextron.spec import resolve_regime
+
+    f32, bf16 = "decode:b1:ctx256:float32:eager", "decode:b1:ctx256:bfloat16:eager"
+    pre = "prefill:b1:s128:float32:eager"
+    assert resolve_regime([f32, pre], f32) == f32
+    assert resolve_regime([f32, pre], "decode:b1:ctx256") == f32  # a short form names the one key it begins
+    assert resolve_regime([f32, f32], None) == f32  # the only key
+    with pytest.raises(FlextronError, match=r"decode:b1:ctx256 matches several profiled regimes "
+                                            rf"\['{bf16}', '{f32}'\]; name one in full"):
+        resolve_regime([f32, bf16], "decode:b1:ctx256")
+    # a prefix that is not a whole short form (ctx25 of ctx256) names nothing
+    with pytest.raises(FlextronError, match=rf"regime decode:b1:ctx25 was not fitted \(fitted: \['{f32}', '{pre}'\]\)"
+                                            r"; run it"):
+        resolve_regime([pre, f32], "decode:b1:ctx25", "fitted", fix="run it")
+    with pytest.raises(FlextronError, match=r"several regimes were profiled .*; name one with --regime"):
+        resolve_regime([f32, pre], None)
+    with pytest.raises(FlextronError, match="no regime was profiled; profile one"):
+        resolve_regime([], None, fix="profile one")
+    with pytest.raises(FlextronError, match="--regime: cannot read regime 'decode:b1'"):
+        resolve_regime([f32], "decode:b1")
+
+
+def test_regime_slug_is_one_file_name_per_regime():
+    keys = ["decode:b1:ctx256:float32:eager", "decode:b1:ctx256:bfloat16:eager", "prefill:b8:s1024:bfloat16:cuda_graph",
+            "decode:b1:ctx256:q8_0:llamacpp"]
+    slugs = [Regime.parse(k).slug for k in keys]
+    assert slugs[0] == "decode_b1_ctx256_float32_eager"
+    assert slugs[2] == "prefill_b8_s1024_bfloat16_cuda_graph"
+    assert len(set(slugs)) == len(keys)  # distinct regimes never share a part file or a folder
+    assert all("/" not in s and ":" not in s and not s.startswith(".") for s in slugs)

@@ -71,6 +71,96 @@ def test_sklearn_contract():
     assert c.get_params() == m.get_params() and not hasattr(c, "coef_")
 
 
+# A subset of scikit-learn's `check_estimator` checks, for the parts of its contract that this
+# estimator's API has (X is configs encoded as [n, 2L] choices, not arbitrary floats).
+
+@pytest.fixture(scope="module")
+def noisy_fit():
+    """Tables, configs and measurements where the fit has choices to make: host-bound layers, one
+    interaction the isolated times miss, and 1% noise."""
+    spec = ElasticSpec.build("llama", 6, 64, 512, 8, 4, 16, 320)
+    attn, mlp = synthetic(spec)
+    configs = spec.uniform_configs() + random_configs(spec, 30, 1)
+    X = encode(configs)
+    A, M = LatencyModel(attn, mlp, 0.0)._sums(X).T
+    noise = np.random.default_rng(3).normal(1.0, 0.01, len(X))
+    y = (0.5 + np.maximum(0.2, A) + 1.4 * M + 0.2 * np.array([c.heads[1] == 2 for c in configs])) * noise
+    return spec, attn, mlp, configs, X, y
+
+
+def test_fit_is_deterministic_and_a_refit_gives_the_same_model(noisy_fit):
+    from sklearn.base import clone
+
+    spec, attn, mlp, configs, X, y = noisy_fit
+    m = LatencyModel(attn, mlp, 0.0)
+    assert m.fit(X, y) is m
+    first = m.predict(X)
+    other = clone(m).fit(X, y)
+    assert m.fit(X, y) is m  # the same instance fitted again
+    for again in (m, other):
+        assert np.array_equal(again.predict(X), first)
+        assert again.cv_mape_pct_ == other.cv_mape_pct_ and (again.form_, again.alpha_) == (other.form_, other.alpha_)
+
+
+def test_fit_leaves_its_data_and_hyperparameters_unchanged(noisy_fit):
+    import copy
+
+    spec, attn, mlp, configs, X, y = noisy_fit
+    X_before, y_before, attn_before = X.copy(), y.copy(), copy.deepcopy(attn)
+    m = LatencyModel(attn, mlp, 0.0)
+    params = copy.deepcopy(m.get_params())
+    m.fit(X, y)
+    assert np.array_equal(X, X_before) and np.array_equal(y, y_before)
+    assert m.get_params() == params and attn == attn_before
+
+
+def test_predict_gives_one_output_per_config_whatever_the_batch(noisy_fit):
+    spec, attn, mlp, configs, X, y = noisy_fit
+    m = LatencyModel(attn, mlp, 0.0).fit(X, y)
+    X_before = X.copy()
+    p = m.predict(X)
+    assert p.shape == (len(X),) and np.isfinite(p).all()
+    assert np.array_equal(X, X_before)  # the input is not changed
+    order = np.random.default_rng(0).permutation(len(X))
+    assert np.allclose(m.predict(X[order]), p[order], rtol=1e-12, atol=0)  # the order of the batch does not matter
+    assert np.allclose(m.predict(X[:3]), p[:3], rtol=1e-12, atol=0)  # nor its other rows
+    assert np.allclose(m.predict(X.tolist()), p, rtol=1e-12, atol=0)  # lists of choices are configs too
+    with pytest.raises(FlextronError, match=r"expected configs as \[n, 12\] \(widths then heads\), got shape \(1, 6\)"):
+        m.predict(X[:1, :6])
+
+
+def test_a_config_encoded_twice_predicts_identically(noisy_fit):
+    spec, attn, mlp, configs, X, y = noisy_fit
+    m = LatencyModel(attn, mlp, 0.0).fit(X, y)
+    c = configs[-1]
+    again = SubnetConfig.from_json(c.to_json())
+    assert np.array_equal(encode([c]), encode([again]))
+    twice = m.predict(encode([c, again]))
+    assert twice[0] == twice[1] == m.predict_config(c) == m.predict_config(again)
+
+
+def test_a_saved_model_predicts_exactly_as_the_fitted_one(noisy_fit):
+    spec, attn, mlp, configs, X, y = noisy_fit
+    m = LatencyModel(attn, mlp, 0.0).fit(X, y)
+    loaded = LatencyModel.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert np.array_equal(loaded.predict(X), m.predict(X))
+    assert loaded.range_ms(spec) == m.range_ms(spec)
+    saved, fitted = loaded.layer_table_ms(spec), m.layer_table_ms(spec)
+    assert all(np.array_equal(saved[k], fitted[k]) for k in ("attn_ms", "mlp_ms"))
+    assert saved["fixed_ms"] == fitted["fixed_ms"]
+
+
+def test_an_unfitted_model_says_it_is_not_fitted(noisy_fit):
+    from sklearn.exceptions import NotFittedError
+
+    spec, attn, mlp, configs, X, y = noisy_fit
+    m = LatencyModel(attn, mlp, 0.0)
+    for use in (lambda: m.predict(X), lambda: m.predict_config(configs[0]), lambda: m.layer_table_ms(spec),
+                lambda: m.range_ms(spec), m.to_dict):
+        with pytest.raises(NotFittedError, match="not fitted yet. Call 'fit'"):
+            use()
+
+
 @pytest.fixture(scope="module")
 def profiled(tiny_run, tmp_path_factory, profiled_copy):
     return profiled_copy(tiny_run, tmp_path_factory.mktemp("fit") / "run", "decode:b1:ctx32", 10, fit=False)
@@ -113,7 +203,8 @@ def test_range_is_exact_when_the_narrowest_choice_is_not_the_fastest():
     m = LatencyModel(attn, mlp, 0.0)
     m = LatencyModel.from_dict({"attn_table": attn, "mlp_table": mlp, "fixed_ms": 0.0, "coef_": [1.5, 0.8],
                                 "intercept_": 0.25})  # a scaled model with these coefficients
-    every = [SubnetConfig(w, h) for w in itertools.product(*spec.mlp_widths) for h in itertools.product(*spec.head_counts)]
+    every = [SubnetConfig(w, h) for w in itertools.product(*spec.mlp_widths)
+             for h in itertools.product(*spec.head_counts)]
     predicted = m.predict(encode(every))
     lo, hi = m.range_ms(spec)
     assert lo == pytest.approx(predicted.min(), abs=1e-12) and hi == pytest.approx(predicted.max(), abs=1e-12)
@@ -186,10 +277,13 @@ def test_fit_warns_when_it_cannot_rank_or_is_far_above_the_noise(profiled, tmp_p
     capsys.readouterr()
     s = fit(FitConfig(run=str(run)))
     metrics = json.loads((run / "latency_model" / "metrics.json").read_text())[KEY]
-    assert s[KEY]["ratio_noise_floor_pct"] == metrics["ratio_noise_floor_pct"] == 1.0 and metrics["target"] == "ratio_to_full"
-    assert s[KEY]["spearman"] == -1.0 and s[KEY]["heldout_mape_pct"] > 5 and "above the noise floor" in s[KEY]["verdict"]
+    assert s[KEY]["ratio_noise_floor_pct"] == metrics["ratio_noise_floor_pct"] == 1.0
+    assert metrics["target"] == "ratio_to_full"
+    assert s[KEY]["spearman"] == -1.0 and s[KEY]["heldout_mape_pct"] > 5
+    assert "above the noise floor" in s[KEY]["verdict"]
     assert len(s["warnings"]) == 2 and s["warnings"] == metrics["warnings"]
-    assert "cannot rank" in s["warnings"][0] and "far above the measurement noise (ratio_noise_floor_pct 1.0%" in s["warnings"][1]
+    assert "cannot rank" in s["warnings"][0]
+    assert "far above the measurement noise (ratio_noise_floor_pct 1.0%" in s["warnings"][1]
     err = capsys.readouterr().err
     assert err.count("flextron fit: WARNING: " + KEY) == 2
 
@@ -269,7 +363,8 @@ def test_loading_a_corrupt_latency_model_names_it(profiled, tmp_path, text):
         LatencyModels.load(run)
 
 
-@pytest.mark.parametrize("bad, flag", [({"holdout_frac": 0.0}, "--holdout-frac"), ({"holdout_frac": 1.0}, "--holdout-frac"),
+@pytest.mark.parametrize("bad, flag", [({"holdout_frac": 0.0}, "--holdout-frac"),
+                                       ({"holdout_frac": 1.0}, "--holdout-frac"),
                                        ({"holdout_frac": math.nan}, "--holdout-frac"), ({"seed": -1}, "--seed"),
                                        ({"seed": 1.5}, "--seed")])
 def test_fit_flags_are_validated(bad, flag):

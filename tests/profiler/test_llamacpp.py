@@ -85,8 +85,8 @@ def test_the_chain_runs_on_llamacpp_and_exports_what_it_measured(tmp_path):
     it was measured with, and llama.cpp runs it with the elastic model's logits."""
     import torch
 
-    from flextron.elastic import ElasticModel
     from flextron.cli.run import RunConfig, run_pipeline
+    from flextron.elastic import ElasticModel
     from search.export import ExportConfig, export
     from search.lookup import LookupConfig, lookup
 

@@ -53,7 +53,8 @@ def test_noise_floor_recovers_known_jitter():
     floors = []
     for seed in range(6):
         m = FakeMachine({f"k{i}": 5.0 + i for i in range(12)} | {"full": 20.0}, jitter=0.10, seed=seed)
-        floors.append(noise_floor(measure_in_rounds(list(m.true_ms), m.measure, rounds=10, seed=seed), "full")["noise_floor_pct"])
+        rows = measure_in_rounds(list(m.true_ms), m.measure, rounds=10, seed=seed)
+        floors.append(noise_floor(rows, "full")["noise_floor_pct"])
     expected = 100 * 0.10 * 1.2533 / np.sqrt(15) * np.sqrt(2) * 0.6745  # median of |N(0, sigma)|
     assert 0.5 * expected < np.median(floors) < 1.6 * expected
     quiet = FakeMachine(TRUE, jitter=0.001)

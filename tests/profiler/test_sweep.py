@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +14,9 @@ import pytest
 
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
-from profiler.sweep import ProfileConfig, RegimeBench, _Interrupts, _PartWriter, profile, run_sweep
+from profiler.bench import RegimeBench
+from profiler.profile import NOISE_FILE
+from profiler.sweep import ProfileConfig, drift_corrected, profile, run_sweep
 
 FAST = dict(min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, anchor_every=10)
 REPO = Path(__file__).resolve().parents[2]
@@ -41,6 +42,17 @@ def raw_parts(out, prefix):
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
 
 
+def assert_each_cell_written_once(out):
+    """Every part file's rows, concatenated, hold each cell once per kind (layer cells and anchors,
+    end-to-end configs, round samples): checked on the raw parts, since combining them into
+    layers.parquet and e2e.parquet keeps one row per cell and would hide a cell written twice."""
+    for prefix in ("layers", "e2e"):
+        rows = raw_parts(out, prefix)
+        assert len(rows) and rows["cell_key"].is_unique, f"{prefix} parts repeat cells"
+    samples = raw_parts(out, "e2e_round")
+    assert not samples.duplicated(["regime", "round", "key", "sample"]).any(), "round parts repeat samples"
+
+
 @pytest.fixture
 def one_thread():
     """Timing relations on a shared CPU: with two intra-op threads, a tiny decode step can wait tens of
@@ -63,13 +75,16 @@ def test_sweep_covers_every_layer_and_choice(tiny_run, tmp_path, one_thread):
     per_regime = 2 + sum(len(w) + len(h) for w, h in zip(spec.mlp_widths, spec.head_counts))
     cells = layers[~layers["anchor"]]
     assert len(cells) == 2 * per_regime == s["layer_cells"]
-    assert {"latency_ms_median", "latency_ms_p10", "latency_ms_p90", "latency_ms_p99", "cv", "n", "samples_ms", "device_name",
-            "sm_clock_mhz", "throttled"} <= set(layers.columns)
+    assert_each_cell_written_once(tmp_path / "p")
+    assert len(raw_parts(tmp_path / "p", "layers").query("~anchor")) == 2 * per_regime
+    assert {"latency_ms_median", "latency_ms_p10", "latency_ms_p90", "latency_ms_p99", "cv", "n", "samples_ms",
+            "device_name", "sm_clock_mhz", "throttled"} <= set(layers.columns)
     assert (cells["latency_ms_median"] > 0).all()
     assert layers["anchor"].sum() >= 2  # drift anchors re-measured
     e2e = pd.read_parquet(tmp_path / "p" / "e2e.parquet")
     n_uniform = len(spec.mlp_widths[0]) * len(spec.head_counts[0])
     assert len(e2e) == 2 * (n_uniform + 6) and e2e["uniform"].sum() == 2 * n_uniform
+    assert len(raw_parts(tmp_path / "p", "e2e")) == len(e2e)
     n_rows = {rk: len(layers[layers["regime"] == rk]) + len(e2e[e2e["regime"] == rk]) for rk in s["regimes"]}
     assert s["cells_by_status"] == {rk: {"ok": n, "oom": 0, "error": 0} for rk, n in n_rows.items()}
     # prefill of 16 tokens costs more than decoding one; fastest samples, so that a shared CPU's
@@ -84,10 +99,10 @@ import signal, sys, time
 # sweep leaves ignored signals ignored (as under nohup); this process stands for a foreground one.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 import flextron.progress
-import profiler.sweep
+import profiler.parts
 from flextron.cli import main
 
-profiler.sweep.FLUSH_S = 1e9  # no timed writes: only the interrupt can save the finished rows
+profiler.parts.FLUSH_S = 1e9  # no timed writes: only the interrupt can save the finished rows
 
 def stop_at_cell(items, desc=""):
     for i, x in enumerate(items):
@@ -134,30 +149,6 @@ def test_signalled_sweep_resumes_without_lost_or_duplicated_cells(tiny_run, tmp_
     assert s["measured_now"] == n_layer_cells - n_done + n_anchors
 
 
-def test_interrupts_wait_for_a_part_being_written():
-    reached = False
-    with _Interrupts() as interrupts:
-        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-            with interrupts.deferred():
-                os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(0.05)  # the handler runs here, and must not raise yet
-                reached = True
-    assert reached
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored after the sweep
-
-
-def test_parts_are_written_every_few_seconds(tmp_path):
-    """So a SIGKILL (which nothing can catch) loses only seconds of finished cells."""
-    row = {"cell_key": "a", "latency_ms_median": 1.0}
-    slow = _PartWriter(tmp_path / "slow", "layers", flush_every=100, flush_s=3600)
-    slow.add(row)
-    assert not slow.parts()
-    timed = _PartWriter(tmp_path / "timed", "layers", flush_every=100, flush_s=0.0)
-    timed.add(row)
-    timed.add({**row, "cell_key": "b"})
-    assert len(timed.parts()) == 2 and timed.done_keys() == {"a", "b"}
-
-
 def quick_forward(self, cfg):
     """Stands in for a whole-model forward where only the sweep's bookkeeping is under test."""
     return lambda: sum(range(100))
@@ -179,7 +170,8 @@ def test_resume_refuses_other_settings_and_keeps_the_first_device_record(tiny_ru
     for change, flag in [({"min_reps": 3}, "--min-reps"), ({"min_time_ms": 2.0}, "--min-time-ms"),
                          ({"warmup": 2}, "--warmup"), ({"seed": 1}, "--seed"), ({"anchor_every": 5}, "--anchor-every"),
                          ({"e2e_random": 3}, "--e2e-random"), ({"energy_s": 0.0}, "--energy-s"),
-                         ({"dtype": "bfloat16"}, "--dtype"), ({"regime": ("decode:b1:ctx32", "prefill:b1:s16")}, "--regime")]:
+                         ({"dtype": "bfloat16"}, "--dtype"),
+                         ({"regime": ("decode:b1:ctx32", "prefill:b1:s16")}, "--regime")]:
         with pytest.raises(FlextronError, match=f"started with {flag} .*or --restart"):
             run_sweep(el, out, replace(cfg, **change))
     assert len(raw_parts(out, "layers")) == 3  # a refused resume measured nothing
@@ -190,6 +182,7 @@ def test_resume_refuses_other_settings_and_keeps_the_first_device_record(tiny_ru
     assert s["e2e_cells"] == 0 and s["layer_cells"] == len(raw_parts(out, "layers").query("~anchor"))
     s = run_sweep(el, out, replace(cfg, layers_only=False))
     assert s["measured_now"] == s["e2e_cells"] > 0
+    assert_each_cell_written_once(out)
     assert json.loads((out / "profile_config.json").read_text())["layers_only"] is False
     assert json.loads((out / "device.json").read_text())["hostname"] == "first start"
 
@@ -254,7 +247,8 @@ def test_oom_cells_are_recorded_counted_and_refused_by_fit(tiny_run, tmp_path, m
     json.dumps(s, allow_nan=False)  # the summary stays valid JSON with failed cells
 
     with pytest.raises(FlextronError, match=rf"regime {key}: 2 of {n_rows} profiled cells failed \(2 oom, 0 error; "
-                                            rf"e\.g\. 'oom'\).*`flextron profile --run \S+ --regime {key} --restart`.*--allow-errors"):
+                                            rf"e\.g\. 'oom'\).*`flextron profile --run \S+ --regime {key} --restart`"
+                                            r".*--allow-errors"):
         fit(FitConfig(run=str(run)))
     out = fit(FitConfig(run=str(run), allow_errors=True))
     assert out[key]["cells_by_status"]["oom"] == 2
@@ -294,8 +288,6 @@ def test_end_to_end_set_is_measured_in_interleaved_rounds_and_resumes_by_round(t
     """Every config (the full model included) once per round; rows carry statistics over rounds and
     the ratio to the full model; raw samples keep their round; a sweep killed between rounds resumes
     with the rounds it lacks; the split-half noise floor is written per regime."""
-    from profiler.sweep import NOISE_FILE
-
     el = ElasticModel.load(tiny_run / "elastic")
     cfg = ProfileConfig(run=str(tiny_run), regime=("decode:b1:ctx32",), **{**FAST, "e2e_random": 3}, rounds=4, reps=2)
 
@@ -320,6 +312,9 @@ def test_end_to_end_set_is_measured_in_interleaved_rounds_and_resumes_by_round(t
     rounds = sorted((tmp_path / "p" / "parts").glob("e2e_round-*.parquet"))
     assert len(rounds) == 2  # two whole rounds were written; the one in flight was lost
     run_sweep(el, tmp_path / "p", cfg)
+    assert_each_cell_written_once(tmp_path / "p")
+    assert run_sweep(el, tmp_path / "p", cfg)["measured_now"] == 0  # a finished sweep run again measures nothing
+    assert_each_cell_written_once(tmp_path / "p")
     samples = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "p" / "parts").glob("e2e_round-*.parquet"))])
     assert sorted(samples["round"].unique()) == [0, 1, 2, 3]
     per = samples.groupby("round")["key"].nunique()
@@ -338,14 +333,14 @@ def test_end_to_end_set_is_measured_in_interleaved_rounds_and_resumes_by_round(t
 def test_layer_cells_are_corrected_for_the_drift_their_anchors_saw():
     """A machine slowing down 2x over a sweep: the anchor, re-measured through it, scales each cell
     back to the anchor's median level at the time the cell was measured."""
-    from profiler.sweep import drift_corrected
-
     rows = []
     for t in range(0, 101, 10):  # the anchor, true 1.0 ms, measured every 10 s as the machine slows
-        rows.append({"regime": "r", "anchor": True, "status": "ok", "measured_at": t, "latency_ms_median": 1.0 + t / 100})
+        rows.append({"regime": "r", "anchor": True, "status": "ok", "measured_at": t,
+                     "latency_ms_median": 1.0 + t / 100})
     true = {5: 0.5, 42: 2.0, 97: 0.3}
     for t, ms in true.items():
-        rows.append({"regime": "r", "anchor": False, "status": "ok", "measured_at": t, "latency_ms_median": ms * (1 + t / 100)})
+        rows.append({"regime": "r", "anchor": False, "status": "ok", "measured_at": t,
+                     "latency_ms_median": ms * (1 + t / 100)})
     out = drift_corrected(pd.DataFrame(rows))
     cells = out[~out["anchor"]].set_index("measured_at")["latency_ms_corrected"]
     for t, ms in true.items():

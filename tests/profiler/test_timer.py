@@ -12,7 +12,8 @@ def test_cpu_timer_meets_count_and_time():
     assert 1.8 < t.median_ms < 10 and t.p10_ms <= t.median_ms <= t.p90_ms
     row = t.row()
     assert row["n"] == len(t.samples_ms)
-    assert row["latency_ms_p10"] <= row["latency_ms_median"] <= row["latency_ms_p90"] <= row["latency_ms_p99"] <= max(t.samples_ms)
+    assert (row["latency_ms_p10"] <= row["latency_ms_median"] <= row["latency_ms_p90"] <= row["latency_ms_p99"]
+            <= max(t.samples_ms))
 
 
 def test_cuda_graph_mode_refused_on_cpu():

@@ -30,7 +30,7 @@ def _fake_latency(monkeypatch, spec, samples=None):
     import itertools
 
     from profiler import timer as timer_mod
-    from profiler.sweep import RegimeBench
+    from profiler.bench import RegimeBench
     from profiler.timer import Timing
 
     full = spec.full().param_count(spec)
