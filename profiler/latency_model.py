@@ -343,7 +343,7 @@ def error_metrics(y_true, y_pred) -> dict:
 
 @dataclass(frozen=True)
 class FitConfig:
-    run: str = "runs/demo"  #: the run directory (profiled); the model goes to RUN/latency_model/
+    run: str  #: the run directory (profiled); the model goes to RUN/latency_model/
     #: fraction of the random heterogeneous end-to-end configs held out to score the model, in (0, 1); the
     #: uniform configs always train
     holdout_frac: float = 0.5

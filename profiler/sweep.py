@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flextron.devices import check_device, check_device_name, set_cpu_threads
+from flextron.devices import check_device, set_cpu_threads, set_device_field
 from flextron.errors import FlextronError
 from flextron.rundir import (
     RunDir,
@@ -56,8 +56,10 @@ RESUME_FIELDS = ("device", "engine", "dtype", "mode", "regime", "e2e_random", "s
 
 @dataclass(frozen=True)
 class ProfileConfig:
-    run: str = "runs/demo"  #: the run directory (made by `flextron convert`); the profile goes to RUN/profile/
-    device: str = "cpu"  #: where latency is measured: cpu, cuda or cuda:N (the llama.cpp engine measures on the CPU)
+    run: str  #: the run directory (made by `flextron convert`); the profile goes to RUN/profile/
+    #: where latency is measured: cpu, cuda, cuda:N, or auto (CUDA when present, and says so; the
+    #: llama.cpp engine measures on the CPU)
+    device: str = "auto"
     engine: str = "torch"  #: torch (the model's transformers code) | llamacpp (its GGUF export in llama.cpp, CPU)
     #: deployment regimes to measure: decode:bBATCH:ctxCONTEXT or prefill:bBATCH:sLENGTH, each optionally
     #: followed by :DTYPE and :MODE (e.g. decode:b1:ctx1024:bfloat16:cuda_graph)
@@ -91,7 +93,7 @@ class ProfileConfig:
     restart: bool = False
 
     def __post_init__(self):
-        check_device_name(self.device)
+        set_device_field(self, cpu_only=self.engine == "llamacpp")
         if self.engine not in ENGINES:
             raise FlextronError(f"--engine {self.engine!r}: use one of {list(ENGINES)}")
         if not self.regime:

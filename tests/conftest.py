@@ -50,7 +50,7 @@ def _profiled_copy(src, dst, regime: str, e2e_random: int, fit: bool = True):
     from profiler.sweep import ProfileConfig, run_sweep
 
     shutil.copytree(src, dst)
-    cfg = ProfileConfig(regime=(regime,), min_reps=3, min_time_ms=2, warmup=1, e2e_random=e2e_random)
+    cfg = ProfileConfig(run=str(dst), regime=(regime,), min_reps=3, min_time_ms=2, warmup=1, e2e_random=e2e_random)
     run_sweep(ElasticModel.load(dst / "elastic"), dst / "profile", cfg)
     if fit:
         fit_model(FitConfig(run=str(dst)))

@@ -369,4 +369,4 @@ def test_loading_a_corrupt_latency_model_names_it(profiled, tmp_path, text):
                                        ({"seed": 1.5}, "--seed")])
 def test_fit_flags_are_validated(bad, flag):
     with pytest.raises(FlextronError, match=flag):
-        FitConfig(**bad)
+        FitConfig(run="r", **bad)

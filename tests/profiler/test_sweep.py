@@ -196,7 +196,7 @@ def test_resume_refuses_other_settings_and_keeps_the_first_device_record(tiny_ru
 def test_corrupt_state_is_named_with_its_fix(tiny_run, tmp_path):
     el = ElasticModel.load(tiny_run / "elastic")
     out = tmp_path / "run" / "profile"
-    cfg = ProfileConfig(regime=("decode:b1:ctx32",), layers_only=True, **FAST)
+    cfg = ProfileConfig(run="r", regime=("decode:b1:ctx32",), layers_only=True, **FAST)
     with pytest.raises(Kill):
         run_sweep(el, out, cfg, progress=dying_at(3))
     part = next((out / "parts").glob("layers-*.parquet"))
@@ -240,7 +240,7 @@ def test_oom_cells_are_recorded_counted_and_refused_by_fit(tiny_run, tmp_path, m
 
     monkeypatch.setattr(RegimeBench, "cell_fn", failing_cell)
     monkeypatch.setattr(RegimeBench, "forward_fn", failing_forward)
-    s = run_sweep(el, run / "profile", ProfileConfig(regime=("decode:b1:ctx32",), **FAST))
+    s = run_sweep(el, run / "profile", ProfileConfig(run=str(run), regime=("decode:b1:ctx32",), **FAST))
     key = "decode:b1:ctx32:float32:eager"
     n_rows = len(pd.read_parquet(run / "profile" / "layers.parquet")) + s["e2e_cells"]
     assert s["cells_by_status"] == {key: {"ok": n_rows - 2, "oom": 2, "error": 0}}
@@ -266,18 +266,18 @@ def test_oom_cells_are_recorded_counted_and_refused_by_fit(tiny_run, tmp_path, m
 ])
 def test_profile_flags_are_validated(bad, flag):
     with pytest.raises(FlextronError, match=flag):
-        ProfileConfig(**{"regime": ("decode:b1:ctx32",), **bad})
+        ProfileConfig(**{"run": "r", "regime": ("decode:b1:ctx32",), **bad})
 
 
 def test_cpu_refuses_cuda_graph_mode(tiny_run):
     with pytest.raises(FlextronError, match="cuda_graph mode needs --device cuda"):
-        ProfileConfig(regime=("decode:b1:ctx32:cuda_graph",)).regimes()
+        ProfileConfig(run="r", regime=("decode:b1:ctx32:cuda_graph",)).regimes()
 
 
 @pytest.mark.gpu
 def test_gpu_sweep_records_telemetry(tiny_run, tmp_path):
     el = ElasticModel.load(tiny_run / "elastic")
-    cfg = ProfileConfig(device="cuda", regime=("decode:b4:ctx64",), **FAST)
+    cfg = ProfileConfig(run="r", device="cuda", regime=("decode:b4:ctx64",), **FAST)
     run_sweep(el, tmp_path / "g", cfg)
     layers = pd.read_parquet(tmp_path / "g" / "layers.parquet")
     assert layers["sm_clock_mhz"].notna().all()

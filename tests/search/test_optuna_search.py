@@ -180,7 +180,7 @@ def test_two_regimes_keep_their_own_results(tiny_run, tmp_path):
     shutil.copytree(tiny_run, run)
     regimes = ("decode:b1:ctx16", "prefill:b1:s16")
     run_sweep(ElasticModel.load(run / "elastic"), run / "profile",
-              ProfileConfig(regime=regimes, min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, rounds=2, reps=2))
+              ProfileConfig(run=str(run), regime=regimes, min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, rounds=2, reps=2))
     fit(FitConfig(run=str(run)))
     keys = {}
     for r in regimes:
