@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flextron.elastic import ElasticModel
 from flextron.cli.run import RunConfig, run_pipeline
+from flextron.elastic import ElasticModel
 from flextron.spec import Regime, SubnetConfig
 from profiler.telemetry import Telemetry
 
@@ -77,34 +77,65 @@ def main():
     ap.add_argument("--regime", default="decode:b1:ctx256")
     ap.add_argument("--budget-frac", type=float, nargs="+", default=[0.7, 0.8, 0.9])
     ap.add_argument("--trials", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=6, help="re-measurement rounds (each row and the full model once per round)")
+    ap.add_argument(
+        "--rounds", type=int, default=6, help="re-measurement rounds (each row and the full model once per round)"
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="CPU intra-op threads (0: one, as the pipeline measures)")
     ap.add_argument("--from-run", default="", help="only re-measure the lookup of this finished run (a fresh process)")
     ap.add_argument("--out", default="runs/bench-compliance")
     args = ap.parse_args()
     if args.from_run:
-        out, summary, model = Path(args.from_run), None, json.loads((Path(args.from_run) / "convert_config.json").read_text())["model"]
+        out, summary, model = (
+            Path(args.from_run),
+            None,
+            json.loads((Path(args.from_run) / "convert_config.json").read_text())["model"],
+        )
     else:
         out = Path(args.out)
         model = write_random(args.shape, out.with_name(out.name + "-model")) if args.shape else args.model
-        summary = run_pipeline(RunConfig(model=model, out=str(out), device=args.device, regime=(args.regime,),
-                                         budget_frac=tuple(args.budget_frac), trials=args.trials))
+        summary = run_pipeline(
+            RunConfig(
+                model=model,
+                out=str(out),
+                device=args.device,
+                regime=(args.regime,),
+                budget_frac=tuple(args.budget_frac),
+                trials=args.trials,
+            )
+        )
     rows = remeasure(out, args.device, args.rounds, args.reps, args.threads)
-    print(f"device: {Telemetry(args.device).device_name}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-          f"model {model}  run {out}")
-    print(f"{'regime':>30s} {'q':>4s} {'budget frac':>11s} {'verify ratio (hi)':>18s} {'re-measured ratio':>18s} "
-          f"{'/ budget':>9s} {'ppl':>8s} {'source':>8s}")
+    print(
+        f"device: {Telemetry(args.device).device_name}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
+        f"model {model}  run {out}"
+    )
+    print(
+        f"{'regime':>30s} {'q':>4s} {'budget frac':>11s} {'verify ratio (hi)':>18s} {'re-measured ratio':>18s} "
+        f"{'/ budget':>9s} {'ppl':>8s} {'source':>8s}"
+    )
     for r in rows:
-        print(f"{r['regime']:>30s} {r['quantile']:>4s} {r['budget_frac']:11.3f} {r['ratio_to_full']:9.3f} ({r['ratio_hi']:.3f})"
-              f" {r['remeasured_ratio']:18.3f} {r['remeasured_over_budget']:9.3f} {r['ppl']:8.2f} {r['source']:>8s}")
+        print(
+            f"{r['regime']:>30s} {r['quantile']:>4s} {r['budget_frac']:11.3f} {r['ratio_to_full']:9.3f} "
+            f"({r['ratio_hi']:.3f})"
+            f" {r['remeasured_ratio']:18.3f} {r['remeasured_over_budget']:9.3f} {r['ppl']:8.2f} {r['source']:>8s}"
+        )
     ratios = [r["remeasured_over_budget"] for r in rows]
-    print(json.dumps({"device": Telemetry(args.device).device_name, "run": str(out), "rows": len(rows),
-                      "max_remeasured_over_budget": round(max(ratios), 4), "within_1.02": sum(x <= 1.02 for x in ratios),
-                      "remeasured_full_ms": round(rows[0]["remeasured_full_ms"], 3),
-                      "run_seconds": summary["seconds"] if summary else None,
-                      "lookup": [{"budget_frac": r["budget_frac"], "ppl": round(r["ppl"], 2),
-                                  "source": r["source"]} for r in rows]}))
+    print(
+        json.dumps(
+            {
+                "device": Telemetry(args.device).device_name,
+                "run": str(out),
+                "rows": len(rows),
+                "max_remeasured_over_budget": round(max(ratios), 4),
+                "within_1.02": sum(x <= 1.02 for x in ratios),
+                "remeasured_full_ms": round(rows[0]["remeasured_full_ms"], 3),
+                "run_seconds": summary["seconds"] if summary else None,
+                "lookup": [
+                    {"budget_frac": r["budget_frac"], "ppl": round(r["ppl"], 2), "source": r["source"]} for r in rows
+                ],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

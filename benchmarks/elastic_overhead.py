@@ -39,7 +39,11 @@ def main():
 
         from flextron.models import byte_tokenizer
 
-        original, tok, args.model = shaped_llama(args.shape, "cpu", torch.float32), byte_tokenizer(), f"{args.shape}-shaped"
+        original, tok, args.model = (
+            shaped_llama(args.shape, "cpu", torch.float32),
+            byte_tokenizer(),
+            f"{args.shape}-shaped",
+        )
     else:
         original, tok = load_source(args.model)
     original = original.to(args.device, dtype).eval()
@@ -51,7 +55,10 @@ def main():
         orig_ms.append(timer.measure(lambda: original(input_ids=ids, use_cache=False)).median_ms)
         el_ms.append(timer.measure(lambda: elastic(input_ids=ids, use_cache=False)).median_ms)
     o, e = sorted(orig_ms)[len(orig_ms) // 2], sorted(el_ms)[len(el_ms) // 2]
-    print(f"device: {Telemetry(args.device).device_name}  torch {torch.__version__}  {args.model} b{args.batch} s{args.seq} {args.mode}")
+    print(
+        f"device: {Telemetry(args.device).device_name}  torch {torch.__version__}  {args.model} "
+        f"b{args.batch} s{args.seq} {args.mode}"
+    )
     print(f"original {o:.2f} ms   elastic(full) {e:.2f} ms   ratio {e / o:.3f}")
     print(json.dumps({"original_ms": round(o, 3), "elastic_ms": round(e, 3), "ratio": round(e / o, 4)}))
 

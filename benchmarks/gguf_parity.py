@@ -43,16 +43,28 @@ def main() -> None:
 
     def configs(spec):
         L = spec.num_layers
-        return {"full": spec.full(), "uniform": spec.uniform(0.5, 0.5),
-                "hetero": SubnetConfig(tuple(spec.mlp_widths[i][i % len(spec.mlp_widths[i])] for i in range(L)),
-                                       tuple(spec.head_counts[i][(i + 1) % len(spec.head_counts[i])] for i in range(L)))}
+        return {
+            "full": spec.full(),
+            "uniform": spec.uniform(0.5, 0.5),
+            "hetero": SubnetConfig(
+                tuple(spec.mlp_widths[i][i % len(spec.mlp_widths[i])] for i in range(L)),
+                tuple(spec.head_counts[i][(i + 1) % len(spec.head_counts[i])] for i in range(L)),
+            ),
+        }
 
     def logits(path, ids, f32_cache=True):
         kw = {"type_k": 0, "type_v": 0} if f32_cache else {}
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(ids) + 8, n_batch=len(ids) + 8, logits_all=True,
-                              verbose=False, n_threads=2, **kw)
+        llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=len(ids) + 8,
+            n_batch=len(ids) + 8,
+            logits_all=True,
+            verbose=False,
+            n_threads=2,
+            **kw,
+        )
         llm.eval(ids)
-        out = np.array(llm.scores[:len(ids)])
+        out = np.array(llm.scores[: len(ids)])
         llm.close()
         return out
 
@@ -83,7 +95,9 @@ def main() -> None:
                 path = tmp / f"{family}-{name}-{t}.gguf"
                 write_gguf(el, cfg, path, t, elastic_dir=tmp / "tok")
                 row[f"{t}_max_abs"] = round(gap(logits(path, ids_tiny), ref), 6)
-            row["f32_max_abs_f16_kv_cache"] = round(gap(logits(tmp / f"{family}-{name}-f32.gguf", ids_tiny, False), ref), 6)
+            row["f32_max_abs_f16_kv_cache"] = round(
+                gap(logits(tmp / f"{family}-{name}-f32.gguf", ids_tiny, False), ref), 6
+            )
             print(json.dumps(row), flush=True)
     if args.skip_real:
         return
@@ -92,16 +106,19 @@ def main() -> None:
     el = ElasticModel(model, tok, spec_from_model(model, 64, 8, 4))
     src = source_gguf("smollm2-135m")
     text = pydoc_data.topics.topics["assignment"][:3000]
-    ids = tok(text)["input_ids"][:args.tokens]
-    prompt = ids[:args.prompt]
+    ids = tok(text)["input_ids"][: args.tokens]
+    prompt = ids[: args.prompt]
     for name, cfg in configs(el.spec).items():
         row = {"model": "smollm2-135m", "config": name, "prompt_tokens": len(prompt), "text_tokens": len(ids)}
         f32 = tmp / f"s-{name}-f32.gguf"
         write_gguf(el, cfg, f32, "f32", source_gguf=src)
         got, r32, r64 = logits(f32, prompt), reference(el, cfg, prompt), reference(el, cfg, prompt, torch.float64)
-        row.update(f32_vs_fp64=round(gap(got, r64), 6), transformers_fp32_vs_fp64=round(gap(r32, r64), 6),
-                   f32_vs_transformers_fp32=round(gap(got, r32), 6),
-                   f32_vs_transformers_fp32_f16_kv_cache=round(gap(logits(f32, prompt, False), r32), 6))
+        row.update(
+            f32_vs_fp64=round(gap(got, r64), 6),
+            transformers_fp32_vs_fp64=round(gap(r32, r64), 6),
+            f32_vs_transformers_fp32=round(gap(got, r32), 6),
+            f32_vs_transformers_fp32_f16_kv_cache=round(gap(logits(f32, prompt, False), r32), 6),
+        )
         ref = reference(el, cfg, ids)
         row["f32_vs_transformers_fp32_all_tokens"] = round(gap(logits(f32, ids), ref), 6)
         row["nll_transformers_fp32"] = round(nll(ref, ids), 4)
@@ -114,8 +131,9 @@ def main() -> None:
             row[f"{t}_top1_agree"] = round(float((lg.argmax(1) == ref.argmax(1)).mean()), 4)
         if name == "full":
             vocab = llama_cpp.Llama(model_path=str(f32), n_ctx=64, verbose=False, vocab_only=True)
-            row["tokenizes_like_transformers"] = vocab.tokenize(text.encode(), add_bos=False, special=True) == \
-                tok(text)["input_ids"]
+            row["tokenizes_like_transformers"] = (
+                vocab.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
+            )
         print(json.dumps(row), flush=True)
 
 

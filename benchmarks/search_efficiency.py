@@ -61,18 +61,34 @@ def main():
     df = pd.DataFrame(rows)
     print(f"quality = validation loss of the run's weights ({args.weights}); "
           f"{args.trials} evaluations per budget; seeds {args.seeds}")
-    print(f"{'budget ms':>10s} {'TPE best loss':>14s} {'random best':>12s} {'TPE @half':>10s} {'random @half':>13s} {'TPE wins':>9s}")
+    print(
+        f"{'budget ms':>10s} {'TPE best loss':>14s} {'random best':>12s} {'TPE @half':>10s} "
+        f"{'random @half':>13s} {'TPE wins':>9s}"
+    )
     summary = {}
     for b, g in df.groupby("budget_ms"):
         tp, rd = g[g.sampler == "tpe"], g[g.sampler == "random"]
         # a sampler that found no feasible config at all loses to one that did
-        wins = int(sum(a < c or (c != c and a == a) for a, c in zip(tp.sort_values("seed").best_loss,
-                                                                   rd.sort_values("seed").best_loss)))
-        print(f"{b:10.3f} {tp.best_loss.mean():14.4f} {rd.best_loss.mean():12.4f} {tp.best_at_half.mean():10.4f} "
-              f"{rd.best_at_half.mean():13.4f} {wins:>5d}/{len(tp)}")
-        summary[f"{b:.4g}"] = {"tpe": round(float(tp.best_loss.mean()), 4), "random": round(float(rd.best_loss.mean()), 4),
-                               "tpe_wins": wins, "seeds": len(tp)}
-    print("evaluations of infeasible configs: 0 (every trial over budget is rejected by the latency model before evaluation)")
+        wins = int(
+            sum(
+                a < c or (c != c and a == a)
+                for a, c in zip(tp.sort_values("seed").best_loss, rd.sort_values("seed").best_loss)
+            )
+        )
+        print(
+            f"{b:10.3f} {tp.best_loss.mean():14.4f} {rd.best_loss.mean():12.4f} {tp.best_at_half.mean():10.4f} "
+            f"{rd.best_at_half.mean():13.4f} {wins:>5d}/{len(tp)}"
+        )
+        summary[f"{b:.4g}"] = {
+            "tpe": round(float(tp.best_loss.mean()), 4),
+            "random": round(float(rd.best_loss.mean()), 4),
+            "tpe_wins": wins,
+            "seeds": len(tp),
+        }
+    print(
+        "evaluations of infeasible configs: 0 (every trial over budget is rejected by the latency model "
+        "before evaluation)"
+    )
     print(json.dumps(summary))
 
 

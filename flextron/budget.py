@@ -42,7 +42,9 @@ class Budget:
             raise FlextronError("a budget needs ms (--budget-ms) or a fraction of the full model (--budget-frac)")
         for name in ("budget_ms", "budget_frac", "reference_full_ms"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+            ):
                 raise FlextronError(f"--{name.replace('_', '-')} must be a positive finite number, got {v!r}")
             if v is not None:
                 object.__setattr__(self, name, float(v))

@@ -31,7 +31,9 @@ class EvalConfig:
 
     def __post_init__(self):
         if self.split in ("calibration", "train"):
-            raise FlextronError(f"--split {self.split} was seen while building the model; evaluate on validation or test")
+            raise FlextronError(
+                f"--split {self.split} was seen while building the model; evaluate on validation or test"
+            )
         for name in ("seq_len", "windows", "batch_size"):
             if getattr(self, name) < 1:
                 raise FlextronError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -74,8 +76,9 @@ def parse_config(spec: ElasticSpec, text: str) -> SubnetConfig:
 
 
 @torch.no_grad()
-def mean_loss(elastic: ElasticModel, cfg: SubnetConfig, windows: torch.Tensor, batch_size: int = 8,
-              after_batch=None) -> float:
+def mean_loss(
+    elastic: ElasticModel, cfg: SubnetConfig, windows: torch.Tensor, batch_size: int = 8, after_batch=None
+) -> float:
     """Mean next-token cross-entropy (nats) of `cfg` over `windows` [n, seq_len]; `after_batch()`,
     when given, runs after each batch's forward (e.g. to read what routing modules recorded)."""
     total, count = 0.0, 0

@@ -158,7 +158,8 @@ def load_subnet(path: str | Path, device: str = "cpu", dtype: torch.dtype = torc
     meta = read_json(path / SUBNET_FILE) if (path / SUBNET_FILE).is_file() else None
     try:
         if meta is None or meta.get("uniform", True):
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=False)
             return model.to(device).eval()
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         cfg = SubnetConfig.from_dict(meta["config"])
@@ -166,10 +167,14 @@ def load_subnet(path: str | Path, device: str = "cpu", dtype: torch.dtype = torc
         _resize_linears(model, cfg, config.head_dim, config.num_attention_heads // config.num_key_value_heads)
         missing, unexpected = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError, SafetensorError) as e:  # truncated or edited files
-        raise FlextronError(f"{path} is a damaged export ({type(e).__name__}: {str(e)[:200]}); export it again") from None
+        raise FlextronError(
+            f"{path} is a damaged export ({type(e).__name__}: {str(e)[:200]}); export it again"
+        ) from None
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise FlextronError(f"{path}: weights do not match the sub-network (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise FlextronError(
+            f"{path}: weights do not match the sub-network (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.to(device=device, dtype=dtype).eval()

@@ -43,7 +43,9 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
-            raise FlextronError(f"run directory {self.root} is a file, not a directory; pass a directory to --run/--out")
+            raise FlextronError(
+                f"run directory {self.root} is a file, not a directory; pass a directory to --run/--out"
+            )
 
     def __truediv__(self, other: str) -> Path:
         return self.root / other
@@ -70,8 +72,11 @@ class RunDir:
         None: a GGUF export copies its tokenizer from there."""
         from flextron.models import source_gguf
 
-        model = read_json(self.root / "convert_config.json", self.root).get("model", "") \
-            if (self.root / "convert_config.json").is_file() else ""
+        model = (
+            read_json(self.root / "convert_config.json", self.root).get("model", "")
+            if (self.root / "convert_config.json").is_file()
+            else ""
+        )
         return source_gguf(model) if model else None
 
     def weights_tag(self, name: str) -> str:
@@ -277,8 +282,9 @@ def save_stage_config(path: str | Path, cfg) -> None:
     write_json_atomic(path, dataclasses.asdict(cfg))
 
 
-def check_resume(path: str | Path, cfg, fields: tuple[str, ...], restart_flag: str = "--restart",
-                 what: str = "this stage") -> dict | None:
+def check_resume(
+    path: str | Path, cfg, fields: tuple[str, ...], restart_flag: str = "--restart", what: str = "this stage"
+) -> dict | None:
     """Compare `cfg` with the config a resumable stage saved when it started (`path`), field by
     field; refuse the first mismatch in `fields` with the flag, both values and the way out.
     Returns the saved config (None when there is none)."""
@@ -319,8 +325,14 @@ def safe_name(text: str) -> str:
     return name[:120]
 
 
-def check_finite(name: str, value: float, low: float | None = None, low_inclusive: bool = True,
-                 high: float | None = None, whole: bool = False) -> None:
+def check_finite(
+    name: str,
+    value: float,
+    low: float | None = None,
+    low_inclusive: bool = True,
+    high: float | None = None,
+    whole: bool = False,
+) -> None:
     """A FlextronError naming flag `name` unless `value` is a finite number (a whole one with
     `whole`) within the bounds."""
     flag = "--" + name.replace("_", "-")

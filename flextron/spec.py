@@ -276,7 +276,8 @@ class ElasticSpec:
 
     def random_config(self, rng) -> SubnetConfig:
         """One choice per layer drawn uniformly with `rng` (a random.Random)."""
-        return SubnetConfig(tuple(rng.choice(ws) for ws in self.mlp_widths), tuple(rng.choice(hs) for hs in self.head_counts))
+        return SubnetConfig(tuple(rng.choice(ws) for ws in self.mlp_widths),
+                            tuple(rng.choice(hs) for hs in self.head_counts))
 
     def uniform(self, mlp_fraction: float, heads_fraction: float | None = None) -> SubnetConfig:
         """The allowed choice nearest to `fraction` of the full size, in every layer."""
@@ -377,14 +378,18 @@ class Regime:
             raise FlextronError(f"regime mode {self.mode!r} unknown; use one of {list(MODES)}")
         if self.mode == "llamacpp":
             if self.dtype not in LLAMACPP_DTYPES:
-                raise FlextronError(f"regime {self.key}: llama.cpp runs GGUF weights in {list(LLAMACPP_DTYPES)}, "
-                                    f"not {self.dtype}")
+                raise FlextronError(
+                    f"regime {self.key}: llama.cpp runs GGUF weights in {list(LLAMACPP_DTYPES)}, not {self.dtype}"
+                )
             if self.batch != 1:
-                raise FlextronError(f"regime {self.key}: the llama.cpp engine measures batch 1; use the torch "
-                                    "engine for batched regimes")
+                raise FlextronError(
+                    f"regime {self.key}: the llama.cpp engine measures batch 1; use the torch "
+                    "engine for batched regimes"
+                )
         elif self.dtype == "q8_0":
-            raise FlextronError(f"regime {self.key}: q8_0 weights run in llama.cpp only; add :llamacpp "
-                                "(or --engine llamacpp)")
+            raise FlextronError(
+                f"regime {self.key}: q8_0 weights run in llama.cpp only; add :llamacpp (or --engine llamacpp)"
+            )
 
     @property
     def engine(self) -> str:
@@ -429,7 +434,9 @@ class Regime:
             elif part in MODES:
                 mode = part
             else:
-                raise FlextronError(f"regime {text!r}: unknown part {part!r}; dtypes {sorted(DTYPE_BYTES)}, modes {list(MODES)}")
+                raise FlextronError(
+                    f"regime {text!r}: unknown part {part!r}; dtypes {sorted(DTYPE_BYTES)}, modes {list(MODES)}"
+                )
         return cls(phase, int(batch), int(length), dtype, mode)
 
     @classmethod

@@ -112,7 +112,9 @@ def load_optimizer(opt, path: Path) -> None:
     for key, v in tensors.items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": json.loads((path / "optimizer.json").read_text())["param_groups"]})
+    opt.load_state_dict(
+        {"state": state, "param_groups": json.loads((path / "optimizer.json").read_text())["param_groups"]}
+    )
 
 
 def save_checkpoint(folder: Path, elastic, opt=None, state: dict | None = None) -> None:
@@ -136,8 +138,9 @@ def _unresumable(err: Exception, path: Path, run_root) -> FlextronError:
     else:  # a library error, possibly wrapped by a loader whose advice (re-convert) does not apply here
         cause = err.__cause__ or err
         what = f"{path} is corrupt or unreadable ({type(cause).__name__}: {str(cause)[:160]})"
-    return FlextronError(f"{what}: the checkpoint cannot be resumed; start again with "
-                         f"`flextron train --run {run_root} --restart`")
+    return FlextronError(
+        f"{what}: the checkpoint cannot be resumed; start again with `flextron train --run {run_root} --restart`"
+    )
 
 
 def load_checkpoint(ckpt: Path, run_root, device: str):
@@ -198,15 +201,22 @@ def train(cfg: TrainConfig) -> dict:
     trained = run / TRAINED_DIR
     if cfg.restart:  # the trained weights go too (the config that made them is gone), and what was built on them
         built_on = [*run.root.glob("search/*/trained"), *run.root.glob("router/*/trained")]
-        for path in (out, trained, trained.with_name(TRAINED_DIR + ".tmp"), trained.with_name(TRAINED_DIR + ".old"),
-                     *built_on):
+        for path in (
+            out,
+            trained,
+            trained.with_name(TRAINED_DIR + ".tmp"),
+            trained.with_name(TRAINED_DIR + ".old"),
+            *built_on,
+        ):
             shutil.rmtree(path, ignore_errors=True)
     recover_swap(ckpt)  # a kill between a checkpoint swap's renames: the complete version wins
     resume = (ckpt / "state.json").is_file()
     if resume:
         if not (out / CONFIG_FILE).is_file():
-            raise FlextronError(f"{ckpt} has no {CONFIG_FILE} beside it (written by an older flextron), so a resume "
-                                f"cannot be checked; start again with `flextron train --run {run.root} --restart`")
+            raise FlextronError(
+                f"{ckpt} has no {CONFIG_FILE} beside it (written by an older flextron), so a resume "
+                f"cannot be checked; start again with `flextron train --run {run.root} --restart`"
+            )
         try:
             read_json(out / CONFIG_FILE)
         except FlextronError as e:
@@ -256,7 +266,7 @@ def train(cfg: TrainConfig) -> dict:
             sums = {"full": 0.0, "smallest": 0.0, "random": 0.0}
             for micro in range(cfg.grad_accum):
                 i0 = ((step * cfg.grad_accum + micro) * cfg.batch_size) % len(windows)
-                ids = windows[i0: i0 + cfg.batch_size].to(cfg.device)
+                ids = windows[i0 : i0 + cfg.batch_size].to(cfg.device)
                 with torch.no_grad(), autocast:
                     t_logits = teacher(input_ids=ids, use_cache=False).logits
                 for name, sub in configs:
@@ -272,9 +282,18 @@ def train(cfg: TrainConfig) -> dict:
             state["step"] = step + 1
             state["tokens"] += per_step * cfg.seq_len
             state["seconds"] = time.perf_counter() - t0
-            writer.writerow({"step": step + 1, "tokens": state["tokens"], "lr": lr, "loss_full": sums["full"],
-                             "loss_smallest": sums["smallest"], "loss_random": sums["random"] if cfg.random_configs else "",
-                             "grad_norm": gnorm, "seconds": round(state["seconds"], 2)})
+            writer.writerow(
+                {
+                    "step": step + 1,
+                    "tokens": state["tokens"],
+                    "lr": lr,
+                    "loss_full": sums["full"],
+                    "loss_smallest": sums["smallest"],
+                    "loss_random": sums["random"] if cfg.random_configs else "",
+                    "grad_norm": gnorm,
+                    "seconds": round(state["seconds"], 2),
+                }
+            )
             fh.flush()
             bar.update(1)
             bar.set_postfix(full=f"{sums['full']:.3f}", smallest=f"{sums['smallest']:.3f}")
@@ -285,5 +304,12 @@ def train(cfg: TrainConfig) -> dict:
     steps_now = state["step"] - start_step
     if steps_now or not (trained / "config.json").is_file():  # unchanged weights keep their identity (weights_tag)
         save_checkpoint(trained, student)
-    return {"run": str(run.root), "steps": state["step"], "tokens": state["tokens"], "resumed": resume,
-            "seconds": round(state["seconds"], 1), "trained": str(trained), "metrics": str(metrics_path)}
+    return {
+        "run": str(run.root),
+        "steps": state["step"],
+        "tokens": state["tokens"],
+        "resumed": resume,
+        "seconds": round(state["seconds"], 1),
+        "trained": str(trained),
+        "metrics": str(metrics_path),
+    }

@@ -84,7 +84,9 @@ class Lookup:
         fit = [r for r in match if r.budget_ms <= budget_ms]
         if not fit:
             lo = min(r.budget_ms for r in match)
-            raise FlextronError(f"budget {budget_ms} ms is below the smallest budget in the lookup ({lo:.4g} ms for {rk})")
+            raise FlextronError(
+                f"budget {budget_ms} ms is below the smallest budget in the lookup ({lo:.4g} ms for {rk})"
+            )
         return max(fit, key=lambda r: r.budget_ms)
 
 
@@ -106,18 +108,38 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
     for (regime, quantile), vg in verified.groupby(["regime", "quantile"]):  # a p90 pick never serves p50
         weights = vg["weights"].iloc[0]
         col = RATIO_COLUMN[quantile]
-        cands = [dict(config=r.config, predicted_latency_ms=r.predicted_latency_ms, measured_latency_ms=r.measured_latency_ms,
-                      latency_ms_p50=r.latency_ms_p50, latency_ms_p90=r.latency_ms_p90,
-                      latency_ms_p99=getattr(r, "latency_ms_p99", float("nan")), ratio=r.ratio, ratio_hi=r.ratio_hi,
-                      loss=r.loss, source=r.source) for r in vg.itertuples()]
+        cands = [
+            dict(
+                config=r.config,
+                predicted_latency_ms=r.predicted_latency_ms,
+                measured_latency_ms=r.measured_latency_ms,
+                latency_ms_p50=r.latency_ms_p50,
+                latency_ms_p90=r.latency_ms_p90,
+                latency_ms_p99=getattr(r, "latency_ms_p99", float("nan")),
+                ratio=r.ratio,
+                ratio_hi=r.ratio_hi,
+                loss=r.loss,
+                source=r.source,
+            )
+            for r in vg.itertuples()
+        ]
         losses = uniform_loss.get(regime, {})
         for r in uniform[uniform["regime"] == regime].itertuples():
             if r.config_key in losses:
-                cands.append(dict(config=r.config, predicted_latency_ms=float("nan"), measured_latency_ms=r.measured_latency_ms,
-                                  latency_ms_p50=r.latency_ms_p50, latency_ms_p90=r.latency_ms_p90,
-                                  latency_ms_p99=getattr(r, "latency_ms_p99", float("nan")), ratio=getattr(r, col),
-                                  ratio_hi=getattr(r, f"{col}_hi"),
-                                  loss=losses[r.config_key], source="uniform"))
+                cands.append(
+                    dict(
+                        config=r.config,
+                        predicted_latency_ms=float("nan"),
+                        measured_latency_ms=r.measured_latency_ms,
+                        latency_ms_p50=r.latency_ms_p50,
+                        latency_ms_p90=r.latency_ms_p90,
+                        latency_ms_p99=getattr(r, "latency_ms_p99", float("nan")),
+                        ratio=getattr(r, col),
+                        ratio_hi=getattr(r, f"{col}_hi"),
+                        loss=losses[r.config_key],
+                        source="uniform",
+                    )
+                )
         prev = None
         for frac, bg in vg.groupby("budget_frac"):
             first = bg.iloc[0]
@@ -128,16 +150,28 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
             if prev is not None and prev["loss"] < best["loss"]:
                 best = prev
             prev = best
-            rows.append({"regime": regime, "engine": Regime.parse(regime).engine, "device_name": first["device_name"],
-                         "budget_ms": float(first["budget_ms"]),
-                         "budget_frac": float(frac), "reference_full_ms": float(first["reference_full_ms"]),
-                         "quantile": quantile, "weights": weights, "config": json.loads(best["config"]),
-                         "predicted_latency_ms": optional_float(best["predicted_latency_ms"]),
-                         "measured_latency_ms": float(best["measured_latency_ms"]),
-                         "latency_ms_p50": float(best["latency_ms_p50"]), "latency_ms_p90": float(best["latency_ms_p90"]),
-                         "latency_ms_p99": optional_float(best["latency_ms_p99"]),
-                         "ratio_to_full": float(best["ratio"]), "ratio_hi": float(best["ratio_hi"]),
-                         "ppl": math.exp(best["loss"]), "source": best["source"]})
+            rows.append(
+                {
+                    "regime": regime,
+                    "engine": Regime.parse(regime).engine,
+                    "device_name": first["device_name"],
+                    "budget_ms": float(first["budget_ms"]),
+                    "budget_frac": float(frac),
+                    "reference_full_ms": float(first["reference_full_ms"]),
+                    "quantile": quantile,
+                    "weights": weights,
+                    "config": json.loads(best["config"]),
+                    "predicted_latency_ms": optional_float(best["predicted_latency_ms"]),
+                    "measured_latency_ms": float(best["measured_latency_ms"]),
+                    "latency_ms_p50": float(best["latency_ms_p50"]),
+                    "latency_ms_p90": float(best["latency_ms_p90"]),
+                    "latency_ms_p99": optional_float(best["latency_ms_p99"]),
+                    "ratio_to_full": float(best["ratio"]),
+                    "ratio_hi": float(best["ratio_hi"]),
+                    "ppl": math.exp(best["loss"]),
+                    "source": best["source"],
+                }
+            )
     return rows
 
 
@@ -153,35 +187,51 @@ def write_lookup(run, weights: str = "auto") -> dict:
     wname, _ = run.weights(weights)
     verified = read_parquet(run.require("verify", VERIFIED_FILE) / VERIFIED_FILE, run.root)
     if "weights" not in verified.columns:
-        raise FlextronError(f"{run / 'verify' / VERIFIED_FILE} predates per-weights results; "
-                            f"re-run `flextron verify --run {run.root}`")
+        raise FlextronError(
+            f"{run / 'verify' / VERIFIED_FILE} predates per-weights results; re-run `flextron verify --run {run.root}`"
+        )
     searched = sorted(set(verified["weights"]))
     verified = verified[verified["weights"] == wname]
     if "weights_tag" in verified.columns:  # picks of weights `flextron train` has replaced since are stale
         verified = verified[verified["weights_tag"].fillna(wname) == run.weights_tag(wname)]
     if verified.empty:
-        raise FlextronError(f"no verified picks for the {wname} weights (verified: {searched}); run "
-                            f"`flextron search --weights {wname}` and `flextron verify`, or export with --weights {searched[0]}"
-                            if searched else "verify holds no picks; run `flextron search` and `flextron verify`")
+        raise FlextronError(
+            f"no verified picks for the {wname} weights (verified: {searched}); run "
+            f"`flextron search --weights {wname}` and `flextron verify`, or export with --weights {searched[0]}"
+            if searched
+            else "verify holds no picks; run `flextron search` and `flextron verify`"
+        )
     for col in ("ratio_hi", "limit_frac", "quantile"):
         if col not in verified.columns:
-            raise FlextronError(f"{run / 'verify' / VERIFIED_FILE} predates verification in rounds; "
-                                f"re-run `flextron verify --run {run.root}`")
+            raise FlextronError(
+                f"{run / 'verify' / VERIFIED_FILE} predates verification in rounds; "
+                f"re-run `flextron verify --run {run.root}`"
+            )
     uniform = read_parquet(run.require("verify", UNIFORM_FILE) / UNIFORM_FILE, run.root)  # the same rounds as the picks
     cache = run / "search" / QUALITY_CACHE
-    losses = {rk: read_quality_cache(cache, search_quality_setting(run.root, rk, wname) or "")
-              for rk in set(verified["regime"])}
+    losses = {
+        rk: read_quality_cache(cache, search_quality_setting(run.root, rk, wname) or "")
+        for rk in set(verified["regime"])
+    }
     rows = build_rows(verified, uniform, losses)
     if not rows:
         raise FlextronError("no verified config met its budget; widen the budgets or re-run `flextron verify`")
     out = run / "export"
     write_json_atomic(out / LOOKUP_JSON, {"weights": wname, "rows": rows})
-    flat = pd.DataFrame([{**{k: v for k, v in r.items() if k != "config"}, "config": json.dumps(r["config"])} for r in rows])
+    flat = pd.DataFrame(
+        [{**{k: v for k, v in r.items() if k != "config"}, "config": json.dumps(r["config"])} for r in rows]
+    )
     write_text_atomic(out / "lookup.csv", flat.to_csv(index=False))
-    return {"lookup": str(out / LOOKUP_JSON), "rows": len(rows), "weights": wname,
-            "budget_frac": [r["budget_frac"] for r in rows], "budgets_ms": [round(r["budget_ms"], 4) for r in rows],
-            "ratio_to_full": [round(r["ratio_to_full"], 4) for r in rows], "ppl": [round(r["ppl"], 3) for r in rows],
-            "sources": [r["source"] for r in rows]}
+    return {
+        "lookup": str(out / LOOKUP_JSON),
+        "rows": len(rows),
+        "weights": wname,
+        "budget_frac": [r["budget_frac"] for r in rows],
+        "budgets_ms": [round(r["budget_ms"], 4) for r in rows],
+        "ratio_to_full": [round(r["ratio_to_full"], 4) for r in rows],
+        "ppl": [round(r["ppl"], 3) for r in rows],
+        "sources": [r["source"] for r in rows],
+    }
 
 
 @dataclass(frozen=True)
@@ -207,8 +257,19 @@ def lookup(cfg: LookupConfig) -> dict:
     """`flextron lookup`: the row a deployment with this budget serves (nearest feasible budget,
     never over it): its config, where and how it was measured, its latency and perplexity."""
     row = Lookup.load(cfg.run).for_budget(cfg.budget_ms, cfg.regime or None, cfg.quantile, cfg.engine or None)
-    return {"budget_ms_asked": cfg.budget_ms, "budget_ms": row.budget_ms, "budget_frac": row.budget_frac,
-            "regime": row.regime, "engine": row.engine, "device_name": row.device_name, "quantile": row.quantile,
-            "config": row.config.to_dict(), "measured_latency_ms": row.latency_at_quantile(),
-            "median_latency_ms": row.measured_latency_ms, "ratio_to_full": row.ratio_to_full,
-            "ppl": row.ppl, "source": row.source, "weights": row.weights}
+    return {
+        "budget_ms_asked": cfg.budget_ms,
+        "budget_ms": row.budget_ms,
+        "budget_frac": row.budget_frac,
+        "regime": row.regime,
+        "engine": row.engine,
+        "device_name": row.device_name,
+        "quantile": row.quantile,
+        "config": row.config.to_dict(),
+        "measured_latency_ms": row.latency_at_quantile(),
+        "median_latency_ms": row.measured_latency_ms,
+        "ratio_to_full": row.ratio_to_full,
+        "ppl": row.ppl,
+        "source": row.source,
+        "weights": row.weights,
+    }

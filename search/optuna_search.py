@@ -3,9 +3,9 @@
 The budget is a hard constraint applied through the latency model *before* any quality
 evaluation: an infeasible trial is told to Optuna with its constraint violation (`set_constraint`,
 or `constraints_func` on Optuna 4) and never costs a forward pass. The largest fitting uniform
-configs and the trained router's answer are seeded with `enqueue_trial`. Studies live in an Optuna storage (SQLite in the run by default, any database URL,
-or a journal file for many workers), so a killed search resumes and several processes can share
-one study.
+configs and the trained router's answer are seeded with `enqueue_trial`. Studies live in an Optuna
+storage (SQLite in the run by default, any database URL, or a journal file for many workers), so a
+killed search resumes and several processes can share one study.
 """
 
 from __future__ import annotations
@@ -122,8 +122,10 @@ def suggest_config(trial, spec) -> SubnetConfig:
 
 
 def config_params(cfg: SubnetConfig, spec) -> dict:
-    return {**{f"mlp_idx_{l}": spec.mlp_widths[l].index(w) for l, w in enumerate(cfg.mlp_width)},
-            **{f"heads_idx_{l}": spec.head_counts[l].index(h) for l, h in enumerate(cfg.heads)}}
+    return {
+        **{f"mlp_idx_{l}": spec.mlp_widths[l].index(w) for l, w in enumerate(cfg.mlp_width)},
+        **{f"heads_idx_{l}": spec.head_counts[l].index(h) for l, h in enumerate(cfg.heads)},
+    }
 
 
 def _constraints(trial):
@@ -192,15 +194,29 @@ def _progress(study):
     return evaluated, sorted(c for c in claims if c[2] not in evaluated)
 
 
-def search_budget(study_name, storage, spec, lat_model, evaluator, budget, cfg: SearchConfig, progress=None,
-                  routers=None, attrs: dict | None = None, tail: float = 1.0, margin: float = 0.0, floor_ms: float = 0.0) -> dict:
+def search_budget(
+    study_name,
+    storage,
+    spec,
+    lat_model,
+    evaluator,
+    budget,
+    cfg: SearchConfig,
+    progress=None,
+    routers=None,
+    attrs: dict | None = None,
+    tail: float = 1.0,
+    margin: float = 0.0,
+    floor_ms: float = 0.0,
+) -> dict:
     """Run one budget's study until it holds `cfg.trials` distinct evaluated (feasible) configs.
 
     `budget` is a resolved Budget's dict; `tail` the regime's quantile-over-median factor (see
-    `tail_factor`), so a proposal fits when its predicted median x tail is within budget_ms. A proposal
-    the latency model puts over budget is told to Optuna as a constraint violation and never evaluated; a repeat of a config
-    already evaluated is told its cached loss and not counted; a config another worker is evaluating
-    right now is skipped (told as failed). Returns what happened, including why it stopped."""
+    `Profile.tail_factor`), so a proposal fits when its predicted median x tail is within budget_ms. A proposal
+    the latency model puts over budget is told to Optuna as a constraint violation and never evaluated;
+    a repeat of a config already evaluated is told its cached loss and not counted; a config another
+    worker is evaluating right now is skipped (told as failed). Returns what happened, including why it
+    stopped."""
     import optuna
 
     from profiler.latency_model import encode
@@ -214,8 +230,9 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget, cfg: 
     # TPE's start-up phase counts *evaluated* trials: infeasible proposals carry no quality signal,
     # so random proposals continue until a few feasible configs were evaluated (or asks run long).
     n_startup = max(2, cfg.trials // 3)
-    study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, direction="minimize",
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
+    )
     _ensure_study_attrs(study, {**(attrs or {}), **budget})
     if not study.trials and cfg.sampler == "tpe":  # "random" is the plain baseline: no seeds
         # Seed the largest uniform configs that fit: at tight budgets random proposals rarely fit, and
@@ -244,7 +261,9 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget, cfg: 
             stop = "the remaining evaluations are in progress in other workers"
             break
         if asked >= max_asks:
-            stop = f"ran out of proposals: {asked} asked, {len(evaluated)} of {cfg.trials} distinct feasible configs found"
+            stop = (
+                f"ran out of proposals: {asked} asked, {len(evaluated)} of {cfg.trials} distinct feasible configs found"
+            )
             break
         if cfg.sampler == "tpe":
             study.sampler = random_sampler if len(evaluated) < n_startup and asked < 4 * cfg.trials else sampler
@@ -267,8 +286,9 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget, cfg: 
             trial.set_user_attr("claimed_at", mine[0])
             evaluated, claims = _progress(study)
             ahead = [c for c in claims if c < mine]
-            if key not in evaluated and (any(c[2] == key for c in ahead)
-                                         or len(evaluated) + len({c[2] for c in ahead}) >= cfg.trials):
+            if key not in evaluated and (
+                any(c[2] == key for c in ahead) or len(evaluated) + len({c[2] for c in ahead}) >= cfg.trials
+            ):
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)  # another worker has it
                 continue
         if key in evaluated:  # a repeat: its cached loss informs the sampler, but it is not counted
@@ -279,17 +299,29 @@ def search_budget(study_name, storage, spec, lat_model, evaluator, budget, cfg: 
         study.tell(trial, loss)
     if bar:
         bar.close()
-    return {"study": study_name, **budget, "evaluated": len(evaluated), "asked_here": asked,
-            "repeats_here": repeats, "stop": stop}
+    return {
+        "study": study_name,
+        **budget,
+        "evaluated": len(evaluated),
+        "asked_here": asked,
+        "repeats_here": repeats,
+        "stop": stop,
+    }
 
 
-def search_frontier(study_name, storage, spec, lat_model, evaluator, cfg: SearchConfig, attrs: dict | None = None) -> dict:
+def search_frontier(
+    study_name, storage, spec, lat_model, evaluator, cfg: SearchConfig, attrs: dict | None = None
+) -> dict:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name, storage=storage, directions=["minimize", "minimize"],
-                                sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=8),
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        directions=["minimize", "minimize"],
+        sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=8),
+        load_if_exists=True,
+    )
     _ensure_study_attrs(study, attrs or {})
     if not study.trials:
         for f in (1.0, 0.75, 0.5, 0.25):
@@ -325,13 +357,23 @@ def collect_trials(storage, prefix: str, storage_id: str = ""):
         attrs = study.user_attrs
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             loss = t.values[-1] if t.values else None
-            rows.append({"storage": storage_id, "study": s.study_name, "trial": t.number,
-                         "budget_ms": attrs.get("budget_ms"), "budget_frac": attrs.get("budget_frac"),
-                         "reference_full_ms": attrs.get("reference_full_ms"), "quantile": attrs.get("quantile", "p50"),
-                         "config": t.user_attrs.get("config"), "predicted_latency_ms": t.user_attrs.get("predicted_latency_ms"),
-                         "evaluated": bool(t.user_attrs.get("evaluated")), "repeat": bool(t.user_attrs.get("repeat")),
-                         "source": t.user_attrs.get("source", "search"),
-                         "loss": loss if t.user_attrs.get("evaluated") else None})
+            rows.append(
+                {
+                    "storage": storage_id,
+                    "study": s.study_name,
+                    "trial": t.number,
+                    "budget_ms": attrs.get("budget_ms"),
+                    "budget_frac": attrs.get("budget_frac"),
+                    "reference_full_ms": attrs.get("reference_full_ms"),
+                    "quantile": attrs.get("quantile", "p50"),
+                    "config": t.user_attrs.get("config"),
+                    "predicted_latency_ms": t.user_attrs.get("predicted_latency_ms"),
+                    "evaluated": bool(t.user_attrs.get("evaluated")),
+                    "repeat": bool(t.user_attrs.get("repeat")),
+                    "source": t.user_attrs.get("source", "search"),
+                    "loss": loss if t.user_attrs.get("evaluated") else None,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -354,14 +396,22 @@ def best_per_budget(trials) -> list[dict]:
     budgets = trials[trials["evaluated"] & trials["budget_ms"].notna()] if len(trials) else trials
     if len(budgets) and "quantile" not in budgets.columns:
         budgets = budgets.assign(quantile="p50")
-    for (b, q), g in (budgets.groupby(["budget_ms", "quantile"]) if len(budgets) else []):
+    for (b, q), g in budgets.groupby(["budget_ms", "quantile"]) if len(budgets) else []:
         r = g.loc[g["loss"].idxmin()]
         frac, ref = r.get("budget_frac"), r.get("reference_full_ms")
-        best.append({"budget_ms": float(b), "quantile": q, "budget_frac": optional_float(frac),
-                     "reference_full_ms": optional_float(ref),
-                     "config": json.loads(r["config"]), "predicted_latency_ms": float(r["predicted_latency_ms"]),
-                     "loss": float(r["loss"]), "source": r["source"],  # search, or the seed it came from
-                     "study": r["study"]})
+        best.append(
+            {
+                "budget_ms": float(b),
+                "quantile": q,
+                "budget_frac": optional_float(frac),
+                "reference_full_ms": optional_float(ref),
+                "config": json.loads(r["config"]),
+                "predicted_latency_ms": float(r["predicted_latency_ms"]),
+                "loss": float(r["loss"]),
+                "source": r["source"],  # search, or the seed it came from
+                "study": r["study"],
+            }
+        )
     return best
 
 
@@ -395,7 +445,7 @@ def search(cfg: SearchConfig) -> dict:
     from flextron.devices import check_device
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
-    from flextron.routers import Routers, regime_dir
+    from flextron.router_store import Routers, regime_dir
     from flextron.rundir import (
         RunDir,
         file_lock,
@@ -421,8 +471,9 @@ def search(cfg: SearchConfig) -> dict:
     lo, hi = feasible_range(lat_model, spec)
     corpus = run.corpus(cfg.corpus)
     wtag = run.weights_tag(wname)
-    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len,
-                                 corpus=corpus, tag=wtag)
+    evaluator = QualityEvaluator(
+        elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len, corpus=corpus, tag=wtag
+    )
     out = results_dir(run.root, regime_key, wname)
     prefix = cfg.study_prefix or f"{models.device_name}|{regime_key}|{cfg.sampler}|{wname}|{evaluator.setting}"
     routers = None
@@ -430,8 +481,11 @@ def search(cfg: SearchConfig) -> dict:
     if (router_dir / "router.json").is_file():
         routers = Routers.load(run.root, regime_key, spec, weights=wname)
         if routers.meta.get("weights_tag") != wtag:  # trained on an earlier training run's weights
-            print(f"flextron search: not seeding with the routers in {router_dir}: they were trained on other "
-                  f"{wname} weights; re-run `flextron route`", file=sys.stderr)
+            print(
+                f"flextron search: not seeding with the routers in {router_dir}: they were trained on other "
+                f"{wname} weights; re-run `flextron route`",
+                file=sys.stderr,
+            )
             routers = None
 
     # Every budget is resolved against one reference: the full model measured in the profile.
@@ -440,20 +494,29 @@ def search(cfg: SearchConfig) -> dict:
     tail = profile.tail_factor(regime_key, cfg.quantile)
     lo, hi = lo * tail, hi * tail  # the feasible range at this quantile
     budgets = [Budget(regime_key, budget_ms=b, quantile=cfg.quantile).resolve(full_ms).to_dict() for b in cfg.budget_ms]
-    budgets += [Budget(regime_key, budget_frac=f, quantile=cfg.quantile).resolve(full_ms).to_dict() for f in cfg.budget_frac]
+    budgets += [
+        Budget(regime_key, budget_frac=f, quantile=cfg.quantile).resolve(full_ms).to_dict() for f in cfg.budget_frac
+    ]
     if cfg.skip_infeasible:
         for b in [b for b in budgets if b["budget_ms"] < lo]:
-            print(f"flextron search: skipping budget {b['budget_ms']:.4g} ms, below the fastest sub-network "
-                  f"({lo:.4g} ms predicted)", file=sys.stderr)
+            print(
+                f"flextron search: skipping budget {b['budget_ms']:.4g} ms, below the fastest sub-network "
+                f"({lo:.4g} ms predicted)",
+                file=sys.stderr,
+            )
         budgets = [b for b in budgets if b["budget_ms"] >= lo]
         if not budgets and not cfg.frontier:
-            raise FlextronError(f"every budget is below the fastest sub-network ({lo:.4g} ms predicted for {regime_key}); "
-                                f"feasible budgets run from {lo:.4g} to {hi:.4g} ms")
+            raise FlextronError(
+                f"every budget is below the fastest sub-network ({lo:.4g} ms predicted for {regime_key}); "
+                f"feasible budgets run from {lo:.4g} to {hi:.4g} ms"
+            )
     for b in budgets:
         if b["budget_ms"] < lo:
             raise FlextronError(
-                f"budget {b['budget_ms']:.4g} ms is below the fastest sub-network ({lo:.4g} ms predicted at {cfg.quantile} "
-                f"for {regime_key} on {models.device_name}); feasible {cfg.quantile} budgets run from {lo:.4g} to {hi:.4g} ms"
+                f"budget {b['budget_ms']:.4g} ms is below the fastest sub-network ({lo:.4g} ms predicted at "
+                f"{cfg.quantile} "
+                f"for {regime_key} on {models.device_name}); feasible {cfg.quantile} budgets run from "
+                f"{lo:.4g} to {hi:.4g} ms"
             )
     if cfg.restart:
         _restart(storage, out, prefix)
@@ -463,20 +526,27 @@ def search(cfg: SearchConfig) -> dict:
         if prev.get("quality_setting") != evaluator.setting:
             raise FlextronError(
                 f"{out} holds picks evaluated on {prev.get('quality_setting')!r}; this search evaluates on "
-                f"{evaluator.setting!r} (--eval-windows, --eval-seq-len, --corpus, or re-trained weights). Their losses "
+                f"{evaluator.setting!r} (--eval-windows, --eval-seq-len, --corpus, or re-trained weights). "
+                "Their losses "
                 "are not comparable: "
-                "search with the same settings, or pass --restart to replace those results")
+                "search with the same settings, or pass --restart to replace those results"
+            )
     margin = search_margin(run.root, regime_key) if cfg.margin < 0 else cfg.margin
-    attrs = {"regime": regime_key, "device_name": models.device_name, "weights": wname,
-             "quality_setting": evaluator.setting}
+    attrs = {
+        "regime": regime_key,
+        "device_name": models.device_name,
+        "weights": wname,
+        "quality_setting": evaluator.setting,
+    }
     t0 = time.perf_counter()
     results = []
     if cfg.frontier:
         results.append(search_frontier(f"{prefix}|frontier", storage, spec, lat_model, evaluator, cfg, attrs))
     for b in sorted(budgets, key=lambda b: b["budget_ms"]):
         name = f"{prefix}|budget={b['budget_ms']:.6g}" + ("" if cfg.quantile == "p50" else f"@{cfg.quantile}")
-        r = search_budget(name, storage, spec, lat_model, evaluator, b, cfg, progress, routers, attrs, tail, margin,
-                          lo / tail)
+        r = search_budget(
+            name, storage, spec, lat_model, evaluator, b, cfg, progress, routers, attrs, tail, margin, lo / tail
+        )
         if r["stop"] != "done":
             print(f"flextron search: budget {b['budget_ms']:.4g} ms stopped early: {r['stop']}", file=sys.stderr)
         results.append(r)
@@ -493,32 +563,63 @@ def search(cfg: SearchConfig) -> dict:
             if "storage" in old.columns:
                 fresh = set(zip(trials["storage"], trials["study"])) if len(trials) else set()
                 old = old[[(s, st) not in fresh for s, st in zip(old["storage"], old["study"])]]
-                trials = pd.concat([old.drop(columns=["regime", "device_name", "weights"], errors="ignore"), trials],
-                                   ignore_index=True)
-        trials = trials.assign(regime=regime_key, device_name=models.device_name, weights=wname)  # one folder: one of each
+                trials = pd.concat(
+                    [old.drop(columns=["regime", "device_name", "weights"], errors="ignore"), trials], ignore_index=True
+                )
+        trials = trials.assign(
+            regime=regime_key, device_name=models.device_name, weights=wname
+        )  # one folder: one of each
         write_parquet_atomic(trials, trials_path)
         if len(trials):
             write_parquet_atomic(pareto_front(trials), out / "pareto.parquet")
         best = best_per_budget(trials)
-        write_json_atomic(best_path, {"regime": regime_key, "device_name": models.device_name, "weights": wname,
-                                      "weights_tag": wtag, "quality_setting": evaluator.setting, "search_margin": margin,
-                                      "best": best})
+        write_json_atomic(
+            best_path,
+            {
+                "regime": regime_key,
+                "device_name": models.device_name,
+                "weights": wname,
+                "weights_tag": wtag,
+                "quality_setting": evaluator.setting,
+                "search_margin": margin,
+                "best": best,
+            },
+        )
         save_stage_config(out / "search_config.json", cfg)
     by_budget = {(b["budget_ms"], b["quantile"]): b for b in best}
     return {
-        "regime": regime_key, "weights": wname, "results": str(out), "budgets_ms": [b["budget_ms"] for b in budgets],
+        "regime": regime_key,
+        "weights": wname,
+        "results": str(out),
+        "budgets_ms": [b["budget_ms"] for b in budgets],
         "feasible_ms": [round(lo, 4), round(hi, 4)],
         "quality_evaluations": evaluator.evaluations,
         "evaluated_trials": int(trials["evaluated"].sum()) if len(trials) else 0,
         "infeasible_skipped": int((~trials["evaluated"]).sum()) if len(trials) else 0,
         "eval_tokens": evaluator.tokens,
-        "reference_full_ms": full_ms, "quantile": cfg.quantile, "margin": round(margin, 4),
-        "per_budget": [{k: r[k] for k in ("budget_ms", "budget_frac", "evaluated", "asked_here", "repeats_here", "stop")}
-                       | ({"ppl": round(math.exp(by_budget[(r["budget_ms"], r["quantile"])]["loss"]), 3),
-                           "predicted_ms": round(by_budget[(r["budget_ms"], r["quantile"])]["predicted_latency_ms"], 4)}
-                          if (r.get("budget_ms"), r.get("quantile")) in by_budget else {})
-                       for r in results if "budget_ms" in r],
-        "best": [{"budget_ms": b["budget_ms"], "ppl": round(math.exp(b["loss"]), 3),
-                  "predicted_ms": round(b["predicted_latency_ms"], 4)} for b in best],
+        "reference_full_ms": full_ms,
+        "quantile": cfg.quantile,
+        "margin": round(margin, 4),
+        "per_budget": [
+            {k: r[k] for k in ("budget_ms", "budget_frac", "evaluated", "asked_here", "repeats_here", "stop")}
+            | (
+                {
+                    "ppl": round(math.exp(by_budget[(r["budget_ms"], r["quantile"])]["loss"]), 3),
+                    "predicted_ms": round(by_budget[(r["budget_ms"], r["quantile"])]["predicted_latency_ms"], 4),
+                }
+                if (r.get("budget_ms"), r.get("quantile")) in by_budget
+                else {}
+            )
+            for r in results
+            if "budget_ms" in r
+        ],
+        "best": [
+            {
+                "budget_ms": b["budget_ms"],
+                "ppl": round(math.exp(b["loss"]), 3),
+                "predicted_ms": round(b["predicted_latency_ms"], 4),
+            }
+            for b in best
+        ],
         "seconds": round(time.perf_counter() - t0, 1),
     }

@@ -93,28 +93,43 @@ def verify(cfg: VerifyConfig) -> dict:
     for bf in best_files:
         best = read_json(bf, run.root)
         if best.get("device_name") != device_name:
-            raise FlextronError(f"{bf} was searched for {best.get('device_name')!r} but this device is {device_name!r}; "
-                                "verify on the device that was profiled")
+            raise FlextronError(
+                f"{bf} was searched for {best.get('device_name')!r} but this device is {device_name!r}; "
+                "verify on the device that was profiled"
+            )
         wname = best.get("weights", "elastic")
         if best.get("weights_tag", wname) != run.weights_tag(wname):
-            print(f"flextron verify: skipping {bf}: it was searched on {wname} weights that `flextron train` has "
-                  "replaced since; search again to verify them", file=sys.stderr)
+            print(
+                f"flextron verify: skipping {bf}: it was searched on {wname} weights that `flextron train` has "
+                "replaced since; search again to verify them",
+                file=sys.stderr,
+            )
             continue
         by_regime.setdefault(best["regime"], []).append((bf, best))
         for b in best["best"]:
             q = cfg.quantile or b.get("quantile", "p50")
             if cfg.rounds * cfg.reps < MIN_TAIL_SAMPLES[q]:  # refuse before measuring anything
-                raise FlextronError(f"{bf} holds a {q} budget: its quantile needs at least {MIN_TAIL_SAMPLES[q]} "
-                                    f"samples per config, --rounds {cfg.rounds} x --reps {cfg.reps} give "
-                                    f"{cfg.rounds * cfg.reps}; raise --reps")
+                raise FlextronError(
+                    f"{bf} holds a {q} budget: its quantile needs at least {MIN_TAIL_SAMPLES[q]} "
+                    f"samples per config, --rounds {cfg.rounds} x --reps {cfg.reps} give "
+                    f"{cfg.rounds * cfg.reps}; raise --reps"
+                )
     # Latency depends on shapes, not on weight values: one-shot weights time every pick.
     elastic = ElasticModel.load(run.elastic)
     rows, uniform_rows, all_samples, noise, t0 = [], [], [], {}, time.perf_counter()
     evaluated_fallbacks = 0
     for regime_key, picks in sorted(by_regime.items()):
         regime = Regime.parse(regime_key)
-        session = InterleavedSession(elastic, regime, cfg.device, cfg.reps, cfg.warmup, seed=len(all_samples),
-                                     threads=threads, source_gguf=run.source_gguf() if regime.engine == "llamacpp" else None)
+        session = InterleavedSession(
+            elastic,
+            regime,
+            cfg.device,
+            cfg.reps,
+            cfg.warmup,
+            seed=len(all_samples),
+            threads=threads,
+            source_gguf=run.source_gguf() if regime.engine == "llamacpp" else None,
+        )
         spec = elastic.spec
         first = {s.key: s for s in spec.uniform_configs()}
         for _, best in picks:
@@ -154,29 +169,69 @@ def verify(cfg: VerifyConfig) -> dict:
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
                 decided.append((sub, quantile, limit, frac))
-                rows.append({"regime": regime.key, "engine": regime.engine, "device_name": device_name, "weights": best.get("weights", "elastic"),
-                             "weights_tag": best.get("weights_tag"), "quantile": quantile, "limit_frac": limit,
-                             "searched_budget_ms": b["budget_ms"], "config": sub.to_json(), "config_key": sub.key,
-                             "predicted_latency_ms": pred, "loss": loss, "ppl": math.exp(loss),
-                             "replacements_tried": replaced, "replaced": sub != orig, "source": source})
+                rows.append(
+                    {
+                        "regime": regime.key,
+                        "engine": regime.engine,
+                        "device_name": device_name,
+                        "weights": best.get("weights", "elastic"),
+                        "weights_tag": best.get("weights_tag"),
+                        "quantile": quantile,
+                        "limit_frac": limit,
+                        "searched_budget_ms": b["budget_ms"],
+                        "config": sub.to_json(),
+                        "config_key": sub.key,
+                        "predicted_latency_ms": pred,
+                        "loss": loss,
+                        "ppl": math.exp(loss),
+                        "replacements_tried": replaced,
+                        "replaced": sub != orig,
+                        "source": source,
+                    }
+                )
         # Every pick's numbers and Budget from the session's final rounds: one reference for all rows.
         reference = session.reference_ms()
-        for row, (sub, quantile, limit, frac) in zip(rows[len(rows) - len(decided):], decided):
+        for row, (sub, quantile, limit, frac) in zip(rows[len(rows) - len(decided) :], decided):
             st = session.stats(sub.key, quantile, limit)
             budget = Budget(regime.key, budget_frac=frac, quantile=quantile).resolve(reference)
-            row.update({"budget_frac": budget.budget_frac, "budget_ms": budget.budget_ms,
-                        "reference_full_ms": budget.reference_full_ms,
-                        **{k: st[k] for k in ("measured_latency_ms", "latency_ms_p50", "latency_ms_p90", "latency_ms_p99",
-                                              "ratio", "ratio_lo", "ratio_hi", "verdict", "rounds")},
-                        "within_budget": st["verdict"] == "within"})
+            row.update(
+                {
+                    "budget_frac": budget.budget_frac,
+                    "budget_ms": budget.budget_ms,
+                    "reference_full_ms": budget.reference_full_ms,
+                    **{
+                        k: st[k]
+                        for k in (
+                            "measured_latency_ms",
+                            "latency_ms_p50",
+                            "latency_ms_p90",
+                            "latency_ms_p99",
+                            "ratio",
+                            "ratio_lo",
+                            "ratio_hi",
+                            "verdict",
+                            "rounds",
+                        )
+                    },
+                    "within_budget": st["verdict"] == "within",
+                }
+            )
         # The lookup's fallbacks, measured in the same rounds as the picks (ratios at every quantile).
         summary = summarise(session.samples, FULL).set_index("key")
         for sub in spec.uniform_configs():
             s = summary.loc[session.key_of(sub.key)]
-            uniform_rows.append({"regime": regime.key, "device_name": device_name, "config": sub.to_json(),
-                                 "config_key": sub.key, "measured_latency_ms": s["latency_ms_median"],
-                                 **{c: s[c] for c in summary.columns if c.startswith(("latency_ms_p", "ratio_"))},
-                                 "reference_full_ms": reference, "rounds": int(s["rounds"])})
+            uniform_rows.append(
+                {
+                    "regime": regime.key,
+                    "device_name": device_name,
+                    "config": sub.to_json(),
+                    "config_key": sub.key,
+                    "measured_latency_ms": s["latency_ms_median"],
+                    **{c: s[c] for c in summary.columns if c.startswith(("latency_ms_p", "ratio_"))},
+                    "reference_full_ms": reference,
+                    "rounds": int(s["rounds"]),
+                }
+            )
         noise[regime.key] = noise_floor(session.samples, FULL)
         all_samples += session.samples
         session.close()
@@ -184,12 +239,17 @@ def verify(cfg: VerifyConfig) -> dict:
         # evaluates only some uniform configs, so two runs could otherwise quote different fallbacks.
         for bf, best in picks:
             limit = max(r["limit_frac"] for r in rows if r["regime"] == regime.key)
-            compliant = [sub for sub in spec.uniform_configs()
-                         if summary.loc[session.key_of(sub.key), "ratio_to_full_hi"] <= limit]
+            compliant = [
+                sub
+                for sub in spec.uniform_configs()
+                if summary.loc[session.key_of(sub.key), "ratio_to_full_hi"] <= limit
+            ]
             evaluated_fallbacks += _fallback_losses(run, bf, best, compliant, cfg.device)
     if not rows:
-        raise FlextronError("the search results hold no evaluated picks of the current weights to verify; "
-                            "run `flextron search` (with more --trials)")
+        raise FlextronError(
+            "the search results hold no evaluated picks of the current weights to verify; "
+            "run `flextron search` (with more --trials)"
+        )
     out = run / "verify"
     df = pd.DataFrame(rows)
     write_parquet_atomic(df, out / VERIFIED_FILE)
@@ -197,13 +257,19 @@ def verify(cfg: VerifyConfig) -> dict:
     write_parquet_atomic(pd.DataFrame(all_samples), out / SAMPLES_FILE)
     save_stage_config(out / "verify_config.json", cfg)
     write_json_atomic(out / "noise.json", {"device_name": device_name, "threads": threads, "regimes": noise})
-    return {"device": device_name, "threads": threads, "verified": len(df), "within_budget": int(df["within_budget"].sum()),
-            "verdicts": df["verdict"].value_counts().to_dict(), "replaced": int(df["replaced"].sum()),
-            "fallback_losses_evaluated": evaluated_fallbacks,
-            "max_ratio_over_budget_frac": round(float((df["ratio"] / df["budget_frac"]).max()), 4),
-            "noise_floor_pct": {k: v["noise_floor_pct"] for k, v in noise.items()},
-            "ratio_noise_floor_pct": {k: v["ratio_noise_floor_pct"] for k, v in noise.items()},
-            "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "device": device_name,
+        "threads": threads,
+        "verified": len(df),
+        "within_budget": int(df["within_budget"].sum()),
+        "verdicts": df["verdict"].value_counts().to_dict(),
+        "replaced": int(df["replaced"].sum()),
+        "fallback_losses_evaluated": evaluated_fallbacks,
+        "max_ratio_over_budget_frac": round(float((df["ratio"] / df["budget_frac"]).max()), 4),
+        "noise_floor_pct": {k: v["noise_floor_pct"] for k, v in noise.items()},
+        "ratio_noise_floor_pct": {k: v["ratio_noise_floor_pct"] for k, v in noise.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -> int:
@@ -224,8 +290,14 @@ def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -
     scfg = read_json(config_path, run.root)
     wname = best.get("weights", "elastic")
     model = ElasticModel.load(run.weights(wname)[1], device=device)  # fp32, as the search evaluated
-    ev = QualityEvaluator(model, cache, scfg["eval_windows"], scfg["eval_seq_len"], corpus=run.corpus(scfg["corpus"]),
-                          tag=best.get("weights_tag", wname))
+    ev = QualityEvaluator(
+        model,
+        cache,
+        scfg["eval_windows"],
+        scfg["eval_seq_len"],
+        corpus=run.corpus(scfg["corpus"]),
+        tag=best.get("weights_tag", wname),
+    )
     if ev.setting != setting:  # not the picks' setting (another corpus since?): their losses would not compare
         return 0
     for c in todo:

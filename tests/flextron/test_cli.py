@@ -78,7 +78,9 @@ def test_bad_inputs_get_clear_errors_and_keep_results(tmp_path, capsys):
         assert main(argv) == 2
         return capsys.readouterr().err
 
-    assert "neither a built-in name" in err(["convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert "neither a built-in name" in err(
+        ["convert", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
+    )
     (tmp_path / "m").mkdir()
     assert "no config.json" in err(["convert", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
     (tmp_path / "m" / "config.json").write_text('{"model_type": "bert", "hidden_size": 8}')
@@ -90,11 +92,14 @@ def test_bad_inputs_get_clear_errors_and_keep_results(tmp_path, capsys):
     assert "already holds a run" in err(["convert", "--model", "tiny-qwen3", "--out", str(run)])
     assert (run / "elastic" / "model.safetensors").read_bytes() == before
     # configs outside the spec and non-JSON files
-    assert "layer 0: MLP width" in err(["eval", "--run", str(run), "--config", '{"mlp_width": [7,7,7], "heads": [8,8,8]}'])
+    assert "layer 0: MLP width" in err(
+        ["eval", "--run", str(run), "--config", '{"mlp_width": [7,7,7], "heads": [8,8,8]}']
+    )
     (tmp_path / "c.json").write_text("not json")
     assert "not valid JSON" in err(["eval", "--run", str(run), "--config", str(tmp_path / "c.json")])
     assert "run `flextron convert" in err(["eval", "--run", str(tmp_path / "empty")])
     assert (run / "elastic" / "model.safetensors").read_bytes() == before
+
 
 def test_config_files_and_run_paths_that_are_not_what_they_should_be(tmp_path, capsys):
     run = tmp_path / "r"

@@ -37,8 +37,11 @@ def _fake_latency(monkeypatch, spec, samples=None):
     real_forward = RegimeBench.forward_fn
     calls = itertools.count()
     samples = samples or (lambda frac, n: [10.0 * frac] * 3)
-    monkeypatch.setattr(RegimeBench, "forward_fn", lambda self, sub: _Tagged(real_forward(self, sub), sub.param_count(spec)))
+    monkeypatch.setattr(
+        RegimeBench, "forward_fn", lambda self, sub: _Tagged(real_forward(self, sub), sub.param_count(spec))
+    )
     monkeypatch.setattr(timer_mod.Timer, "measure", lambda self, fn: Timing(samples(fn.params / full, next(calls))))
+
 
 class _Tagged:
     def __init__(self, fn, params):
@@ -47,11 +50,20 @@ class _Tagged:
     def __call__(self):
         return self.fn()
 
+
 def _one_pick(run, spec, pick, frac):
     """Make `pick` the only search result, at budget fraction `frac` of a 10 ms full model."""
     folder = _results(run)
     best = json.loads((folder / "best.json").read_text())
-    best["best"] = [{**best["best"][0], "budget_ms": 10.0 * frac, "budget_frac": frac, "reference_full_ms": 10.0,
-                     "config": pick.to_dict(), "loss": 0.0}]
+    best["best"] = [
+        {
+            **best["best"][0],
+            "budget_ms": 10.0 * frac,
+            "budget_frac": frac,
+            "reference_full_ms": 10.0,
+            "config": pick.to_dict(),
+            "loss": 0.0,
+        }
+    ]
     (folder / "best.json").write_text(json.dumps(best))
     (folder / "trials.parquet").unlink()  # no replacement candidates

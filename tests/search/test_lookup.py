@@ -33,7 +33,9 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
     limit = ver["limit_frac"].max()
     assert set(uni[uni["ratio_to_full_hi"] <= limit]["config_key"]) <= set(losses)
     spec = json.loads((fitted / "elastic" / "elastic_spec.json").read_text())
-    assert len(uni) == len(spec["mlp_widths"][0]) * len(spec["head_counts"][0]) and (uni["measured_latency_ms"] > 0).all()
+    assert (
+        len(uni) == len(spec["mlp_widths"][0]) * len(spec["head_counts"][0]) and (uni["measured_latency_ms"] > 0).all()
+    )
     s = export(ExportConfig(run=str(fitted), lookup=True))
     rows = json.loads((fitted / "export" / "lookup.json").read_text())["rows"]
     assert s["rows"] == len(rows) >= 1
@@ -59,4 +61,7 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path):
     html = (fitted / "reports" / "index.html").read_text()
     assert "Pareto" in html or "pareto" in html
     assert len(r["plots"]) >= 4
-    assert "held-out" in (fitted / "reports" / "summary.md").read_text().lower() or "Latency model" in (fitted / "reports" / "summary.md").read_text()
+    assert (
+        "held-out" in (fitted / "reports" / "summary.md").read_text().lower()
+        or "Latency model" in (fitted / "reports" / "summary.md").read_text()
+    )

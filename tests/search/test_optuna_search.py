@@ -126,13 +126,17 @@ def test_budgets_record_their_reference_and_bad_budgets_are_refused(run_copy):
     assert best["budget_frac"] == 0.9 and best["budget_ms"] == pytest.approx(0.9 * best["reference_full_ms"], abs=1e-3)
     assert s["per_budget"][0]["budget_frac"] == 0.9
     before = (_results(run_copy) / "best.json").read_bytes()
-    for bad, msg in [({"budget_ms": (float("inf"),)}, "--budget-ms must be a finite number"),
-                     ({"budget_ms": (-1.0,)}, "--budget-ms must be >"), ({"eval_windows": 0}, "--eval-windows must be >= 1"),
-                     ({"budget_frac": (float("nan"),)}, "--budget-frac must be a finite"),
-                     ({"budget_ms": (1.0,), "device": "gpu"}, "--device must be cpu")]:
+    for bad, msg in [
+        ({"budget_ms": (float("inf"),)}, "--budget-ms must be a finite number"),
+        ({"budget_ms": (-1.0,)}, "--budget-ms must be >"),
+        ({"eval_windows": 0}, "--eval-windows must be >= 1"),
+        ({"budget_frac": (float("nan"),)}, "--budget-frac must be a finite"),
+        ({"budget_ms": (1.0,), "device": "gpu"}, "--device must be cpu"),
+    ]:
         with pytest.raises(FlextronError, match=msg):
             _search(run_copy, **bad)
     assert (_results(run_copy) / "best.json").read_bytes() == before
+
 
 def test_out_of_proposals_is_reported(run_copy, capsys, monkeypatch):
     """Only two configs fit: the search stops after its capped proposals and says so."""
@@ -143,28 +147,36 @@ def test_out_of_proposals_is_reported(run_copy, capsys, monkeypatch):
 
     spec = ElasticModel.load(run_copy / "elastic").spec
     fits = encode([spec.smallest(), spec.uniform(0.25, 0.5)])
-    monkeypatch.setattr(LatencyModel, "predict",
-                        lambda self, X: np.where([any((x == f).all() for f in fits) for x in np.asarray(X)], 1.0, 2.0))
+    monkeypatch.setattr(
+        LatencyModel,
+        "predict",
+        lambda self, X: np.where([any((x == f).all() for f in fits) for x in np.asarray(X)], 1.0, 2.0),
+    )
     monkeypatch.setattr(LatencyModel, "range_ms", lambda self, spec: (1.0, 2.0))
     s = _search(run_copy, budget_ms=(1.5,), trials=6)
     r = s["per_budget"][0]
     assert r["evaluated"] < 6 and r["stop"].startswith("ran out of proposals")
     assert "stopped early: ran out of proposals" in capsys.readouterr().err
 
+
 def test_search_reads_the_runs_corpus(run_copy):
     _search(run_copy, budget_ms=(_budget(run_copy, 0.8),), corpus="pydoc")
     assert ":pydoc:" in json.loads((_results(run_copy) / "best.json").read_text())["quality_setting"]
+
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_missing_cuda_device_is_a_clear_error(run_copy):
     from flextron.cli import main
 
-    for argv in (["search", "--run", str(run_copy), "--budget-ms", "1", "--device", "cuda:7"],
-                 ["eval", "--run", str(run_copy), "--device", "cuda:7"],
-                 ["verify", "--run", str(run_copy), "--device", "cuda:7"]):
+    for argv in (
+        ["search", "--run", str(run_copy), "--budget-ms", "1", "--device", "cuda:7"],
+        ["eval", "--run", str(run_copy), "--device", "cuda:7"],
+        ["verify", "--run", str(run_copy), "--device", "cuda:7"],
+    ):
         if argv[0] == "verify":
             _search(run_copy, budget_ms=(_budget(run_copy, 0.8),))
         assert main(argv) == 2
+
 
 def test_two_regimes_keep_their_own_results(tiny_run, tmp_path):
     """Each regime's trials, picks and replacements stay its own; verify covers both."""
@@ -179,8 +191,13 @@ def test_two_regimes_keep_their_own_results(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     regimes = ("decode:b1:ctx16", "prefill:b1:s16")
-    run_sweep(ElasticModel.load(run / "elastic"), run / "profile",
-              ProfileConfig(run=str(run), regime=regimes, min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, rounds=2, reps=2))
+    run_sweep(
+        ElasticModel.load(run / "elastic"),
+        run / "profile",
+        ProfileConfig(
+            run=str(run), regime=regimes, min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, rounds=2, reps=2
+        ),
+    )
     fit(FitConfig(run=str(run)))
     keys = {}
     for r in regimes:
@@ -194,6 +211,7 @@ def test_two_regimes_keep_their_own_results(tiny_run, tmp_path):
     uni = pd.read_parquet(run / "verify" / "uniform.parquet")
     assert set(uni["regime"]) == set(keys.values())
 
+
 def test_search_aims_below_each_budget_by_the_models_uncertainty(run_copy):
     """Picks predicted right at a budget are a coin toss when measured: the search keeps a margin,
     by default the latency model's held-out error or the profile's noise floor, whichever is larger."""
@@ -204,7 +222,7 @@ def test_search_aims_below_each_budget_by_the_models_uncertainty(run_copy):
     trials = pd.read_parquet(_results(run_copy) / "trials.parquet")
     ev = trials[trials["evaluated"]]
     assert s["margin"] == 0.1 and (ev["predicted_latency_ms"] <= 0.9 * b + 1e-9).all()
-    assert ((trials[~trials["evaluated"]]["predicted_latency_ms"] > 0.9 * b)).all()
+    assert (trials[~trials["evaluated"]]["predicted_latency_ms"] > 0.9 * b).all()
     m = json.loads((run_copy / "latency_model" / "metrics.json").read_text())
     key = next(iter(m))
     expected = min(0.1, max(m[key]["heldout"]["mape_pct"], m[key]["ratio_noise_floor_pct"] or 0) / 100)

@@ -19,7 +19,9 @@ def test_verify_measures_more_rounds_inside_the_noise_band_and_never_accepts_a_s
     frac = pick.param_count(spec) / spec.full().param_count(spec)
     _one_pick(run_copy, spec, pick, frac)
     # the pick alternates 10% below and above its budget from call to call; everything else is steady
-    _fake_latency(monkeypatch, spec, lambda f, n: [10.0 * f * (0.9 if n % 2 else 1.1) if abs(f - frac) < 1e-9 else 10.0 * f] * 3)
+    _fake_latency(
+        monkeypatch, spec, lambda f, n: [10.0 * f * (0.9 if n % 2 else 1.1) if abs(f - frac) < 1e-9 else 10.0 * f] * 3
+    )
     verify(VerifyConfig(run=str(run_copy), rounds=2, max_rounds=6, reps=1, warmup=0))
     ver = pd.read_parquet(run_copy / "verify" / "verified.parquet").iloc[0]
     assert ver["verdict"] == "uncertain" and not ver["within_budget"] and ver["rounds"] == 6
@@ -33,6 +35,7 @@ def test_verify_measures_more_rounds_inside_the_noise_band_and_never_accepts_a_s
     else:
         rows = json.loads((run_copy / "export" / "lookup.json").read_text())["rows"]
         assert all(r["config"] != pick.to_dict() and r["ratio_hi"] <= r["budget_frac"] for r in rows)
+
 
 @pytest.mark.parametrize("quantile, verdict", [("p50", "within"), ("p90", "over")])
 def test_quantile_budgets_use_the_tail_samples(run_copy, monkeypatch, quantile, verdict):
@@ -50,6 +53,7 @@ def test_quantile_budgets_use_the_tail_samples(run_copy, monkeypatch, quantile, 
     ver = pd.read_parquet(run_copy / "verify" / "verified.parquet").iloc[0]
     assert ver["verdict"] == verdict and ver["quantile"] == quantile
 
+
 def test_verify_replaces_a_miss_with_a_config_that_fits(run_copy, monkeypatch):
     """A pick measured over its budget is replaced by the next best evaluated config of the same
     budget, regime and weights that measures within it."""
@@ -63,16 +67,28 @@ def test_verify_replaces_a_miss_with_a_config_that_fits(run_copy, monkeypatch):
     trials = pd.read_parquet(folder / "trials.parquet")
     ev = trials[trials["evaluated"]].drop_duplicates("config")
     assert len(ev) >= 3
-    params = {c: spec.validate(__import__("flextron.spec", fromlist=["SubnetConfig"]).SubnetConfig.from_json(c)).param_count(spec)
-              for c in ev["config"]}
+    params = {
+        c: spec.validate(__import__("flextron.spec", fromlist=["SubnetConfig"]).SubnetConfig.from_json(c)).param_count(
+            spec
+        )
+        for c in ev["config"]
+    }
     full = spec.full().param_count(spec)
     best = json.loads((folder / "best.json").read_text())
     pick = max(params, key=params.get)  # make the largest evaluated config the pick, and let it miss
     budget = 10.0 * sorted(params.values())[-2] / full  # the second largest fits exactly
     trials.loc[trials["evaluated"], "budget_ms"] = budget
     trials.to_parquet(folder / "trials.parquet", index=False)
-    best["best"] = [{**best["best"][0], "budget_ms": budget, "budget_frac": budget / 10.0, "reference_full_ms": 10.0,
-                     "config": json.loads(pick), "loss": 0.0}]
+    best["best"] = [
+        {
+            **best["best"][0],
+            "budget_ms": budget,
+            "budget_frac": budget / 10.0,
+            "reference_full_ms": 10.0,
+            "config": json.loads(pick),
+            "loss": 0.0,
+        }
+    ]
     (folder / "best.json").write_text(json.dumps(best))
     v = verify(VerifyConfig(run=str(run_copy), rounds=2, reps=1, warmup=0))
     ver = pd.read_parquet(run_copy / "verify" / "verified.parquet")
@@ -80,18 +96,25 @@ def test_verify_replaces_a_miss_with_a_config_that_fits(run_copy, monkeypatch):
     assert ver["config"].iloc[0] != pick and ver["replacements_tried"].iloc[0] >= 1
     assert ver["measured_latency_ms"].iloc[0] <= budget and ver["verdict"].iloc[0] == "within"
 
+
 def test_verify_bad_flags_keep_earlier_results(run_copy):
     from search.verify import VerifyConfig, verify
 
     _search(run_copy, budget_ms=(_budget(run_copy, 0.9) * 3,))
     verify(VerifyConfig(run=str(run_copy), rounds=2, reps=2, warmup=1))
     before = (run_copy / "verify" / "verified.parquet").read_bytes()
-    for kw, msg in [({"rounds": 1}, "--rounds must be at least 2"), ({"reps": 0}, "--reps must be at least 1"),
-                    ({"tolerance": float("nan")}, "--tolerance"), ({"quantile": "p95"}, "--quantile must be one of"),
-                    ({"max_rounds": 3, "rounds": 4}, "--max-rounds must be >= 4"), ({"device": "gpu"}, "--device must be cpu")]:
+    for kw, msg in [
+        ({"rounds": 1}, "--rounds must be at least 2"),
+        ({"reps": 0}, "--reps must be at least 1"),
+        ({"tolerance": float("nan")}, "--tolerance"),
+        ({"quantile": "p95"}, "--quantile must be one of"),
+        ({"max_rounds": 3, "rounds": 4}, "--max-rounds must be >= 4"),
+        ({"device": "gpu"}, "--device must be cpu"),
+    ]:
         with pytest.raises(FlextronError, match=msg):
             verify(VerifyConfig(run=str(run_copy), **kw))
     assert (run_copy / "verify" / "verified.parquet").read_bytes() == before
+
 
 def test_picks_of_replaced_trained_weights_are_never_verified_or_resumed(run_copy, capsys):
     """`flextron train` rewrote trained/ after a search: its picks, losses and studies are stale."""
