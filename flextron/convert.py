@@ -35,6 +35,7 @@ FP64_FLIP_SHARE = 0.25  # of the model's own fp32-vs-fp64 error: what fp32 round
 @dataclass(frozen=True)
 class ConvertConfig:
     out: str  #: the run directory to create (or reuse, when it holds this same conversion)
+    #: a built-in name (smollm2-135m, gemma3-270m, tiny-*), a transformers folder or a .gguf file
     model: str = DEFAULT_MODEL
     alignment: int = DEFAULT_ALIGNMENT  #: elastic MLP widths are multiples of this (64 runs well on GPUs)
     mlp_choices: int = DEFAULT_MLP_CHOICES  #: how many nested MLP widths each layer may take
