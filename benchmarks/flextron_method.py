@@ -57,8 +57,8 @@ def decode_ms(elastic, window: torch.Tensor, ctx: int, steps: int, cfg: SubnetCo
     return float(np.median(times))
 
 
-def frontier(e2e: pd.DataFrame, regime: str, ev: QualityEvaluator) -> pd.DataFrame:
-    u = e2e[(e2e.regime == regime) & e2e.uniform & (e2e.status == "ok")].copy()
+def frontier(prof: Profile, regime: str, ev: QualityEvaluator) -> pd.DataFrame:
+    u = prof.uniform(regime)
     u["ppl"] = [math.exp(ev.loss(SubnetConfig.from_json(c))) for c in u.config]
     return u[["config", "latency_ms_median", "ppl"]]
 
@@ -107,12 +107,11 @@ def main():
     models = LatencyModels.load(out)
     regime = models.resolve(args.regime)
     prof = Profile.load(out)
-    e2e = prof.e2e
     one_shot = ElasticModel.load(run.elastic, device=args.device)
     spec = one_shot.spec
     full_ms = prof.full_ms(regime, spec)
     cache = out / "search" / QUALITY_CACHE
-    front0 = frontier(e2e, regime, QualityEvaluator(one_shot, cache, tag="elastic"))
+    front0 = frontier(prof, regime, QualityEvaluator(one_shot, cache, tag="elastic"))
 
     t0 = time.perf_counter()
     tr = train(
@@ -128,7 +127,7 @@ def main():
     t_train = time.perf_counter() - t0
     trained = ElasticModel.load(out / "trained", device=args.device)
     ev = QualityEvaluator(trained, cache, tag="trained")
-    front1 = frontier(e2e, regime, ev)
+    front1 = frontier(prof, regime, ev)
 
     budgets = [round(f * full_ms, 4) for f in args.fracs]
     s = search(

@@ -165,7 +165,7 @@ def main():
     t_e2e = time.perf_counter() - t1
     summary = fit(FitConfig(run=str(out)))
     metrics = json.loads((out / "latency_model" / "metrics.json").read_text())
-    e2e = Profile.load(out).e2e
+    profile = Profile.load(out)
     spec = el.spec
     print(
         f"device: {summary['device']}  torch {torch.__version__}  model {name}  "
@@ -190,7 +190,7 @@ def main():
     print("\nexecution mode: end-to-end median ms of uniform configs (MLP fraction / heads)")
     wmax, hmax = spec.mlp_widths[0][-1], spec.head_counts[0][-1]
     for k in metrics:
-        e = e2e[(e2e.regime == k) & e2e.uniform & (e2e.status == "ok")].copy()
+        e = profile.uniform(k)
         e["w"] = e.config.map(lambda c: json.loads(c)["mlp_width"][0])
         e["h"] = e.config.map(lambda c: json.loads(c)["heads"][0])
         full = e[(e.w == wmax) & (e.h == hmax)].latency_ms_median.iloc[0]

@@ -177,12 +177,11 @@ def pareto(a: Artifacts, plots: Plots) -> Section:
                 "(every layer at the same width) are the baseline a searched or routed config must beat.")
     for regime in a.profile.regimes:
         s.add(plots.pareto(regime, [r for r in a.routers if r.regime == regime], a.full_ms(regime)))
-    uniform = a.e2e[a.e2e["uniform"].astype(bool) & (a.e2e["status"] == "ok")]
     for (regime, weights), losses in sorted(a.losses.items()):
         full = a.full_ms(regime)
         t = Table(["sub-network", "measured ms", "× full", "perplexity"], collapsed=True,
                   caption=f"Uniform-width baselines, {regime}, {weights_label(weights)} weights")
-        for r in uniform[uniform["regime"] == regime].sort_values("latency_ms_median").itertuples():
+        for r in a.profile.uniform(regime).itertuples():
             if r.config_key in losses:
                 t.rows.append([describe(_json_config(r.config), a.spec), ms(r.latency_ms_median),
                                frac(r.latency_ms_median / full if full else None), ppl(math.exp(losses[r.config_key]))])

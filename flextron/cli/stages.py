@@ -43,8 +43,3 @@ STAGES = {
     "run": Stage("flextron.cli.run", "RunConfig", "run_pipeline",
                  "convert → profile → fit → search → verify → export → report, in one run directory"),
 }
-
-
-def run_stage(name: str, cfg):
-    """Run stage `name` on its config object; returns its summary dict."""
-    return STAGES[name].load()[1](cfg)
