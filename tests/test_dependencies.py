@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 # package -> packages it must never import (directly or lazily inside a function)
 FORBIDDEN = {"flextron": {"profiler", "search", "reports"}, "profiler": {"search", "reports"}, "search": {"reports"}}
@@ -62,8 +60,8 @@ def test_reports_build_a_report_without_torch(profiled_copy, tiny_run, tmp_path)
     assert Path(res.stdout.strip().splitlines()[-1]).is_file()
 
 
-@pytest.mark.parametrize("blocked", ["torch"])
-def test_the_no_torch_check_is_not_vacuous(blocked):
-    code = f"import sys; sys.modules[{blocked!r}] = None\nimport flextron.elastic\n"
+def test_the_no_torch_check_is_not_vacuous():
+    """Blocking torch the same way does stop a module that needs it."""
+    code = "import sys; sys.modules['torch'] = None\nimport flextron.elastic\n"
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert res.returncode != 0 and "ModuleNotFoundError" in res.stderr
