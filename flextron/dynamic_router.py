@@ -5,9 +5,11 @@ the nested structure: a soft choice is a per-neuron mask (sum of the probabiliti
 include the neuron). Inference groups tokens by width and runs each group on the prefix weights, so
 the skipped compute is really skipped. Heads come from the static answer. After training, a logit
 shift toward narrow widths is calibrated per budget on calibration text, so hard routing meets each
-budget in expectation.
+budget in expectation. A layer whose calibrated choice is (almost) always one width serves that width
+without routing (`DynamicMLP.fixed`): no router matmul, the same prefix compute.
 
-Joint fine-tuning then trains the model weights together with the dynamic router (short).
+The model weights are not tuned with the router: `flextron train` (sandwich distillation) tunes them
+before, and the router is trained on the weights it will serve.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ class DynamicMLP(nn.Module):
         self.tau = 1.0
         self.shift = 0.0  # calibrated per budget: subtracted in proportion to width rank (> 0 leans narrow)
         self.soft = False  # training: soft nested mask; inference: grouped prefix compute
+        self.fixed: int | None = None  # serving: a width index every token takes, so no routing is done
+        self._tokens = 0  # tokens of the last forward (for a fixed layer's accounting)
         self._probs: torch.Tensor | None = None
         self.last_choice: torch.Tensor | None = None
         seg = torch.tensor([self.widths[0]] + [b - a for a, b in zip(self.widths, self.widths[1:])])
@@ -65,9 +69,15 @@ class DynamicMLP(nn.Module):
         """Per-token choice probabilities of the last forward (one-hot under hard routing)."""
         if self._probs is None and self.last_choice is not None:
             self._probs = F.one_hot(self.last_choice, len(self.widths)).float()
+        if self._probs is None and self.fixed is not None and self._tokens:
+            self._probs = F.one_hot(torch.full((self._tokens,), self.fixed, device=self.seg.device),
+                                    len(self.widths)).float()
         return self._probs
 
     def forward(self, x):
+        if self.fixed is not None and not self.soft:  # a constant layer: its width, no router
+            self.last_choice, self._probs, self._tokens = None, None, x.numel() // x.shape[-1]
+            return self.prefix(x, self.widths[self.fixed])
         z = self.logits(x)
         if self.soft:
             p = F.gumbel_softmax(z.float(), tau=self.tau, dim=-1)
@@ -97,7 +107,8 @@ class DynamicRouting:
         self.modules: list[DynamicMLP] = []
         for l, layer in enumerate(ad.layers(elastic.model)):
             mlp = ad.mlp_of(layer)
-            self.modules.append(DynamicMLP(mlp, ad, spec.mlp_widths[l], spec.hidden_size).to(elastic.device))
+            dtype = next(mlp.parameters()).dtype
+            self.modules.append(DynamicMLP(mlp, ad, spec.mlp_widths[l], spec.hidden_size).to(elastic.device, dtype))
         self._orig = [ad.mlp_of(layer) for layer in ad.layers(elastic.model)]
 
     def parameters(self):
@@ -113,9 +124,16 @@ class DynamicRouting:
         for layer, m in zip(ad.layers(self.elastic.model), self._orig):
             setattr(layer, ad.mlp, m)
 
-    def set(self, budget: float, soft: bool, tau: float = 1.0, shift: float = 0.0):
-        for m in self.modules:
-            m.budget, m.soft, m.tau, m.shift = budget, soft, tau, shift
+    def set(self, budget: float, soft: bool, tau: float = 1.0, shift: float = 0.0, fixed: dict | None = None):
+        """Route at `budget` (soft while training, at temperature `tau`) with logit `shift`; the layers
+        in `fixed` ({layer: width index}) serve that width without routing."""
+        fixed = {int(k): int(v) for k, v in (fixed or {}).items()}
+        for l, m in enumerate(self.modules):
+            m.budget, m.soft, m.tau, m.shift, m.fixed = budget, soft, tau, shift, fixed.get(l)
+
+    def choice_shares(self) -> list[list[float]]:
+        """Per layer, the share of the last forward's tokens that took each width."""
+        return [m.last_probs.reshape(-1, len(m.widths)).mean(0).tolist() for m in self.modules]
 
     def expected_mlp(self, table: LatencyTable) -> torch.Tensor:
         """Expected MLP latency (table units) of the last forward: per layer, mean over tokens of sum_c p_c T[l, c]."""
@@ -158,7 +176,7 @@ class DynamicTrainer:
     """Trains the installed dynamic router by distillation from a frozen `teacher` (the original model):
     every step draws a budget uniformly over the table's range from `seed`'s stream and takes the
     next `batch_size` windows of `windows` (wrapping around); `heads_for(t)` gives the static heads at
-    budget t. The budget stream and the windows carry on from router training into joint fine-tuning."""
+    budget t. The model stays frozen."""
 
     def __init__(self, elastic, routing: DynamicRouting, teacher, windows: torch.Tensor, table: LatencyTable,
                  heads_for, *, batch_size: int, latency_weight: float, seed: int):
@@ -174,26 +192,8 @@ class DynamicTrainer:
         opt = torch.optim.Adam(self.routing.parameters(), lr=lr)
         return self._steps(steps, opt, lambda s: anneal(s, steps, 1.0, 0.2), "dynamic router")
 
-    def joint_finetune(self, steps: int, router_lr: float, model_lr: float) -> list[dict]:
-        """`steps` AdamW steps on the model weights (at `model_lr`, gradients clipped to norm 1) and
-        the router (at `router_lr`) together, at temperature 0.2; the weights are frozen again after.
-        Returns the steps' history."""
-        rids = {id(p) for p in self.routing.parameters()}
-        model = self.elastic.model
-        mparams = [p for p in model.parameters() if p.dtype.is_floating_point and id(p) not in rids]
-        for p in mparams:
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW([{"params": mparams, "lr": model_lr},
-                                 {"params": self.routing.parameters(), "lr": router_lr}])
-        model.train()
-        hist = self._steps(steps, opt, lambda s: 0.2, "joint fine-tuning", clip=mparams)
-        model.eval()
-        for p in mparams:
-            p.requires_grad_(False)
-        return hist
-
-    def _steps(self, n: int, optimizer, tau, desc: str, clip=None) -> list[dict]:
-        """`n` optimizer steps at temperature `tau(step)`, gradients of `clip` clipped to norm 1."""
+    def _steps(self, n: int, optimizer, tau, desc: str) -> list[dict]:
+        """`n` optimizer steps at temperature `tau(step)`."""
         hist = []
         for step in progress(range(n), desc=desc):
             t = self.rng.uniform(self.table.smallest_frac, 1.0)
@@ -204,8 +204,6 @@ class DynamicTrainer:
                                    tau(step), self.latency_weight)
             optimizer.zero_grad()
             loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(clip, 1.0)
             optimizer.step()
             hist.append({"step": step, "budget_frac": round(t, 4), "loss": float(loss.detach()),
                          "expected_frac": round(e, 4)})
@@ -214,23 +212,43 @@ class DynamicTrainer:
 
 @torch.no_grad()
 def dynamic_eval(elastic, routing: DynamicRouting, windows, heads, t: float, table: LatencyTable, batch_size: int = 8,
-                 shift: float = 0.0) -> dict:
-    """Loss on `windows` with hard per-token routing (grouped compute) at budget t and logit `shift`,
-    and the expected latency fraction of that routing."""
+                 shift: float = 0.0, fixed: dict | None = None) -> dict:
+    """Loss on `windows` with hard per-token routing (grouped compute) at budget t, logit `shift` and
+    `fixed` layers; the expected latency fraction of that routing, and per layer the share of tokens
+    that took each width."""
     from flextron.evaluate import mean_loss
 
-    routing.set(t, soft=False, shift=shift)
+    routing.set(t, soft=False, shift=shift, fixed=fixed)
     fracs: list[float] = []
+    shares, tokens = [], []
+
+    def record():
+        fracs.append(float(routing.expected_frac(table, heads)))
+        shares.append(routing.choice_shares())
+        tokens.append(routing.modules[0].last_probs.reshape(-1, len(routing.modules[0].widths)).shape[0])
+
     loss = mean_loss(elastic, SubnetConfig(elastic.spec.full().mlp_width, tuple(heads)), windows, batch_size,
-                     after_batch=lambda: fracs.append(float(routing.expected_frac(table, heads))))
-    return {"loss": loss, "expected_frac": sum(fracs) / len(fracs)}
+                     after_batch=record)
+    w = torch.tensor(tokens, dtype=torch.float64)
+    mean_shares = (torch.tensor(shares, dtype=torch.float64) * w[:, None, None]).sum(0) / w.sum()
+    return {"loss": loss, "expected_frac": float((torch.tensor(fracs, dtype=torch.float64) * w).sum() / w.sum()),
+            "shares": mean_shares.tolist()}
+
+
+def constant_layers(shares: list[list[float]], fix_share: float) -> dict[int, int]:
+    """{layer: width index} of the layers where one width took at least `fix_share` of the tokens."""
+    if fix_share > 1:
+        return {}
+    return {l: int(max(range(len(s)), key=s.__getitem__)) for l, s in enumerate(shares) if max(s) >= fix_share - 1e-9}
 
 
 def calibrate_dynamic(elastic, routing: DynamicRouting, windows, table: LatencyTable, heads_for, fracs, iters: int = 14,
-                      bound: float = 32.0, desc: str = "calibrate dynamic router") -> list[dict]:
+                      bound: float = 32.0, fix_share: float = 1.0, desc: str = "calibrate dynamic router") -> list[dict]:
     """Per budget fraction t, the logit shift that makes hard routing's expected latency fraction on
     `windows` (calibration text) meet t: a bisection, since a larger shift only moves tokens to narrower
-    widths. A budget the narrowest widths cannot meet gets the largest shift (and says so)."""
+    widths. A budget the narrowest widths cannot meet gets the largest shift (and says so). Layers
+    where one width took at least `fix_share` of the calibration tokens are then served at that width
+    without routing (`fixed_layers`); the point's `expected_frac` is that served form's."""
     def expected(t: float, heads, shift: float) -> float:
         return dynamic_eval(elastic, routing, windows, heads, t, table, batch_size=4, shift=shift)["expected_frac"]
 
@@ -245,8 +263,12 @@ def calibrate_dynamic(elastic, routing: DynamicRouting, windows, table: LatencyT
         for _ in range(iters if lo < hi else 0):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if expected(t, heads, mid) <= t else (mid, hi)
-        e = expected(t, heads, hi)
+        routed = dynamic_eval(elastic, routing, windows, heads, t, table, batch_size=4, shift=hi)
+        fixed = constant_layers(routed["shares"], fix_share)
+        e = (dynamic_eval(elastic, routing, windows, heads, t, table, batch_size=4, shift=hi, fixed=fixed)
+             if fixed else routed)["expected_frac"]
         out.append({"router_frac": round(float(t), 4), "heads": list(heads), "shift": round(hi, 4),
+                    "fixed_layers": {str(l): k for l, k in fixed.items()},
                     "expected_frac": round(e, 4), "meets": e <= t + 1e-6})
     routing.set(1.0, soft=False)
     return out

@@ -3,7 +3,7 @@
 Everything is stored as safetensors plus JSON in `RUN/router/<regime>/<weights>/` (a folder built
 aside and swapped in whole by `search/route.py`, the `flextron route` stage). `Routers` loads the
 static router and the surrogate of one regime and one set of weights, and serves budgets with them
-and with the dynamic router's calibration.
+and with the dynamic router's calibration (`Routers.serve`: see `flextron/serving.py`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flextron.dynamic_router import calibrated_point
 from flextron.errors import FlextronError
+from flextron.serving import Served
 from flextron.spec import SubnetConfig, regime_slug
 from flextron.static_router import StaticRouter, answer_static
 from flextron.surrogate import Surrogate
@@ -65,7 +66,8 @@ class Routers:
                       if (folder.parent / "router.json").is_file() else "")
             raise FlextronError(f"{folder} holds no routers{legacy}; run `flextron route --run {run_root or 'RUN'} "
                                 f"--regime REGIME --weights {folder.name}` first")
-        self.folder, self.spec = folder, spec
+        self.folder, self.spec, self.run_root = folder, spec, run_root
+        self._dynamic_state: dict | None = None
         self.meta = read_json(meta_path, run_root)
         L, W, H = spec.num_layers, len(spec.mlp_widths[0]), len(spec.head_counts[0])
         self.static = StaticRouter(L, W, H)
@@ -80,18 +82,30 @@ class Routers:
         """The routers trained for `regime_key` on `weights` ("elastic" or "trained", already resolved)."""
         return cls(regime_dir(run_root, regime_key, weights=weights), spec, run_root)
 
-    def dynamic_point(self, t: float, joint: bool = False) -> dict:
-        """How the dynamic router (or the jointly fine-tuned one) serves router input t (a fraction of
-        the latency table's full model): the calibrated point's `router_frac`, static `heads` and logit
-        `shift`, with the Budget it stands for (`budget_ms`, `budget_frac` of `reference_full_ms`)."""
-        calib = self.meta.get("joint_calibration" if joint else "dynamic_calibration")
+    def dynamic_point(self, t: float) -> dict:
+        """How the routers serve router input t (a fraction of the latency table's full model): the
+        calibrated point's `router_frac`, static `heads`, logit `shift` and `fixed_layers`, the Budget it
+        stands for (`budget_ms`, `budget_frac` of `reference_full_ms`), and its serving verdict
+        (`serve`: dynamic or static, with both measurements under `selection`)."""
+        calib = self.meta.get("dynamic_calibration")
         if not calib:
             raise FlextronError(f"{self.folder} has no calibrated dynamic router; re-run `flextron route`")
         return calibrated_point(calib, t)
 
-    def dynamic_point_for(self, budget_ms: float, joint: bool = False) -> dict:
+    def dynamic_point_for(self, budget_ms: float) -> dict:
         """The calibrated point serving a Budget of `budget_ms` (resolved like search and verify do)."""
-        return self.dynamic_point(budget_ms / self.meta["table"]["full_ms"], joint)
+        return self.dynamic_point(budget_ms / self.meta["table"]["full_ms"])
+
+    def serve(self, elastic, budget_ms: float) -> Served:
+        """The calibrated point for `budget_ms`, ready to attach to `elastic` (the model these routers
+        were trained on): dynamic routing or the static config its calibration measured better."""
+        point = self.dynamic_point_for(budget_ms)
+        state = None
+        if point.get("serve") == "dynamic":
+            if self._dynamic_state is None:
+                self._dynamic_state = load_tensors(self.folder / "dynamic_router.safetensors", self.run_root)
+            state = self._dynamic_state
+        return Served(elastic, point, state)
 
     def config_for(self, budget_ms: float, predict) -> SubnetConfig:
         """The static router's config for `budget_ms` (see `answer_static`)."""

@@ -7,6 +7,10 @@ captured from a real forward (rotary embeddings, masks, a real static KV cache f
 decode step writes one token into a static cache of `seq_len + 1` slots and its write position is
 reset before every call, so every timed step sees the same context. `profiler/llamacpp.py` has the
 same interface for the llama.cpp engine.
+
+Inputs are random token ids, unless real `text` is given: then prefill runs real windows and each
+decode step feeds the next real token (copied in place before every call, whichever the config), so
+work that depends on the tokens (per-token routing) sees what it sees in use.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from flextron.spec import Regime, SubnetConfig
 class RegimeBench:
     """Inputs and captured per-layer call arguments for one regime on one device."""
 
-    def __init__(self, elastic, regime: Regime, device: str):
+    def __init__(self, elastic, regime: Regime, device: str, text=None):
         import torch
 
         self.torch = torch
@@ -25,7 +29,28 @@ class RegimeBench:
         vocab = elastic.spec.vocab_size
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, vocab, (regime.batch, regime.new_tokens), generator=g).to(self.device)
+        self._tokens = None  # decode on real text: [steps, batch, 1] tokens fed in turn
+        if text is not None:
+            self._use_text(torch.as_tensor(text).reshape(-1))
         self._captures: dict[int, tuple] = {}
+
+    def _use_text(self, text) -> None:
+        """Real tokens as inputs: prefill windows, or one decode step's token after another."""
+        need = self.regime.batch * self.regime.new_tokens
+        if text.numel() == 0:
+            raise ValueError("real text inputs need at least one token")
+        if text.numel() < need:  # fewer tokens than one input holds: the text again, from its start
+            text = text.repeat(-(-need // text.numel()))
+        if self.regime.phase == "decode":
+            steps = text.numel() // self.regime.batch
+            self._tokens = text[: steps * self.regime.batch].view(steps, self.regime.batch, 1).to(self.device)
+            self._step = 0
+        self.ids = text[:need].view(self.regime.batch, self.regime.new_tokens).to(self.device).clone()
+
+    def _next_tokens(self) -> None:
+        if self._tokens is not None:
+            self.ids.copy_(self._tokens[self._step % len(self._tokens)])
+            self._step += 1
 
     def _new_cache(self):
         """A static KV cache of context+1 slots whose write position is reset by one op per call."""
@@ -64,6 +89,7 @@ class RegimeBench:
 
         def run():
             reset()
+            self._next_tokens()
             return el.model(**kw)
 
         return run

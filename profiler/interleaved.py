@@ -4,10 +4,14 @@ own transformers code (`RegimeBench`), or its GGUF exports in llama.cpp (`LlamaC
 `InterleavedSession` holds a bench and a Timer for one regime and adds rounds over any set of
 sub-networks: the full model (key `full`, the reference) is in every round, the order is shuffled
 per round, and raw samples keep their round (see `profiler/rounds.py`). The profile's end-to-end
-set, verify and the benchmarks all measure through it.
+set, verify, the routers' serving choice and the benchmarks all measure through it. A key may come
+with a setup (a context manager factory entered around its measurement, e.g. one that installs
+dynamic routing), and the inputs may be real `text` (see `RegimeBench`).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
@@ -19,7 +23,7 @@ FULL = "full"
 
 class InterleavedSession:
     def __init__(self, elastic, regime: Regime, device: str, reps: int, warmup: int, seed: int = 0,
-                 threads: int | None = None, source_gguf=None):
+                 threads: int | None = None, source_gguf=None, text=None):
         import torch
 
         from profiler.bench import RegimeBench
@@ -34,7 +38,7 @@ class InterleavedSession:
             self.bench = LlamaCppBench(elastic, regime, threads=threads or 1, source_gguf=source_gguf)
         else:
             elastic.to(device=device, dtype=getattr(torch, regime.dtype))
-            self.bench = RegimeBench(elastic, regime, device)
+            self.bench = RegimeBench(elastic, regime, device, text=text)
         self.timer = Timer(device, regime.mode, TimerConfig(warmup=warmup, min_reps=reps, min_time_s=0.0,
                                                             max_reps=reps))
         self.regime, self.seed = regime, seed
@@ -42,6 +46,7 @@ class InterleavedSession:
         self.full_key = elastic.spec.full().key  # the full model is the reference: one key, measured once a round
         self.samples: list[dict] = []
         self.rounds_of: dict[str, int] = {}
+        self.setups: dict = {}
 
     def close(self) -> None:
         """Free what the engine holds (llama.cpp's loaded models and their GGUF files)."""
@@ -55,14 +60,17 @@ class InterleavedSession:
         self.close()
 
     def _measure(self, key: str) -> list[float]:
-        return self.timer.measure(self.bench.forward_fn(self.configs[key])).samples_ms
+        with self.setups.get(key, contextlib.nullcontext)():
+            return self.timer.measure(self.bench.forward_fn(self.configs[key])).samples_ms
 
-    def run(self, subs: dict[str, SubnetConfig], rounds: int, progress=None) -> list[dict]:
-        """`rounds` more rounds over `subs` and the full model; returns the new raw rows."""
+    def run(self, subs: dict[str, SubnetConfig], rounds: int, progress=None, setups: dict | None = None) -> list[dict]:
+        """`rounds` more rounds over `subs` and the full model; returns the new raw rows. `setups`
+        maps a key to a zero-argument context manager factory entered around each of its measurements."""
         from profiler.rounds import measure_in_rounds
 
         subs = {k: v for k, v in subs.items() if k not in (FULL, self.full_key)}
         self.configs.update(subs)
+        self.setups.update(setups or {})
         keys = [FULL] + list(subs)
         first = self.rounds_of.get(FULL, 0)  # the full model is in every round: its count numbers them
         rows = measure_in_rounds(keys, self._measure, rounds, seed=self.seed, first_round=first, progress=progress)
@@ -89,6 +97,15 @@ class InterleavedSession:
         return {**verdict, "rounds": int(len(mine)), "measured_latency_ms": float(mine["median_ms"].median()),
                 "latency_ms_p50": float(np.quantile(vals, 0.5)), "latency_ms_p90": float(np.quantile(vals, 0.9)),
                 "latency_ms_p99": float(np.quantile(vals, 0.99)), "reference_full_ms": float(full.median())}
+
+    def ratios(self) -> dict[str, dict]:
+        """Per key: `measured_ms` (median over rounds of its round medians) and `ratio_to_full` (median
+        over rounds of its round median over the full model's in the same round)."""
+        from profiler.rounds import per_round
+
+        rt = per_round(self.samples, FULL)
+        return {k: {"measured_ms": float(g["median_ms"].median()), "ratio_to_full": float(g["ratio_to_full"].median()),
+                    "rounds": int(len(g))} for k, g in rt.groupby("key")}
 
     def reference_ms(self) -> float:
         """The full model's median step over every round so far: this session's Budget reference."""

@@ -120,8 +120,7 @@ class Artifacts:
         from flextron.rundir import corrupt_error, read_json
 
         meta = read_json(path, self.run)
-        for key in ("static_answers", "dynamic_calibration", "static_history", "dynamic_history",
-                    "joint_history", "joint_calibration"):
+        for key in ("static_answers", "dynamic_calibration", "static_history", "dynamic_history"):
             if not isinstance(meta.get(key) or [], list) or not all(isinstance(x, dict) for x in meta.get(key) or []):
                 raise corrupt_error(path, self.run, f"{key} is not a list of records")
         return RouterRun(str(meta.get("regime") or path.parent.parent.name), str(meta.get("weights") or

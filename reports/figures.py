@@ -226,13 +226,11 @@ class Plots:
                   and _finite(s.get("expected_frac"))]
         dyn = [d for d in meta.get("dynamic_calibration", []) if _finite(d.get("router_frac")) and
                _finite(d.get("expected_frac"))]
-        joint = [d for d in meta.get("joint_calibration", []) if _finite(d.get("router_frac")) and
-                 _finite(d.get("expected_frac"))]
         hist = [h for h in meta.get("static_history", []) if _finite(h.get("step")) and _finite(h.get("loss"))]
         if not (static or dyn or hist):
             return None
         fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8))
-        xs = [s.get("router_frac", s.get("budget_frac")) for s in static] + [d["router_frac"] for d in dyn + joint]
+        xs = [s.get("router_frac", s.get("budget_frac")) for s in static] + [d["router_frac"] for d in dyn]
         if xs:
             lo, hi = min(xs + [1.0]), max(xs + [1.0])
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="the budget")
@@ -242,9 +240,10 @@ class Plots:
         if dyn:
             ax.plot([d["router_frac"] for d in dyn], [d["expected_frac"] for d in dyn], "s-",
                     label="dynamic router, calibrated: expected latency")
-        if joint:
-            ax.plot([d["router_frac"] for d in joint], [d["expected_frac"] for d in joint], "d-",
-                    label="jointly fine-tuned, calibrated")
+        served = [d for d in dyn if d.get("serve") == "dynamic"]
+        if served:
+            ax.plot([d["router_frac"] for d in served], [d["expected_frac"] for d in served], "s", ms=10, mfc="none",
+                    label="served dynamic (measured better than static)")
         ax.set_xlabel("budget (fraction of the full model)")
         ax.set_ylabel("latency of the answer (fraction)")
         ax.set_title("what each router gives for a budget")

@@ -224,14 +224,31 @@ def _router_blocks(a: Artifacts, r: RouterRun, plots: Plots) -> list:
         if isinstance(d.get("router_frac"), (int, float)):
             by_frac.setdefault(round(float(d["router_frac"]), 4), {})["dynamic"] = d
     t = Table(["budget × table full", "budget ms", "static: sub-network", "static: predicted ms", "static: × full",
-               "dynamic: expected × full", "dynamic meets budget"], caption="What each router answers per budget")
+               "dynamic: expected × full", "dynamic meets budget", "served", "dynamic: measured × full, loss",
+               "static: measured × full, loss"], caption="What each router answers per budget, and what is served: "
+              "dynamic routing only where it measured better than the static configs (loss on calibration text, "
+              "latency measured beside the full model)")
     for f, pt in sorted(by_frac.items()):
         st, dy = pt.get("static", {}), pt.get("dynamic", {})
         budget_ms = st.get("budget_ms", dy.get("budget_ms"))
+        sel = dy.get("selection") if isinstance(dy.get("selection"), dict) else {}
         t.rows.append([frac(f), ms(budget_ms), describe(st["config"], a.spec) if "config" in st else "–",
                        ms(st.get("predicted_ms")), frac(st.get("expected_frac")), frac(dy.get("expected_frac")),
-                       ("yes" if dy["meets"] else "no") if "meets" in dy else "–"])
+                       ("yes" if dy["meets"] else "no") if "meets" in dy else "–", str(dy.get("serve", "–")),
+                       _measured(sel.get("dynamic")), _measured(sel.get("static"))])
+    noise = (meta.get("selection") or {}).get("noise") if isinstance(meta.get("selection"), dict) else None
+    if isinstance(noise, dict) and isinstance(noise.get("ratio_noise_floor_pct"), (int, float)):
+        facts.append(f"dynamic-vs-static timing: ratio noise floor {noise['ratio_noise_floor_pct']:.2f}% over "
+                     f"{noise.get('rounds', '?')} rounds")
     return [" · ".join(facts), t if t.rows else None, plots.router_curve(r)]
+
+
+def _measured(m) -> str:
+    """`ratio×, loss` of one side of the dynamic-vs-static comparison, or – when not measured."""
+    if not isinstance(m, dict) or not isinstance(m.get("loss"), (int, float)):
+        return "–"
+    ratio = m.get("ratio")
+    return f"{ratio:.3f}×, {m['loss']:.3f}" if isinstance(ratio, (int, float)) else f"not timed, {m['loss']:.3f}"
 
 
 def latency_model(a: Artifacts, plots: Plots) -> Section:

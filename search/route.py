@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flextron.devices import set_device_field
+from flextron.devices import set_cpu_threads, set_device_field
 from flextron.dynamic_router import DynamicRouting, DynamicTrainer, calibrate_dynamic
 from flextron.errors import FlextronError
 from flextron.latency_table import LatencyTable, expected_latency
@@ -26,6 +26,7 @@ from flextron.rundir import WEIGHTS, check_finite
 from flextron.spec import Regime
 from flextron.static_router import static_answer, train_static
 from flextron.surrogate import fit_surrogate, one_hot, sample_configs
+from search.route_select import select_serving
 
 
 def fitted_model(run_root, regime: str | None):
@@ -82,18 +83,25 @@ class RouteConfig:
     static_steps: int = 800  #: training steps of the static router (32 random budgets each)
     #: training steps of the dynamic router, model frozen; 0: it is only calibrated, untrained
     dynamic_steps: int = 20
-    #: steps fine-tuning the model weights and the dynamic router together; 0: no joint fine-tuning
-    joint_steps: int = 4
     #: weight of the penalty on expected latency over budget against the loss; 0: latency is ignored
     latency_weight: float = 20.0
     eval_windows: int = 8  #: validation windows per config whose loss the surrogate is fitted on
     eval_seq_len: int = 128  #: tokens per validation window
     calib_windows: int = 4  #: calibration-split windows the dynamic router's per-budget shift is fitted on
-    batch_size: int = 4  #: train-split windows per dynamic-router and joint fine-tuning step
+    #: a layer whose calibrated choice is one width for at least this share of calibration tokens serves
+    #: that width without routing (no router matmul); 1: only layers where every token took one width
+    #: (serving then computes exactly what routing would); above 1: every layer is routed
+    fix_share: float = 1.0
+    #: calibration-split windows on which dynamic routing and the static configs are compared per budget
+    select_windows: int = 16
+    #: interleaved timing rounds (full model in each) of the dynamic-vs-static comparison per budget
+    select_rounds: int = 5
+    select_reps: int = 5  #: timed calls per config per round in that comparison
+    select_warmup: int = 2  #: untimed calls before each config's timed ones
+    threads: int = 0  #: CPU: torch intra-op threads while timing; 0 = one (steady on small, shared CPUs)
+    batch_size: int = 4  #: train-split windows per dynamic-router training step
     seq_len: int = 128  #: tokens per training and calibration window
     lr: float = 3e-3  #: Adam learning rate of the static and dynamic routers
-    #: learning rate of the model weights in joint fine-tuning (the router keeps --lr)
-    joint_lr: float = 1e-5
     device: str = "auto"  #: where the model runs for losses and training: cpu, cuda, cuda:N or auto (CUDA when present)
     #: seeds config sampling, the surrogate's fit and split, router training and its random budgets
     seed: int = 0
@@ -104,12 +112,13 @@ class RouteConfig:
     def __post_init__(self):
         check_finite("budget_ms", self.budget_ms, low=0)
         check_finite("surrogate_threshold", self.surrogate_threshold, low=0, low_inclusive=False, high=1)
-        for name, low in (("surrogate_samples", 4), ("static_steps", 1), ("dynamic_steps", 0), ("joint_steps", 0),
-                          ("eval_windows", 1), ("eval_seq_len", 2), ("calib_windows", 1), ("batch_size", 1),
-                          ("seq_len", 2), ("latency_weight", 0)):
+        for name, low in (("surrogate_samples", 4), ("static_steps", 1), ("dynamic_steps", 0), ("eval_windows", 1),
+                          ("eval_seq_len", 2), ("calib_windows", 1), ("batch_size", 1), ("seq_len", 2),
+                          ("latency_weight", 0), ("select_windows", 1), ("select_rounds", 2), ("select_reps", 1),
+                          ("select_warmup", 0), ("threads", 0)):
             check_finite(name, getattr(self, name), low=low)
+        check_finite("fix_share", self.fix_share, low=0.5)
         check_finite("lr", self.lr, low=0, low_inclusive=False)
-        check_finite("joint_lr", self.joint_lr, low=0, low_inclusive=False)
         check_finite("seed", self.seed)
         set_device_field(self)
         if self.weights not in WEIGHTS:
@@ -203,7 +212,7 @@ def route(cfg: RouteConfig) -> dict:
     for p in list(elastic.model.parameters()) + list(teacher.model.parameters()):
         p.requires_grad_(False)
     windows = token_windows(elastic.tokenizer, elastic.adapter, "train", cfg.seq_len,
-                            max(1, (cfg.dynamic_steps + cfg.joint_steps) * cfg.batch_size), cfg.corpus)
+                            max(1, cfg.dynamic_steps * cfg.batch_size), cfg.corpus)
     routing = DynamicRouting(elastic)
     routing.install()
     trainer = DynamicTrainer(elastic, routing, teacher, windows, table, heads_for, batch_size=cfg.batch_size,
@@ -218,20 +227,18 @@ def route(cfg: RouteConfig) -> dict:
     calib_windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.seq_len, cfg.calib_windows,
                                   cfg.corpus)
 
-    def calibrate(desc: str) -> list[dict]:
-        points = calibrate_dynamic(elastic, routing, calib_windows, table, heads_for, grid, desc=desc)
-        return [{**p, **budget_of(p["router_frac"])} for p in points]
-
-    dyn_calib = calibrate("calibrate dynamic router")
-    joint_hist, joint_calib = [], []
-    if cfg.joint_steps:
-        joint_hist = trainer.joint_finetune(cfg.joint_steps, router_lr=cfg.lr, model_lr=cfg.joint_lr)
-        joint_calib = calibrate("calibrate joint router")
-        routing.remove()
-        elastic.save(tmp / "joint")
-        save_tensors(tmp / "joint" / "dynamic_router.safetensors", routing.state_dict())
-    else:
-        routing.remove()
+    points = calibrate_dynamic(elastic, routing, calib_windows, table, heads_for, grid, fix_share=cfg.fix_share)
+    routing.remove()
+    # per budget: dynamic routing against the static router's configs, loss on calibration text and
+    # latency measured side by side; dynamic is kept only where it measured better (see serving.decide)
+    select_windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.seq_len, cfg.select_windows,
+                                   cfg.corpus)
+    set_cpu_threads(cfg.device, cfg.threads)
+    points, selection = select_serving(elastic, routing, points, list(grid_answers.values()), select_windows, table,
+                                       Regime.parse(regime_key), cfg.device, rounds=cfg.select_rounds,
+                                       reps=cfg.select_reps, warmup=cfg.select_warmup, seed=cfg.seed,
+                                       progress=progress)
+    dyn_calib = [{**p, **budget_of(p["router_frac"])} for p in points]
 
     save_tensors(tmp / "static_router.safetensors", static.state_dict())
     save_tensors(tmp / "surrogate.safetensors", sur.state_dict())
@@ -246,11 +253,10 @@ def route(cfg: RouteConfig) -> dict:
                       "smallest_frac": smallest_frac},
             "surrogate": {**sur_metrics, "threshold": cfg.surrogate_threshold, "samples": len(cfgs),
                           "quality_evaluations": evaluator.evaluations},
-            "static_history": static_hist, "dynamic_history": dyn_hist, "joint_history": joint_hist,
-            "static_answers": answers, "dynamic_calibration": dyn_calib, "joint_calibration": joint_calib,
+            "static_history": static_hist, "dynamic_history": dyn_hist,
+            "static_answers": answers, "dynamic_calibration": dyn_calib, "selection": selection,
             "calibration_tokens": calib_windows.numel(),
-            "tokens": {"dynamic": cfg.dynamic_steps * cfg.batch_size * cfg.seq_len,
-                       "joint": cfg.joint_steps * cfg.batch_size * cfg.seq_len}}
+            "tokens": {"dynamic": cfg.dynamic_steps * cfg.batch_size * cfg.seq_len}}
     write_json_atomic(tmp / "router.json", meta)
     save_stage_config(tmp / "route_config.json", cfg)
     swap_in(tmp, folder)
@@ -258,4 +264,6 @@ def route(cfg: RouteConfig) -> dict:
             "surrogate_heldout_rel_err": round(sur_metrics["heldout_mean_rel_err"], 4),
             "static_answers": [{k: a[k] for k in ("budget_frac", "budget_ms", "expected_frac", "predicted_ms")}
                                for a in answers],
-            "seconds": meta["seconds"]}
+            "served": [{"budget_frac": p["budget_frac"], "router_frac": p["router_frac"], "serve": p["serve"]}
+                       for p in dyn_calib],
+            "ratio_noise_floor_pct": selection["noise"]["ratio_noise_floor_pct"], "seconds": meta["seconds"]}

@@ -51,7 +51,7 @@ def _save_routers(folder, meta: dict):
 def test_loaded_routers_answer_like_the_saved_ones_and_serve_calibrated_budgets(tmp_path):
     from flextron.static_router import route_static
 
-    meta = {"table": {"full_ms": 10.0}, "dynamic_calibration": CALIBRATION, "joint_calibration": []}
+    meta = {"table": {"full_ms": 10.0}, "dynamic_calibration": CALIBRATION}
     static = _save_routers(regime_dir(tmp_path, "decode:b1:ctx256:float32:eager", weights="elastic"), meta)
     routers = Routers.load(tmp_path, "decode:b1:ctx256:float32:eager", SPEC, weights="elastic")
     assert routers.meta == meta
@@ -62,8 +62,9 @@ def test_loaded_routers_answer_like_the_saved_ones_and_serve_calibrated_budgets(
     assert routers.dynamic_point(0.9)["router_frac"] == 0.9
     assert routers.dynamic_point(0.1)["router_frac"] == 0.5
     assert routers.dynamic_point_for(7.5)["router_frac"] == 0.7  # 7.5 ms of the table's 10 ms full model
+    routers.meta = {**meta, "dynamic_calibration": []}
     with pytest.raises(FlextronError, match="no calibrated dynamic router"):
-        routers.dynamic_point(0.8, joint=True)
+        routers.dynamic_point(0.8)
 
 
 def test_a_folder_without_routers_says_which_command_makes_them(tmp_path):

@@ -37,7 +37,8 @@ def staged(trained_run, tmp_path_factory, profiled_copy):
 
     run = profiled_copy(trained_run, tmp_path_factory.mktemp("report") / "run", REGIME, 8)
     route(RouteConfig(run=str(run), surrogate_samples=8, surrogate_threshold=0.5, static_steps=40, dynamic_steps=2,
-                      joint_steps=0, eval_windows=2, eval_seq_len=32, calib_windows=1, batch_size=1, seq_len=32))
+                      eval_windows=2, eval_seq_len=32, calib_windows=1, batch_size=1, seq_len=32, select_windows=2,
+                      select_rounds=2, select_reps=1))
     models = LatencyModels.load(run)
     lo, hi = feasible_range(models.get(models.resolve(None)), ElasticModel.load(run / "elastic").spec)
     search(SearchConfig(run=str(run), budget_ms=(3 * hi, 4 * hi), trials=3, eval_windows=2, eval_seq_len=32))

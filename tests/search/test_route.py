@@ -19,8 +19,9 @@ from flextron.spec import SubnetConfig
 
 REPO = Path(__file__).resolve().parents[2]
 REGIME = "prefill:b1:s64"  # never profiled in these runs: the analytic table
-FAST = dict(regime=REGIME, static_steps=20, dynamic_steps=2, joint_steps=1, surrogate_samples=4, eval_windows=1,
-            eval_seq_len=16, seq_len=16, batch_size=1, calib_windows=1, surrogate_threshold=0.99, corpus="pydoc")
+FAST = dict(regime=REGIME, static_steps=20, dynamic_steps=2, surrogate_samples=4, eval_windows=1, eval_seq_len=16,
+            seq_len=16, batch_size=1, calib_windows=1, select_windows=2, select_rounds=2, select_reps=1,
+            select_warmup=0, surrogate_threshold=0.99, corpus="pydoc")
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +74,9 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     run = profiled_copy(trained_run, tmp_path / "r", "prefill:b1:s64", 6)
     with pytest.raises(FlextronError, match="holds no routers"):
         route(RouteConfig(run=str(run), budget_ms=1.0))
-    out = route(RouteConfig(run=str(run), static_steps=100, dynamic_steps=2, joint_steps=1, surrogate_samples=24,
-                            eval_windows=2, eval_seq_len=32, seq_len=32, batch_size=2, surrogate_threshold=0.5))
+    out = route(RouteConfig(run=str(run), static_steps=100, dynamic_steps=2, surrogate_samples=24, eval_windows=2,
+                            eval_seq_len=32, seq_len=32, batch_size=2, select_windows=4, select_rounds=2,
+                            select_reps=2, surrogate_threshold=0.5))
     folder = regime_dir(run, out["regime"], weights="trained")
     assert folder.name == "trained" and not (folder.parent / "elastic").exists()
     assert not list(folder.parent.glob("*.tmp")) and not list(folder.parent.glob("*.old"))
@@ -82,17 +84,28 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     assert meta["weights"] == "trained" and meta["table"]["source"].startswith("measured")
     saved = {p.name for p in folder.iterdir()}
     assert {"static_router.safetensors", "surrogate.safetensors", "dynamic_router.safetensors"} <= saved
-    assert (folder / "joint" / "model.safetensors").is_file()
+    assert not (folder / "joint").exists()  # no weights are tuned with the router
     # the dynamic router is calibrated per budget on calibration text: a budget is met in expectation
     # (the full budget always) unless even the narrowest routing (the largest shift) misses it, and a
     # budget between two calibrated ones is served by the lower one
-    for key in ("dynamic_calibration", "joint_calibration"):
-        calib = sorted(meta[key], key=lambda c: c["router_frac"])
-        assert len(calib) == 9 and calib[-1]["meets"]
-        # (values are stored rounded to 4 places)
-        assert all(c["expected_frac"] <= c["router_frac"] + 1e-4 if c["meets"]
-                   else c["expected_frac"] > c["router_frac"] - 1e-4 for c in calib)
-        assert all(c["meets"] or c["shift"] == 32.0 for c in calib)
+    calib = sorted(meta["dynamic_calibration"], key=lambda c: c["router_frac"])
+    assert len(calib) == 9 and calib[-1]["meets"]
+    # (values are stored rounded to 4 places)
+    assert all(c["expected_frac"] <= c["router_frac"] + 1e-4 if c["meets"]
+               else c["expected_frac"] > c["router_frac"] - 1e-4 for c in calib)
+    assert all(c["meets"] or c["shift"] == 32.0 for c in calib)
+    # every point was measured against the static configs and says what it serves, with both measurements
+    for c in calib:
+        sel = c["selection"]
+        assert c["serve"] == sel["serve"] in ("dynamic", "static")
+        assert sel["dynamic"]["ratio"] > 0 and sel["dynamic"]["loss"] > 0
+        if c["serve"] == "static":
+            assert sel["static"]["loss"] > 0 and sel["static"]["ratio"] > 0
+        else:
+            assert sel["dynamic"]["ratio"] <= c["router_frac"]
+            assert sel["static"] is None or sel["dynamic"]["loss"] < sel["static"]["loss"]
+    assert meta["selection"]["rounds"] == 2 and meta["selection"]["quality_tokens"] == 4 * 31
+    assert len(out["served"]) == 9
     routers = Routers.load(run, out["regime"], ElasticModel.load(run / "trained").spec, weights="trained")
     # routers trained on the trained weights never serve the one-shot ones
     with pytest.raises(FlextronError, match="holds no routers"):
@@ -117,7 +130,7 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
         route(RouteConfig(run=str(run), budget_ms=1e-6))
     # a surrogate that misses the threshold stops before any router is trained
     with pytest.raises(FlextronError, match="surrogate"):
-        route(RouteConfig(run=str(run), static_steps=10, dynamic_steps=1, joint_steps=0, surrogate_samples=24,
+        route(RouteConfig(run=str(run), static_steps=10, dynamic_steps=1, surrogate_samples=24,
                           eval_windows=2, eval_seq_len=32, surrogate_threshold=1e-9))
     assert Routers.load(run, out["regime"], spec, weights="trained").meta["surrogate"]["threshold"] == 0.5
     # the router's answer seeds the search, marked as router-chosen
@@ -155,7 +168,8 @@ def test_analytic_table_is_labelled_when_regime_not_profiled(tiny_run):
 
 def test_route_reads_the_corpus_it_is_given(routed):
     run, seen, _, _ = routed
-    assert len(seen) == 3 and set(seen) == {"pydoc"}  # surrogate losses, router training, calibration
+    # surrogate losses, router training, calibration, the dynamic-vs-static selection
+    assert len(seen) == 4 and set(seen) == {"pydoc"}
     assert json.loads((_folder(run) / "route_config.json").read_text())["corpus"] == "pydoc"
 
 
@@ -233,9 +247,10 @@ def test_damaged_router_files_name_the_file_and_the_command(routed, tmp_path):
 
 @pytest.mark.parametrize("field,value", [
     ("budget_ms", -1.0), ("budget_ms", float("nan")), ("surrogate_samples", 3), ("surrogate_threshold", 0.0),
-    ("static_steps", 0), ("dynamic_steps", -1), ("joint_steps", -1), ("latency_weight", float("inf")),
+    ("static_steps", 0), ("dynamic_steps", -1), ("latency_weight", float("inf")), ("select_rounds", 1),
     ("eval_windows", 0), ("eval_seq_len", 1), ("calib_windows", 0), ("batch_size", 0), ("seq_len", 1),
-    ("lr", 0.0), ("joint_lr", -1e-5), ("seed", float("nan")), ("device", "cuda:x"), ("weights", "best"),
+    ("select_windows", 0), ("fix_share", 0.2), ("threads", -1),
+    ("lr", 0.0), ("seed", float("nan")), ("device", "cuda:x"), ("weights", "best"),
     ("regime", "decode:b1"),
 ])
 def test_route_config_refuses_bad_flags_naming_them(field, value):
