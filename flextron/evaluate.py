@@ -16,6 +16,8 @@ from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from flextron.spec import ElasticSpec, SubnetConfig
 
+ROUTERS = ("none", "static", "dynamic")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -28,6 +30,15 @@ class EvalConfig:
     corpus: str = ""  #: text to score; empty: the corpus the run was converted with
     device: str = "auto"  #: cpu, cuda, cuda:N, or auto (CUDA when present, and says so)
     weights: str = "auto"  #: elastic (one-shot) | trained | auto (trained when `flextron train` made it)
+    #: none: score --config; static or dynamic: serve --budget-ms with the run's routers (`flextron route`)
+    #: as a deployment would (dynamic: the calibrated verdict, dynamic routing or the static config that
+    #: measured better) and also measure its step latency beside the full model
+    router: str = "none"
+    budget_ms: float = 0.0  #: with --router: the latency budget in ms of the regime's step
+    regime: str = ""  #: with --router: the regime the routers serve; empty: the run's only fitted regime
+    rounds: int = 5  #: with --router: interleaved timing rounds (the full model in each)
+    reps: int = 5  #: with --router: timed steps per config per round
+    threads: int = 0  #: CPU: torch intra-op threads while timing; 0 = one (steady on small, shared CPUs)
 
     def __post_init__(self):
         if self.split in ("calibration", "train"):
@@ -39,6 +50,18 @@ class EvalConfig:
                 raise FlextronError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise FlextronError(f"--seq-len must be at least 2 (one token predicts the next), got {self.seq_len}")
+        if self.router not in ROUTERS:
+            raise FlextronError(f"--router must be one of {list(ROUTERS)}, got {self.router!r}")
+        if self.router != "none":
+            if self.config != "full":
+                raise FlextronError("--router serves a budget: give --budget-ms instead of --config")
+            if not (isinstance(self.budget_ms, (int, float)) and math.isfinite(self.budget_ms) and self.budget_ms > 0):
+                raise FlextronError(f"--router {self.router} needs --budget-ms above 0, got {self.budget_ms!r}")
+            if self.rounds < 2 or self.reps < 1 or self.threads < 0:
+                raise FlextronError("--rounds must be at least 2 (the noise floor needs two), --reps at least 1, "
+                                    "--threads 0 or more")
+        elif self.budget_ms:
+            raise FlextronError("--budget-ms is served by a router: add --router dynamic (or static)")
         set_device_field(self)
 
 

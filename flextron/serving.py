@@ -40,7 +40,8 @@ def decide(budget_frac: float, dynamic: dict, statics: list[dict]) -> dict:
         verdict = ("static", f"dynamic measured {dynamic['ratio']:.3f}x of full, over the budget {budget_frac:.3f}x")
     elif rival is not None and rival["loss"] <= dynamic["loss"]:
         verdict = ("static", f"a static config measured at {rival['ratio']:.3f}x (at or below dynamic's "
-                             f"{dynamic['ratio']:.3f}x) has loss {rival['loss']:.4f} <= dynamic's {dynamic['loss']:.4f}")
+                             f"{dynamic['ratio']:.3f}x) has loss {rival['loss']:.4f} <= dynamic's "
+                             f"{dynamic['loss']:.4f}")
     elif rival is None:
         verdict = ("dynamic", f"no static config measured as fast as dynamic's {dynamic['ratio']:.3f}x")
     else:

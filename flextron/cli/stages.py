@@ -2,7 +2,8 @@
 
 This package (`flextron.cli`) is the one place that wires stages together: the `flextron` command
 and `flextron run` both look stages up here, and it is the only code under `flextron/` allowed to
-import `profiler`, `search` or `reports` (lazily, so `flextron eval` never imports the profiler).
+import `profiler`, `search` or `reports` (lazily: `flextron eval` without `--router` never imports
+the profiler).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class Stage:
 
 STAGES = {
     "convert": Stage("flextron.convert", "ConvertConfig", "convert", "make a nested elastic model from a source model"),
-    "eval": Stage("flextron.evaluate", "EvalConfig", "evaluate", "validation perplexity of one sub-network"),
+    "eval": Stage("flextron.cli.evaluate", "EvalConfig", "evaluate",
+                  "validation perplexity of one sub-network, or of a budget served by the routers (timed too)"),
     "export": Stage("search.export", "ExportConfig", "export",
                     "write a sliced sub-model (transformers or GGUF) or the budget lookup table"),
     "profile": Stage("profiler.sweep", "ProfileConfig", "profile",

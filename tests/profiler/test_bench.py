@@ -63,3 +63,48 @@ def test_cells_run_at_their_width(elastic):
     assert head.shape == (2, 1, spec.vocab_size)  # the LM head runs on the last position only, as in generation
     with pytest.raises(ValueError):
         bench.cell_fn(0, "norm", 0)
+
+
+def test_real_text_inputs_feed_the_next_token_each_decode_step_and_fill_prefill(elastic):
+    """With real text, decode step k feeds the k-th token (cycling), every config alike; prefill runs the
+    text's first window, repeated from its start when the text is shorter."""
+    text = torch.arange(10, 17)  # 7 tokens
+    bench = RegimeBench(elastic, Regime.parse("decode:b2:ctx16"), "cpu", text=text)
+    seen = []
+    hook = elastic.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    try:
+        step = bench.forward_fn(elastic.spec.full())
+        with torch.inference_mode():
+            for _ in range(4):
+                step()
+    finally:
+        hook.remove()
+    fed = [x.reshape(-1).tolist() for x in seen[1:]]  # the first forward initialises the cache
+    assert fed == [[10, 11], [12, 13], [14, 15], [10, 11]]  # 3 steps of 2 tokens, then again from the start
+    pre = RegimeBench(elastic, Regime.parse("prefill:b2:s8"), "cpu", text=text)
+    assert pre.ids.reshape(-1).tolist() == (list(range(10, 17)) * 3)[:16]
+    with pytest.raises(ValueError, match="at least one token"):
+        RegimeBench(elastic, Regime.parse("prefill:b2:s8"), "cpu", text=torch.tensor([], dtype=torch.long))
+
+
+def test_interleaved_setups_wrap_each_measurement_of_their_key(elastic):
+    """A key's setup is entered around every one of its measurements (and no other key's), and
+    `ratios` gives each key's median ms and ratio to the full model."""
+    import contextlib
+
+    from profiler.interleaved import FULL, InterleavedSession
+
+    events = []
+
+    @contextlib.contextmanager
+    def setup():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    with InterleavedSession(elastic, Regime.parse("prefill:b1:s8"), "cpu", reps=2, warmup=0) as s:
+        s.run({"small": elastic.spec.smallest(), "plain": elastic.spec.uniform(0.5)}, 3, setups={"small": setup})
+        r = s.ratios()
+    assert events == ["enter", "exit"] * 3
+    assert set(r) == {FULL, "small", "plain"} and r[FULL]["ratio_to_full"] == 1.0
+    assert all(v["rounds"] == 3 and v["measured_ms"] > 0 for v in r.values())
