@@ -1,13 +1,15 @@
 """The method, measured: elastic continued training, the frontier against one-shot slicing, the
-static router against the Optuna search, and the dynamic router against the static one at measured
-latency. Prints numbers, tokens used and the device.
+static router against the Optuna search, and dynamic routing against static configs at measured
+latency. Prints numbers, tokens used, wall time and the device.
 
     python benchmarks/flextron_method.py --from-run runs/demo          # reuse a run's convert + profile + fit
     python benchmarks/flextron_method.py --model smollm2-135m --regime decode:b1:ctx256 --train-steps 60
 
-Quality is validation perplexity (never the train or calibration split); latency is measured on this
-device (uniform configs: the profile's end-to-end table; routed configs: per-token decode steps over
-real validation text).
+Quality is validation perplexity on at least 16k tokens (never the train or calibration split the
+routers were calibrated and selected on). Latency: uniform configs from the profile's interleaved
+rounds; every routed and searched config in one more interleaved session beside the full model, in
+the routers' regime, inputs real validation tokens (`search/route_select.py`, the code the route
+stage chooses with, run here on held-out text).
 """
 
 import argparse
@@ -17,16 +19,14 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
 from flextron.data import token_windows
-from flextron.dynamic_router import DynamicRouting, dynamic_eval
+from flextron.dynamic_router import DynamicRouting
 from flextron.elastic import ElasticModel
 from flextron.router_store import Routers, load_tensors, regime_dir
 from flextron.rundir import RunDir
-from flextron.spec import SubnetConfig
+from flextron.spec import Regime, SubnetConfig
 from flextron.train import TrainConfig, train
 from profiler.latency_model import LatencyModels
 from profiler.profile import Profile
@@ -34,39 +34,22 @@ from profiler.telemetry import Telemetry
 from search.optuna_search import SearchConfig, results_dir, search
 from search.quality import QUALITY_CACHE, QualityEvaluator
 from search.route import RouteConfig, latency_table, route
+from search.route_select import select_serving
 
 
-@torch.no_grad()
-def decode_ms(elastic, window: torch.Tensor, ctx: int, steps: int, cfg: SubnetConfig) -> float:
-    """Median ms of one decode step (batch 1, KV cache of `ctx` real tokens), teacher-forced over `steps`
-    real tokens."""
-    from transformers import DynamicCache
-
-    times = []
-    sync = torch.cuda.synchronize if elastic.device.type == "cuda" else (lambda: None)
-    with elastic.use(cfg):
-        cache = DynamicCache(config=elastic.model.config)
-        window = window.to(elastic.device)
-        elastic(input_ids=window[None, :ctx], past_key_values=cache, use_cache=True)
-        for i in range(ctx, ctx + steps):
-            sync()
-            t0 = time.perf_counter()
-            elastic(input_ids=window[None, i : i + 1], past_key_values=cache, use_cache=True)
-            sync()  # on a GPU the step has finished, not just been launched
-            times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
-
-
-def frontier(prof: Profile, regime: str, ev: QualityEvaluator) -> pd.DataFrame:
+def frontier(prof: Profile, regime: str, ev: QualityEvaluator, max_frac: float) -> list[dict]:
+    """Uniform configs measured at or below `max_frac` of the full model (and the full model), with
+    their measured ratio and validation ppl."""
     u = prof.uniform(regime)
-    u["ppl"] = [math.exp(ev.loss(SubnetConfig.from_json(c))) for c in u.config]
-    return u[["config", "latency_ms_median", "ppl"]]
+    u = u[(u.ratio_to_full <= max_frac) | (u.ratio_to_full >= 0.999)]
+    cfgs = [SubnetConfig.from_json(c) for c in u.config]
+    return [{"config": c, "ratio": float(r), "ppl": math.exp(ev.loss(c))} for c, r in zip(cfgs, u.ratio_to_full)]
 
 
-def best_under(front: pd.DataFrame, ms: float) -> float:
-    """The best ppl among configs measured at or below `ms` (nan when none is)."""
-    ok = front[front.latency_ms_median <= ms]
-    return float(ok.ppl.min()) if len(ok) else float("nan")
+def best_under(rows: list[dict], frac: float, ppl: str = "ppl") -> float:
+    """The best ppl among rows measured at or below `frac` of the full model (nan when none is)."""
+    ok = [r[ppl] for r in rows if r["ratio"] <= frac]
+    return min(ok) if ok else float("nan")
 
 
 def main():
@@ -79,23 +62,28 @@ def main():
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--random-configs", type=int, default=2)
+    ap.add_argument("--teacher-data", default="", help="a `flextron synth` set to mix into training")
+    ap.add_argument("--teacher-mix", type=float, default=0.0)
     ap.add_argument("--dynamic-steps", type=int, default=20)
-    ap.add_argument("--joint-steps", type=int, default=4)
-    ap.add_argument("--fracs", type=float, nargs="+", default=[0.6, 0.7, 0.8])
+    ap.add_argument("--fracs", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
     ap.add_argument("--search-trials", type=int, default=12)
-    ap.add_argument(
-        "--timing-rounds", type=int, default=3, help="interleaved rounds of static and dynamic decode timing (median)"
-    )
-    ap.add_argument(
-        "--reuse-routers", action="store_true", help="measure the routers already in OUT instead of retraining them"
-    )
+    ap.add_argument("--val-windows", type=int, default=64, help="validation windows (x --val-seq-len tokens)")
+    ap.add_argument("--val-seq-len", type=int, default=256)
+    ap.add_argument("--timing-rounds", type=int, default=5, help="interleaved rounds, the full model in each")
+    ap.add_argument("--timing-reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    t_start = time.perf_counter()
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # timing: one thread, steady on a small shared CPU
     out = Path(args.out)
     run = RunDir(out)
     if args.from_run and not (out / "elastic").is_dir():
         for stage in ("elastic", "profile", "latency_model"):
             shutil.copytree(Path(args.from_run) / stage, out / stage)
+        for f in ("convert_config.json",):
+            if (Path(args.from_run) / f).is_file():
+                shutil.copy(Path(args.from_run) / f, out / f)
     elif not (out / "elastic").is_dir():
         from flextron.convert import ConvertConfig, convert
         from profiler.latency_model import FitConfig, fit
@@ -110,196 +98,123 @@ def main():
     one_shot = ElasticModel.load(run.elastic, device=args.device)
     spec = one_shot.spec
     full_ms = prof.full_ms(regime, spec)
+    corpus = run.corpus("")
     cache = out / "search" / QUALITY_CACHE
-    front0 = frontier(prof, regime, QualityEvaluator(one_shot, cache, tag="elastic"))
+    val = dict(windows=args.val_windows, seq_len=args.val_seq_len, corpus=corpus)
+    max_frac = max(args.fracs) + 0.02
+    ev0 = QualityEvaluator(one_shot, cache, tag="elastic", **val)
+    front0 = frontier(prof, regime, ev0, max_frac)
+    del one_shot, ev0
 
     t0 = time.perf_counter()
-    tr = train(
-        TrainConfig(
-            run=str(out),
-            steps=args.train_steps,
-            batch_size=args.train_batch,
-            random_configs=args.random_configs,
-            lr=args.lr,
-            device=args.device,
-        )
-    )
+    tr = train(TrainConfig(run=str(out), steps=args.train_steps, batch_size=args.train_batch,
+                           random_configs=args.random_configs, lr=args.lr, device=args.device,
+                           **({"teacher_data": args.teacher_data, "teacher_mix": args.teacher_mix}
+                              if args.teacher_mix else {})))
     t_train = time.perf_counter() - t0
     trained = ElasticModel.load(out / "trained", device=args.device)
-    ev = QualityEvaluator(trained, cache, tag="trained")
-    front1 = frontier(prof, regime, ev)
+    ev = QualityEvaluator(trained, cache, tag=run.weights_tag("trained"), **val)
+    front1 = frontier(prof, regime, ev, max_frac)
+    val_tokens = args.val_windows * (args.val_seq_len - 1)
 
-    budgets = [round(f * full_ms, 4) for f in args.fracs]
-    s = search(
-        SearchConfig(
-            run=str(out),
-            regime=regime,
-            budget_ms=tuple(budgets),
-            trials=args.search_trials,
-            device=args.device,
-            skip_infeasible=True,
-            weights="trained",
-        )
-    )
+    t0 = time.perf_counter()
+    s = search(SearchConfig(run=str(out), regime=regime, budget_frac=tuple(args.fracs), trials=args.search_trials,
+                            device=args.device, skip_infeasible=True, weights="trained"))
     best = json.loads((results_dir(out, regime, "trained") / "best.json").read_text())["best"]
-    t1 = time.perf_counter()
-    if args.reuse_routers and (regime_dir(out, regime, weights="trained") / "router.json").is_file():
-        meta = json.loads((regime_dir(out, regime, weights="trained") / "router.json").read_text())
-        r = {
-            "table_source": meta["table"]["source"],
-            "surrogate_heldout_rel_err": round(meta["surrogate"]["heldout_mean_rel_err"], 4),
-        }
-    else:
-        r = route(
-            RouteConfig(
-                run=str(out),
-                regime=regime,
-                weights="trained",
-                device=args.device,
-                dynamic_steps=args.dynamic_steps,
-                joint_steps=args.joint_steps,
-            )
-        )
-    t_route = time.perf_counter() - t1
+    t_search = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    r = route(RouteConfig(run=str(out), regime=regime, weights="trained", device=args.device,
+                          dynamic_steps=args.dynamic_steps))
+    t_route = time.perf_counter() - t0
     routers = Routers.load(out, regime, spec, weights="trained")
-    lat = models.get(regime)
+    predict = models.get(regime).predict_config
+    reference_ms = routers.meta["reference_full_ms"]
 
-    predict = lat.predict_config
-    # measured decode steps over real validation text: static-router, search and dynamic-router configs
-    val = token_windows(trained.tokenizer, trained.adapter, "validation", 320, 1)[0]
-    ctx = min(256, len(val) - 40)
-    table = latency_table(out, regime, spec)
+    # held out: every calibrated point's dynamic routing against the static configs (static router,
+    # search picks, uniform frontier) on validation text, timed in one interleaved session
+    points = sorted(routers.meta["dynamic_calibration"], key=lambda c: c["router_frac"])
+    search_cfgs = {f: SubnetConfig.from_dict(b["config"]) for f in args.fracs for b in best
+                   if abs(b["budget_frac"] - f) < 1e-6}
+    router_cfgs = {f: routers.config_for(f * reference_ms, predict) for f in args.fracs}
+    grid_cfgs = [SubnetConfig.from_dict(a["config"]) for a in routers.meta["static_answers"]]
+    statics = list({c.key: c for c in [*grid_cfgs, *search_cfgs.values(), *router_cfgs.values(),
+                                        *(x["config"] for x in front1)]}.values())
     routing = DynamicRouting(trained)
     routing.load_state_dict(load_tensors(regime_dir(out, regime, weights="trained") / "dynamic_router.safetensors"))
-    windows = token_windows(trained.tokenizer, trained.adapter, "validation", 128, 8)
-    full_step = decode_ms(trained, val, ctx, 32, spec.full())
-    # the static router's curve of (measured step, ppl) over its budget grid: dynamic routing is compared
-    # with its best config measured at or below the dynamic router's *measured* latency.
-    # Static and dynamic steps are timed interleaved, over several rounds (median), so drift of this
-    # machine's speed during the run falls on both alike.
-    t_min = routers.meta["table"]["smallest_frac"]
-    static_cfgs = [routers.config_for(float(t) * predict(spec.full()), predict) for t in np.linspace(t_min, 1.0, 9)]
-    static_ll = [ev.loss(c) for c in static_cfgs]
-    points = sorted(routers.meta["dynamic_calibration"], key=lambda c: c["router_frac"])
-    routing.install()
-    try:  # quality of each calibrated point under hard per-token routing
-        evals = [
-            dynamic_eval(trained, routing, windows, tuple(pt["heads"]), pt["router_frac"], table, shift=pt["shift"])
-            for pt in points
-        ]
-    finally:
-        routing.remove()
-    t_static, t_dyn = [[] for _ in static_cfgs], [[] for _ in points]
-    for _ in range(args.timing_rounds):
-        for i in range(max(len(static_cfgs), len(points))):
-            if i < len(static_cfgs):
-                t_static[i].append(decode_ms(trained, val, ctx, 32, static_cfgs[i]))
-            if i < len(points):
-                routing.install()
-                try:
-                    routing.set(points[i]["router_frac"], soft=False, shift=points[i]["shift"])
-                    t_dyn[i].append(
-                        decode_ms(trained, val, ctx, 32, SubnetConfig(spec.full().mlp_width, tuple(points[i]["heads"])))
-                    )
-                finally:
-                    routing.remove()
-    static_curve = sorted((float(np.median(ts)), ll) for ts, ll in zip(t_static, static_ll))
-    static_front = pd.DataFrame(
-        {"latency_ms_median": [m for m, _ in static_curve], "ppl": [math.exp(ll) for _, ll in static_curve]}
-    )
-    rows = []
-    for b, f in zip(budgets, args.fracs):
-        sb = next((x for x in best if abs(x["budget_ms"] - b) < 1e-6), None)
-        rc = routers.config_for(b, predict)
-        rows.append(
-            {
-                "frac": f,
-                "budget_ms": b,
-                "router_ppl": math.exp(ev.loss(rc)),
-                "router_pred_ms": predict(rc),
-                "search_ppl": math.exp(sb["loss"]) if sb else float("nan"),
-                "search_source": sb["source"] if sb else "",
-                "static_step_ms": decode_ms(trained, val, ctx, 32, rc),
-            }
-        )
-    # the dynamic router at each calibrated budget (its heads, logit shift and budget input), measured
-    dyn_rows = []
-    for pt, d, ts in zip(points, evals, t_dyn):
-        dyn_ms = float(np.median(ts))
-        dyn_rows.append(
-            {
-                "budget_frac": pt["router_frac"],
-                "shift": pt["shift"],
-                "dynamic_ppl": math.exp(d["loss"]),
-                "expected_ms": d["expected_frac"] * table.full,
-                "measured_ms": dyn_ms,
-                "static_ppl_at_measured_ms": best_under(static_front, dyn_ms),
-            }
-        )
+    windows = token_windows(trained.tokenizer, trained.adapter, "validation", args.val_seq_len, args.val_windows,
+                            corpus)
+    t0 = time.perf_counter()
+    held, summary = select_serving(trained, routing, points, statics, windows, latency_table(out, regime, spec),
+                                   Regime.parse(regime), args.device, rounds=args.timing_rounds,
+                                   reps=args.timing_reps, warmup=2, seed=1)
+    t_held = time.perf_counter() - t0
+    measured = {SubnetConfig.from_dict(x["config"]).key: x for x in summary["statics"]}
+    static_rows = [{"ratio": x["ratio"], "ppl": math.exp(x["loss"])} for x in summary["statics"]]
+
     device = Telemetry(args.device).device_name
-    print(f"device: {device}  torch {torch.__version__}  model {spec.family} {spec.num_layers} layers  regime {regime}")
-    print(
-        f"training: {tr['steps']} steps, {tr['tokens']} train tokens, {t_train:.0f} s; routers {t_route:.0f} s "
-        f"(table: {r['table_source']}); surrogate held-out mean relative error {r['surrogate_heldout_rel_err']:.4f}"
-    )
-    print(f"\nfrontier (uniform configs, measured {regime} latency; ppl on {ev.tokens} validation tokens)")
-    print(f"{'latency ms':>10s} {'x full':>7s} {'one-shot ppl':>13s} {'trained ppl':>12s}")
-    m = front0.merge(front1, on=["config", "latency_ms_median"], suffixes=("_0", "_1")).sort_values("latency_ms_median")
-    for x in m.itertuples():
-        print(f"{x.latency_ms_median:10.2f} {x.latency_ms_median / full_ms:7.2f} {x.ppl_0:13.2f} {x.ppl_1:12.2f}")
-    full_ppl = float(m.iloc[-1].ppl_1) if len(m) else float("nan")
-    print("\nbest uniform config within a fraction of the full model's latency (ppl, and x the trained full model's)")
-    for f in args.fracs + [0.5]:
-        a, b_ = best_under(front0, f * full_ms), best_under(front1, f * full_ms)
+    wall = time.perf_counter() - t_start
+    print(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}  model {spec.family} "
+          f"{spec.num_layers} layers  regime {regime}")
+    print(f"training: {tr['steps']} steps, {tr['tokens']} train tokens, {t_train:.0f} s"
+          + (f" (teacher data {args.teacher_data} at {args.teacher_mix:.0%})" if args.teacher_mix else ""))
+    print(f"search {t_search:.0f} s ({s['quality_evaluations']} evaluations); routers {t_route:.0f} s "
+          f"(table: {r['table_source']}; surrogate held-out rel. error {r['surrogate_heldout_rel_err']:.4f}); "
+          f"held-out comparison {t_held:.0f} s; total wall {wall:.0f} s")
+    print(f"validation: {val_tokens} tokens ({args.val_windows} x {args.val_seq_len}); timing: "
+          f"{summary['rounds']} interleaved rounds x {summary['reps']} reps, full model {summary['full_ms']:.2f} ms, "
+          f"ratio noise floor {summary['noise']['ratio_noise_floor_pct']:.2f}%")
+    print(f"\nfrontier (uniform configs; ratio from the profile's interleaved rounds; full model {full_ms:.2f} ms)")
+    print(f"{'x full':>7s} {'one-shot ppl':>13s} {'trained ppl':>12s}")
+    by0 = {x["config"].key: x for x in front0}
+    for x in sorted(front1, key=lambda x: x["ratio"]):
+        print(f"{x['ratio']:7.3f} {by0[x['config'].key]['ppl']:13.2f} {x['ppl']:12.2f}")
+    full_ppl = next(x["ppl"] for x in front1 if x["config"] == spec.full())
+    print(f"\nbest uniform config within a fraction of the full model's latency (x the trained full model's "
+          f"ppl {full_ppl:.2f})")
+    headline = {}
+    for f in args.fracs:
+        a, b_ = best_under(front0, f), best_under(front1, f)
+        headline[f] = b_
         print(f"  <= {f:.2f}x: one-shot {a:9.2f} ({a / full_ppl:6.2f}x)   trained {b_:9.2f} ({b_ / full_ppl:6.2f}x)")
-    print(f"\nstatic router vs search at budgets (trained weights; full decode step {full_step:.2f} ms)")
-    print(f"{'frac':>5s} {'budget':>8s} {'search ppl':>10s} {'static ppl':>10s} {'static ms':>9s}")
-    for x in rows:
-        print(
-            f"{x['frac']:5.2f} {x['budget_ms']:8.2f} {x['search_ppl']:10.2f} {x['router_ppl']:10.2f} "
-            f"{x['static_step_ms']:9.2f}"
-        )
-    print(
-        "\nstatic router curve (measured decode ms, ppl): "
-        + ", ".join(f"({a:.1f}, {math.exp(l):.1f})" for a, l in static_curve)
-    )
-    print(
-        "dynamic router at its calibrated budgets; 'static ppl' is the best static config measured at or "
-        "below the dynamic step "
-        f"(medians of {args.timing_rounds} interleaved timing rounds)"
-    )
-    print(
-        f"{'frac':>5s} {'shift':>7s} {'dynamic ppl':>11s} {'exp ms':>7s} {'meas ms':>8s} {'static ppl':>10s} "
-        f"{'better':>6s}"
-    )
-    for x in dyn_rows:
-        sp = x["static_ppl_at_measured_ms"]
-        better = (
-            ""
-            if sp != sp
-            else (
-                "yes" if x["dynamic_ppl"] < sp * (1 - 1e-3) else "tie" if x["dynamic_ppl"] <= sp * (1 + 1e-3) else "no"
-            )
-        )
-        print(
-            f"{x['budget_frac']:5.2f} {x['shift']:7.2f} {x['dynamic_ppl']:11.2f} {x['expected_ms']:7.2f} "
-            f"{x['measured_ms']:8.2f} "
-            f"{x['static_ppl_at_measured_ms']:10.2f} {better:>6s}"
-        )
-    print(
-        json.dumps(
-            {
-                "device": device,
-                "regime": regime,
-                "train_tokens": tr["tokens"],
-                "train_s": round(t_train),
-                "surrogate_rel_err": r["surrogate_heldout_rel_err"],
-                "search_evaluations": s["quality_evaluations"],
-                "rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in x.items()} for x in rows],
-                "dynamic": [{k: round(v, 3) for k, v in x.items()} for x in dyn_rows],
-            }
-        )
-    )
+    print("\nstatic router against the search at each budget (trained weights; ppl on validation; ratio measured)")
+    print(f"{'frac':>5s} {'search ppl':>10s} {'search x':>8s} {'static ppl':>10s} {'static x':>8s}")
+    rows = []
+    for f in args.fracs:
+        sc, rc = search_cfgs.get(f), router_cfgs[f]
+        sm = measured.get(sc.key) if sc else None
+        rm = measured[rc.key]
+        row = {"frac": f, "search_ppl": math.exp(sm["loss"]) if sm else float("nan"),
+               "search_ratio": sm["ratio"] if sm else float("nan"), "static_ppl": math.exp(rm["loss"]),
+               "static_ratio": rm["ratio"]}
+        rows.append(row)
+        print(f"{f:5.2f} {row['search_ppl']:10.2f} {row['search_ratio']:8.3f} {row['static_ppl']:10.2f} "
+              f"{row['static_ratio']:8.3f}")
+    print("\ndynamic routing at each calibrated budget, on validation text: its ppl and measured ratio, the best "
+          "static config measured at or below that ratio, the route stage's verdict (chosen on calibration text), "
+          "and the served choice's ppl against the best static within the budget")
+    print(f"{'budget':>6s} {'dyn ppl':>8s} {'dyn x':>6s} {'static@x':>8s} {'verdict':>8s} {'served':>8s} "
+          f"{'static<=b':>9s} {'never worse':>11s}")
+    dyn_rows = []
+    for p, h in zip(points, held):
+        sel = h["selection"]
+        dppl, dx = math.exp(sel["dynamic"]["loss"]), sel["dynamic"]["ratio"]
+        rival = best_under(static_rows, dx) if dx is not None else float("nan")
+        within = best_under(static_rows, p["router_frac"])
+        served = dppl if p["serve"] == "dynamic" else math.exp(
+            measured[SubnetConfig.from_dict(p["selection"]["static"]["config"]).key]["loss"])
+        ok = served <= within * (1 + 1e-3) if within == within else True
+        dyn_rows.append({"budget_frac": p["router_frac"], "dynamic_ppl": dppl, "dynamic_ratio": dx,
+                         "static_ppl_at_ratio": rival, "verdict": p["serve"], "served_ppl": served,
+                         "static_ppl_within_budget": within, "never_worse": ok})
+        print(f"{p['router_frac']:6.3f} {dppl:8.2f} {dx if dx is not None else float('nan'):6.3f} {rival:8.2f} "
+              f"{p['serve']:>8s} {served:8.2f} {within:9.2f} {'yes' if ok else 'NO':>11s}")
+    print(json.dumps({
+        "device": device, "regime": regime, "train_tokens": tr["tokens"], "train_s": round(t_train),
+        "wall_s": round(wall), "validation_tokens": val_tokens, "full_ppl": round(full_ppl, 3),
+        "best_uniform_trained": {str(f): round(v, 3) for f, v in headline.items()},
+        "noise": summary["noise"], "static_vs_search": [{k: round(v, 4) for k, v in x.items()} for x in rows],
+        "dynamic": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in x.items()} for x in dyn_rows],
+        "route_verdicts": [p["serve"] for p in points]}))
 
 
 if __name__ == "__main__":

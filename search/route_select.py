@@ -52,7 +52,7 @@ def select_serving(elastic, routing, points: list[dict], static_cfgs: list[Subne
                    batch_size: int = 4, progress=None) -> tuple[list[dict], dict]:
     """`points` (calibrated, see `calibrate_dynamic`) each with its verdict: `serve` and `selection`
     (both measurements, the static config served or compared against, the reason); and a summary of
-    the measurement (rounds, reps, noise floor, device threads, tokens). `windows` are calibration
+    the measurement (rounds, reps, noise floor, tokens, every static config's measurement). `windows` are calibration
     windows: losses are computed on them and the timed inputs are their tokens. Leaves the model
     without routing installed, in the regime's dtype."""
     from profiler.interleaved import FULL, InterleavedSession
@@ -95,5 +95,6 @@ def select_serving(elastic, routing, points: list[dict], static_cfgs: list[Subne
         out.append({**p, "serve": verdict["serve"], "selection": verdict})
     summary = {"regime": regime.key, "rounds": rounds, "reps": reps, "quality_tokens": int(windows[:, 1:].numel()),
                "full_ms": round(measured[FULL]["measured_ms"], 4), "noise": noise,
-               "dynamic_unmeasured": why_not, "served_dynamic": sum(p["serve"] == "dynamic" for p in out)}
+               "dynamic_unmeasured": why_not, "served_dynamic": sum(p["serve"] == "dynamic" for p in out),
+               "statics": static_rows}
     return out, summary
