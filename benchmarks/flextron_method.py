@@ -24,6 +24,7 @@ import torch
 from flextron.data import token_windows
 from flextron.dynamic_router import DynamicRouting
 from flextron.elastic import ElasticModel
+from flextron.progress import progress
 from flextron.router_store import Routers, load_tensors, regime_dir
 from flextron.rundir import RunDir
 from flextron.spec import Regime, SubnetConfig
@@ -73,9 +74,7 @@ def main():
     ap.add_argument("--timing-reps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    t_start = time.perf_counter()
-    if args.device == "cpu":
-        torch.set_num_threads(1)  # timing: one thread, steady on a small shared CPU
+    t_start = time.perf_counter()  # scoring and training use torch's threads; timing pins one (route_select)
     out = Path(args.out)
     run = RunDir(out)
     if args.from_run and not (out / "elastic").is_dir():
@@ -146,14 +145,15 @@ def main():
     t0 = time.perf_counter()
     held, summary = select_serving(trained, routing, points, statics, windows, latency_table(out, regime, spec),
                                    Regime.parse(regime), args.device, rounds=args.timing_rounds,
-                                   reps=args.timing_reps, warmup=2, seed=1)
+                                   reps=args.timing_reps, warmup=2, seed=1, progress=progress)
     t_held = time.perf_counter() - t0
     measured = {SubnetConfig.from_dict(x["config"]).key: x for x in summary["statics"]}
     static_rows = [{"ratio": x["ratio"], "ppl": math.exp(x["loss"])} for x in summary["statics"]]
 
     device = Telemetry(args.device).device_name
     wall = time.perf_counter() - t_start
-    print(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}  model {spec.family} "
+    print(f"device: {device}  torch {torch.__version__}  scoring threads {torch.get_num_threads()}, timing threads "
+          f"{summary['threads']}  model {spec.family} "
           f"{spec.num_layers} layers  regime {regime}")
     print(f"training: {tr['steps']} steps, {tr['tokens']} train tokens, {t_train:.0f} s"
           + (f" (teacher data {args.teacher_data} at {args.teacher_mix:.0%})" if args.teacher_mix else ""))

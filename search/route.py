@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from flextron.devices import set_cpu_threads, set_device_field
+from flextron.devices import set_device_field
 from flextron.dynamic_router import DynamicRouting, DynamicTrainer, calibrate_dynamic
 from flextron.errors import FlextronError
 from flextron.latency_table import LatencyTable, expected_latency
@@ -233,11 +233,10 @@ def route(cfg: RouteConfig) -> dict:
     # latency measured side by side; dynamic is kept only where it measured better (see serving.decide)
     select_windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.seq_len, cfg.select_windows,
                                    cfg.corpus)
-    set_cpu_threads(cfg.device, cfg.threads)
     points, selection = select_serving(elastic, routing, points, list(grid_answers.values()), select_windows, table,
                                        Regime.parse(regime_key), cfg.device, rounds=cfg.select_rounds,
                                        reps=cfg.select_reps, warmup=cfg.select_warmup, seed=cfg.seed,
-                                       progress=progress)
+                                       threads=cfg.threads, progress=progress)
     dyn_calib = [{**p, **budget_of(p["router_frac"])} for p in points]
 
     save_tensors(tmp / "static_router.safetensors", static.state_dict())

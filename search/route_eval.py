@@ -59,7 +59,7 @@ def evaluate_routed(cfg: EvalConfig) -> dict:
     windows = token_windows(elastic.tokenizer, elastic.adapter, cfg.split, cfg.seq_len, cfg.windows, corpus)
     with served:
         loss = mean_loss(elastic, served.config, windows, cfg.batch_size)
-    threads = set_cpu_threads(cfg.device, cfg.threads)
+    threads = set_cpu_threads(cfg.device, cfg.threads)  # for the timing (scoring above ran at torch's count)
     regime = Regime.parse(table.regime)
     if served.mode == "dynamic" and regime.mode != "eager":
         raise FlextronError(f"dynamic routing cannot run under {regime.mode}; its calibration serves static there")

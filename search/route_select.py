@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+
+from flextron.devices import set_cpu_threads
 from flextron.dynamic_router import dynamic_eval
 from flextron.evaluate import mean_loss
 from flextron.serving import decide
@@ -49,11 +52,12 @@ def dynamic_key(point: dict) -> str:
 
 def select_serving(elastic, routing, points: list[dict], static_cfgs: list[SubnetConfig], windows, table,
                    regime: Regime, device: str, *, rounds: int, reps: int, warmup: int, seed: int,
-                   batch_size: int = 4, progress=None) -> tuple[list[dict], dict]:
+                   threads: int = 0, batch_size: int = 4, progress=None) -> tuple[list[dict], dict]:
     """`points` (calibrated, see `calibrate_dynamic`) each with its verdict: `serve` and `selection`
     (both measurements, the static config served or compared against, the reason); and a summary of
     the measurement (rounds, reps, noise floor, tokens, every static config's measurement). `windows` are calibration
-    windows: losses are computed on them and the timed inputs are their tokens. Leaves the model
+    windows: losses are computed on them (at torch's thread count as it is) and the timed inputs are
+    their tokens (on a CPU at `threads` intra-op threads, 0 = one, restored after). Leaves the model
     without routing installed, in the regime's dtype."""
     from profiler.interleaved import FULL, InterleavedSession
     from profiler.rounds import noise_floor
@@ -74,12 +78,18 @@ def select_serving(elastic, routing, points: list[dict], static_cfgs: list[Subne
         for p in points:
             subs[dynamic_key(p)] = SubnetConfig(elastic.spec.full().mlp_width, tuple(p["heads"]))
             setups[dynamic_key(p)] = routed_setup(routing, p)
-    with InterleavedSession(elastic, regime, device, reps, warmup, seed=seed, text=windows.reshape(-1)) as session:
-        for m in routing.modules:  # the routers run in the regime's dtype, like the model they sit in
-            m.to(device=elastic.device, dtype=next(elastic.model.parameters()).dtype)
-        session.run(subs, rounds, progress, setups=setups)
-        measured = session.ratios()
-        noise = noise_floor(session.samples, FULL)
+    before = torch.get_num_threads()
+    threads = set_cpu_threads(device, threads)
+    try:
+        with InterleavedSession(elastic, regime, device, reps, warmup, seed=seed, threads=threads,
+                                text=windows.reshape(-1)) as session:
+            for m in routing.modules:  # the routers run in the regime's dtype, like the model they sit in
+                m.to(device=elastic.device, dtype=next(elastic.model.parameters()).dtype)
+            session.run(subs, rounds, progress, setups=setups)
+            measured = session.ratios()
+            noise = noise_floor(session.samples, FULL)
+    finally:
+        torch.set_num_threads(before)
     static_rows = [{"config": c.to_dict(), "loss": round(static_loss[k], 5),
                     "ratio": round(measured[session.key_of(k)]["ratio_to_full"], 4),
                     "measured_ms": round(measured[session.key_of(k)]["measured_ms"], 4)} for k, c in statics.items()]
@@ -93,7 +103,8 @@ def select_serving(elastic, routing, points: list[dict], static_cfgs: list[Subne
         if why_not is not None:
             verdict["reason"], verdict["dynamic"]["ratio"] = why_not, None
         out.append({**p, "serve": verdict["serve"], "selection": verdict})
-    summary = {"regime": regime.key, "rounds": rounds, "reps": reps, "quality_tokens": int(windows[:, 1:].numel()),
+    summary = {"regime": regime.key, "rounds": rounds, "reps": reps, "threads": threads,
+               "quality_tokens": int(windows[:, 1:].numel()),
                "full_ms": round(measured[FULL]["measured_ms"], 4), "noise": noise,
                "dynamic_unmeasured": why_not, "served_dynamic": sum(p["serve"] == "dynamic" for p in out),
                "statics": static_rows}
