@@ -13,10 +13,17 @@ one and trains up to `--steps` in total. The config is saved when training start
 (`RESUME_FIELDS`, `--steps` included: it sets the cosine schedule); `--restart` starts again.
 `RUN/train/metrics.csv` has one row per step; tokens used (the paper's cost measure) are counted
 and reported.
+
+Launched by `torchrun --nproc-per-node N -m flextron -- train ...`, training is data-parallel
+(`flextron.distributed`, DistributedDataParallel): `--batch-size` stays the global micro-batch and
+each process trains its contiguous share of the windows one process would take, so a step updates
+the weights as one process would (up to float summation order), and a run may resume under another
+process count. Rank 0 alone writes files; the logged losses are means over all processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -48,7 +55,7 @@ RESUME_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "random_configs
 class TrainConfig:
     run: str  #: the run directory (made by `flextron convert`); writes RUN/train/ and RUN/trained/
     steps: int = 40  #: optimiser steps in total; a resumed run continues up to this (and must repeat it)
-    batch_size: int = 4  #: windows per micro-batch
+    batch_size: int = 4  #: windows per micro-batch, over all processes when torchrun starts several
     seq_len: int = 128  #: tokens per window
     grad_accum: int = 1  #: micro-batches per optimiser step
     random_configs: int = 2  #: sampled heterogeneous sub-networks per step, besides the full and the smallest
@@ -184,6 +191,22 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Train `cfg.run`; data-parallel when torchrun started several processes. Returns the summary."""
+    from flextron.distributed import World, process_group
+
+    world = World.from_env()
+    if cfg.batch_size % world.size:
+        raise FlextronError(
+            f"--batch-size {cfg.batch_size} is the global batch and must split evenly over the {world.size} "
+            f"processes torchrun started; use a multiple of {world.size} (such as "
+            f"{cfg.batch_size + world.size - cfg.batch_size % world.size}) or a --nproc-per-node that divides it"
+        )
+    device = world.device(cfg.device)
+    with process_group(world, device):
+        return _train(cfg, world, device)
+
+
+def _train(cfg: TrainConfig, world, device: str) -> dict:
     import torch
 
     from flextron.data import token_windows
@@ -194,12 +217,13 @@ def train(cfg: TrainConfig) -> dict:
 
     run = RunDir(cfg.run)
     run.require("elastic")
-    check_device(cfg.device)
+    check_device(device)
     cfg = dataclasses.replace(cfg, corpus=run.corpus(cfg.corpus))  # saved and compared as resolved
     out = run / TRAIN_DIR
     ckpt = out / "ckpt"
     trained = run / TRAINED_DIR
-    if cfg.restart:  # the trained weights go too (the config that made them is gone), and what was built on them
+    # the trained weights go too (the config that made them is gone), and what was built on them
+    if cfg.restart and world.is_main:
         built_on = [*run.root.glob("search/*/trained"), *run.root.glob("router/*/trained")]
         for path in (
             out,
@@ -209,7 +233,9 @@ def train(cfg: TrainConfig) -> dict:
             *built_on,
         ):
             shutil.rmtree(path, ignore_errors=True)
-    recover_swap(ckpt)  # a kill between a checkpoint swap's renames: the complete version wins
+    if world.is_main:
+        recover_swap(ckpt)  # a kill between a checkpoint swap's renames: the complete version wins
+    world.barrier()  # the others look for a checkpoint once rank 0 has removed or repaired it
     resume = (ckpt / "state.json").is_file()
     if resume:
         if not (out / CONFIG_FILE).is_file():
@@ -222,15 +248,17 @@ def train(cfg: TrainConfig) -> dict:
         except FlextronError as e:
             raise _unresumable(e, out / CONFIG_FILE, run.root) from None
         check_resume(out / CONFIG_FILE, cfg, RESUME_FIELDS, what=f"training in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_stage_config(out / CONFIG_FILE, cfg)  # at the start: a killed run is resumed against it
-    teacher = ElasticModel.load(run.elastic, device=cfg.device)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_stage_config(out / CONFIG_FILE, cfg)  # at the start: a killed run is resumed against it
+    teacher = ElasticModel.load(run.elastic, device=device)
     for p in teacher.model.parameters():
         p.requires_grad_(False)
     if resume:
-        state, student = load_checkpoint(ckpt, run.root, cfg.device)
+        state, student = load_checkpoint(ckpt, run.root, device)
     else:
-        state, student = {"step": 0, "tokens": 0, "seconds": 0.0}, ElasticModel.load(run.elastic, device=cfg.device)
+        state, student = {"step": 0, "tokens": 0, "seconds": 0.0}, ElasticModel.load(run.elastic, device=device)
+    state["world_size"] = world.size  # recorded, not compared: the global batch is the same at any count
     student.model.train()
     spec = student.spec
     params = [p for p in student.model.parameters() if p.requires_grad]
@@ -240,22 +268,31 @@ def train(cfg: TrainConfig) -> dict:
             load_optimizer(opt, ckpt)
         except Exception as e:  # noqa: BLE001 - a damaged optimizer file
             raise _unresumable(e, ckpt / "optimizer.safetensors", run.root) from None
+    net, no_sync = student.model, contextlib.nullcontext
+    if world.size > 1:
+        # Every parameter gets a gradient in every backward (a narrower width slices a prefix of the
+        # same weight, and the full model is in every step), so DDP need not look for unused ones.
+        net = torch.nn.parallel.DistributedDataParallel(
+            student.model, device_ids=[world.local_rank] if device.startswith("cuda") else None
+        )
+        no_sync = net.no_sync
     per_step = cfg.batch_size * cfg.grad_accum
     windows = token_windows(student.tokenizer, student.adapter, "train", cfg.seq_len, cfg.steps * per_step, cfg.corpus)
-    cuda = cfg.device.startswith("cuda")
+    cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     metrics_path = out / METRICS
     fields = ["step", "tokens", "lr", "loss_full", "loss_smallest", "loss_random", "grad_norm", "seconds"]
     # the rows a resume keeps replace the file atomically (a kill now loses none), then rows are appended
-    head = io.StringIO()
-    writer = csv.DictWriter(head, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(kept_metrics(metrics_path, state["step"]) if resume else [])
-    write_text_atomic(metrics_path, head.getvalue())
-    with open(metrics_path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
+    if world.is_main:
+        head = io.StringIO()
+        writer = csv.DictWriter(head, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(kept_metrics(metrics_path, state["step"]) if resume else [])
+        write_text_atomic(metrics_path, head.getvalue())
+    with open(metrics_path, "a", newline="") if world.is_main else contextlib.nullcontext() as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields) if world.is_main else None
         t0 = time.perf_counter() - state["seconds"]
-        bar = progress(total=cfg.steps, desc="train", initial=state["step"])
+        bar = progress(total=cfg.steps, desc="train", initial=state["step"], disable=not world.is_main)
         start_step = state["step"]
         for step in range(start_step, cfg.steps):
             rng = random.Random(cfg.seed * 1_000_003 + step)  # per-step RNG: a resumed run samples the same configs
@@ -266,48 +303,61 @@ def train(cfg: TrainConfig) -> dict:
             sums = {"full": 0.0, "smallest": 0.0, "random": 0.0}
             for micro in range(cfg.grad_accum):
                 i0 = ((step * cfg.grad_accum + micro) * cfg.batch_size) % len(windows)
-                ids = windows[i0 : i0 + cfg.batch_size].to(cfg.device)
+                # this process's rows; weight 1, unless a short last batch of a wrapped corpus splits unevenly
+                ids, weight = world.shard(windows[i0 : i0 + cfg.batch_size])
+                ids = ids.to(device)
                 with torch.no_grad(), autocast:
                     t_logits = teacher(input_ids=ids, use_cache=False).logits
-                for name, sub in configs:
-                    with student.use(sub), autocast:
-                        s_logits = student(input_ids=ids, use_cache=False).logits
-                    loss = distill_loss(s_logits, t_logits, ids, cfg.distill_weight, cfg.temperature)
-                    (loss / (len(configs) * cfg.grad_accum)).backward()
+                for k, (name, sub) in enumerate(configs):
+                    # DDP all-reduces (and averages over processes) the gradients summed over the step's
+                    # backward passes once, in its last one
+                    last = micro == cfg.grad_accum - 1 and k == len(configs) - 1
+                    with contextlib.nullcontext() if last else no_sync():
+                        with student.use(sub), autocast:  # the config is set on the modules `net` runs
+                            s_logits = net(input_ids=ids, use_cache=False).logits
+                        loss = distill_loss(s_logits, t_logits, ids, cfg.distill_weight, cfg.temperature)
+                        (loss * weight / (len(configs) * cfg.grad_accum)).backward()
                     share = cfg.random_configs if name == "random" else 1
-                    sums[name] += loss.item() / (cfg.grad_accum * share)
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+                    sums[name] += weight * loss.item() / (cfg.grad_accum * share)
+            sums = dict(zip(sums, world.all_reduce_mean(list(sums.values()))))
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))  # the same everywhere, as the gradients are
             opt.step()
             opt.zero_grad(set_to_none=True)
             state["step"] = step + 1
             state["tokens"] += per_step * cfg.seq_len
             state["seconds"] = time.perf_counter() - t0
-            writer.writerow(
-                {
-                    "step": step + 1,
-                    "tokens": state["tokens"],
-                    "lr": lr,
-                    "loss_full": sums["full"],
-                    "loss_smallest": sums["smallest"],
-                    "loss_random": sums["random"] if cfg.random_configs else "",
-                    "grad_norm": gnorm,
-                    "seconds": round(state["seconds"], 2),
-                }
-            )
-            fh.flush()
+            if world.is_main:
+                writer.writerow(
+                    {
+                        "step": step + 1,
+                        "tokens": state["tokens"],
+                        "lr": lr,
+                        "loss_full": sums["full"],
+                        "loss_smallest": sums["smallest"],
+                        "loss_random": sums["random"] if cfg.random_configs else "",
+                        "grad_norm": gnorm,
+                        "seconds": round(state["seconds"], 2),
+                    }
+                )
+                fh.flush()
             bar.update(1)
             bar.set_postfix(full=f"{sums['full']:.3f}", smallest=f"{sums['smallest']:.3f}")
             if state["step"] % cfg.checkpoint_every == 0 or state["step"] == cfg.steps:
-                save_checkpoint(ckpt, student, opt, state)
+                if world.is_main:
+                    save_checkpoint(ckpt, student, opt, state)
+                world.barrier()  # all processes leave a checkpoint step together, with the checkpoint on disk
         bar.close()
     student.model.eval()
     steps_now = state["step"] - start_step
-    if steps_now or not (trained / "config.json").is_file():  # unchanged weights keep their identity (weights_tag)
+    # unchanged weights keep their identity (weights_tag)
+    if world.is_main and (steps_now or not (trained / "config.json").is_file()):
         save_checkpoint(trained, student)
+    world.barrier()  # no process returns before the trained weights are there
     return {
         "run": str(run.root),
         "steps": state["step"],
         "tokens": state["tokens"],
+        "world_size": world.size,
         "resumed": resume,
         "seconds": round(state["seconds"], 1),
         "trained": str(trained),

@@ -14,6 +14,7 @@ import functools
 import inspect
 import io
 import json
+import os
 import sys
 import textwrap
 import tokenize
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flextron {ns.command}: interrupted; finished work is kept and the command resumes where it stopped",
               file=sys.stderr)
         return 130
-    print(json.dumps(summary, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's), not one per process
+        print(json.dumps(summary, default=str))
     return 0
 
 
