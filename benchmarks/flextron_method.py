@@ -66,6 +66,7 @@ def main():
     ap.add_argument("--teacher-data", default="", help="a `flextron synth` set to mix into training")
     ap.add_argument("--teacher-mix", type=float, default=0.0)
     ap.add_argument("--dynamic-steps", type=int, default=20)
+    ap.add_argument("--surrogate-samples", type=int, default=80)
     ap.add_argument("--fracs", type=float, nargs="+", default=[0.5, 0.6, 0.7, 0.8])
     ap.add_argument("--search-trials", type=int, default=12)
     ap.add_argument("--val-windows", type=int, default=64, help="validation windows (x --val-seq-len tokens)")
@@ -123,7 +124,7 @@ def main():
     t_search = time.perf_counter() - t0
     t0 = time.perf_counter()
     r = route(RouteConfig(run=str(out), regime=regime, weights="trained", device=args.device,
-                          dynamic_steps=args.dynamic_steps))
+                          dynamic_steps=args.dynamic_steps, surrogate_samples=args.surrogate_samples))
     t_route = time.perf_counter() - t0
     routers = Routers.load(out, regime, spec, weights="trained")
     predict = models.get(regime).predict_config

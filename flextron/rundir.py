@@ -27,6 +27,7 @@ STAGES = {
     "elastic": "flextron convert --model MODEL --out {run}",
     "train": "flextron train --run {run}",
     "trained": "flextron train --run {run}",
+    "data": "flextron synth --run {run}",
     "profile": "flextron profile --run {run} --regime REGIME",
     "latency_model": "flextron fit --run {run}",
     "router": "flextron route --run {run} --regime REGIME",

@@ -48,7 +48,7 @@ CONFIG_FILE = "train_config.json"
 # cosine schedule). `checkpoint_every` and `device` may change between runs (moving a run to
 # another machine is a resume).
 RESUME_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "random_configs", "lr", "weight_decay", "warmup",
-                 "distill_weight", "temperature", "seed", "corpus")
+                 "distill_weight", "temperature", "seed", "corpus", "teacher_data", "teacher_mix")
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class TrainConfig:
     device: str = "auto"  #: cpu, cuda, cuda:N, or auto (CUDA when present, and says so)
     seed: int = 0  #: seed of data order and sampled sub-networks
     corpus: str = ""  #: training text; empty: the corpus the run was converted with
+    #: a `flextron synth` set (its folder name under RUN/data/teacher/, e.g. seed0) mixed into the windows
+    teacher_data: str = ""
+    teacher_mix: float = 0.0  #: share of the training windows taken from --teacher-data (0 to 1); 0: real text only
     restart: bool = False  #: start again (removes RUN/train/ and RUN/trained/) instead of resuming
 
     def __post_init__(self):
@@ -78,6 +81,13 @@ class TrainConfig:
         check_finite("temperature", self.temperature, low=0, low_inclusive=False)
         check_finite("distill_weight", self.distill_weight, low=0, high=1)
         check_finite("seed", self.seed)
+        check_finite("teacher_mix", self.teacher_mix, low=0, high=1)
+        if self.teacher_mix and not self.teacher_data:
+            raise FlextronError("--teacher-mix takes its windows from --teacher-data: name a `flextron synth` set "
+                                "(e.g. seed0)")
+        if self.teacher_data and not self.teacher_mix:
+            raise FlextronError(f"--teacher-data {self.teacher_data} is unused at --teacher-mix 0; give the share "
+                                "of windows it should fill (e.g. --teacher-mix 0.5)")
         set_device_field(self)
 
 
@@ -278,6 +288,15 @@ def _train(cfg: TrainConfig, world, device: str) -> dict:
         no_sync = net.no_sync
     per_step = cfg.batch_size * cfg.grad_accum
     windows = token_windows(student.tokenizer, student.adapter, "train", cfg.seq_len, cfg.steps * per_step, cfg.corpus)
+    teacher_windows = 0
+    if cfg.teacher_mix:  # a share of the windows from the teacher's continuations, the rest real text
+        from flextron.teacher_data import mixed_windows
+        from flextron.teacher_data import teacher_windows as read_teacher
+
+        total = cfg.steps * per_step
+        teacher_windows = round(total * cfg.teacher_mix)
+        windows = mixed_windows(windows, read_teacher(run.root, cfg.teacher_data, teacher_windows, cfg.seq_len),
+                                total, cfg.seed)
     cuda = device.startswith("cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     metrics_path = out / METRICS
@@ -358,6 +377,7 @@ def _train(cfg: TrainConfig, world, device: str) -> dict:
         "steps": state["step"],
         "tokens": state["tokens"],
         "world_size": world.size,
+        "teacher_tokens": teacher_windows * cfg.seq_len,  # over the whole run (the windows it reads)
         "resumed": resume,
         "seconds": round(state["seconds"], 1),
         "trained": str(trained),

@@ -38,6 +38,8 @@ STAGES = {
     "verify": Stage("search.verify", "VerifyConfig", "verify", "measure chosen configs on the device; replace misses"),
     "report": Stage("reports.build", "ReportConfig", "build_report", "HTML + PNG + Markdown report of a run"),
     "train": Stage("flextron.train", "TrainConfig", "train", "elastic continued training (sandwich distillation)"),
+    "synth": Stage("flextron.teacher_data", "SynthConfig", "synth",
+                   "teacher-generated continuations of train-split prompts, as token shards to train on"),
     "route": Stage("search.route", "RouteConfig", "route",
                    "train the static and dynamic routers, or pick a config for --budget-ms"),
     "lookup": Stage("search.lookup", "LookupConfig", "lookup",
