@@ -2,11 +2,11 @@
 
 `flextron route` calibrates the dynamic router at a grid of budgets and then measures, per budget,
 the routed model against the static router's configs on the device, interleaved with the full model
-(`search/route.py`). `decide` keeps dynamic routing only where it met the budget and measured a lower
-loss than the best static config measured at or below its latency; otherwise the budget is served by
-the best static config measured within it. The calibration record holds both measurements and the
-verdict, and `Served` attaches that verdict to an `ElasticModel`, so `generate`, evaluation and
-timing all run what a deployment runs:
+(`search/route.py`). `decide` serves a budget with dynamic routing only where some calibrated dynamic
+point measured within the budget with a lower loss than every static config measured within it;
+otherwise with the best static config measured within it. The calibration record holds both
+measurements and the verdict, and `Served` attaches that verdict to an `ElasticModel`, so `generate`,
+evaluation and timing all run what a deployment runs:
 
     served = routers.serve(elastic, budget_ms=12.0)   # flextron.router_store.Routers
     with served:
@@ -20,42 +20,51 @@ from flextron.errors import FlextronError
 from flextron.spec import SubnetConfig
 
 
-def decide(budget_frac: float, dynamic: dict, statics: list[dict]) -> dict:
+def decide(budget_frac: float, dynamics: list[dict], statics: list[dict]) -> dict:
     """Dynamic or static at one budget (a fraction of the full model's latency), from measurements
-    taken side by side: `dynamic` and each of `statics` hold `loss` (nats, on calibration text) and
-    `ratio` (measured latency over the full model's in the same rounds); statics hold `config` too.
+    taken side by side: each of `dynamics` (the calibrated dynamic points, `point` holding its router
+    input, shift, heads and fixed layers) and of `statics` (with `config`) holds `loss` (nats, on
+    calibration text) and `ratio` (measured latency over the full model's in the same rounds).
 
-    Dynamic is kept when its measured ratio is within the budget and its loss is below that of every
-    static config measured at or below its ratio (none measured that fast: nothing to compare, it is
-    kept). Otherwise the budget is served by the static config of lowest loss measured within the
-    budget, or, when none is, by the fastest static config. Returns the verdict (`serve`, `reason`),
-    the static config served or compared against (`static`), and the dynamic measurement."""
+    Only what measured within the budget counts, whatever it was calibrated for: dynamic routing
+    calibrated for a lower budget may be the one that fits, as routing costs time the latency table
+    does not see (a dynamic point must also be expected within it by the latency table). Dynamic is
+    served when the best dynamic point within the budget has a lower loss than every static config
+    within it (so than every static config at or below its own latency too). Otherwise the best static config within the budget is served, or, when none measured
+    within it, the fastest static config. Returns the verdict (`serve`, `reason`) with the best
+    dynamic point and the best static config within the budget (each None when none fits)."""
     if not statics:
         raise FlextronError("deciding between dynamic and static routing needs measured static configs")
-    as_fast = [s for s in statics if s["ratio"] <= dynamic["ratio"]]
-    rival = min(as_fast, key=lambda s: s["loss"], default=None)
+    # a dynamic point fits where it measured within the budget and the latency table expects it to
+    # (a single noisy measurement never lets a wide routing serve a tight budget)
+    fits = [d for d in dynamics if d["ratio"] is not None and d["ratio"] <= budget_frac
+            and d["point"].get("expected_frac", 0.0) <= budget_frac + 1e-6]
+    dyn = min(fits, key=lambda d: d["loss"], default=None)
     within = [s for s in statics if s["ratio"] <= budget_frac]
-    fallback = (min(within, key=lambda s: s["loss"]) if within else min(statics, key=lambda s: s["ratio"]))
-    if dynamic["ratio"] > budget_frac:
-        verdict = ("static", f"dynamic measured {dynamic['ratio']:.3f}x of full, over the budget {budget_frac:.3f}x")
-    elif rival is not None and rival["loss"] <= dynamic["loss"]:
-        verdict = ("static", f"a static config measured at {rival['ratio']:.3f}x (at or below dynamic's "
-                             f"{dynamic['ratio']:.3f}x) has loss {rival['loss']:.4f} <= dynamic's "
-                             f"{dynamic['loss']:.4f}")
-    elif rival is None:
-        verdict = ("dynamic", f"no static config measured as fast as dynamic's {dynamic['ratio']:.3f}x")
+    static = min(within, key=lambda s: s["loss"], default=None)
+    if dyn is not None and (static is None or dyn["loss"] < static["loss"]):
+        versus = (f"below {static['loss']:.4f} of the best static config within it ({static['ratio']:.3f}x)"
+                  if static else "no static config measured within the budget")
+        verdict = ("dynamic", f"dynamic routing calibrated at {dyn['point']['router_frac']:.3f} measured "
+                              f"{dyn['ratio']:.3f}x, within {budget_frac:.3f}x, with loss {dyn['loss']:.4f}, {versus}")
+    elif dyn is None:
+        verdict = ("static", f"no dynamic routing measured within {budget_frac:.3f}x of the full model")
     else:
-        verdict = ("dynamic", f"loss {dynamic['loss']:.4f} < {rival['loss']:.4f} of the best static config "
-                              f"measured at or below dynamic's {dynamic['ratio']:.3f}x")
-    static = fallback if verdict[0] == "static" else rival
-    return {"serve": verdict[0], "reason": verdict[1], "dynamic": dict(dynamic),
-            "static": dict(static) if static is not None else None}
+        verdict = ("static", f"the best static config within {budget_frac:.3f}x ({static['ratio']:.3f}x) has loss "
+                             f"{static['loss']:.4f} <= {dyn['loss']:.4f} of the best dynamic routing within it "
+                             f"({dyn['ratio']:.3f}x)")
+    if static is None and verdict[0] == "static":  # nothing fits: the fastest static config, said so
+        static = min(statics, key=lambda s: s["ratio"])
+        verdict = ("static", verdict[1] + f"; no static config measured within it either: the fastest "
+                                          f"({static['ratio']:.3f}x)")
+    return {"serve": verdict[0], "reason": verdict[1], "dynamic": None if dyn is None else dict(dyn),
+            "static": None if static is None else dict(static)}
 
 
 class Served:
-    """One calibrated budget point attached to an `ElasticModel`: dynamic routing (the router
-    installed at the point's budget input, logit shift and fixed layers, the heads static) or the
-    static config its calibration chose. `attach()` / `remove()`, or use it as a context manager;
+    """One calibrated budget point attached to an `ElasticModel`: dynamic routing (the router installed
+    at the budget input, logit shift and fixed layers of the dynamic point its verdict chose, the heads
+    static) or the static config its verdict chose. `attach()` / `remove()`, or use it as a context manager;
     the model's previous config comes back on removal."""
 
     def __init__(self, elastic, point: dict, router_state: dict | None = None):
@@ -67,7 +76,8 @@ class Served:
         if self.mode == "dynamic":
             if router_state is None:
                 raise FlextronError("serving the dynamic router needs its weights (dynamic_router.safetensors)")
-            self.config = SubnetConfig(elastic.spec.full().mlp_width, tuple(point["heads"]))
+            self.routed = point["selection"]["dynamic"]["point"]  # the calibrated point that fits this budget
+            self.config = SubnetConfig(elastic.spec.full().mlp_width, tuple(self.routed["heads"]))
             self._state = router_state
         else:
             self.config = SubnetConfig.from_dict(point["selection"]["static"]["config"])
@@ -87,7 +97,7 @@ class Served:
             self.routing = DynamicRouting(self.elastic)
             self.routing.load_state_dict(self._state)
             self.routing.install()
-            p = self.point
+            p = self.routed
             self.routing.set(float(p["router_frac"]), soft=False, shift=float(p["shift"]), fixed=p.get("fixed_layers"))
         self.elastic.set_config(self.config)
         return self
@@ -110,7 +120,8 @@ class Served:
     def describe(self) -> dict:
         """What is served and the measurements that chose it."""
         sel = self.point.get("selection", {})
+        routed = self.routed if self.mode == "dynamic" else {}
         return {"serve": self.mode, "router_frac": self.budget_frac, "config": self.config.to_dict(),
-                "shift": self.point.get("shift") if self.mode == "dynamic" else None,
-                "fixed_layers": len(self.point.get("fixed_layers") or {}) if self.mode == "dynamic" else None,
+                "routed_at": routed.get("router_frac"), "shift": routed.get("shift"),
+                "fixed_layers": len(routed.get("fixed_layers") or {}) if routed else None,
                 "reason": sel.get("reason")}

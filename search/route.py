@@ -60,6 +60,22 @@ def table_for(spec, regime: str | None, fitted) -> LatencyTable:
     return LatencyTable.from_model(model, spec, key, device)
 
 
+def searched_configs(run, regime_key: str, weights: str) -> list:
+    """The configs `flextron search` picked for this regime on these weights (none when it has not run,
+    or ran on weights `flextron train` has replaced since)."""
+    from flextron.rundir import read_json
+    from flextron.spec import SubnetConfig
+    from search.optuna_search import results_dir
+
+    path = results_dir(run.root, regime_key, weights) / "best.json"
+    if not path.is_file():
+        return []
+    best = read_json(path, run.root)
+    if best.get("weights_tag", weights) != run.weights_tag(weights):
+        return []
+    return [SubnetConfig.from_dict(b["config"]) for b in best.get("best", []) if isinstance(b.get("config"), dict)]
+
+
 def latency_table(run_root, regime: str | None, spec) -> LatencyTable:
     return table_for(spec, regime, fitted_model(run_root, regime))
 
@@ -233,7 +249,8 @@ def route(cfg: RouteConfig) -> dict:
     # latency measured side by side; dynamic is kept only where it measured better (see serving.decide)
     select_windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.seq_len, cfg.select_windows,
                                    cfg.corpus)
-    points, selection = select_serving(elastic, routing, points, list(grid_answers.values()), select_windows, table,
+    candidates = [*grid_answers.values(), *spec.uniform_configs(), *searched_configs(run, regime_key, wname)]
+    points, selection = select_serving(elastic, routing, points, candidates, select_windows, table,
                                        Regime.parse(regime_key), cfg.device, rounds=cfg.select_rounds,
                                        reps=cfg.select_reps, warmup=cfg.select_warmup, seed=cfg.seed,
                                        threads=cfg.threads, progress=progress)

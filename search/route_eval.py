@@ -52,7 +52,7 @@ def evaluate_routed(cfg: EvalConfig) -> dict:
     else:
         served = routers.serve(elastic, cfg.budget_ms)
     if served.mode == "dynamic":
-        expected_frac = float(served.point["expected_frac"])
+        expected_frac = float(served.routed["expected_frac"])
     else:
         expected_frac = float(expected_latency(table, *one_hot(spec, [served.config]))[0])
     corpus = run.corpus(cfg.corpus)

@@ -21,6 +21,9 @@ from flextron.evaluate import mean_loss
 from flextron.serving import decide
 from flextron.spec import Regime, SubnetConfig
 
+# what serving a dynamic point needs (and its expected latency), kept with each measurement
+POINT_FIELDS = ("router_frac", "heads", "shift", "fixed_layers", "expected_frac")
+
 
 def unroutable(regime: Regime) -> str | None:
     """Why per-token routing cannot be measured as `regime` deploys, or None."""
@@ -53,9 +56,11 @@ def dynamic_key(point: dict) -> str:
 def select_serving(elastic, routing, points: list[dict], static_cfgs: list[SubnetConfig], windows, table,
                    regime: Regime, device: str, *, rounds: int, reps: int, warmup: int, seed: int,
                    threads: int = 0, batch_size: int = 4, progress=None) -> tuple[list[dict], dict]:
-    """`points` (calibrated, see `calibrate_dynamic`) each with its verdict: `serve` and `selection`
-    (both measurements, the static config served or compared against, the reason); and a summary of
-    the measurement (rounds, reps, noise floor, tokens, every static config's measurement). `windows` are calibration
+    """`points` (calibrated, see `calibrate_dynamic`) each with its verdict at its budget: `serve` and
+    `selection` (the best dynamic point and the best static config measured within the budget, the
+    reason); and a summary of the measurement (rounds, reps, noise floor, tokens, every static config's
+    and every dynamic point's measurement). `static_cfgs` are the static candidates (the static
+    router's answers, uniform configs, search picks). `windows` are calibration
     windows: losses are computed on them (at torch's thread count as it is) and the timed inputs are
     their tokens (on a CPU at `threads` intra-op threads, 0 = one, restored after). Leaves the model
     without routing installed, in the regime's dtype."""
@@ -93,19 +98,22 @@ def select_serving(elastic, routing, points: list[dict], static_cfgs: list[Subne
     static_rows = [{"config": c.to_dict(), "loss": round(static_loss[k], 5),
                     "ratio": round(measured[session.key_of(k)]["ratio_to_full"], 4),
                     "measured_ms": round(measured[session.key_of(k)]["measured_ms"], 4)} for k, c in statics.items()]
-    out = []
+    dynamics = []
     for p in points:
         k = dynamic_key(p)
-        dyn = {"loss": round(dyn_loss[k], 5), "ratio": float("inf"), "measured_ms": None}
-        if why_not is None:
-            dyn.update(ratio=round(measured[k]["ratio_to_full"], 4), measured_ms=round(measured[k]["measured_ms"], 4))
-        verdict = decide(p["router_frac"], dyn, static_rows)
+        ratio = round(measured[k]["ratio_to_full"], 4) if why_not is None else None
+        dynamics.append({"loss": round(dyn_loss[k], 5), "ratio": ratio,
+                         "measured_ms": round(measured[k]["measured_ms"], 4) if why_not is None else None,
+                         "point": {f: p[f] for f in POINT_FIELDS}})
+    out = []
+    for p in points:
+        verdict = decide(p["router_frac"], dynamics, static_rows)
         if why_not is not None:
-            verdict["reason"], verdict["dynamic"]["ratio"] = why_not, None
+            verdict["reason"] = why_not
         out.append({**p, "serve": verdict["serve"], "selection": verdict})
     summary = {"regime": regime.key, "rounds": rounds, "reps": reps, "threads": threads,
                "quality_tokens": int(windows[:, 1:].numel()),
                "full_ms": round(measured[FULL]["measured_ms"], 4), "noise": noise,
                "dynamic_unmeasured": why_not, "served_dynamic": sum(p["serve"] == "dynamic" for p in out),
-               "statics": static_rows}
+               "statics": static_rows, "dynamics": dynamics}
     return out, summary

@@ -95,16 +95,22 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
                else c["expected_frac"] > c["router_frac"] - 1e-4 for c in calib)
     assert all(c["meets"] or c["shift"] == 32.0 for c in calib)
     # every point was measured against the static configs and says what it serves, with both measurements
-    for c in calib:
-        sel = c["selection"]
+    measured = meta["selection"]
+    statics, dynamics = measured["statics"], measured["dynamics"]
+    assert len(dynamics) == 9 and all(d["ratio"] > 0 and d["loss"] > 0 for d in dynamics)
+    assert len(statics) >= 2 and all(x["ratio"] > 0 for x in statics)
+    for c in calib:  # what measured best within each budget serves it
+        sel, t = c["selection"], c["router_frac"]
         assert c["serve"] == sel["serve"] in ("dynamic", "static")
-        assert sel["dynamic"]["ratio"] > 0 and sel["dynamic"]["loss"] > 0
-        if c["serve"] == "static":
-            assert sel["static"]["loss"] > 0 and sel["static"]["ratio"] > 0
+        within = [x["loss"] for x in statics if x["ratio"] <= t]
+        fits = [d["loss"] for d in dynamics if d["ratio"] <= t]
+        if c["serve"] == "dynamic":
+            assert sel["dynamic"]["ratio"] <= t and sel["dynamic"]["loss"] == min(fits)
+            assert not within or sel["dynamic"]["loss"] < min(within)
         else:
-            assert sel["dynamic"]["ratio"] <= c["router_frac"]
-            assert sel["static"] is None or sel["dynamic"]["loss"] < sel["static"]["loss"]
-    assert meta["selection"]["rounds"] == 2 and meta["selection"]["quality_tokens"] == 4 * 31
+            assert not fits or (within and min(within) <= min(fits))
+            assert not within or sel["static"]["loss"] == min(within)
+    assert measured["rounds"] == 2 and measured["quality_tokens"] == 4 * 31
     assert len(out["served"]) == 9
     routers = Routers.load(run, out["regime"], ElasticModel.load(run / "trained").spec, weights="trained")
     # routers trained on the trained weights never serve the one-shot ones

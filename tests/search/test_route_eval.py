@@ -41,7 +41,10 @@ def test_eval_serves_the_dynamic_routers_verdict_and_times_it(routed_run, capsys
     calib = sorted(meta["dynamic_calibration"], key=lambda c: c["router_frac"])
     # the tiny model's routed steps measure slower than static ones: make one verdict dynamic, so the
     # served form of both kinds is scored and timed
-    calib[len(calib) // 2]["serve"] = "dynamic"
+    mid = calib[len(calib) // 2]
+    mid["serve"] = "dynamic"
+    mid["selection"]["dynamic"] = {"loss": 1.0, "ratio": 0.5, "point": {f: mid[f] for f in (
+        "router_frac", "heads", "shift", "fixed_layers", "expected_frac")}}
     path.write_text(json.dumps({**meta, "dynamic_calibration": calib}))
     for point in (calib[-1], calib[len(calib) // 2]):
         budget_ms = point["router_frac"] * meta["table"]["full_ms"] * 1.0001  # just above the calibrated point
