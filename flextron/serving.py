@@ -31,8 +31,9 @@ def decide(budget_frac: float, dynamics: list[dict], statics: list[dict]) -> dic
     does not see (a dynamic point must also be expected within it by the latency table). Dynamic is
     served when the best dynamic point within the budget has a lower loss than every static config
     within it (so than every static config at or below its own latency too). Otherwise the best
-    static config within the budget is served, or, when none measured within it, the fastest one. Returns the verdict (`serve`, `reason`) with the best
-    dynamic point and the best static config within the budget (each None when none fits)."""
+    static config within the budget is served, or, when none measured within it, the fastest one.
+    Returns the verdict (`serve`, `reason`) with the best dynamic point and the best static config
+    within the budget (each None when none fits)."""
     if not statics:
         raise FlextronError("deciding between dynamic and static routing needs measured static configs")
     # a dynamic point fits where it measured within the budget and the latency table expects it to
