@@ -73,6 +73,7 @@ def main():
     ap.add_argument("--val-seq-len", type=int, default=256)
     ap.add_argument("--timing-rounds", type=int, default=5, help="interleaved rounds, the full model in each")
     ap.add_argument("--timing-reps", type=int, default=5)
+    ap.add_argument("--reuse-routers", action="store_true", help="keep the routers (and verdicts) already in OUT")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     t_start = time.perf_counter()  # scoring and training use torch's threads; timing pins one (route_select)
@@ -123,8 +124,14 @@ def main():
     best = json.loads((results_dir(out, regime, "trained") / "best.json").read_text())["best"]
     t_search = time.perf_counter() - t0
     t0 = time.perf_counter()
-    r = route(RouteConfig(run=str(out), regime=regime, weights="trained", device=args.device,
-                          dynamic_steps=args.dynamic_steps, surrogate_samples=args.surrogate_samples))
+    meta_path = regime_dir(out, regime, weights="trained") / "router.json"
+    if args.reuse_routers and meta_path.is_file() and "selection" in json.loads(meta_path.read_text()):
+        meta = json.loads(meta_path.read_text())  # routers this script trained before, with their verdicts
+        r = {"table_source": meta["table"]["source"],
+             "surrogate_heldout_rel_err": meta["surrogate"]["heldout_mean_rel_err"]}
+    else:
+        r = route(RouteConfig(run=str(out), regime=regime, weights="trained", device=args.device,
+                              dynamic_steps=args.dynamic_steps, surrogate_samples=args.surrogate_samples))
     t_route = time.perf_counter() - t0
     routers = Routers.load(out, regime, spec, weights="trained")
     predict = models.get(regime).predict_config
@@ -137,7 +144,9 @@ def main():
                    if abs(b["budget_frac"] - f) < 1e-6}
     router_cfgs = {f: routers.config_for(f * reference_ms, predict) for f in args.fracs}
     grid_cfgs = [SubnetConfig.from_dict(a["config"]) for a in routers.meta["static_answers"]]
-    statics = list({c.key: c for c in [*grid_cfgs, *search_cfgs.values(), *router_cfgs.values(),
+    served_cfgs = [SubnetConfig.from_dict(p["selection"]["static"]["config"]) for p in points
+                   if p["selection"].get("static")]  # what the route stage serves, compared with the rest
+    statics = list({c.key: c for c in [*grid_cfgs, *search_cfgs.values(), *router_cfgs.values(), *served_cfgs,
                                         *(x["config"] for x in front1)]}.values())
     routing = DynamicRouting(trained)
     routing.load_state_dict(load_tensors(regime_dir(out, regime, weights="trained") / "dynamic_router.safetensors"))
