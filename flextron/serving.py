@@ -2,11 +2,12 @@
 
 `flextron route` calibrates the dynamic router at a grid of budgets and then measures every calibrated
 point and every static candidate (the static router's answers, the uniform configs, the search's
-picks) on the device, interleaved with the full model (`search/route_select.py`). `decide` serves a budget with dynamic routing only where some calibrated dynamic
-point measured within the budget with a lower loss than every static config measured within it;
-otherwise with the best static config measured within it. The calibration record holds both
-measurements and the verdict, and `Served` attaches that verdict to an `ElasticModel`, so `generate`,
-evaluation and timing all run what a deployment runs:
+picks) on the device, interleaved with the full model (`search/route_select.py`). `decide` serves a
+budget with dynamic routing only where some calibrated dynamic point measured within the budget with
+a lower loss than every static config measured within it; otherwise with the best static config
+measured within it. The calibration record holds both measurements and the verdict, and `Served`
+attaches that verdict to an `ElasticModel`, so `generate`, evaluation and timing all run what a
+deployment runs:
 
     served = routers.serve(elastic, budget_ms=12.0)   # flextron.router_store.Routers
     with served:

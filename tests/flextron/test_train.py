@@ -23,14 +23,6 @@ KW = dict(batch_size=2, seq_len=32, lr=1e-3, warmup=1)
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _rows(run: Path) -> list[dict]:

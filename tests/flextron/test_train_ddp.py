@@ -44,14 +44,6 @@ STOP_AFTER_STEP_4 = """
 """
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _torchrun(target: list[str], run: Path) -> subprocess.CompletedProcess:
