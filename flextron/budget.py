@@ -62,10 +62,12 @@ class Budget:
         ref = float(reference_full_ms)
         if not math.isfinite(ref) or ref <= 0:
             raise FlextronError(f"the full model's reference latency must be positive, got {ref}")
+        # Not rounded: a rounded fraction of a tiny budget is 0 (refused as "not positive" instead of
+        # naming the feasible range), and a rounded ms is not the ms that was asked for.
         if self.budget_frac is not None and self.budget_ms is None:
-            return Budget(self.regime, round(self.budget_frac * ref, 6), self.budget_frac, self.quantile, ref)
+            return Budget(self.regime, self.budget_frac * ref, self.budget_frac, self.quantile, ref)
         if self.budget_ms is not None and self.budget_frac is None:
-            return Budget(self.regime, self.budget_ms, round(self.budget_ms / ref, 6), self.quantile, ref)
+            return Budget(self.regime, self.budget_ms, self.budget_ms / ref, self.quantile, ref)
         return Budget(self.regime, self.budget_ms, self.budget_frac, self.quantile, ref)
 
     def to_dict(self) -> dict:

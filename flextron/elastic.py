@@ -203,6 +203,14 @@ class ElasticModel:
                     setattr(holder, name, lin)
                 found[part] = lin
             self._linears.append(found)
+        # Depth: the decoder's own layer list, kept whole here; a config that skips layers runs a
+        # shorter list in its place (see `_set_depth`).
+        path, _, name = self.adapter.layers_path.rpartition(".")
+        self._layers_holder = self.model.get_submodule(path) if path else self.model
+        self._layers_name = name
+        self._all_layers = self.adapter.layers(model)
+        self._layer_types = list(getattr(model.config, "layer_types", None) or [])
+        self._skip: tuple[int, ...] = ()
         self.config = spec.full()
 
     @property
@@ -216,7 +224,29 @@ class ElasticModel:
             lin["gate"].active_out = lin["up"].active_out = lin["down"].active_in = w
             lin["q"].active_out = lin["o"].active_in = h * d
             lin["k"].active_out = lin["v"].active_out = (h // r) * d
+        self._set_depth(cfg.skip)
         self.config = cfg
+
+    def _set_depth(self, skip: tuple[int, ...]) -> None:
+        """Run only the layers not in `skip`: the decoder's layer list is swapped for the active
+        layers, renumbered 0..K-1 for the KV cache, exactly as in a model built with K layers (a cache
+        indexed by the original numbers would leave layer 0's slot empty when layer 0 is skipped, and
+        transformers reads the sequence length from slot 0). Per-layer attention types (Gemma 3's
+        sliding/full pattern) move with their layers. No weights are copied."""
+        if skip == self._skip:
+            return
+        active = [l for l in range(len(self._all_layers)) if l not in set(skip)]
+        layers = self._all_layers if not skip else nn.ModuleList([self._all_layers[l] for l in active])
+        setattr(self._layers_holder, self._layers_name, layers)
+        for j, l in enumerate(range(len(self._all_layers)) if not skip else active):
+            layer = self._all_layers[l]
+            for mod in (layer, self.adapter.attn_of(layer)):
+                if hasattr(mod, "layer_idx"):
+                    mod.layer_idx = j
+        if self._layer_types:
+            types = [self._layer_types[l] for l in active] + self._layer_types[len(active):]
+            self.model.config.layer_types = types
+        self._skip = tuple(skip)
 
     @contextlib.contextmanager
     def use(self, cfg: SubnetConfig):
@@ -238,7 +268,8 @@ class ElasticModel:
     def save(self, folder: str | Path) -> None:
         """Write the folder `load` reads: config, safetensors weights, tokenizer and spec."""
         folder = Path(folder)
-        self.model.save_pretrained(folder, safe_serialization=True)
+        with self.use(self.spec.full()):  # every layer in the state dict, under its own number
+            self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         self.spec.save(folder / SPEC_FILE)
 

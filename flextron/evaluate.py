@@ -22,7 +22,7 @@ ROUTERS = ("none", "static", "dynamic")
 @dataclass(frozen=True)
 class EvalConfig:
     run: str  #: the run directory (made by `flextron convert`)
-    config: str = "full"  #: the sub-network: full | smallest | uniform:F (F of every width) | a JSON file or string
+    config: str = "full"  #: the sub-network: full | smallest | uniform:F (F of every width) | skip:L1,L2 (layers skipped) | depth:K (the K cheapest layers skipped) | a JSON file or string
     split: str = "validation"  #: the corpus split to score (validation never overlaps training or calibration)
     seq_len: int = 256  #: tokens per window
     windows: int = 32  #: windows scored; 32 x 256 = 8192 tokens is a fast CPU default
@@ -65,10 +65,33 @@ class EvalConfig:
         set_device_field(self)
 
 
-def parse_config(spec: ElasticSpec, text: str) -> SubnetConfig:
+def parse_config(spec: ElasticSpec, text: str, layer_ranking: list[int] | None = None) -> SubnetConfig:
     """`full`, `smallest`, `uniform:F` (MLP fraction), `uniform:F:H` (MLP and heads fractions),
+    `skip:L1,L2,...` (the full model without those layers), `depth:K` (without the K layers whose
+    removal costs the least loss: `layer_ranking`, cheapest first, from the run's quality table),
     a JSON object, or a path to a JSON file holding one."""
     text = text.strip()
+    if text.startswith("skip:"):
+        try:
+            layers = [int(p) for p in text[5:].split(",") if p.strip()]
+        except ValueError:
+            raise FlextronError(f"cannot read {text!r}; write skip:LAYER,LAYER,... (e.g. skip:3,7,12)") from None
+        if not layers:
+            raise FlextronError(f"{text!r} names no layer; write skip:LAYER,LAYER,... (e.g. skip:3,7,12)")
+        return spec.validate(spec.depth(layers))
+    if text.startswith("depth:"):
+        try:
+            k = int(text[6:])
+        except ValueError:
+            raise FlextronError(f"cannot read {text!r}; write depth:K, K layers to skip (e.g. depth:6)") from None
+        if not 0 <= k < spec.num_layers:
+            raise FlextronError(f"{text!r}: skip between 0 and {spec.num_layers - 1} of the {spec.num_layers} layers")
+        if layer_ranking is None:
+            raise FlextronError(
+                f"{text!r} skips the layers whose removal costs the least, which needs the run's quality table: "
+                "run `flextron quality --run RUN` first, or name the layers with skip:L1,L2,..."
+            )
+        return spec.validate(spec.depth(layer_ranking[:k]))
     if text == "full":
         return spec.full()
     if text == "smallest":
@@ -87,7 +110,8 @@ def parse_config(spec: ElasticSpec, text: str) -> SubnetConfig:
     path = Path(text)
     if not path.is_file():
         raise FlextronError(
-            f"config {text!r} is not full, smallest, uniform:FRACTION, a JSON object, or an existing JSON file"
+            f"config {text!r} is not full, smallest, uniform:FRACTION, skip:LAYERS, depth:K, a JSON object, or an "
+            "existing JSON file"
         )
     try:
         obj = json.loads(path.read_bytes().decode("utf-8"))

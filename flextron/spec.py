@@ -73,10 +73,14 @@ def _int_tuple(name: str, values) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class SubnetConfig:
-    """One choice per layer: the MLP width and the attention head count of each decoder layer."""
+    """One choice per layer: the MLP width and the attention head count of each decoder layer, and
+    the layers skipped whole (`skip`: sorted layer indices; attention and MLP of a skipped layer do
+    not run, its input passes on through the residual path). A skipped layer's width entries are
+    kept but mean nothing: `key` and `spec.canonical` write them as the full width."""
 
     mlp_width: tuple[int, ...]
     heads: tuple[int, ...]
+    skip: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_width", _int_tuple("mlp_width", self.mlp_width))
@@ -86,13 +90,46 @@ class SubnetConfig:
                 f"SubnetConfig has {len(self.mlp_width)} mlp_width entries but {len(self.heads)} "
                 "heads entries; give one of each per layer"
             )
+        if isinstance(self.skip, (str, bytes)) or not hasattr(self.skip, "__iter__"):
+            raise FlextronError(f"SubnetConfig skip must be a list of layer indices, got {str(self.skip)[:100]!r}")
+        skip = []
+        for v in self.skip:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v).is_integer():
+                raise FlextronError(f"SubnetConfig skip must hold layer indices (whole numbers), got {v!r}")
+            if not 0 <= v < len(self.mlp_width):
+                raise FlextronError(
+                    f"SubnetConfig skips layer {v!r}, which does not exist; layers are 0..{len(self.mlp_width) - 1}"
+                )
+            skip.append(int(v))
+        if len(set(skip)) < len(skip):
+            raise FlextronError(f"SubnetConfig skip names a layer twice: {skip}")
+        if skip and len(skip) >= len(self.mlp_width):
+            raise FlextronError(
+                f"SubnetConfig skips all {len(self.mlp_width)} layers; keep at least one (the model would be "
+                "its embeddings and LM head only)"
+            )
+        object.__setattr__(self, "skip", tuple(sorted(skip)))
 
     @property
     def num_layers(self) -> int:
         return len(self.mlp_width)
 
+    @property
+    def active_layers(self) -> tuple[int, ...]:
+        """Indices of the layers that run, in order."""
+        skipped = set(self.skip)
+        return tuple(l for l in range(self.num_layers) if l not in skipped)
+
+    def is_uniform(self) -> bool:
+        """The same MLP width and head count in every layer that runs (skipped layers aside)."""
+        act = self.active_layers
+        return len({self.mlp_width[l] for l in act}) == 1 and len({self.heads[l] for l in act}) == 1
+
     def to_dict(self) -> dict:
-        return {"mlp_width": list(self.mlp_width), "heads": list(self.heads)}
+        d = {"mlp_width": list(self.mlp_width), "heads": list(self.heads)}
+        if self.skip:  # only when used: configs without depth keep the JSON (and keys) they always had
+            d["skip"] = list(self.skip)
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -102,9 +139,13 @@ class SubnetConfig:
         if not isinstance(d, dict) or "mlp_width" not in d or "heads" not in d:
             raise FlextronError(
                 'a SubnetConfig is a JSON object {"mlp_width": [...], "heads": [...]} '
-                f"with one entry per layer; got {str(d)[:200]}"
+                '(optionally "skip": [layer indices]) with one width and head count per layer; got '
+                f"{str(d)[:200]}"
             )
-        return cls(d["mlp_width"], d["heads"])
+        extra = set(d) - {"mlp_width", "heads", "skip"}
+        if extra:
+            raise FlextronError(f"a SubnetConfig has mlp_width, heads and skip; unknown field(s) {sorted(extra)}")
+        return cls(d["mlp_width"], d["heads"], d.get("skip", ()))
 
     @classmethod
     def from_json(cls, text: str) -> "SubnetConfig":
@@ -115,8 +156,15 @@ class SubnetConfig:
 
     @property
     def key(self) -> str:
-        """A short stable string for tables and caches."""
-        return "m" + ".".join(map(str, self.mlp_width)) + "-h" + ".".join(map(str, self.heads))
+        """A short stable string for tables and caches; a skipped layer shows width and heads 0."""
+        skipped = set(self.skip)
+        w = [0 if l in skipped else x for l, x in enumerate(self.mlp_width)]
+        h = [0 if l in skipped else x for l, x in enumerate(self.heads)]
+        return "m" + ".".join(map(str, w)) + "-h" + ".".join(map(str, h))
+
+    def _layer_choices(self):
+        """(mlp_width, heads) of every layer that runs."""
+        return [(self.mlp_width[l], self.heads[l]) for l in self.active_layers]
 
     # ---- analytic costs (per forward pass; shapes come from the spec) -------------------------
     def param_count(self, spec: "ElasticSpec") -> int:
@@ -124,7 +172,7 @@ class SubnetConfig:
         d, hd = spec.hidden_size, spec.head_dim
         n = spec.vocab_size * d * (1 if spec.tie_word_embeddings else 2) + d
         q_per_kv = spec.num_heads // spec.num_kv_heads
-        for w, h in zip(self.mlp_width, self.heads):
+        for w, h in self._layer_choices():
             kv = h // q_per_kv
             n += d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * w + 2 * d
             if spec.attention_bias:
@@ -135,19 +183,19 @@ class SubnetConfig:
         """Parameters that take part in matmuls for every token (embeddings are a gather)."""
         return self.param_count(spec) - spec.vocab_size * spec.hidden_size * (
             0 if spec.tie_word_embeddings else 1
-        ) - spec.hidden_size * (1 + 2 * self.num_layers)
+        ) - spec.hidden_size * (1 + 2 * len(self.active_layers))
 
     def kv_bytes_per_token(self, spec: "ElasticSpec", dtype: str = "bfloat16") -> int:
         """KV-cache bytes one token occupies across all layers."""
         q_per_kv = spec.num_heads // spec.num_kv_heads
-        return int(sum(2 * (h // q_per_kv) * spec.head_dim * DTYPE_BYTES[dtype] for h in self.heads))
+        return int(sum(2 * (h // q_per_kv) * spec.head_dim * DTYPE_BYTES[dtype] for _, h in self._layer_choices()))
 
     def flops(self, spec: "ElasticSpec", regime: "Regime") -> float:
         """Forward FLOPs for the whole batch in this regime (2 per multiply-add)."""
         tokens = regime.batch * regime.new_tokens
         attn_ctx = regime.seq_len if regime.phase == "decode" else (regime.seq_len + 1) / 2
         f = 2.0 * self.matmul_params(spec) * tokens
-        for h in self.heads:
+        for _, h in self._layer_choices():
             f += 2 * 2 * h * spec.head_dim * attn_ctx * tokens  # QK^T and PV
         return f
 
@@ -294,6 +342,21 @@ class ElasticSpec:
             tuple(nearest(ws, mlp_fraction * self.intermediate_size) for ws in self.mlp_widths),
             tuple(nearest(hs, hf * self.num_heads) for hs in self.head_counts),
         )
+
+    def canonical(self, cfg: SubnetConfig) -> SubnetConfig:
+        """`cfg` with every skipped layer's entries at the full width and head count: configs that
+        run the same network compare (and serialise) equal."""
+        if not cfg.skip:
+            return cfg
+        full = self.full()
+        sk = set(cfg.skip)
+        return SubnetConfig(tuple(full.mlp_width[l] if l in sk else w for l, w in enumerate(cfg.mlp_width)),
+                            tuple(full.heads[l] if l in sk else h for l, h in enumerate(cfg.heads)), cfg.skip)
+
+    def depth(self, skip, base: SubnetConfig | None = None) -> SubnetConfig:
+        """`base` (the full model when None) with the layers in `skip` skipped."""
+        base = base or self.full()
+        return self.canonical(SubnetConfig(base.mlp_width, base.heads, tuple(skip)))
 
     def validate(self, cfg: SubnetConfig) -> SubnetConfig:
         """Raise a FlextronError naming the first bad layer and its allowed values."""

@@ -94,3 +94,78 @@ def test_a_config_runs_the_dense_model_sliced_to_it_without_copying_weights(tiny
         full = elastic(input_ids=ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, full, atol=1e-3)  # the config changes the answer: the test sees slicing
+
+
+def _deleted_by_hand(model, skip, cfg):
+    """`model` (plain transformers, sliced to the uniform `cfg`) rebuilt with fewer layers: the kept
+    layers' weights copied into a fresh model whose config has `num_hidden_layers` (and
+    `layer_types`) of the kept layers only."""
+    import copy
+
+    import transformers
+
+    from flextron.models import adapter_for
+
+    keep = [l for l in range(model.config.num_hidden_layers) if l not in set(skip)]
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(keep)
+    config.intermediate_size = cfg.mlp_width[keep[0]]
+    config.num_key_value_heads = cfg.heads[keep[0]] * config.num_key_value_heads // config.num_attention_heads
+    config.num_attention_heads = cfg.heads[keep[0]]
+    if getattr(config, "layer_types", None):
+        config.layer_types = [model.config.layer_types[l] for l in keep]
+    small = transformers.AutoModelForCausalLM.from_config(config).to(torch.float64).eval()
+    adapter = adapter_for(model.config)
+    sd = {}
+    for k, v in model.state_dict().items():
+        parts = k.split(".")
+        if adapter.layers_path + "." in k:
+            i = len(adapter.layers_path.split("."))
+            l = int(parts[i])
+            if l not in keep:
+                continue
+            parts[i] = str(keep.index(l))
+        sd[".".join(parts)] = v
+    missing, unexpected = small.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in k or "lm_head" in k for k in missing), (missing, unexpected)
+    return small
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma3", "tiny-qwen3"])
+@pytest.mark.parametrize("skip", [(0,), (1,), (0, 2)])
+def test_skipped_layers_give_the_model_with_those_layers_deleted(family, skip, tmp_path):
+    convert(ConvertConfig(model=family, out=str(tmp_path / "r"), calib_windows=2, calib_seq_len=64))
+    elastic = ElasticModel.load(tmp_path / "r" / "elastic").to(dtype=torch.float64)
+    spec = elastic.spec
+    cfg = spec.depth(skip, spec.uniform(0.5, 0.5))
+    reference = _deleted_by_hand(_dense_sliced(ElasticModel.load(tmp_path / "r" / "elastic").model, spec, cfg),
+                                 skip, cfg).to(torch.float64)
+    if reference.config.tie_word_embeddings:
+        reference.tie_weights()
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad(), elastic.use(cfg):
+        got = elastic(input_ids=ids).logits
+        # decode on a KV cache: the cache's layer 0 is the first layer that runs, as in the small model
+        out = elastic(input_ids=ids[:, :20], use_cache=True)
+        step = elastic(input_ids=ids[:, 20:21], cache=out.cache, use_cache=True).logits
+        gen = elastic.model.generate(input_ids=ids[:1, :8], max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+        want_gen = reference.generate(input_ids=ids[:1, :8], max_new_tokens=6, do_sample=False)
+    assert (got - want).abs().max().item() <= 1e-9
+    assert (step[:, -1] - want[:, 20]).abs().max().item() <= 1e-9
+    assert gen.tolist() == want_gen.tolist()
+    # and back to the full model: every layer runs again under its own cache slot
+    with torch.no_grad():
+        full = elastic(input_ids=ids).logits
+        original = ElasticModel.load(tmp_path / "r" / "elastic").to(dtype=torch.float64)(input_ids=ids).logits
+    assert (full - original).abs().max().item() <= 1e-9
+
+
+def test_a_saved_model_keeps_every_layer_while_a_depth_config_is_set(tiny_run, tmp_path):
+    elastic = ElasticModel.load(tiny_run / "elastic")
+    elastic.set_config(elastic.spec.depth([1]))
+    elastic.save(tmp_path / "saved")
+    again = ElasticModel.load(tmp_path / "saved")
+    assert len(again.adapter.layers(again.model)) == elastic.spec.num_layers
+    assert elastic.config.skip == (1,)  # the config in use is restored after saving
