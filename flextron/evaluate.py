@@ -22,7 +22,9 @@ ROUTERS = ("none", "static", "dynamic")
 @dataclass(frozen=True)
 class EvalConfig:
     run: str  #: the run directory (made by `flextron convert`)
-    config: str = "full"  #: the sub-network: full | smallest | uniform:F (F of every width) | skip:L1,L2 (layers skipped) | depth:K (the K cheapest layers skipped) | a JSON file or string
+    #: the sub-network: full | smallest | uniform:F (F of every width) | skip:L1,L2 (those layers skipped) |
+    #: depth:K (the K layers whose removal costs least skipped) | a JSON file or string
+    config: str = "full"
     split: str = "validation"  #: the corpus split to score (validation never overlaps training or calibration)
     seq_len: int = 256  #: tokens per window
     windows: int = 32  #: windows scored; 32 x 256 = 8192 tokens is a fast CPU default
