@@ -322,10 +322,19 @@ class ElasticSpec:
         return [SubnetConfig((w,) * self.num_layers, (h,) * self.num_layers)
                 for w in self.mlp_widths[0] for h in self.head_counts[0]]
 
-    def random_config(self, rng) -> SubnetConfig:
-        """One choice per layer drawn uniformly with `rng` (a random.Random)."""
-        return SubnetConfig(tuple(rng.choice(ws) for ws in self.mlp_widths),
-                            tuple(rng.choice(hs) for hs in self.head_counts))
+    def random_config(self, rng, max_skip: int = 0) -> SubnetConfig:
+        """One choice per layer drawn uniformly with `rng` (a random.Random); with `max_skip` > 0,
+        then a count of skipped layers uniform in 0..max_skip and that many layers drawn uniformly
+        (canonical: skipped layers at the full width). The width draws come first and are the only
+        draws at max_skip 0, so that sequence is the same as ever (profiles and tests replay it)."""
+        if isinstance(max_skip, bool) or not isinstance(max_skip, int) or not 0 <= max_skip < self.num_layers:
+            raise FlextronError(f"max_skip must be a whole number of layers in 0..{self.num_layers - 1} (at least "
+                                f"one of the {self.num_layers} layers runs), got {max_skip!r}")
+        cfg = SubnetConfig(tuple(rng.choice(ws) for ws in self.mlp_widths),
+                           tuple(rng.choice(hs) for hs in self.head_counts))
+        if not max_skip:
+            return cfg
+        return self.depth(rng.sample(range(self.num_layers), rng.randint(0, max_skip)), base=cfg)
 
     def uniform(self, mlp_fraction: float, heads_fraction: float | None = None) -> SubnetConfig:
         """The allowed choice nearest to `fraction` of the full size, in every layer."""

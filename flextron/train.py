@@ -1,9 +1,10 @@
 """`flextron train`: elastic continued training ("sandwich" distillation).
 
 Each optimiser step trains the full model, the smallest sub-network and a few sampled
-heterogeneous ones on the same batch of train-split tokens. The loss of every sub-network is a
-mix of distillation from the frozen original model's logits (KL at temperature T) and the plain
-LM loss. One set of weights comes out that serves every width: `RUN/trained/`, in the same format
+heterogeneous ones on the same batch of train-split tokens; the sampled ones also skip up to
+`--max-skip-frac` of the layers (depth), so that skipping layers is trained too. The loss of every
+sub-network is a mix of distillation from the frozen original model's logits (KL at temperature T)
+and the plain LM loss. One set of weights comes out that serves every width: `RUN/trained/`, in the same format
 as `RUN/elastic/`, which later stages use by default (`--weights auto`).
 
 Checkpoints (`RUN/train/ckpt/`: model, AdamW state and the step, all safetensors/JSON) are built
@@ -18,7 +19,9 @@ Launched by `torchrun --nproc-per-node N -m flextron -- train ...`, training is 
 (`flextron.distributed`, DistributedDataParallel): `--batch-size` stays the global micro-batch and
 each process trains its contiguous share of the windows one process would take, so a step updates
 the weights as one process would (up to float summation order), and a run may resume under another
-process count. Rank 0 alone writes files; the logged losses are means over all processes.
+process count. Rank 0 alone writes files; the logged losses are means over all processes. A
+sub-network that skips layers gives their weights no gradient, so DDP then looks for unused
+parameters in each step's synchronising backward.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ CONFIG_FILE = "train_config.json"
 # Flags a resumed run must repeat: each changes the weights it ends with (`--steps` through the
 # cosine schedule). `checkpoint_every` and `device` may change between runs (moving a run to
 # another machine is a resume).
-RESUME_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "random_configs", "lr", "weight_decay", "warmup",
-                 "distill_weight", "temperature", "seed", "corpus", "teacher_data", "teacher_mix")
+RESUME_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "random_configs", "max_skip_frac", "lr",
+                 "weight_decay", "warmup", "distill_weight", "temperature", "seed", "corpus", "teacher_data",
+                 "teacher_mix")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class TrainConfig:
     seq_len: int = 128  #: tokens per window
     grad_accum: int = 1  #: micro-batches per optimiser step
     random_configs: int = 2  #: sampled heterogeneous sub-networks per step, besides the full and the smallest
+    #: largest share of the layers a sampled sub-network skips (each skips 0 up to this many, rounded down, drawn
+    #: uniformly; Minitron prunes up to half the depth); 0: widths only
+    max_skip_frac: float = 0.4
     lr: float = 5e-5  #: AdamW peak learning rate (linear warm-up, then cosine decay)
     weight_decay: float = 0.0  #: AdamW weight decay
     warmup: int = 4  #: warm-up steps
@@ -82,6 +89,9 @@ class TrainConfig:
         check_finite("distill_weight", self.distill_weight, low=0, high=1)
         check_finite("seed", self.seed)
         check_finite("teacher_mix", self.teacher_mix, low=0, high=1)
+        check_finite("max_skip_frac", self.max_skip_frac, low=0, high=1)
+        if self.max_skip_frac == 1:
+            raise FlextronError("--max-skip-frac must be below 1: a sampled sub-network keeps at least one layer")
         if self.teacher_mix and not self.teacher_data:
             raise FlextronError("--teacher-mix takes its windows from --teacher-data: name a `flextron synth` set "
                                 "(e.g. seed0)")
@@ -91,9 +101,25 @@ class TrainConfig:
         set_device_field(self)
 
 
-def sandwich_configs(spec, rng: random.Random, n_random: int) -> list[tuple[str, SubnetConfig]]:
-    return [("full", spec.full()), ("smallest", spec.smallest())] + [("random", spec.random_config(rng))
-                                                                     for _ in range(n_random)]
+def max_skip_layers(max_skip_frac: float, num_layers: int) -> int:
+    """The most layers a sampled sub-network of `num_layers` skips: the share rounded down, so never
+    more than it (the epsilon keeps 0.29 x 100 at 29), and never all of them."""
+    return min(math.floor(max_skip_frac * num_layers + 1e-9), num_layers - 1)
+
+
+def step_rng(seed: int, step: int) -> random.Random:
+    """The RNG of one step's sampled sub-networks: a resumed run samples the same configs."""
+    return random.Random(seed * 1_000_003 + step)
+
+
+def sandwich_configs(spec, rng: random.Random, n_random: int, max_skip: int = 0) -> list[tuple[str, SubnetConfig]]:
+    """The sub-networks of one step: the full one, the smallest widths, and `n_random` drawn with `rng`
+    (each skipping 0..`max_skip` layers). The smallest keeps every layer: skip sets are not nested (a
+    run without layer 3 does not contain one without layer 5), so no one depth bounds the others as the
+    smallest widths do, and skipping layers too would train a network far below any deployed one."""
+    return [("full", spec.full()), ("smallest", spec.smallest())] + [
+        ("random", spec.random_config(rng, max_skip)) for _ in range(n_random)
+    ]
 
 
 def distill_loss(student_logits, teacher_logits, labels, distill_weight: float, temperature: float):
@@ -254,9 +280,16 @@ def _train(cfg: TrainConfig, world, device: str) -> dict:
                 f"cannot be checked; start again with `flextron train --run {run.root} --restart`"
             )
         try:
-            read_json(out / CONFIG_FILE)
+            saved = read_json(out / CONFIG_FILE)
         except FlextronError as e:
             raise _unresumable(e, out / CONFIG_FILE, run.root) from None
+        if isinstance(saved, dict) and "max_skip_frac" not in saved and cfg.max_skip_frac:
+            # saved before depth sampling existed, so trained at 0; `check_resume` skips fields it lacks
+            raise FlextronError(
+                f"training in {out} was started before depth sampling (its {CONFIG_FILE} has no max_skip_frac), "
+                f"that is with --max-skip-frac 0, now {cfg.max_skip_frac}; resuming would mix the two. Pass "
+                "--max-skip-frac 0 to resume, or --restart to start again (its results are removed)"
+            )
         check_resume(out / CONFIG_FILE, cfg, RESUME_FIELDS, what=f"training in {out}")
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -278,12 +311,18 @@ def _train(cfg: TrainConfig, world, device: str) -> dict:
             load_optimizer(opt, ckpt)
         except Exception as e:  # noqa: BLE001 - a damaged optimizer file
             raise _unresumable(e, ckpt / "optimizer.safetensors", run.root) from None
+    max_skip = max_skip_layers(cfg.max_skip_frac, spec.num_layers)
     net, no_sync = student.model, contextlib.nullcontext
     if world.size > 1:
-        # Every parameter gets a gradient in every backward (a narrower width slices a prefix of the
-        # same weight, and the full model is in every step), so DDP need not look for unused ones.
+        # A narrower width slices a prefix of the same weight, so every parameter gets a gradient in a
+        # backward unless its layer is skipped. DDP all-reduces in a step's last backward only (the
+        # others run under no_sync): without unused-parameter search, a skipped layer there leaves its
+        # bucket unreduced (processes silently diverge, the next step fails). With it, the skipped
+        # weights' gradients (summed over the step: the full model is in every step) are all-reduced
+        # too; the search walks the autograd graph once per step.
         net = torch.nn.parallel.DistributedDataParallel(
-            student.model, device_ids=[world.local_rank] if device.startswith("cuda") else None
+            student.model, device_ids=[world.local_rank] if device.startswith("cuda") else None,
+            find_unused_parameters=max_skip > 0,
         )
         no_sync = net.no_sync
     per_step = cfg.batch_size * cfg.grad_accum
@@ -314,8 +353,7 @@ def _train(cfg: TrainConfig, world, device: str) -> dict:
         bar = progress(total=cfg.steps, desc="train", initial=state["step"], disable=not world.is_main)
         start_step = state["step"]
         for step in range(start_step, cfg.steps):
-            rng = random.Random(cfg.seed * 1_000_003 + step)  # per-step RNG: a resumed run samples the same configs
-            configs = sandwich_configs(spec, rng, cfg.random_configs)
+            configs = sandwich_configs(spec, step_rng(cfg.seed, step), cfg.random_configs, max_skip)
             lr = _lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -377,6 +415,7 @@ def _train(cfg: TrainConfig, world, device: str) -> dict:
         "steps": state["step"],
         "tokens": state["tokens"],
         "world_size": world.size,
+        "max_skip_layers": max_skip,  # --max-skip-frac as a layer count for this model
         "teacher_tokens": teacher_windows * cfg.seq_len,  # over the whole run (the windows it reads)
         "resumed": resume,
         "seconds": round(state["seconds"], 1),

@@ -119,3 +119,35 @@ def test_regime_slug_is_one_file_name_per_regime():
     assert slugs[2] == "prefill_b8_s1024_bfloat16_cuda_graph"
     assert len(set(slugs)) == len(keys)  # distinct regimes never share a part file or a folder
     assert all("/" not in s and ":" not in s and not s.startswith(".") for s in slugs)
+
+
+def test_random_config_without_depth_replays_its_known_sequence():
+    """The profiler's end-to-end set and resumed runs replay `random_config(rng)`: its draws are pinned."""
+    import random
+
+    spec = ElasticSpec.build("llama", 4, 64, 256, 8, 4, 16, 100)
+    known = [SubnetConfig((256, 256, 64, 192), (8, 8, 6, 8)), SubnetConfig((192, 128, 128, 192), (4, 2, 6, 4))]
+    for kw in ({}, {"max_skip": 0}):
+        rng = random.Random(0)
+        assert [spec.random_config(rng, **kw) for _ in range(2)] == known
+
+
+def test_random_config_skips_zero_to_max_skip_layers_canonically():
+    """Every count 0..max_skip occurs, never more; the widths are drawn as without depth; a skipped
+    layer's entries are the full ones, so configs that run the same network are equal."""
+    import random
+
+    spec = ElasticSpec.build("llama", 10, 64, 256, 8, 4, 16, 100)
+    counts = set()
+    for seed in range(200):
+        cfg = spec.random_config(random.Random(seed), max_skip=4)
+        widths_only = spec.random_config(random.Random(seed))
+        counts.add(len(cfg.skip))
+        assert spec.validate(cfg) == spec.canonical(cfg) == cfg
+        assert all(cfg.mlp_width[l] == widths_only.mlp_width[l] and cfg.heads[l] == widths_only.heads[l]
+                   for l in cfg.active_layers)
+        assert all(cfg.mlp_width[l] == 256 and cfg.heads[l] == 8 for l in cfg.skip)
+    assert counts == {0, 1, 2, 3, 4}
+    for bad in (-1, 10, 2.0, True):
+        with pytest.raises(FlextronError, match=r"max_skip must be a whole number of layers in 0\.\.9"):
+            spec.random_config(random.Random(0), max_skip=bad)

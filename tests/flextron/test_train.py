@@ -164,6 +164,7 @@ def test_corrupt_checkpoint_names_the_file_and_restart(trained_run_for_swap):
     ("steps", 0), ("batch_size", 0), ("seq_len", 1), ("grad_accum", 0), ("random_configs", -1), ("lr", 0.0),
     ("lr", float("nan")), ("weight_decay", -0.1), ("warmup", -1), ("distill_weight", 1.5), ("temperature", 0.0),
     ("temperature", float("inf")), ("checkpoint_every", 0), ("seed", float("nan")), ("device", "gpu0"),
+    ("max_skip_frac", -0.1), ("max_skip_frac", 1.0), ("max_skip_frac", float("nan")),
 ])
 def test_train_config_refuses_bad_flags_naming_them(field, value):
     from flextron.train import TrainConfig
@@ -227,7 +228,7 @@ def test_resume_refuses_every_changed_flag_that_shapes_training(trained_run, tmp
     shutil.copytree(trained_run, run)
     changes = {"steps": 6, "batch_size": 1, "seq_len": 32, "grad_accum": 2, "random_configs": 1, "lr": 2e-3,
                "weight_decay": 0.1, "warmup": 2, "distill_weight": 0.5, "temperature": 2.0, "seed": 1,
-               "corpus": "pydoc"}
+               "corpus": "pydoc", "max_skip_frac": 0.0}
     for name, value in changes.items():
         flag = "--" + name.replace("_", "-")
         with pytest.raises(FlextronError, match=rf"{flag} .*, now {value}.*--restart"):
@@ -302,3 +303,96 @@ def test_train_on_cuda(tiny_run, tmp_path):
     shutil.copytree(tiny_run, run)
     out = train(TrainConfig(run=str(run), steps=3, batch_size=2, seq_len=64, checkpoint_every=2, device="cuda"))
     assert out["steps"] == 3
+
+
+def test_sandwich_samples_depth_within_the_share_and_replays_per_step():
+    """With depth on, the random configs skip 0 up to the share of layers (rounded down), every count
+    occurs, never all layers; full and smallest keep every layer; a step's seed gives the same configs."""
+    from flextron.spec import ElasticSpec
+    from flextron.train import max_skip_layers, sandwich_configs, step_rng
+
+    spec = ElasticSpec.build("llama", 10, 64, 256, 8, 4, 16, 100)
+    max_skip = max_skip_layers(0.45, spec.num_layers)
+    assert max_skip == 4 and max_skip_layers(0.29, 100) == 29 and max_skip_layers(0.9, 2) == 1
+    counts = []
+    for step in range(50):
+        configs = sandwich_configs(spec, step_rng(7, step), 3, max_skip)
+        assert configs == sandwich_configs(spec, step_rng(7, step), 3, max_skip)
+        assert [name for name, _ in configs] == ["full", "smallest", "random", "random", "random"]
+        assert configs[0][1] == spec.full() and configs[1][1] == spec.smallest()
+        counts += [len(sub.skip) for _, sub in configs[2:]]
+    assert set(counts) == {0, 1, 2, 3, 4}
+    assert sandwich_configs(spec, step_rng(7, 0), 3, max_skip) != sandwich_configs(spec, step_rng(7, 1), 3, max_skip)
+
+
+def test_sandwich_without_depth_is_the_one_trained_before():
+    """--max-skip-frac 0 samples exactly the configs of the widths-only sandwich (pinned: seed 0, step 3)."""
+    from flextron.spec import ElasticSpec, SubnetConfig
+    from flextron.train import max_skip_layers, sandwich_configs, step_rng
+
+    spec = ElasticSpec.build("llama", 4, 64, 256, 8, 4, 16, 100)
+    assert max_skip_layers(0.0, spec.num_layers) == 0
+    assert sandwich_configs(spec, step_rng(0, 3), 2, 0) == [
+        ("full", SubnetConfig((256,) * 4, (8,) * 4)),
+        ("smallest", SubnetConfig((64,) * 4, (2,) * 4)),
+        ("random", SubnetConfig((128, 128, 192, 256), (2, 2, 8, 6))),
+        ("random", SubnetConfig((128, 128, 256, 256), (8, 4, 4, 4))),
+    ]
+
+
+def _configs_trained(monkeypatch, run, **kw) -> list:
+    """Train `run` with `kw`, recording the config of every forward pass of the student."""
+    import flextron.elastic
+    from flextron.train import TrainConfig, train
+
+    seen, real = [], flextron.elastic.ElasticModel.set_config
+    monkeypatch.setattr(flextron.elastic.ElasticModel, "set_config", lambda self, c: seen.append(c) or real(self, c))
+    out = train(TrainConfig(run=str(run), **kw))
+    return out, seen
+
+
+def test_training_runs_depth_configs_unless_max_skip_frac_is_0(tiny_run, tmp_path, monkeypatch, one_thread):
+    """Default training runs sub-networks that skip a layer (tiny-llama: 3 layers, 0.4 -> at most 1);
+    at --max-skip-frac 0 none does."""
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    out, seen = _configs_trained(monkeypatch, run, steps=2, **KW)
+    assert out["max_skip_layers"] == 1 and {len(c.skip) for c in seen} == {0, 1}
+    out, seen = _configs_trained(monkeypatch, run, steps=2, restart=True, max_skip_frac=0.0, **KW)
+    assert out["max_skip_layers"] == 0 and seen and {len(c.skip) for c in seen} == {0}
+
+
+def test_a_sub_network_that_skips_a_layer_trains_the_others_not_it(tiny_run, tmp_path, monkeypatch, one_thread):
+    """Steps whose sub-networks all skip layer 1 leave its weights exactly as they were and move every
+    other layer's (weight decay on: a skipped layer is not even decayed)."""
+    import flextron.train as tr
+    from flextron.elastic import ElasticModel
+
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run, run)
+    monkeypatch.setattr(tr, "sandwich_configs", lambda spec, rng, n, max_skip: [
+        ("full", spec.depth([1])), ("smallest", spec.depth([1], spec.smallest()))])
+    tr.train(tr.TrainConfig(run=str(run), steps=2, random_configs=0, weight_decay=0.1, **KW))
+    before, after = (dict(ElasticModel.load(run / d).model.named_parameters()) for d in ("elastic", "trained"))
+    moved = {name for name in before if not (before[name] == after[name]).all()}
+    assert moved and not any(".layers.1." in name for name in moved)
+    assert {int(name.split(".layers.")[1].split(".")[0]) for name in moved if ".layers." in name} == {0, 2}
+
+
+def test_resuming_a_run_trained_before_depth_sampling_needs_max_skip_frac_0(trained_run, tmp_path):
+    """A train_config.json without max_skip_frac was trained with widths only: resuming it at the
+    default is refused, naming the flag and value that resume it; with them it resumes and records 0."""
+    from flextron.train import TrainConfig, train
+
+    run = tmp_path / "r"
+    shutil.copytree(trained_run, run)
+    path = run / "train" / "train_config.json"
+    saved = json.loads(path.read_text())
+    del saved["max_skip_frac"]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(FlextronError, match=r"before depth sampling .* --max-skip-frac 0, now 0.4.*Pass "
+                                            r"--max-skip-frac 0 to resume, or --restart"):
+        train(TrainConfig(run=str(run), **TRAIN_KW))
+    out = train(TrainConfig(run=str(run), **TRAIN_KW, max_skip_frac=0.0))
+    assert out["resumed"] and out["steps"] == 4
+    assert json.loads(path.read_text())["max_skip_frac"] == 0.0

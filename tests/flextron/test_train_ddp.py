@@ -1,6 +1,6 @@
 """Data-parallel `flextron train` under torchrun (gloo on the CPU): two processes train what one
-does (the same global batch, split between them), rank 0 alone writes, and a run stopped under
-torchrun resumes, under torchrun or in one process."""
+does (the same global batch, split between them, with sub-networks that skip layers), rank 0 alone
+writes, and a run stopped under torchrun resumes, under torchrun or in one process."""
 
 import csv
 import json
@@ -19,12 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 # Every process computes on one thread: on a busy 2-core machine more threads oversubscribe, and one
 # thread keeps each process's float summation order fixed.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-# Two micro-batches of four configs: eight backward passes per step, all-reduced once.
-KW = dict(steps=6, batch_size=4, grad_accum=2, seq_len=32, lr=1e-3, warmup=1, checkpoint_every=2, device="cpu")
+# Two micro-batches of four configs: eight backward passes per step, all-reduced once. Depth sampling
+# on (tiny-llama: 3 layers, 0.4 -> the random configs skip up to 1).
+KW = dict(steps=6, batch_size=4, grad_accum=2, seq_len=32, lr=1e-3, warmup=1, checkpoint_every=2, device="cpu",
+          max_skip_frac=0.4)
 # Measured: 1 and 2 processes differ by at most 1.3e-7 (relative) in a logged loss, 1.5e-6 in a
-# weight (the weights move by 3.7e-3). Training on the wrong windows (both processes on the first
-# half of the batch) moves the step-1 losses by 5e-3 to 2e-2, and logging rank 0's own loss moves them
-# by about 1e-2.
+# weight (the weights move by 3.7e-3); with depth sampling on, 4.3e-7 and 3.9e-6 (they move by
+# 4.2e-3). Training on the wrong windows (both processes on the first half of the batch) moves the
+# step-1 losses by 5e-3 to 2e-2, and logging rank 0's own loss moves them by about 1e-2.
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
 STOP_AFTER_STEP_4 = """
     import sys
@@ -70,8 +72,16 @@ def test_two_processes_train_what_one_does_and_resume(tiny_run, tmp_path, one_th
     """torchrun with 2 processes, stopped after the step-4 checkpoint and resumed, logs the loss
     curve of one process (one row per step, written once), ends with its weights, and can be resumed
     by one process (the process count is no resume flag)."""
-    from flextron.elastic import ElasticModel
-    from flextron.train import TrainConfig, train
+    from flextron.elastic import SPEC_FILE, ElasticModel
+    from flextron.spec import ElasticSpec
+    from flextron.train import TrainConfig, max_skip_layers, sandwich_configs, step_rng, train
+
+    # DDP all-reduces in a step's last backward: where its sub-network skips a layer, that layer's
+    # gradient (from the step's other backwards) must be all-reduced too, before the resume and after
+    spec = ElasticSpec.load(tiny_run / "elastic" / SPEC_FILE)
+    max_skip = max_skip_layers(KW["max_skip_frac"], spec.num_layers)
+    last = [sandwich_configs(spec, step_rng(0, step), 2, max_skip)[-1][1] for step in range(KW["steps"])]
+    assert any(cfg.skip for cfg in last[:4]) and any(cfg.skip for cfg in last[4:])
 
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(tiny_run, one)
