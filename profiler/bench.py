@@ -33,6 +33,7 @@ class RegimeBench:
         if text is not None:
             self._use_text(torch.as_tensor(text).reshape(-1))
         self._captures: dict[int, tuple] = {}
+        self._layer_calls: dict[int, dict] = {}
 
     def _use_text(self, text) -> None:
         """Real tokens as inputs: prefill windows, or one decode step's token after another."""
@@ -103,13 +104,16 @@ class RegimeBench:
         cfg = SubnetConfig(spec.full().mlp_width, tuple(hs[head_idx] for hs in spec.head_counts))
         el.set_config(cfg)
         cache = self._new_cache() if self.regime.phase == "decode" else None
-        attn_calls, mlp_inputs, head_in = {}, {}, {}
+        attn_calls, mlp_inputs, head_in, layer_calls = {}, {}, {}, {}
         hooks = []
         for i, layer in enumerate(el.adapter.layers(el.model)):
             def attn_hook(mod, args, kwargs, i=i):
                 attn_calls[i] = (args, dict(kwargs))
             def mlp_hook(mod, args, i=i):
                 mlp_inputs[i] = args[0].clone()
+            def layer_hook(mod, args, kwargs, i=i):
+                layer_calls[i] = (tuple(a.clone() if hasattr(a, "clone") else a for a in args), dict(kwargs))
+            hooks.append(layer.register_forward_pre_hook(layer_hook, with_kwargs=True))
             hooks.append(el.adapter.attn_of(layer).register_forward_pre_hook(attn_hook, with_kwargs=True))
             hooks.append(el.adapter.mlp_of(layer).register_forward_pre_hook(mlp_hook))
         hooks.append(el.model.lm_head.register_forward_pre_hook(lambda m, a: head_in.setdefault("x", a[0].clone())))
@@ -121,11 +125,14 @@ class RegimeBench:
                 h.remove()
         reset = self._pin_position(cache) if cache is not None else (lambda: None)
         self._captures[head_idx] = (attn_calls, mlp_inputs, head_in["x"], reset)
+        self._layer_calls[head_idx] = layer_calls
         return self._captures[head_idx]
 
     def cell_fn(self, layer: int, kind: str, width: int):
         """A zero-argument callable running one layer cell: `kind` "embed" or "head" (layer -1, width
-        0), "attn" at `width` heads or "mlp" at `width` hidden neurons of layer `layer`."""
+        0), "attn" at `width` heads or "mlp" at `width` hidden neurons of layer `layer`, or "layer":
+        the whole decoder layer at full size (width 0), whose time beyond its attention and MLP is
+        what skipping the layer saves besides them."""
         el, spec = self.elastic, self.elastic.spec
         model = el.model
         if kind == "embed":
@@ -155,4 +162,15 @@ class RegimeBench:
             el.set_config(SubnetConfig(tuple(width if i == layer else ws[-1] for i, ws in enumerate(spec.mlp_widths)),
                                        spec.full().heads))
             return lambda: mlp(x)
+        if kind == "layer":
+            full = len(spec.head_counts[0]) - 1
+            _, _, _, reset = self.capture(full)
+            args, kwargs = self._layer_calls[full][layer]
+            el.set_config(spec.full())
+
+            def run_layer():
+                reset()
+                return layer_mod(*args, **kwargs)
+
+            return run_layer
         raise ValueError(kind)

@@ -68,29 +68,63 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         attn_table: {layer: {heads: isolated attention ms}} for one regime and device.
         mlp_table: {layer: {width: isolated MLP ms}}.
         fixed_ms: isolated embedding + final norm + LM head time.
+        layer_table: {layer: isolated ms of the whole decoder layer at full width}, from a profile that
+            measured depth (None: an older profile; configs that skip layers are then refused). With it,
+            skipping a layer is one more choice per layer, encoded as width 0 and heads 0, whose prior
+            cost is 0: nothing of the layer runs. The layer's own cost beyond its attention and MLP
+            (norms, residual adds, the call itself: whole layer minus both modules) joins its attention
+            choices, so a skip saves it too; the learned per-choice terms correct both from the
+            end-to-end configs that skip layers.
         forms: the forms tried (see above).
         alphas: the ridge strengths tried for the learned per-layer terms (None: none learned).
         cv_folds: folds of the cross-validation that chooses among them.
     """
 
     def __init__(self, attn_table=None, mlp_table=None, fixed_ms: float = 0.0, forms=FORMS, alphas=ALPHAS,
-                 cv_folds: int = 5):
+                 cv_folds: int = 5, layer_table=None):
         self.attn_table = attn_table
         self.mlp_table = mlp_table
         self.fixed_ms = fixed_ms
         self.forms = forms
         self.alphas = alphas
         self.cv_folds = cv_folds
+        self.layer_table = layer_table
 
     # ---- shapes ---------------------------------------------------------------------------------
+    @property
+    def depth(self) -> bool:
+        """Whether this model can predict configs that skip layers (its profile measured whole layers)."""
+        return bool(self.layer_table)
+
     def _choices(self):
+        """Per layer, the head counts and MLP widths in column order; with depth, 0 (skipped) first."""
         L = len(self.mlp_table)
-        heads = [sorted(self.attn_table.get(l, {})) for l in range(L)]
-        widths = [sorted(self.mlp_table.get(l, {})) for l in range(L)]
+        skip = [0] if self.depth else []
+        heads = [skip + sorted(self.attn_table.get(l, {})) for l in range(L)]
+        widths = [skip + sorted(self.mlp_table.get(l, {})) for l in range(L)]
         return heads, widths
 
+    def _overhead_ms(self, layer: int) -> float:
+        """What a layer costs beyond its attention and MLP at full size (norms, residual adds, the call):
+        the whole layer's isolated time minus both modules', never below 0 (noise can make it so)."""
+        if not self.depth:
+            return 0.0
+        a, m = self.attn_table[layer], self.mlp_table[layer]
+        return max(0.0, float(self.layer_table[layer]) - a[max(a)] - m[max(m)])
+
     def _cell_ms(self, layer: int, width: int, heads: int) -> tuple[float, float]:
-        """Isolated (attention ms at `heads`, MLP ms at `width`) of one layer."""
+        """Isolated (attention ms at `heads`, MLP ms at `width`) of one layer; (0, 0) when skipped."""
+        if width == 0 or heads == 0:
+            if not self.depth:
+                raise FlextronError(
+                    f"layer {layer} is skipped, but this latency model was fitted on a profile without whole-layer "
+                    "cells (made before depth was an elastic dimension); re-run `flextron profile --restart` and "
+                    "`flextron fit` to search or predict configs that skip layers"
+                )
+            if width != heads:
+                raise FlextronError(f"layer {layer}: width {width} / heads {heads}: a layer is skipped whole "
+                                    "(both 0) or runs (both positive)")
+            return 0.0, 0.0
         try:
             return self.attn_table[layer][heads], self.mlp_table[layer][width]
         except KeyError:
@@ -113,7 +147,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         for n, row in enumerate(X):
             for l in range(L):
                 w, h = int(row[l]), int(row[L + l])
-                if h not in hpos[l] or w not in wpos[l]:
+                if h not in hpos[l] or w not in wpos[l] or (w == 0) != (h == 0):
                     self._cell_ms(l, w, h)  # raises, naming what was profiled
                 hi[n, l], wi[n, l] = hpos[l][h], wpos[l][w]
         return hi, wi
@@ -125,8 +159,9 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         A = np.full((L, max(map(len, heads))), np.nan)
         M = np.full((L, max(map(len, widths))), np.nan)
         for l in range(L):
-            A[l, :len(heads[l])] = [self.attn_table[l][h] for h in heads[l]]
-            M[l, :len(widths[l])] = [self.mlp_table[l][w] for w in widths[l]]
+            over = self._overhead_ms(l)
+            A[l, :len(heads[l])] = [self.attn_table[l][h] + over if h else 0.0 for h in heads[l]]
+            M[l, :len(widths[l])] = [self.mlp_table[l][w] if w else 0.0 for w in widths[l]]
         return A, M
 
     def _sums(self, X) -> np.ndarray:
@@ -137,12 +172,14 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         return np.stack([A[rows, hi].sum(1), M[rows, wi].sum(1)], axis=1)
 
     # ---- the model ------------------------------------------------------------------------------
-    @staticmethod
-    def _base(form: str, theta, A, M):
+    def _base(self, form: str, theta, A, M):
         c, a, m = theta[:3]
         if form == "scaled":
             return c, a * A, m * M
-        return c, np.maximum(theta[3], a * A), np.maximum(theta[4], m * M)
+        Ae, Me = np.maximum(theta[3], a * A), np.maximum(theta[4], m * M)
+        if self.depth:  # a skipped layer makes no module call: no host floor either
+            Ae[:, 0], Me[:, 0] = 0.0, 0.0
+        return c, Ae, Me
 
     def _fit_one(self, form, alpha, hi, wi, y, iters: int = 8):
         """(theta, delta_attn [L, H], delta_mlp [L, W]) fitted to (hi, wi) -> y: the form's few
@@ -157,8 +194,9 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         sums = np.stack([A[rows, hi].sum(1), M[rows, wi].sum(1)], axis=1)
         lin = LinearRegression(positive=True).fit(sums, y)
         theta = [float(lin.intercept_), *map(float, lin.coef_)]
-        if form == "host_bound":
-            theta += [float(np.nanmin(A)), float(np.nanmin(M))]
+        if form == "host_bound":  # start the host floors at the cheapest module call (a skip is no call)
+            first = 1 if self.depth else 0
+            theta += [float(np.nanmin(A[:, first:])), float(np.nanmin(M[:, first:]))]
         lo = [-np.inf] + [0.0] * (len(theta) - 1)
         theta = np.asarray([max(v, b + 1e-12) if np.isfinite(b) else v for v, b in zip(theta, lo)])
 
@@ -245,9 +283,17 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             raise FlextronError(f"the spec has {spec.num_layers} layers, the latency model {len(self.mlp_table)}; "
                                 "re-run `flextron profile` and `flextron fit` for this model")
         tab = self.layer_table_ms(spec)
-        lo = self.intercept_ + float(tab["attn_ms"].min(-1).values.sum() + tab["mlp_ms"].min(-1).values.sum())
-        hi = self.intercept_ + float(tab["attn_ms"].max(-1).values.sum() + tab["mlp_ms"].max(-1).values.sum())
-        return lo, hi
+        run_lo = (tab["attn_ms"].min(-1).values + tab["mlp_ms"].min(-1).values).numpy()
+        run_hi = (tab["attn_ms"].max(-1).values + tab["mlp_ms"].max(-1).values).numpy()
+        if "skip_ms" not in tab:
+            return self.intercept_ + float(run_lo.sum()), self.intercept_ + float(run_hi.sum())
+        skip = tab["skip_ms"].numpy()
+        # Each layer runs or is skipped, whichever is extreme, but at least one layer runs: if every layer's
+        # extreme is a skip, the layer that costs least to keep running is kept.
+        lo_l, hi_l = np.minimum(run_lo, skip), np.maximum(run_hi, skip)
+        lo = lo_l.sum() + (min(run_lo - skip) if (skip <= run_lo).all() else 0.0)
+        hi = hi_l.sum() - (min(skip - run_hi) if (skip >= run_hi).all() else 0.0)
+        return self.intercept_ + float(lo), self.intercept_ + float(hi)
 
     def naive_predict(self, X) -> np.ndarray:
         """The baseline: isolated layer times summed, plus the fixed parts."""
@@ -267,7 +313,10 @@ class LatencyModel(RegressorMixin, BaseEstimator):
                 self._cell_ms(l, w, spec.head_counts[l][-1])
         attn = torch.tensor([[Ae[l, heads[l].index(h)] for h in spec.head_counts[l]] for l in range(spec.num_layers)])
         mlp = torch.tensor([[Me[l, widths[l].index(w)] for w in spec.mlp_widths[l]] for l in range(spec.num_layers)])
-        return {"attn_ms": attn, "mlp_ms": mlp, "fixed_ms": self.intercept_}
+        out = {"attn_ms": attn, "mlp_ms": mlp, "fixed_ms": self.intercept_}
+        if self.depth:  # what a skipped layer costs (0 plus what the end-to-end configs taught)
+            out["skip_ms"] = torch.tensor([Ae[l, 0] + Me[l, 0] for l in range(spec.num_layers)])
+        return out
 
     # ---- plain-JSON persistence ---------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -276,6 +325,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             "attn_table": {str(l): {str(k): v for k, v in t.items()} for l, t in self.attn_table.items()},
             "mlp_table": {str(l): {str(k): v for k, v in t.items()} for l, t in self.mlp_table.items()},
             "fixed_ms": self.fixed_ms,
+            **({"layer_table": {str(l): float(v) for l, v in self.layer_table.items()}} if self.depth else {}),
             "form_": self.form_, "alpha_": self.alpha_,
             "coef_": list(map(float, self.coef_)),
             "intercept_": self.intercept_,
@@ -291,6 +341,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             attn_table={int(l): {int(k): float(v) for k, v in t.items()} for l, t in d["attn_table"].items()},
             mlp_table={int(l): {int(k): float(v) for k, v in t.items()} for l, t in d["mlp_table"].items()},
             fixed_ms=float(d["fixed_ms"]),
+            layer_table={int(l): float(v) for l, v in d["layer_table"].items()} if d.get("layer_table") else None,
         )
         m.coef_ = np.asarray(d["coef_"], dtype=float)
         m.intercept_ = float(d["intercept_"])
@@ -311,7 +362,13 @@ class LatencyModel(RegressorMixin, BaseEstimator):
 
 
 def encode(configs: list[SubnetConfig]) -> np.ndarray:
-    return np.asarray([list(c.mlp_width) + list(c.heads) for c in configs], dtype=np.int64)
+    """[n, 2L]: MLP widths of layers 0..L-1, then head counts; a skipped layer is 0 in both."""
+    out = []
+    for c in configs:
+        sk = set(c.skip)
+        out.append([0 if l in sk else w for l, w in enumerate(c.mlp_width)]
+                   + [0 if l in sk else h for l, h in enumerate(c.heads)])
+    return np.asarray(out, dtype=np.int64)
 
 
 def tables_from_profile(layers, regime_key: str) -> tuple[dict, dict, float]:
@@ -327,6 +384,15 @@ def tables_from_profile(layers, regime_key: str) -> tuple[dict, dict, float]:
             mlp.setdefault(int(layer), {})[int(width)] = float(ms)
     fixed = float(d[d["kind"].isin(["embed", "head"])][col].sum())
     return attn, mlp, fixed
+
+
+def layer_table_from_profile(layers, regime_key: str) -> dict | None:
+    """{layer: isolated ms of the whole decoder layer at full width} of one regime (drift-corrected
+    like the other cells), or None when the profile has no whole-layer cells (made before depth)."""
+    d = layers[(layers["regime"] == regime_key) & (~layers["anchor"]) & (layers["status"] == "ok")
+               & (layers["kind"] == "layer")]
+    col = "latency_ms_corrected" if "latency_ms_corrected" in d.columns else "latency_ms_median"
+    return {int(l): float(ms) for l, ms in zip(d["layer"], d[col])} or None
 
 
 def error_metrics(y_true, y_pred) -> dict:
@@ -420,13 +486,17 @@ def fit_warnings(metrics: dict) -> list[str]:
 def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
                floor: dict | None = None) -> tuple[LatencyModel, dict, dict]:
     attn, mlp, fixed = tables_from_profile(layers, regime_key)
+    whole = layer_table_from_profile(layers, regime_key)
+    if whole is not None and set(whole) != set(mlp):
+        whole = None  # some whole-layer cells failed (--allow-errors): no depth rather than a partial one
     rows = e2e[(e2e["regime"] == regime_key) & (e2e["status"] == "ok")]
     if not attn or rows.empty:
         raise FlextronError(f"regime {regime_key} has no usable layer or end-to-end cells; re-run `flextron profile`")
     configs = [SubnetConfig.from_json(c) for c in rows["config"]]
     # Only with failed layer cells (fit --allow-errors): configs using one have no per-layer terms.
     usable = np.array([all(h in attn.get(l, {}) and w in mlp.get(l, {})
-                           for l, (w, h) in enumerate(zip(c.mlp_width, c.heads))) for c in configs], bool)
+                           for l, (w, h) in enumerate(zip(c.mlp_width, c.heads)) if l not in c.skip)
+                       and (whole is not None or not c.skip) for c in configs], bool)
     rows, configs = rows[usable], [c for c, u in zip(configs, usable) if u]
     y, target = rows["latency_ms_median"].to_numpy(float), "latency_ms_median"
     if "ratio_to_full" in rows and rows["ratio_to_full"].notna().all():
@@ -446,7 +516,7 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
     test = hetero[:n_test]
     train = np.setdiff1d(np.arange(len(rows)), test)
     X = encode(configs)
-    model = LatencyModel(attn, mlp, fixed).fit(X[train], y[train])
+    model = LatencyModel(attn, mlp, fixed, layer_table=whole).fit(X[train], y[train])
     metrics = {
         "regime": regime_key,
         "target": target,
@@ -458,6 +528,8 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
         "coef_attn": float(model.coef_[0]), "coef_mlp": float(model.coef_[1]), "intercept_ms": model.intercept_,
         "host_ms": [float(v) for v in model.host_ms_],
         "heldout_keys": [configs[i].key for i in test],
+        "depth": model.depth,
+        "heldout_depth_configs": int(sum(bool(configs[i].skip) for i in test)),
         "configs_without_layer_cells": int((~usable).sum()),
     }
     metrics["verdict"] = verdict(metrics)

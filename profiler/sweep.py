@@ -50,8 +50,8 @@ CONFIG_FILE = "profile_config.json"
 # Settings that change what a cell measures: a resumed sweep must match them all, or its parts
 # would mix two measurements under one cell key. (`dtype` and `mode` come before `regime` so that
 # changing --dtype is reported as --dtype, not as the regime keys it resolves into.)
-RESUME_FIELDS = ("device", "engine", "dtype", "mode", "regime", "e2e_random", "seed", "min_reps", "min_time_ms",
-                 "warmup", "anchor_every", "energy_s", "rounds", "reps", "threads")
+RESUME_FIELDS = ("device", "engine", "dtype", "mode", "regime", "e2e_random", "e2e_depth", "seed", "min_reps",
+                 "min_time_ms", "warmup", "anchor_every", "energy_s", "rounds", "reps", "threads")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ class ProfileConfig:
     #: cuda_graph on CUDA, llamacpp for --engine llamacpp
     mode: str = ""
     e2e_random: int = 16  #: random heterogeneous sub-networks measured end to end (beside every uniform one)
+    #: random sub-networks that skip layers, measured end to end: half skip layers of the full model, half
+    #: also take random widths (each skips 1 to half of the layers); what the latency model learns depth from
+    e2e_depth: int = 12
     seed: int = 0  #: seed of the random end-to-end configs, the layer cells' order and the rounds' shuffles
     #: torch layer cells: the fewest timed repetitions of a cell; timing goes on until --min-time-ms is also
     #: met (2000 repetitions at most)
@@ -98,8 +101,8 @@ class ProfileConfig:
             raise FlextronError(f"--engine {self.engine!r}: use one of {list(ENGINES)}")
         if not self.regime:
             raise FlextronError("give at least one --regime, e.g. --regime decode:b1:ctx1024")
-        for name, low in (("e2e_random", 0), ("seed", None), ("min_reps", 1), ("warmup", 0), ("anchor_every", 1),
-                          ("rounds", 2), ("reps", 1), ("threads", 0)):
+        for name, low in (("e2e_random", 0), ("e2e_depth", 0), ("seed", None), ("min_reps", 1), ("warmup", 0),
+                          ("anchor_every", 1), ("rounds", 2), ("reps", 1), ("threads", 0)):
             check_finite(name, getattr(self, name), low=low, whole=True)
         check_finite("min_time_ms", self.min_time_ms, low=0)
         check_finite("energy_s", self.energy_s, low=0)
@@ -151,9 +154,29 @@ def random_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
     return out
 
 
+def depth_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
+    """`n` distinct configs that skip 1 to half of the layers (at least one layer always runs):
+    alternately at full width and with random widths too. Drawn from their own seeded stream,
+    so the width-only random set stays what it was."""
+    rng = random.Random(f"depth:{seed}")
+    out, seen = [], set()
+    most = max(1, spec.num_layers // 2)
+    for i in range(20 * n + 20):  # capped: tiny models have few distinct configs
+        if len(out) == n:
+            break
+        base = spec.full() if i % 2 == 0 else spec.random_config(rng)
+        k = rng.randint(1, most) if spec.num_layers > 1 else 0
+        cfg = spec.depth(rng.sample(range(spec.num_layers), k), base)
+        if cfg.skip and cfg not in seen:
+            seen.add(cfg)
+            out.append(cfg)
+    return out
+
+
 def _layer_cells(spec) -> list[tuple[int, str, int]]:
     cells = [(-1, "embed", 0), (-1, "head", 0)]
     for layer in range(spec.num_layers):
+        cells.append((layer, "layer", 0))  # the whole layer: what skipping it saves
         cells += [(layer, "mlp", w) for w in spec.mlp_widths[layer]]
         cells += [(layer, "attn", h) for h in spec.head_counts[layer]]
     return cells
@@ -355,9 +378,15 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
 
 def _e2e_set(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, done: set[str], bench, timer,
              e2e_w: PartWriter, progress=None) -> int:
-    """The end-to-end set (every uniform config and `e2e_random` random ones) in rounds, unless
-    `--layers-only` or already measured; returns how many configs were measured now."""
+    """The end-to-end set (every uniform config, `e2e_random` random ones and, in the torch engine,
+    `e2e_depth` that skip layers) in rounds, unless `--layers-only` or already measured; returns how
+    many configs were measured now. (llama.cpp regimes have no whole-layer cells, so no depth.)"""
     e2e_cfgs = elastic.spec.uniform_configs() + random_configs(elastic.spec, cfg.e2e_random, cfg.seed)
+    depth = depth_configs(elastic.spec, cfg.e2e_depth if regime.engine == "torch" else 0, cfg.seed)
+    if not all(f"{regime.key}|{c.key}" in done for c in depth) and all(f"{regime.key}|{c.key}" in done
+                                                                          for c in e2e_cfgs):
+        depth = []  # a profile finished before depth existed: its set is complete as it was measured
+    e2e_cfgs += depth
     if cfg.layers_only or all(f"{regime.key}|{c.key}" in done for c in e2e_cfgs):
         return 0
     return _e2e_rounds(elastic, regime, cfg, tele, rbase, e2e_cfgs, bench, timer, e2e_w, progress)
@@ -509,7 +538,7 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     write_json_atomic(folder.parent / NOISE_FILE, {**noises, regime.key: noise})
     for c in e2e_cfgs:
         extra = {"config": c.to_json(), "config_key": c.key,
-                 "uniform": len(set(c.mlp_width)) == 1 and len(set(c.heads)) == 1,
+                 "uniform": not c.skip and c.is_uniform(), "skipped_layers": len(c.skip),
                  "params": c.param_count(spec), "flops": c.flops(spec, regime), "bytes": c.bytes_moved(spec, regime)}
         row = {**rbase, **extra, "cell_key": f"{regime.key}|{c.key}"}
         if c.key in failed:

@@ -40,7 +40,7 @@ def trained_run(tiny_run, tmp_path_factory):
     return run
 
 
-def _profiled_copy(src, dst, regime: str, e2e_random: int, fit: bool = True):
+def _profiled_copy(src, dst, regime: str, e2e_random: int, fit: bool = True, e2e_depth: int = 4):
     """Copy run `src` to `dst`, profile it quickly in one regime, and (by default) fit the latency model."""
     import shutil
 
@@ -50,7 +50,8 @@ def _profiled_copy(src, dst, regime: str, e2e_random: int, fit: bool = True):
     from profiler.sweep import ProfileConfig, run_sweep
 
     shutil.copytree(src, dst)
-    cfg = ProfileConfig(run=str(dst), regime=(regime,), min_reps=3, min_time_ms=2, warmup=1, e2e_random=e2e_random)
+    cfg = ProfileConfig(run=str(dst), regime=(regime,), min_reps=3, min_time_ms=2, warmup=1, e2e_random=e2e_random,
+                        e2e_depth=e2e_depth)
     run_sweep(ElasticModel.load(dst / "elastic"), dst / "profile", cfg)
     if fit:
         fit_model(FitConfig(run=str(dst)))

@@ -9,7 +9,15 @@ import pytest
 
 from flextron.errors import FlextronError
 from flextron.spec import ElasticSpec, SubnetConfig
-from profiler.latency_model import FitConfig, LatencyModel, LatencyModels, encode, fit, tables_from_profile
+from profiler.latency_model import (
+    FitConfig,
+    LatencyModel,
+    LatencyModels,
+    encode,
+    fit,
+    layer_table_from_profile,
+    tables_from_profile,
+)
 from profiler.sweep import random_configs
 
 KEY = "decode:b1:ctx32:float32:eager"
@@ -171,8 +179,11 @@ def test_fit_reports_error_only_on_unseen_configs(profiled):
     key = "decode:b1:ctx32:float32:eager"
     metrics = json.loads((profiled / "latency_model" / "metrics.json").read_text())[key]
     assert s[key]["heldout_mape_pct"] == metrics["heldout"]["mape_pct"] > 0
-    assert metrics["heldout"]["n"] == 5 and metrics["train_configs"] == 4 * 4 + 5
     e2e = pd.read_parquet(profiled / "profile" / "e2e.parquet")
+    n_hetero = int((~e2e["uniform"]).sum())  # 10 random width configs and 4 that skip layers
+    assert n_hetero == 14 and int((e2e["skipped_layers"] > 0).sum()) == 4
+    assert metrics["heldout"]["n"] == 7 and metrics["train_configs"] == 4 * 4 + 7
+    assert metrics["depth"] and metrics["heldout_depth_configs"] >= 1
     uniform_keys = set(e2e[e2e["uniform"]]["config_key"])
     assert not uniform_keys & set(metrics["heldout_keys"])
     models = LatencyModels.load(profiled)
@@ -227,14 +238,20 @@ def rewrite_profile(run, latency_ms, cv=0.01):
     column; the end-to-end medians become `latency_ms(configs, layers)`, their sample CV `cv`."""
     path = run / "profile" / "layers.parquet"
     layers = pd.read_parquet(path)
-    per_unit = layers["kind"].map({"attn": 0.01, "mlp": 0.001, "embed": 0.0, "head": 0.0})
+    per_unit = layers["kind"].map({"attn": 0.01, "mlp": 0.001, "embed": 0.0, "head": 0.0, "layer": 0.0})
     layers["latency_ms_median"] = layers["latency_ms_corrected"] = 0.05 + per_unit * layers["width"]
+    # a whole layer: its attention and MLP at full size (0.05 + 0.01 heads, 0.05 + 0.001 width) and 0.04 ms more
+    full = layers[layers["kind"].isin(["attn", "mlp"])].groupby(["layer", "kind"])["latency_ms_median"].max()
+    whole = layers["kind"] == "layer"
+    layers.loc[whole, ["latency_ms_median", "latency_ms_corrected"]] = [
+        [full[(l, "attn")] + full[(l, "mlp")] + 0.04] * 2 for l in layers.loc[whole, "layer"]]
     layers.to_parquet(path)
     path = run / "profile" / "e2e.parquet"
     e2e = pd.read_parquet(path)
     configs = [SubnetConfig.from_json(c) for c in e2e["config"]]
     e2e["latency_ms_median"] = latency_ms(configs, layers)
-    full = e2e["latency_ms_median"][[c == max(configs, key=lambda c: sum(c.mlp_width) + sum(c.heads)) for c in configs]]
+    widest = max(configs, key=lambda c: (not c.skip, sum(c.mlp_width) + sum(c.heads)))
+    full = e2e["latency_ms_median"][[c == widest for c in configs]]
     e2e["ratio_to_full"] = e2e["latency_ms_median"] / float(full.iloc[0])
     e2e["cv"] = cv
     e2e.to_parquet(path)
@@ -244,15 +261,18 @@ def rewrite_profile(run, latency_ms, cv=0.01):
 
 
 def layer_sums(configs, layers):
+    """Isolated attention + MLP times of each config's running layers, each layer's 0.04 ms beyond them included."""
     attn, mlp, fixed = tables_from_profile(layers, KEY)
-    return LatencyModel(attn, mlp, fixed)._sums(encode(configs)).sum(1)
+    return LatencyModel(attn, mlp, fixed, layer_table=layer_table_from_profile(layers, KEY))._sums(
+        encode(configs)).sum(1)
 
 
 def host_bound(configs, layers):
-    """Every attention call costs at least 0.12 ms of host time and every MLP call 0.35 ms, whatever its width."""
+    """Every attention call (with its layer's 0.04 ms beyond both modules) costs at least 0.16 ms of host time
+    and every MLP call 0.35 ms, whatever its width; a skipped layer costs nothing."""
     attn, mlp, fixed = tables_from_profile(layers, KEY)
-    return np.array([0.3 + sum(max(0.12, attn[l][h]) + max(0.35, 1.5 * mlp[l][w])
-                               for l, (w, h) in enumerate(zip(c.mlp_width, c.heads))) for c in configs])
+    return np.array([0.3 + sum(max(0.16, attn[l][c.heads[l]] + 0.04) + max(0.35, 1.5 * mlp[l][c.mlp_width[l]])
+                               for l in c.active_layers) for c in configs])
 
 
 def reversed_on_heldout(run, tmp_path):
@@ -370,3 +390,39 @@ def test_loading_a_corrupt_latency_model_names_it(profiled, tmp_path, text):
 def test_fit_flags_are_validated(bad, flag):
     with pytest.raises(FlextronError, match=flag):
         FitConfig(run="r", **bad)
+
+
+def test_skipping_a_layer_is_a_choice_the_model_predicts_and_ranges_over_exactly():
+    """Depth: a skipped layer costs nothing of its attention, MLP and the layer's own overhead (whole
+    layer minus both modules); the fit recovers a known function of configs that skip layers, and the
+    feasible range is exact over every config in which at least one layer runs (brute force)."""
+    import itertools
+
+    from profiler.sweep import depth_configs
+
+    spec = ElasticSpec.build("llama", 3, 64, 512, 8, 4, 16, 320, mlp_choices=2, head_choices=2)
+    attn, mlp = synthetic(spec)
+    whole = {l: attn[l][8] + mlp[l][512] + 0.05 * (l + 1) for l in range(3)}
+    truth = LatencyModel(attn, mlp, 0.0, layer_table=whole)
+    configs = spec.uniform_configs() + random_configs(spec, 6, 1) + depth_configs(spec, 8, 0)
+    assert sum(bool(c.skip) for c in configs) == 8
+    sums = truth._sums(encode(configs))
+    y = 0.7 + 1.3 * sums[:, 0] + 0.9 * sums[:, 1]
+    m = LatencyModel(attn, mlp, 0.0, layer_table=whole, alphas=(None,)).fit(encode(configs), y)
+    assert np.allclose(m.coef_, [1.3, 0.9], atol=1e-6) and np.allclose(m.predict(encode(configs)), y)
+    # layer 1 skipped saves 1.3 x (its attention + its 0.1 ms overhead) + 0.9 x its MLP
+    full, no1 = spec.full(), spec.depth([1])
+    saved = m.predict_config(full) - m.predict_config(no1)
+    assert abs(saved - (1.3 * (attn[1][8] + 0.1) + 0.9 * mlp[1][512])) < 1e-9
+    everything = [SubnetConfig(w, h, [l for l in range(3) if s[l]])
+                  for w in itertools.product(*spec.mlp_widths) for h in itertools.product(*spec.head_counts)
+                  for s in itertools.product((0, 1), repeat=3) if not all(s)]
+    preds = m.predict(encode(everything))
+    lo, hi = m.range_ms(spec)
+    assert abs(lo - preds.min()) < 1e-9 and abs(hi - preds.max()) < 1e-9
+    again = LatencyModel.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert again.depth and np.allclose(again.predict(encode(configs)), y)
+    # a model fitted on a profile without whole-layer cells refuses depth and names the rebuild
+    old = LatencyModel(attn, mlp, 0.0, alphas=(None,)).fit(encode(configs[:10]), y[:10])
+    with pytest.raises(FlextronError, match="flextron profile --restart"):
+        old.predict_config(no1)
