@@ -3,9 +3,11 @@
 A uniform config of a Llama-layout family becomes an ordinary `llama` GGUF. A heterogeneous one
 becomes a `deci` GGUF: llama.cpp's `deci` architecture builds every layer from its own query-head,
 KV-head and FFN-width entries (per-layer arrays), while plain `llama` builds every layer from layer
-0's shapes. The head dimension is the same in every layer, as in every flextron model.
+0's shapes. The head dimension is the same in every layer, as in every flextron model. Skipped
+layers (depth) are not written: the blocks are the active layers, renumbered, and "uniform" looks at
+those only.
 
-Weights are the elastic model's prefix slices (`export._sliced_state_dict`), with Q and K rows
+Weights are the elastic model's prefix slices (`hf_export._sliced_state_dict`), with Q and K rows
 reordered for llama.cpp's rotary layout (the same row permutation llama.cpp's own converter applies
 to Hugging Face Llama checkpoints). Tokenizer, chat template and special tokens are copied from the
 source GGUF when the run was converted from one, else built from the run's `tokenizer.json`
@@ -178,10 +180,11 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
     there is one) supplies the tokenizer; otherwise it is built from the tokenizer files in
     `elastic_dir`. Returns what was written.
 
-    `drop_attention` writes a probe, not a model: every layer but the first without its attention
-    (deci's n_head = 0 layers; llama.cpp cannot build a model without any KV cache, so layer 0 keeps
-    `cfg`'s). The llama.cpp engine times it beside configs as the zero of its attention terms
-    (`profiler/llamacpp.py`). No FFN-free counterpart: this llama.cpp's deci graph asserts on those."""
+    `drop_attention` writes a probe, not a model: every block but the first without its attention
+    (deci's n_head = 0 layers; llama.cpp cannot build a model without any KV cache, so block 0, the
+    first active layer, keeps `cfg`'s). The llama.cpp engine times it beside configs as the zero of
+    its attention terms (`profiler/llamacpp.py`). No FFN-free counterpart: this llama.cpp's deci
+    graph asserts on those."""
     import gguf
 
     from flextron.hf_export import _sliced_state_dict
@@ -193,9 +196,13 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
     out = check_gguf_out(out, overwrite)
     config = elastic.model.config
     theta = _rope_theta(config)
-    uniform = len(set(cfg.mlp_width)) == 1 and len(set(cfg.heads)) == 1 and not drop_attention
+    # Blocks are the active layers only, renumbered 0..K-1 (skipped layers are not written); the
+    # per-layer lists below are per block.
+    active = cfg.active_layers
+    uniform = cfg.is_uniform() and not drop_attention
     arch = "llama" if uniform else "deci"
-    n_head = [0 if drop_attention and i else h for i, h in enumerate(cfg.heads)]
+    mlp_width = [cfg.mlp_width[l] for l in active]
+    n_head = [0 if drop_attention and j else cfg.heads[l] for j, l in enumerate(active)]
     kv = [h // spec.q_per_kv for h in n_head]
     qtype, file_type = _gguf_kinds(gguf_type)
 
@@ -204,7 +211,7 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
     try:
         writer.add_name(name)
         writer.add_file_type(file_type)
-        writer.add_block_count(spec.num_layers)
+        writer.add_block_count(len(active))
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(spec.hidden_size)
         writer.add_vocab_size(spec.vocab_size)
@@ -214,11 +221,11 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
         writer.add_key_length(spec.head_dim)
         writer.add_value_length(spec.head_dim)
         if uniform:
-            writer.add_feed_forward_length(cfg.mlp_width[0])
-            writer.add_head_count(cfg.heads[0])
+            writer.add_feed_forward_length(mlp_width[0])
+            writer.add_head_count(n_head[0])
             writer.add_head_count_kv(kv[0])
         else:
-            writer.add_feed_forward_length(list(cfg.mlp_width))
+            writer.add_feed_forward_length(mlp_width)
             writer.add_head_count(n_head)
             writer.add_head_count_kv(kv)
         if source_gguf is not None:
@@ -231,7 +238,7 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
         _tensor(writer, "output_norm.weight", state["model.norm.weight"], qtype)
         if not spec.tie_word_embeddings:
             _tensor(writer, "output.weight", state["lm_head.weight"], qtype)
-        for i in range(spec.num_layers):
+        for i in range(len(active)):  # the sliced state dict numbers the active layers 0..K-1
             p, b = f"model.layers.{i}.", f"blk.{i}."
             heads = {"q_proj": n_head[i], "k_proj": kv[i]}
             for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
@@ -255,5 +262,6 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
         tmp.unlink(missing_ok=True)
         raise
     return {"out": str(out), "format": "gguf", "arch": arch, "gguf_type": gguf_type, "uniform": uniform,
+            "num_layers": len(active),
             "params": cfg.param_count(spec), "bytes": out.stat().st_size,
             "loader": "llama.cpp (llama_cpp.Llama(model_path=...))"}

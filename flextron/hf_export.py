@@ -3,6 +3,8 @@
 A uniform config becomes an ordinary transformers checkpoint (smaller intermediate_size and head
 counts in config.json). A heterogeneous one keeps per-layer shapes in `flextron_subnet.json` and
 loads with `load_subnet`, which builds the transformers model and resizes each layer's Linears.
+Skipped layers (depth) are left out: the checkpoint has the active layers only, renumbered, with
+`num_hidden_layers` and `layer_types` of those layers; "uniform" looks at the active layers only.
 
 An export only ever replaces a previous export, and only when asked (`overwrite`): never a model it
 did not write, and never a run's own elastic checkpoint. It is built beside its target and swapped
@@ -31,27 +33,45 @@ CHECKPOINT_STAGES = ("elastic", "trained")  # the run folders holding elastic we
 
 
 def _sliced_state_dict(elastic: ElasticModel, cfg: SubnetConfig) -> dict[str, torch.Tensor]:
-    """Every weight, with the layers' Linears cut to `cfg`, as fresh contiguous tensors."""
+    """Every weight, with the layers' Linears cut to `cfg`, as fresh contiguous tensors. Skipped
+    layers are left out and the kept ones renumbered 0..K-1 (`cfg.active_layers[j]` becomes layer
+    j), as in a model built with K layers.
+
+    The weights are read with every layer in place under its own number, whatever config the model
+    is running: while a depth config is set, the decoder's layer list holds only its active layers."""
     out = {}
     active = {}
-    with elastic.use(cfg):
+    prefix = elastic.adapter.layers_path + "."
+    new_index = {str(l): str(j) for j, l in enumerate(cfg.active_layers)}
+    with elastic.use(SubnetConfig(cfg.mlp_width, cfg.heads)):  # widths of cfg, every layer present
         for lin_by_part in elastic._linears:
             for lin in lin_by_part.values():
                 active[id(lin.weight)] = (lin.active_out, lin.active_in)
                 if lin.bias is not None:
                     active[id(lin.bias)] = (lin.active_out,)
-    for name, t in elastic.model.state_dict(keep_vars=True).items():
-        shape = active.get(id(t))
-        sliced = t.detach()
-        if shape is not None:
-            sliced = sliced[tuple(slice(0, s) for s in shape)]
-        out[name] = sliced.contiguous().clone()
+        for name, t in elastic.model.state_dict(keep_vars=True).items():
+            if name.startswith(prefix):
+                layer, _, rest = name[len(prefix):].partition(".")
+                if layer not in new_index:
+                    continue  # a skipped layer
+                name = f"{prefix}{new_index[layer]}.{rest}"
+            shape = active.get(id(t))
+            sliced = t.detach()
+            if shape is not None:
+                sliced = sliced[tuple(slice(0, s) for s in shape)]
+            out[name] = sliced.contiguous().clone()
     return out
 
 
 def _resize_linears(model, cfg: SubnetConfig, head_dim: int, q_per_kv: int) -> None:
+    """Resize the Linears of `model`, built with one layer per active layer of `cfg`, to the
+    active layers' widths and head counts."""
     adapter = adapter_for(model.config)
-    for layer, w, h in zip(adapter.layers(model), cfg.mlp_width, cfg.heads):
+    layers = adapter.layers(model)
+    if len(layers) != len(cfg.active_layers):
+        raise ValueError(f"the model has {len(layers)} layers but the config runs {len(cfg.active_layers)}")
+    for layer, l in zip(layers, cfg.active_layers):
+        w, h = cfg.mlp_width[l], cfg.heads[l]
         kv = h // q_per_kv
         attn, mlp = adapter.attn_of(layer), adapter.mlp_of(layer)
         dims = {adapter.q: (None, h * head_dim), adapter.k: (None, kv * head_dim), adapter.v: (None, kv * head_dim),
@@ -118,13 +138,18 @@ def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path,
     (tmp / PARTIAL_MARKER).touch()
     # Plain transformers can load it only if every layer has the same shape and the head count
     # passes config validation (hidden_size divisible by heads); otherwise load_subnet resizes.
-    uniform = (len(set(cfg.mlp_width)) == 1 and len(set(cfg.heads)) == 1
-               and spec.hidden_size % cfg.heads[0] == 0)
+    # Skipped layers are not written: the checkpoint has the active layers only, renumbered.
+    active = cfg.active_layers
+    first = active[0]
+    uniform = cfg.is_uniform() and spec.hidden_size % cfg.heads[first] == 0
     config = copy.deepcopy(elastic.model.config)
     config.head_dim = spec.head_dim  # stays fixed while heads shrink
-    config.intermediate_size = max(cfg.mlp_width) if uniform else spec.intermediate_size
-    config.num_attention_heads = cfg.heads[0] if uniform else spec.num_heads
+    config.intermediate_size = cfg.mlp_width[first] if uniform else spec.intermediate_size
+    config.num_attention_heads = cfg.heads[first] if uniform else spec.num_heads
     config.num_key_value_heads = config.num_attention_heads // spec.q_per_kv
+    config.num_hidden_layers = len(active)
+    if elastic._layer_types:  # the model's own per-layer attention types (not those of a depth config it runs)
+        config.layer_types = [elastic._layer_types[l] for l in active]
     state = _sliced_state_dict(elastic, cfg)
     if spec.tie_word_embeddings:
         state = {k: v for k, v in state.items() if k != "lm_head.weight"}
@@ -133,7 +158,8 @@ def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path,
     if getattr(elastic.model, "generation_config", None) is not None:
         elastic.model.generation_config.save_pretrained(tmp)
     elastic.tokenizer.save_pretrained(tmp)
-    record = {"config": cfg.to_dict(), "uniform": uniform, "params": cfg.param_count(spec), **(extra or {})}
+    record = {"config": cfg.to_dict(), "uniform": uniform, "num_layers": len(active),
+              "params": cfg.param_count(spec), **(extra or {})}
     write_json_atomic(tmp / SUBNET_FILE, record)
     if not uniform:
         # Plain from_pretrained would see shape mismatches; say so in config.json itself.
@@ -142,7 +168,7 @@ def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path,
         (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2))
     (tmp / PARTIAL_MARKER).unlink()
     swap_in(tmp, out_dir)
-    return {"out": str(out_dir), "uniform": uniform, "params": record["params"],
+    return {"out": str(out_dir), "uniform": uniform, "num_layers": len(active), "params": record["params"],
             "loader": "AutoModelForCausalLM.from_pretrained" if uniform else "flextron.load_subnet"}
 
 

@@ -68,6 +68,35 @@ def test_f32_gguf_matches_the_elastic_model(family, tmp_path):
         assert np.abs(got - ref).max() < 1e-3, (family, name)
 
 
+def _block_count(path) -> int:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    return reader.fields[f"{arch}.block_count"].contents()
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2"])
+def test_skipped_layers_are_not_written_and_llama_cpp_matches(family, tmp_path):
+    """Uniform widths over the kept layers: a plain `llama` file with fewer blocks; different widths:
+    `deci` with the kept layers' shapes (layer 0 skipped, so block 0 is layer 1)."""
+    elastic = _elastic(family)
+    spec = elastic.spec
+    tok_dir = tmp_path / "tok"
+    elastic.tokenizer.save_pretrained(tok_dir)
+    configs = {"llama": spec.depth([1], spec.uniform(0.5, 0.5)), "deci": spec.depth([0], _configs(spec)["hetero"])}
+    assert configs["llama"].is_uniform() and not configs["deci"].is_uniform()
+    elastic.set_config(spec.depth([2]))  # another depth config in use: the export must not read its layers
+    for arch, cfg in configs.items():
+        out = write_gguf(elastic, cfg, tmp_path / f"{arch}.gguf", "f32", elastic_dir=tok_dir)
+        assert out["arch"] == arch and out["num_layers"] == _block_count(tmp_path / f"{arch}.gguf") == 2
+        got, ref = _logits(tmp_path / f"{arch}.gguf", IDS), _reference(elastic, cfg, IDS)
+        assert np.abs(got - ref).max() < 1e-3, (family, arch)
+        without_skip = SubnetConfig(cfg.mlp_width, cfg.heads)
+        assert np.abs(got - _reference(elastic, without_skip, IDS)).max() > 1e-2  # the skip shows in the logits
+    assert elastic.config == spec.depth([2])
+
+
 def test_f16_and_q8_0_stay_close_and_are_smaller(tmp_path):
     elastic = _elastic("tiny-llama")
     tok_dir = tmp_path / "tok"
