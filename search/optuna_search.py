@@ -51,6 +51,9 @@ class SearchConfig:
     restart: bool = False  #: remove this regime's and weights' search results and studies, then search anew
     #: aim this share below each budget; -1: the latency model's own held-out uncertainty
     margin: float = -1.0
+    #: seed each study with the quality model's knapsack picks and repair proposals over budget (the model is
+    #: built by `flextron quality` when the run has none); false: TPE alone, over-budget proposals rejected
+    quality_model: bool = True
 
     def __post_init__(self):
         from flextron.devices import set_device_field
@@ -112,20 +115,30 @@ def open_storage(cfg: SearchConfig, run_root: Path):
         raise FlextronError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e)[:200]}") from e
 
 
-def suggest_config(trial, spec) -> SubnetConfig:
+def suggest_config(trial, spec, depth: bool = False) -> SubnetConfig:
     """Per-layer choices as ordinal indices (0 = narrowest): widths are nested and ordered, so TPE's
-    numeric kernels share evidence between neighbouring widths instead of treating each as unrelated."""
-    return SubnetConfig(
+    numeric kernels share evidence between neighbouring widths instead of treating each as unrelated.
+    With `depth`, each layer also has `skip_l` (1: skipped); a skipped layer's widths are canonical."""
+    cfg = SubnetConfig(
         tuple(ws[trial.suggest_int(f"mlp_idx_{l}", 0, len(ws) - 1)] for l, ws in enumerate(spec.mlp_widths)),
         tuple(hs[trial.suggest_int(f"heads_idx_{l}", 0, len(hs) - 1)] for l, hs in enumerate(spec.head_counts)),
     )
+    if not depth:
+        return cfg
+    skip = [l for l in range(spec.num_layers) if trial.suggest_int(f"skip_{l}", 0, 1)]
+    if len(skip) == spec.num_layers:  # not a model: keep the layer whose removal was proposed last
+        skip = skip[:-1]
+    return spec.canonical(SubnetConfig(cfg.mlp_width, cfg.heads, tuple(skip)))
 
 
-def config_params(cfg: SubnetConfig, spec) -> dict:
-    return {
+def config_params(cfg: SubnetConfig, spec, depth: bool = False) -> dict:
+    params = {
         **{f"mlp_idx_{l}": spec.mlp_widths[l].index(w) for l, w in enumerate(cfg.mlp_width)},
         **{f"heads_idx_{l}": spec.head_counts[l].index(h) for l, h in enumerate(cfg.heads)},
     }
+    if depth:
+        params.update({f"skip_{l}": int(l in cfg.skip) for l in range(spec.num_layers)})
+    return params
 
 
 def _constraints(trial):
@@ -208,46 +221,62 @@ def search_budget(
     tail: float = 1.0,
     margin: float = 0.0,
     floor_ms: float = 0.0,
+    tables=None,
 ) -> dict:
     """Run one budget's study until it holds `cfg.trials` distinct evaluated (feasible) configs.
 
     `budget` is a resolved Budget's dict; `tail` the regime's quantile-over-median factor (see
-    `Profile.tail_factor`), so a proposal fits when its predicted median x tail is within budget_ms. A proposal
-    the latency model puts over budget is told to Optuna as a constraint violation and never evaluated;
-    a repeat of a config already evaluated is told its cached loss and not counted; a config another
-    worker is evaluating right now is skipped (told as failed). Returns what happened, including why it
-    stopped."""
+    `Profile.tail_factor`), so a proposal fits when its predicted median x tail is within budget_ms.
+    `tables` (search/knapsack.py LayerTables: the latency and quality models' per-layer terms), when
+    given, seed the study with the knapsack's best configs under the budget (joint, depth-only and
+    width-only) and repair every proposal the latency model puts over budget: the repaired config is
+    evaluated and added to the study as its own trial, the proposal is told as infeasible, so no
+    proposal that does not fit is ever evaluated and none is wasted. Without `tables` an over-budget
+    proposal is told as a constraint violation and never evaluated. A repeat of a config already
+    evaluated is told its cached loss and not counted; a config another worker is evaluating right
+    now is skipped (told as failed). Returns what happened, including why it stopped."""
     import optuna
 
     from profiler.latency_model import encode
+    from search.knapsack import repair, seeds
 
     # on the median scale the latency model predicts, `margin` below the budget (never below the fastest config)
     budget_ms = max(budget["budget_ms"] / tail * (1 - margin), floor_ms)
+    depth = tables is not None and tables.skip_ms is not None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = cfg.seed if not cfg.storage else cfg.seed * 1_000_003 + os.getpid()
     random_sampler = optuna.samplers.RandomSampler(seed=seed)
     sampler = _tpe(seed, 0) if cfg.sampler == "tpe" else random_sampler
     # TPE's start-up phase counts *evaluated* trials: infeasible proposals carry no quality signal,
     # so random proposals continue until a few feasible configs were evaluated (or asks run long).
+    # The knapsack's seeds are evaluated trials too: with them TPE starts at once.
     n_startup = max(2, cfg.trials // 3)
     study = optuna.create_study(
         study_name=study_name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
     )
     _ensure_study_attrs(study, {**(attrs or {}), **budget})
+    n_seeded = 0
     if not study.trials and cfg.sampler == "tpe":  # "random" is the plain baseline: no seeds
         # Seed the largest uniform configs that fit: at tight budgets random proposals rarely fit, and
         # they are the baseline the search must beat anyway. Only two, so most evaluations are TPE's.
         # Workers starting together may both seed: the repeat is then told its cached loss, not re-evaluated.
-        seeds = spec.uniform_configs()
-        preds = lat_model.predict(encode(seeds))
-        fitting = sorted(((p, s) for p, s in zip(preds, seeds) if p <= budget_ms), key=lambda ps: -ps[0])
+        queue = []
+        if tables is not None:
+            queue += seeds(tables, budget_ms, max(1, cfg.trials // 3))
+        uniform = spec.uniform_configs()
+        preds = lat_model.predict(encode(uniform))
+        fitting = sorted(((p, s) for p, s in zip(preds, uniform) if p <= budget_ms), key=lambda ps: -ps[0])
         if routers is not None:  # the trained static router's answer for this budget goes first
-            rc = routers.config_for(budget_ms, lat_model.predict_config)
-            study.enqueue_trial(config_params(rc, spec), user_attrs={"source": "router"}, skip_if_exists=True)
-        for _, seed_cfg in fitting[: max(1, min(2, cfg.trials // 4))]:  # the largest fitting ones: the rest is TPE's
-            study.enqueue_trial(config_params(seed_cfg, spec), user_attrs={"source": "uniform"}, skip_if_exists=True)
+            queue.insert(0, ("router", routers.config_for(budget_ms, lat_model.predict_config)))
+        queue += [("uniform", c) for _, c in fitting[: max(1, min(2, cfg.trials // 4))]]
+        for source, seed_cfg in queue[: cfg.trials]:
+            study.enqueue_trial(config_params(seed_cfg, spec, depth), user_attrs={"source": source},
+                                skip_if_exists=True)
+        n_seeded = len(queue[: cfg.trials])
+    if tables is not None:
+        n_startup = min(n_startup, n_seeded) if n_seeded else n_startup
 
-    asked, repeats, stop = 0, 0, "done"
+    asked, repeats, repaired, stop = 0, 0, 0, "done"
     bar = progress(total=cfg.trials, desc=f"search {budget['budget_ms']:.3g} ms") if progress else None
     max_asks = 20 * cfg.trials  # tight budgets reject many proposals; each rejection is cheap, but cap them
     while True:
@@ -269,34 +298,54 @@ def search_budget(
             study.sampler = random_sampler if len(evaluated) < n_startup and asked < 4 * cfg.trials else sampler
         trial = study.ask()
         asked += 1
-        sub = suggest_config(trial, spec)
-        pred = lat_model.predict_config(sub)
+        proposed = suggest_config(trial, spec, depth)
+        pred = lat_model.predict_config(proposed)
         trial.set_user_attr("predicted_latency_ms", pred)
-        trial.set_user_attr("config", sub.to_json())
+        trial.set_user_attr("config", proposed.to_json())
         _set_constraint(trial, [pred - budget_ms])
+        sub = proposed
         if pred > budget_ms:
-            trial.set_user_attr("evaluated", False)
-            study.tell(trial, INFEASIBLE_LOSS)
-            continue
+            sub = repair(tables, proposed, budget_ms, lat_model.predict_config) if tables is not None else None
+            if sub is None:
+                trial.set_user_attr("evaluated", False)
+                study.tell(trial, INFEASIBLE_LOSS)
+                continue
         key = sub.to_json()
         if key not in evaluated:
             # Claim the evaluation, then look again: claims are ranked by time, so of two workers
             # racing for the last slot (or the same config) the later one steps back. No overshoot.
             mine = (time.time(), trial.number, key)
+            trial.set_user_attr("config", key)  # what this trial is evaluating, for the claims
             trial.set_user_attr("claimed_at", mine[0])
             evaluated, claims = _progress(study)
             ahead = [c for c in claims if c < mine]
             if key not in evaluated and (
                 any(c[2] == key for c in ahead) or len(evaluated) + len({c[2] for c in ahead}) >= cfg.trials
             ):
+                trial.set_user_attr("config", proposed.to_json())
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)  # another worker has it
                 continue
-        if key in evaluated:  # a repeat: its cached loss informs the sampler, but it is not counted
-            repeats += 1
-            trial.set_user_attr("repeat", True)
+        is_repeat = key in evaluated
+        repeats += is_repeat
         loss = evaluator.loss(sub)
-        trial.set_user_attr("evaluated", True)
-        study.tell(trial, loss)
+        if sub is proposed:
+            trial.set_user_attr("repeat", is_repeat)
+            trial.set_user_attr("evaluated", True)
+            study.tell(trial, loss)
+            continue
+        # The repaired config is a trial of its own (its params, its loss, within budget); the
+        # proposal stays an infeasible trial, so TPE learns where the budget ends as well.
+        repaired += 1
+        sub_pred = lat_model.predict_config(sub)
+        study.add_trial(optuna.trial.create_trial(
+            params=config_params(sub, spec, depth), distributions=trial.distributions, value=loss,
+            user_attrs={"config": key, "predicted_latency_ms": sub_pred, "evaluated": True, "repeat": is_repeat,
+                        "source": "repair", "constraint": [sub_pred - budget_ms]},
+            constraints={"latency_over_budget_ms_0": sub_pred - budget_ms}))
+        trial.set_user_attr("config", proposed.to_json())
+        trial.set_user_attr("repaired_to", key)
+        trial.set_user_attr("evaluated", False)
+        study.tell(trial, INFEASIBLE_LOSS)
     if bar:
         bar.close()
     return {
@@ -305,6 +354,8 @@ def search_budget(
         "evaluated": len(evaluated),
         "asked_here": asked,
         "repeats_here": repeats,
+        "repaired_here": repaired,
+        "seeded": n_seeded,
         "stop": stop,
     }
 
@@ -532,6 +583,9 @@ def search(cfg: SearchConfig) -> dict:
                 "search with the same settings, or pass --restart to replace those results"
             )
     margin = search_margin(run.root, regime_key) if cfg.margin < 0 else cfg.margin
+    tables, qmetrics = None, {}
+    if cfg.quality_model and cfg.sampler == "tpe":
+        tables, qmetrics = _layer_tables(run.root, wname, wtag, spec, lat_model, cfg)
     attrs = {
         "regime": regime_key,
         "device_name": models.device_name,
@@ -545,7 +599,7 @@ def search(cfg: SearchConfig) -> dict:
     for b in sorted(budgets, key=lambda b: b["budget_ms"]):
         name = f"{prefix}|budget={b['budget_ms']:.6g}" + ("" if cfg.quantile == "p50" else f"@{cfg.quantile}")
         r = search_budget(
-            name, storage, spec, lat_model, evaluator, b, cfg, progress, routers, attrs, tail, margin, lo / tail
+            name, storage, spec, lat_model, evaluator, b, cfg, progress, routers, attrs, tail, margin, lo / tail, tables
         )
         if r["stop"] != "done":
             print(f"flextron search: budget {b['budget_ms']:.4g} ms stopped early: {r['stop']}", file=sys.stderr)
@@ -601,7 +655,8 @@ def search(cfg: SearchConfig) -> dict:
         "quantile": cfg.quantile,
         "margin": round(margin, 4),
         "per_budget": [
-            {k: r[k] for k in ("budget_ms", "budget_frac", "evaluated", "asked_here", "repeats_here", "stop")}
+            {k: r[k] for k in ("budget_ms", "budget_frac", "evaluated", "asked_here", "repeats_here", "repaired_here",
+                               "seeded", "stop")}
             | (
                 {
                     "ppl": round(math.exp(by_budget[(r["budget_ms"], r["quantile"])]["loss"]), 3),
@@ -621,5 +676,27 @@ def search(cfg: SearchConfig) -> dict:
             }
             for b in best
         ],
+        "quality_model": None if tables is None else {
+            "form": qmetrics.get("form"), "heldout_spearman": qmetrics.get("heldout", {}).get("spearman")},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _layer_tables(run_root: Path, wname: str, wtag: str, spec, lat_model, cfg: SearchConfig):
+    """The knapsack's per-layer tables from the latency model and the run's quality model of these
+    weights (built now, with its defaults, when there is none or it is stale)."""
+    import sys
+
+    from search.knapsack import LayerTables
+    from search.quality_fit import QualityConfig, load_quality_model, quality
+
+    try:
+        qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec)
+    except FlextronError as e:
+        print(f"flextron search: {e}; building it now", file=sys.stderr)
+        quality(QualityConfig(run=str(run_root), weights=wname, corpus=cfg.corpus, device=cfg.device))
+        qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec)
+    if not lat_model.depth:
+        print("flextron search: the latency model has no depth (profiled before whole-layer cells): searching "
+              "widths only; re-run `flextron profile --restart` and `flextron fit` to skip layers too", file=sys.stderr)
+    return LayerTables.build(lat_model, qmodel, spec), qmetrics

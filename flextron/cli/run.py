@@ -68,6 +68,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     step("profile", "profile", run=cfg.out, device=cfg.device, engine=cfg.engine, regime=cfg.regime,
          e2e_random=cfg.e2e_random, rounds=cfg.rounds, threads=cfg.threads, restart=cfg.restart)
     step("fit", "fit", run=cfg.out)
+    step("quality", "quality", run=cfg.out, device=cfg.device, restart=cfg.restart)
     for r in cfg.regime:
         step(f"search {r}", "search", run=cfg.out, regime=r, budget_frac=cfg.budget_frac, trials=cfg.trials,
              quantile=cfg.quantile, eval_windows=cfg.eval_windows, device=cfg.device, skip_infeasible=True,

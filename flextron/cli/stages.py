@@ -34,6 +34,8 @@ STAGES = {
     "profile": Stage("profiler.sweep", "ProfileConfig", "profile",
                      "measure every layer width and sub-networks end to end"),
     "fit": Stage("profiler.latency_model", "FitConfig", "fit", "fit the latency model and report its held-out error"),
+    "quality": Stage("search.quality_fit", "QualityConfig", "quality",
+                     "per-layer loss deltas of the weights and the quality model, scored on held-out configs"),
     "search": Stage("search.optuna_search", "SearchConfig", "search", "Optuna search for sub-networks under budgets"),
     "verify": Stage("search.verify", "VerifyConfig", "verify", "measure chosen configs on the device; replace misses"),
     "report": Stage("reports.build", "ReportConfig", "build_report", "HTML + PNG + Markdown report of a run"),
@@ -45,5 +47,5 @@ STAGES = {
     "lookup": Stage("search.lookup", "LookupConfig", "lookup",
                     "the lookup row a budget is served by (config, latency, ppl)"),
     "run": Stage("flextron.cli.run", "RunConfig", "run_pipeline",
-                 "convert → profile → fit → search → verify → export → report, in one run directory"),
+                 "convert → profile → fit → quality → search → verify → export → report, in one run directory"),
 }

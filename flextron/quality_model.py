@@ -1,0 +1,246 @@
+"""The quality model: what each per-layer choice costs in loss, measured once per weights.
+
+`measure_table` changes one layer at a time (each MLP width, each head count, and the layer skipped)
+and records the loss increase over the full model on calibration windows. Every change at layer l
+shares the full model's computation up to l, so the inputs of every layer are captured once and
+only layers l..L-1 and the LM head run per change (about 60% of a forward on average).
+
+`QualityModel` predicts any config's loss from the table: the full model's loss plus the sum of
+its choices' deltas (additive), or, when it earns its keep on real evaluations held out from the
+choice, the three sums (MLP, heads, skips) each scaled by a fitted non-negative factor. Both are
+sums of per-layer terms, so a knapsack over the per-layer tables optimises the model exactly, and
+`layer_ranking` orders layers by the loss their removal costs (Minitron-style depth importance).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flextron.errors import FlextronError
+from flextron.spec import ElasticSpec, SubnetConfig
+
+TABLE_FILE = "quality_table.json"
+FORMS = ("additive", "scaled")
+
+
+@dataclass(frozen=True)
+class QualityTable:
+    """Per-layer loss deltas (nats) of one set of weights on calibration windows.
+
+    `mlp[l][i]`: loss(full with layer l's MLP at `spec.mlp_widths[l][i]`) - loss(full); the last
+    entry (full width) is 0. `heads[l][i]` likewise for `spec.head_counts[l]`; `skip[l]`: layer l
+    skipped. `key` identifies what it was measured from (weights tag, corpus, windows, spec)."""
+
+    base_loss: float
+    mlp: tuple[tuple[float, ...], ...]
+    heads: tuple[tuple[float, ...], ...]
+    skip: tuple[float, ...]
+    key: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def check(self, spec: ElasticSpec) -> "QualityTable":
+        ok = (len(self.mlp) == len(self.heads) == len(self.skip) == spec.num_layers
+              and all(len(m) == len(ws) for m, ws in zip(self.mlp, spec.mlp_widths))
+              and all(len(h) == len(hs) for h, hs in zip(self.heads, spec.head_counts)))
+        if not ok:
+            raise FlextronError("the quality table does not match this model's elastic spec; re-run "
+                                "`flextron quality --restart`")
+        return self
+
+    def sums(self, spec: ElasticSpec, cfgs: list[SubnetConfig]) -> np.ndarray:
+        """[n, 3]: each config's summed MLP, head and skip deltas."""
+        out = np.zeros((len(cfgs), 3))
+        for n, c in enumerate(cfgs):
+            skipped = set(c.skip)
+            for l in range(spec.num_layers):
+                if l in skipped:
+                    out[n, 2] += self.skip[l]
+                else:
+                    out[n, 0] += self.mlp[l][spec.mlp_widths[l].index(c.mlp_width[l])]
+                    out[n, 1] += self.heads[l][spec.head_counts[l].index(c.heads[l])]
+        return out
+
+    def layer_ranking(self) -> list[int]:
+        """Layers ordered by the loss their removal alone costs, cheapest first."""
+        return sorted(range(len(self.skip)), key=lambda l: (self.skip[l], l))
+
+    def to_dict(self) -> dict:
+        return {"base_loss": self.base_loss, "mlp": [list(m) for m in self.mlp], "heads": [list(h) for h in self.heads],
+                "skip": list(self.skip), "key": self.key, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QualityTable":
+        try:
+            t = cls(float(d["base_loss"]), tuple(tuple(map(float, m)) for m in d["mlp"]),
+                    tuple(tuple(map(float, h)) for h in d["heads"]), tuple(map(float, d["skip"])),
+                    dict(d.get("key", {})), float(d.get("seconds", 0.0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise FlextronError(f"not a quality table ({type(e).__name__}: {e}); re-run `flextron quality --restart`")
+        values = [t.base_loss, *t.skip, *(v for m in t.mlp for v in m), *(v for h in t.heads for v in h)]
+        if not all(math.isfinite(v) for v in values):
+            raise FlextronError("the quality table holds a non-finite loss; re-run `flextron quality --restart`")
+        return t
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QualityTable":
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise FlextronError(f"cannot read the quality table {path} ({e}); re-run `flextron quality --restart`")
+
+
+class _Suffix:
+    """Runs the model from layer l onwards on captured inputs: each single-layer change shares the
+    full model's computation below l."""
+
+    def __init__(self, elastic, ids):
+        import torch
+
+        self.torch, self.elastic, self.ids = torch, elastic, ids
+        model = elastic.model
+        self.layers = elastic._all_layers
+        self.inputs: dict[int, tuple] = {}
+        hooks = []
+        for i, layer in enumerate(self.layers):
+            def grab(mod, args, kwargs, i=i):
+                self.inputs[i] = (args[0], {k: v for k, v in kwargs.items() if k != "hidden_states"})
+            hooks.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
+        try:
+            with torch.no_grad(), elastic.use(elastic.spec.full()):
+                self.base = self._loss(model(input_ids=ids, use_cache=False).logits)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.norm = model.model.norm
+        self.cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-style logit capping
+
+    def _loss(self, logits) -> float:
+        import torch.nn.functional as F
+
+        logits = logits[:, :-1].float()
+        return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.ids[:, 1:].reshape(-1)))
+
+    def loss(self, cfg: SubnetConfig, first: int) -> float:
+        """Loss of `cfg`, which equals the full model below layer `first`."""
+        torch = self.torch
+        el = self.elastic
+        with torch.no_grad(), el.use(cfg):
+            h = self.inputs[first][0]
+            skipped = set(cfg.skip)
+            for i in range(first, len(self.layers)):
+                if i not in skipped:
+                    kwargs = dict(self.inputs[i][1])
+                    h = self.layers[i](h, **kwargs)
+                    h = h[0] if isinstance(h, tuple) else h
+            logits = el.model.lm_head(self.norm(h))
+            if self.cap:
+                logits = torch.tanh(logits / self.cap) * self.cap
+        return self._loss(logits)
+
+
+def measure_table(elastic, windows, key: dict | None = None, progress=None) -> QualityTable:
+    """Change one layer at a time (each MLP width, each head count, skipped) and record the loss
+    increase over the full model on `windows` [n, seq_len] (one batch)."""
+    import time
+
+    t0 = time.perf_counter()
+    spec = elastic.spec
+    run = _Suffix(elastic, windows.to(elastic.device))
+    full = spec.full()
+    mlp = [[0.0] * len(ws) for ws in spec.mlp_widths]
+    heads = [[0.0] * len(hs) for hs in spec.head_counts]
+    skip = [0.0] * spec.num_layers
+    jobs = []
+    for l in range(spec.num_layers):
+        jobs.append((l, "skip", 0))
+        jobs += [(l, "mlp", i) for i in range(len(spec.mlp_widths[l]) - 1)]
+        jobs += [(l, "heads", i) for i in range(len(spec.head_counts[l]) - 1)]
+    for l, kind, i in (progress(jobs, desc="quality table") if progress else jobs):
+        if kind == "skip":
+            cfg = spec.depth([l])
+        elif kind == "mlp":
+            cfg = SubnetConfig(tuple(spec.mlp_widths[l][i] if j == l else w for j, w in enumerate(full.mlp_width)),
+                               full.heads)
+        else:
+            cfg = SubnetConfig(full.mlp_width,
+                               tuple(spec.head_counts[l][i] if j == l else h for j, h in enumerate(full.heads)))
+        delta = run.loss(cfg, l) - run.base
+        if kind == "skip":
+            skip[l] = delta
+        else:
+            (mlp if kind == "mlp" else heads)[l][i] = delta
+    return QualityTable(run.base, tuple(map(tuple, mlp)), tuple(map(tuple, heads)), tuple(skip), dict(key or {}),
+                        round(time.perf_counter() - t0, 2))
+
+
+class QualityModel:
+    """Predicts a config's loss from a QualityTable (scikit-learn contract: `fit(configs, losses)`
+    returns self, learned state ends in `_`).
+
+    `additive`: base + sum of the config's deltas. `scaled`: base + a_mlp * MLP deltas + a_heads *
+    head deltas + a_skip * skip deltas, a >= 0 fitted by least squares on real evaluations (single
+    layer deltas underestimate what several changes together cost). The form is chosen by leave-
+    one-out error on the configs given to `fit`; without any, additive.
+    """
+
+    def __init__(self, table: QualityTable, spec: ElasticSpec, forms=FORMS):
+        self.table = table.check(spec)
+        self.spec = spec
+        self.forms = forms
+
+    def _fit_scales(self, S: np.ndarray, y: np.ndarray) -> np.ndarray:
+        from scipy.optimize import nnls
+
+        return nnls(S, y - self.table.base_loss)[0]
+
+    def fit(self, configs: list[SubnetConfig], losses) -> "QualityModel":
+        y = np.asarray(losses, float)
+        S = self.table.sums(self.spec, configs)
+        self.cv_mae_ = {}
+        if len(y) >= 4 and "scaled" in self.forms:
+            errs = []
+            for i in range(len(y)):
+                keep = np.arange(len(y)) != i
+                a = self._fit_scales(S[keep], y[keep])
+                errs.append(abs(self.table.base_loss + S[i] @ a - y[i]))
+            self.cv_mae_["scaled"] = float(np.mean(errs))
+        if "additive" in self.forms:
+            self.cv_mae_["additive"] = float(np.mean(np.abs(self.table.base_loss + S.sum(1) - y))) if len(y) else 0.0
+        self.form_ = min(self.cv_mae_, key=self.cv_mae_.get) if self.cv_mae_ else "additive"
+        self.scales_ = self._fit_scales(S, y) if self.form_ == "scaled" else np.ones(3)
+        return self
+
+    def scales(self) -> np.ndarray:
+        return getattr(self, "scales_", np.ones(3))
+
+    def predict(self, configs: list[SubnetConfig]) -> np.ndarray:
+        return self.table.base_loss + self.table.sums(self.spec, configs) @ self.scales()
+
+    def predict_config(self, cfg: SubnetConfig) -> float:
+        return float(self.predict([cfg])[0])
+
+    def layer_tables(self) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """Scaled per-layer deltas: MLP [L][n_w], heads [L][n_h], skip [L]; a config's predicted loss
+        is base + the sum of its choices' entries."""
+        a = self.scales()
+        return ([a[0] * np.asarray(m) for m in self.table.mlp], [a[1] * np.asarray(h) for h in self.table.heads],
+                a[2] * np.asarray(self.table.skip))
+
+    def to_dict(self) -> dict:
+        return {"form_": getattr(self, "form_", "additive"), "scales_": [float(v) for v in self.scales()],
+                "cv_mae_": getattr(self, "cv_mae_", {})}
+
+    @classmethod
+    def from_dict(cls, d: dict, table: QualityTable, spec: ElasticSpec) -> "QualityModel":
+        m = cls(table, spec)
+        m.form_ = d.get("form_", "additive")
+        m.scales_ = np.asarray(d.get("scales_", [1.0, 1.0, 1.0]), float)
+        if m.scales_.shape != (3,) or not np.isfinite(m.scales_).all() or (m.scales_ < 0).any():
+            raise FlextronError("the quality model's scales are damaged; re-run `flextron quality --restart`")
+        m.cv_mae_ = d.get("cv_mae_", {})
+        return m

@@ -1,0 +1,163 @@
+"""The best config a quality model finds under a latency budget, exactly, and the repair of a proposal
+that does not fit.
+
+Both the latency model and the quality model are sums of per-layer terms (plus constants), so the
+config that minimises predicted loss under a predicted-latency budget is a multiple-choice knapsack:
+per layer one option (an MLP width with a head count, or the layer skipped), latency as the weight,
+loss delta as the value. A dynamic program over the budget, discretised into `bins` steps with every
+option's latency rounded up, solves it exactly for the rounded weights, so its answer always fits.
+
+`repair` makes an over-budget proposal fit: it takes, one at a time, the change (one layer's MLP or
+heads one step narrower, or the layer skipped) that costs the least predicted loss per ms saved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from flextron.spec import ElasticSpec, SubnetConfig
+
+SPACES = ("joint", "width", "depth")  # every option; widths only (no skip); depth only (full width or skip)
+
+
+@dataclass
+class LayerTables:
+    """Per-layer predicted latency (ms) and loss delta of every option, from the two models."""
+
+    spec: ElasticSpec
+    fixed_ms: float
+    attn_ms: np.ndarray  # [L, n_heads]
+    mlp_ms: np.ndarray  # [L, n_widths]
+    skip_ms: np.ndarray | None  # [L], None: the latency model has no depth
+    d_heads: list[np.ndarray]
+    d_mlp: list[np.ndarray]
+    d_skip: np.ndarray
+
+    @classmethod
+    def build(cls, lat_model, qmodel, spec: ElasticSpec) -> "LayerTables":
+        tab = lat_model.layer_table_ms(spec)
+        d_mlp, d_heads, d_skip = qmodel.layer_tables()
+        skip = tab["skip_ms"].numpy() if "skip_ms" in tab else None
+        return cls(spec, float(tab["fixed_ms"]), tab["attn_ms"].numpy(), tab["mlp_ms"].numpy(), skip, d_heads, d_mlp,
+                   d_skip)
+
+    def options(self, layer: int, space: str = "joint") -> list[tuple[tuple[int, int] | None, float, float]]:
+        """(choice, ms, loss delta) of one layer: choice (width index, heads index), or None for skipped."""
+        out = []
+        nw, nh = len(self.spec.mlp_widths[layer]), len(self.spec.head_counts[layer])
+        if space != "depth":
+            out += [((wi, hi), self.attn_ms[layer, hi] + self.mlp_ms[layer, wi],
+                     self.d_mlp[layer][wi] + self.d_heads[layer][hi]) for wi in range(nw) for hi in range(nh)]
+        else:
+            out.append(((nw - 1, nh - 1), self.attn_ms[layer, nh - 1] + self.mlp_ms[layer, nw - 1], 0.0))
+        if space != "width" and self.skip_ms is not None:
+            out.append((None, float(self.skip_ms[layer]), float(self.d_skip[layer])))
+        return out
+
+    def config(self, choices: list[tuple[int, int] | None]) -> SubnetConfig:
+        spec, full = self.spec, self.spec.full()
+        widths = [full.mlp_width[l] if c is None else spec.mlp_widths[l][c[0]] for l, c in enumerate(choices)]
+        heads = [full.heads[l] if c is None else spec.head_counts[l][c[1]] for l, c in enumerate(choices)]
+        return SubnetConfig(tuple(widths), tuple(heads), tuple(l for l, c in enumerate(choices) if c is None))
+
+
+def best_under_budget(tables: LayerTables, budget_ms: float, space: str = "joint", bins: int = 2000):
+    """The config with the least predicted loss whose predicted latency is within `budget_ms` (the
+    latency model's median scale), in `space`; None when nothing fits. Exact for latencies rounded
+    up to `budget/bins` steps."""
+    L = tables.spec.num_layers
+    opts = [tables.options(l, space) for l in range(L)]
+    floor = [min(o[1] for o in layer) for layer in opts]  # per-layer least ms: the DP counts what is above it
+    room = budget_ms - tables.fixed_ms - sum(floor)
+    if room < 0:
+        return None
+    step = max(room, 1e-12) / bins
+    dp = np.zeros(bins + 1)  # least loss delta of the layers so far using at most b steps
+    picks = np.zeros((L, bins + 1), np.int64)
+    for l, layer in enumerate(opts):
+        new = np.full(bins + 1, np.inf)
+        arg = np.zeros(bins + 1, np.int64)
+        for j, (_, ms, dq) in enumerate(layer):
+            k = int(math.ceil((ms - floor[l]) / step - 1e-9))
+            if k > bins:
+                continue
+            cand = np.full(bins + 1, np.inf)
+            cand[k:] = dp[: bins + 1 - k] + dq
+            better = cand < new
+            new[better], arg[better] = cand[better], j
+        dp, picks[l] = new, arg
+    if not np.isfinite(dp[bins]):
+        return None
+    choices, b = [None] * L, bins
+    for l in range(L - 1, -1, -1):
+        j = int(picks[l, b])
+        choice, ms, _ = opts[l][j]
+        choices[l] = choice
+        b -= int(math.ceil((ms - floor[l]) / step - 1e-9))
+    if all(c is None for c in choices):  # every layer skipped: not a model
+        return None
+    return tables.config(choices)
+
+
+def seeds(tables: LayerTables, budget_ms: float, n: int, spread: float = 0.04) -> list[tuple[str, SubnetConfig]]:
+    """The knapsack's best configs for the budget: in the joint space at `n` budgets from `budget_ms`
+    down to `spread` below it (distinct neighbours for Optuna to start from), then the best depth-only
+    and width-only ones. (source, config) pairs, without repeats."""
+    out, seen = [], set()
+    for j in range(max(n, 1)):
+        cfg = best_under_budget(tables, budget_ms * (1 - spread * j / max(n - 1, 1)))
+        if cfg is not None and cfg not in seen:
+            seen.add(cfg)
+            out.append(("knapsack", cfg))
+    for space in ("depth", "width"):
+        cfg = best_under_budget(tables, budget_ms, space)
+        if cfg is not None and cfg not in seen:
+            seen.add(cfg)
+            out.append((f"knapsack_{space}", cfg))
+    return out
+
+
+def repair(tables: LayerTables, cfg: SubnetConfig, budget_ms: float, predict) -> SubnetConfig | None:
+    """`cfg` made to fit `budget_ms` (by `predict`, the latency model's ms) by the cheapest changes in
+    predicted loss per ms saved; `cfg` itself when it fits; None when nothing more can be cut."""
+    spec = tables.spec
+    w = [spec.mlp_widths[l].index(x) for l, x in enumerate(cfg.mlp_width)]
+    h = [spec.head_counts[l].index(x) for l, x in enumerate(cfg.heads)]
+    skipped = set(cfg.skip)
+    current = cfg
+    for _ in range(sum(len(ws) + len(hs) + 1 for ws, hs in zip(spec.mlp_widths, spec.head_counts))):
+        if predict(current) <= budget_ms:
+            return current
+        moves = []  # (loss per ms saved, -ms saved, layer, kind)
+        for l in range(spec.num_layers):
+            if l in skipped:
+                continue
+            if w[l] > 0:
+                saved = tables.mlp_ms[l, w[l]] - tables.mlp_ms[l, w[l] - 1]
+                dq = tables.d_mlp[l][w[l] - 1] - tables.d_mlp[l][w[l]]
+                moves.append((l, "mlp", saved, dq))
+            if h[l] > 0:
+                saved = tables.attn_ms[l, h[l]] - tables.attn_ms[l, h[l] - 1]
+                dq = tables.d_heads[l][h[l] - 1] - tables.d_heads[l][h[l]]
+                moves.append((l, "heads", saved, dq))
+            if tables.skip_ms is not None and len(skipped) < spec.num_layers - 1:
+                saved = tables.attn_ms[l, h[l]] + tables.mlp_ms[l, w[l]] - tables.skip_ms[l]
+                dq = tables.d_skip[l] - tables.d_mlp[l][w[l]] - tables.d_heads[l][h[l]]
+                moves.append((l, "skip", saved, dq))
+        moves = [m for m in moves if m[2] > 0]
+        if not moves:
+            return None
+        l, kind, _, _ = min(moves, key=lambda m: (max(m[3], 0.0) / m[2], -m[2]))
+        if kind == "mlp":
+            w[l] -= 1
+        elif kind == "heads":
+            h[l] -= 1
+        else:
+            skipped.add(l)
+        current = spec.canonical(SubnetConfig(tuple(spec.mlp_widths[l][i] for l, i in enumerate(w)),
+                                              tuple(spec.head_counts[l][i] for l, i in enumerate(h)),
+                                              tuple(sorted(skipped))))
+    return current if predict(current) <= budget_ms else None

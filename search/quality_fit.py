@@ -1,0 +1,192 @@
+"""`flextron quality`: measure the per-layer quality table of the run's weights, fit the quality
+model, and report how well it ranks configs it was not fitted on.
+
+The table (flextron/quality_model.py) is measured on calibration windows once per weights and
+kept in RUN/quality/<weights>/ under a key of what it was measured from (weights tag, corpus,
+windows, spec): a later run with the same key reuses it, another key measures it again. Then real
+validation losses of sampled configs (their choices spread like what a search proposes: layers
+skipped from the cheaper part of the ranking, narrower widths and heads in a random share of
+layers) fit the model's form on `fit_configs` of them and score it on `heldout_configs` others:
+Spearman rank correlation, mean absolute error. The folder is built aside and swapped in whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from flextron.errors import FlextronError
+from flextron.spec import SubnetConfig
+
+MODEL_FILE = "quality_model.json"
+EVAL_FILE = "evaluations.parquet"
+CONFIG_FILE = "quality_config.json"
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    run: str  #: the run directory (converted); the quality model goes to RUN/quality/<weights>/
+    weights: str = "auto"  #: elastic (one-shot) | trained | auto (trained when `flextron train` made it)
+    corpus: str = ""  #: text; empty: the corpus the run was converted with
+    calib_windows: int = 2  #: calibration windows (one batch) the per-layer table is measured on
+    calib_seq_len: int = 128  #: tokens per calibration window
+    eval_windows: int = 4  #: validation windows per real evaluation of a sampled config
+    eval_seq_len: int = 128  #: tokens per validation window
+    fit_configs: int = 12  #: sampled configs whose real losses choose and fit the model's form
+    heldout_configs: int = 30  #: other sampled configs the model is scored on (Spearman, error)
+    seed: int = 0  #: seed of the sampled configs
+    device: str = "auto"  #: cpu, cuda, cuda:N, or auto (CUDA when present)
+    restart: bool = False  #: measure the table again even when one with the same key is kept
+
+    def __post_init__(self):
+        from flextron.devices import set_device_field
+        from flextron.rundir import check_finite
+
+        for name, low in (("calib_windows", 1), ("calib_seq_len", 2), ("eval_windows", 1), ("eval_seq_len", 2),
+                          ("fit_configs", 0), ("heldout_configs", 3), ("seed", 0)):
+            check_finite(name, getattr(self, name), low=low, whole=True)
+        set_device_field(self)
+
+
+def quality_dir(run_root: str | Path, weights: str) -> Path:
+    from flextron.rundir import safe_name
+
+    return Path(run_root) / "quality" / safe_name(weights)
+
+
+def table_key(spec, wtag: str, corpus: str, windows: int, seq_len: int) -> dict:
+    spec_id = hashlib.sha1(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    return {"weights_tag": wtag, "corpus": corpus, "calibration": f"{windows}x{seq_len}", "spec": spec_id}
+
+
+def sample_configs(spec, ranking: list[int], n: int, seed: int) -> list[SubnetConfig]:
+    """`n` distinct configs spread like a search's candidates: 0 to half of the layers skipped, drawn
+    from the cheaper two thirds of `ranking`, and a random share of the other layers at a random
+    narrower MLP width or head count."""
+    rng = random.Random(f"quality:{seed}")
+    L = spec.num_layers
+    pool = ranking[: max(1, (2 * L) // 3)]
+    out, seen = [], set()
+    for _ in range(50 * n + 50):
+        if len(out) == n:
+            break
+        k = rng.randint(0, min(len(pool), L // 2))
+        share = rng.uniform(0.0, 0.7)
+        full = spec.full()
+        widths = [rng.choice(ws) if rng.random() < share else full.mlp_width[l] for l, ws in enumerate(spec.mlp_widths)]
+        heads = [rng.choice(hs) if rng.random() < share else full.heads[l] for l, hs in enumerate(spec.head_counts)]
+        cfg = spec.canonical(SubnetConfig(tuple(widths), tuple(heads), tuple(rng.sample(pool, k))))
+        if cfg not in seen and cfg != full:
+            seen.add(cfg)
+            out.append(cfg)
+    return out
+
+
+def load_quality_model(run_root: str | Path, weights: str, wtag: str, spec):
+    """(QualityModel, metrics) of `weights`, or a FlextronError naming the command that (re)builds it
+    when there is none or it was measured on other weights."""
+    from flextron.quality_model import QualityModel, QualityTable
+    from flextron.rundir import read_json, recover_swap
+
+    folder = quality_dir(run_root, weights)
+    recover_swap(folder)
+    if not (folder / MODEL_FILE).is_file():
+        raise FlextronError(f"no quality model for the {weights} weights in {folder}; run "
+                            f"`flextron quality --run {run_root} --weights {weights}`")
+    table = QualityTable.load(folder / "quality_table.json")
+    if table.key.get("weights_tag") != wtag:
+        raise FlextronError(f"the quality model in {folder} was measured on other {weights} weights (re-trained "
+                            f"since); run `flextron quality --run {run_root} --weights {weights}` again")
+    d = read_json(folder / MODEL_FILE, run_root)
+    return QualityModel.from_dict(d.get("model", {}), table, spec), d.get("metrics", {})
+
+
+def quality(cfg: QualityConfig) -> dict:
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    from flextron.data import token_windows
+    from flextron.devices import check_device
+    from flextron.elastic import ElasticModel
+    from flextron.progress import progress
+    from flextron.quality_model import QualityModel, QualityTable, measure_table
+    from flextron.rundir import (
+        RunDir,
+        fresh_tmp_dir,
+        recover_swap,
+        save_stage_config,
+        swap_in,
+        write_json_atomic,
+        write_parquet_atomic,
+    )
+    from search.quality import QUALITY_CACHE, QualityEvaluator
+
+    run = RunDir(cfg.run)
+    wname, wdir = run.weights(cfg.weights)
+    check_device(cfg.device)
+    corpus = run.corpus(cfg.corpus)
+    t0 = time.perf_counter()
+    elastic = ElasticModel.load(wdir, device=cfg.device)
+    spec = elastic.spec
+    wtag = run.weights_tag(wname)
+    key = table_key(spec, wtag, corpus, cfg.calib_windows, cfg.calib_seq_len)
+    folder = quality_dir(run.root, wname)
+    recover_swap(folder)
+    table = None
+    if (folder / "quality_table.json").is_file() and not cfg.restart:
+        try:
+            kept = QualityTable.load(folder / "quality_table.json")
+            table = kept if kept.key == key else None
+        except FlextronError as e:
+            print(f"flextron quality: measuring the table again: {e}", file=sys.stderr)
+    reused = table is not None
+    if table is None:
+        windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.calib_seq_len,
+                                cfg.calib_windows, corpus)
+        table = measure_table(elastic, windows, key, progress=progress)
+    evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len,
+                                 corpus=corpus, tag=wtag)
+    configs = sample_configs(spec, table.layer_ranking(), cfg.fit_configs + cfg.heldout_configs, cfg.seed)
+    if len(configs) < cfg.fit_configs + 3:
+        raise FlextronError(f"only {len(configs)} distinct configs to sample in this model; lower --fit-configs")
+    losses = np.array([evaluator.loss(c) for c in progress(configs, desc="quality: real evaluations")])
+    fit_idx = np.arange(min(cfg.fit_configs, len(configs)))
+    test_idx = np.arange(len(fit_idx), len(configs))
+    model = QualityModel(table, spec).fit([configs[i] for i in fit_idx], losses[fit_idx])
+    pred = model.predict(configs)
+    additive = QualityModel(table, spec, forms=("additive",)).fit([], []).predict(configs)
+    y, p = losses[test_idx], pred[test_idx]
+    metrics = {
+        "weights": wname, "weights_tag": wtag, "corpus": corpus, "quality_setting": evaluator.setting,
+        "form": model.form_, "scales": [round(float(v), 4) for v in model.scales()], "cv_mae": model.cv_mae_,
+        "heldout": {"n": int(len(y)), "spearman": round(float(spearmanr(y, p).statistic), 4),
+                    "mae_loss": round(float(np.mean(np.abs(p - y))), 4),
+                    "spearman_additive": round(float(spearmanr(y, additive[test_idx]).statistic), 4)},
+        "fit_configs": int(len(fit_idx)), "table_seconds": table.seconds, "table_reused": reused,
+        "layer_ranking": table.layer_ranking(), "base_loss": table.base_loss,
+    }
+    recover_swap(folder)
+    out = fresh_tmp_dir(folder)
+    write_json_atomic(out / "quality_table.json", table.to_dict())
+    write_json_atomic(out / MODEL_FILE, {"model": model.to_dict(), "metrics": metrics})
+    write_parquet_atomic(pd.DataFrame({
+        "config_key": [c.key for c in configs], "config": [c.to_json() for c in configs],
+        "skipped_layers": [len(c.skip) for c in configs], "loss": losses, "predicted_loss": pred,
+        "additive_loss": additive, "heldout": [i in set(test_idx.tolist()) for i in range(len(configs))]}),
+        out / EVAL_FILE)
+    save_stage_config(out / CONFIG_FILE, cfg)
+    swap_in(out, folder)
+    held = metrics["heldout"]
+    print(f"flextron quality: held-out Spearman {held['spearman']} on {held['n']} configs it was not fitted on "
+          f"(additive alone {held['spearman_additive']}), mean abs error {held['mae_loss']} nats; form {model.form_}",
+          file=sys.stderr)
+    return {"folder": str(folder), **{k: metrics[k] for k in ("weights", "form", "scales", "heldout", "fit_configs",
+                                                               "table_seconds", "table_reused")},
+            "quality_evaluations": evaluator.evaluations, "seconds": round(time.perf_counter() - t0, 1)}
