@@ -154,7 +154,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     wname, wdir = run.weights(cfg.weights)
     check_device(cfg.device)
     elastic = ElasticModel.load(wdir, device=cfg.device)
-    sub = parse_config(elastic.spec, cfg.config)
+    from flextron.quality_model import layer_ranking
+
+    ranking = layer_ranking(run.root, wname) if cfg.config.strip().startswith("depth:") else None
+    sub = parse_config(elastic.spec, cfg.config, ranking)
     corpus = run.corpus(cfg.corpus)
     windows = token_windows(elastic.tokenizer, elastic.adapter, cfg.split, cfg.seq_len, cfg.windows, corpus)
     loss = mean_loss(elastic, sub, windows, cfg.batch_size)

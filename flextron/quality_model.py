@@ -28,6 +28,20 @@ TABLE_FILE = "quality_table.json"
 FORMS = ("additive", "scaled")
 
 
+def quality_dir(run_root: str | Path, weights: str) -> Path:
+    """Where the quality table and model of one set of weights live: RUN/quality/<weights>/."""
+    from flextron.rundir import safe_name
+
+    return Path(run_root) / "quality" / safe_name(weights)
+
+
+def layer_ranking(run_root: str | Path, weights: str) -> list[int] | None:
+    """The run's layers by the loss their removal costs (cheapest first), from its quality table of
+    `weights`; None when `flextron quality` has not measured one."""
+    path = quality_dir(run_root, weights) / TABLE_FILE
+    return QualityTable.load(path).layer_ranking() if path.is_file() else None
+
+
 @dataclass(frozen=True)
 class QualityTable:
     """Per-layer loss deltas (nats) of one set of weights on calibration windows.

@@ -30,6 +30,7 @@ STAGES = {
     "data": "flextron synth --run {run}",
     "profile": "flextron profile --run {run} --regime REGIME",
     "latency_model": "flextron fit --run {run}",
+    "quality": "flextron quality --run {run}",
     "router": "flextron route --run {run} --regime REGIME",
     "search": "flextron search --run {run} --regime REGIME --budget-ms X",
     "verify": "flextron verify --run {run}",

@@ -51,6 +51,13 @@ class Artifacts:
                 break
         self.convert = read_json(run / "convert_config.json", run) if (run / "convert_config.json").is_file() else {}
 
+        # quality models, one per weights: (weights, quality_model.json record, evaluations table)
+        self.quality = []
+        for path in sorted((run / "quality").glob("*/quality_model.json")):
+            ev = path.with_name("evaluations.parquet")
+            self.quality.append((path.parent.name, read_json(path, run),
+                                 read_parquet(ev, run) if ev.is_file() else pd.DataFrame()))
+
         lm = run / "latency_model"
         self.preds, self.metrics = None, {}
         if (lm / "predictions.parquet").is_file() and (lm / "metrics.json").is_file():  # `fit` writes both

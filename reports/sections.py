@@ -13,7 +13,7 @@ from collections import defaultdict
 
 from reports.artifacts import Artifacts, RouterRun, weights_label
 from reports.figures import Plots
-from reports.page import Cell, Page, Section, Table, count, frac, ms, pct, ppl
+from reports.page import Cell, Page, Section, Table, count, frac, ms, num, pct, ppl
 
 ENGINE_LABEL = {"torch": "transformers", "llamacpp": "llama.cpp"}
 
@@ -41,11 +41,14 @@ def describe(config, spec) -> Cell:
     except Exception:  # noqa: BLE001 - a malformed config in an artifact is shown, not fatal
         return Cell(str(config)[:60])
     full_heads = spec.num_heads if spec is not None else max(c.heads)
-    if len(set(c.mlp_width)) == 1 and len(set(c.heads)) == 1:
-        parts = ["uniform", f"MLP {c.mlp_width[0]}", f"{c.heads[0]}/{full_heads} heads"]
+    act = c.active_layers
+    widths, heads = [c.mlp_width[l] for l in act], [c.heads[l] for l in act]
+    if c.is_uniform():
+        parts = ["uniform" if not c.skip else "depth", f"MLP {widths[0]}", f"{heads[0]}/{full_heads} heads"]
     else:
-        parts = ["mixed", f"MLP ~{sum(c.mlp_width) / len(c.mlp_width):.0f}",
-                 f"~{sum(c.heads) / len(c.heads):.1f}/{full_heads} heads"]
+        parts = ["mixed", f"MLP ~{sum(widths) / len(widths):.0f}", f"~{sum(heads) / len(heads):.1f}/{full_heads} heads"]
+    if c.skip:
+        parts.insert(1, f"{len(act)}/{c.num_layers} layers (skips {','.join(map(str, c.skip))})")
     if spec is not None and c.num_layers == spec.num_layers:
         parts.append(f"{100 * c.param_count(spec) / spec.full().param_count(spec):.0f}% params")
     text = " · ".join(parts)
@@ -272,6 +275,31 @@ def latency_model(a: Artifacts, plots: Plots) -> Section:
     return s
 
 
+def quality_model(a: Artifacts) -> Section:
+    s = Section("quality-model", "Quality model", intro="Per-layer loss deltas (each MLP width, head count and the "
+                "layer skipped, one layer changed at a time, on calibration text) predict any sub-network's loss; the "
+                "search seeds each budget with the knapsack's best configs under it. Scored by rank correlation with "
+                "real validation losses of sampled configs it was not fitted on.")
+    if not a.quality:
+        s.missing = f"`{_cmd(a, 'quality')}` measures the table and scores the model"
+        return s
+    t = Table(["weights", "held-out Spearman", "additive alone", "mean abs error (nats)", "held out", "fitted on",
+               "form", "table s"])
+    for weights, rec, _ in a.quality:
+        m = rec.get("metrics", {})
+        h = m.get("heldout", {})
+        t.rows.append([weights_label(weights), frac(h.get("spearman")), frac(h.get("spearman_additive")),
+                       num(h.get("mae_loss"), 3), count(h.get("n")), count(m.get("fit_configs")), str(m.get("form")),
+                       num(m.get("table_seconds"), 0)])
+    s.add(t)
+    for weights, rec, _ in a.quality:
+        ranking = rec.get("metrics", {}).get("layer_ranking") or []
+        if ranking:
+            s.add(f"Layers by the loss their removal costs ({weights_label(weights)}), cheapest first: "
+                  f"{', '.join(map(str, ranking))}.")
+    return s
+
+
 def layers(a: Artifacts, plots: Plots) -> Section:
     s = Section("layers", "Per-layer latency", intro="What each width costs, layer by layer: the table the latency "
                 "model and the routers are built on.")
@@ -283,8 +311,9 @@ def layers(a: Artifacts, plots: Plots) -> Section:
 
 
 def search(a: Artifacts, plots: Plots) -> Section:
-    s = Section("search", "Search", intro="Optuna search per budget. Proposals the latency model predicts over "
-                "budget are rejected without a quality evaluation.")
+    s = Section("search", "Search", intro="Optuna search per budget, seeded with the quality model's knapsack picks. "
+                "A proposal the latency model predicts over budget is never evaluated: it is repaired (the cheapest "
+                "cuts in predicted loss per ms) and the repaired config is evaluated as a trial of its own.")
     if not a.searches:
         s.missing = f"`{_cmd(a, 'search')}` searches for the best sub-network under each budget"
         return s
@@ -402,5 +431,6 @@ def measurement(a: Artifacts, plots: Plots) -> Section:
 def build_page(a: Artifacts, plots: Plots) -> Page:
     title, facts = about(a)
     sections = [headline(a), lookup(a), verify(a), pareto(a, plots), routers(a, plots), latency_model(a, plots),
-                layers(a, plots), search(a, plots), training(a, plots), energy(a, plots), measurement(a, plots)]
+                quality_model(a), layers(a, plots), search(a, plots), training(a, plots), energy(a, plots),
+                measurement(a, plots)]
     return Page(title, facts, sections)

@@ -10,7 +10,7 @@ from flextron.errors import FlextronError
 @dataclass(frozen=True)
 class ExportConfig:
     run: str  #: the run directory
-    config: str = ""  #: full | smallest | uniform:F | JSON file; exclusive with --budget-ms / --lookup
+    config: str = ""  #: full | smallest | uniform:F | skip:L1,L2 | depth:K | JSON file; exclusive with --budget-ms, --lookup
     #: a new or empty folder (hf), a FILE.gguf (gguf), or a previous export with --overwrite; never
     #: inside elastic/ or trained/
     out: str = ""
@@ -81,9 +81,12 @@ def export(cfg: ExportConfig) -> dict:
                  "measured_latency_ms": row.measured_latency_ms, "latency_ms_p90": row.latency_ms_p90,
                  "budget_frac": row.budget_frac, "reference_full_ms": row.reference_full_ms, "source": row.source}
     else:
-        weights_dir = run.weights(cfg.weights)[1]
+        wname, weights_dir = run.weights(cfg.weights)
         elastic = ElasticModel.load(weights_dir)
-        sub = parse_config(elastic.spec, cfg.config)
+        from flextron.quality_model import layer_ranking
+
+        ranking = layer_ranking(run.root, wname) if cfg.config.strip().startswith("depth:") else None
+        sub = parse_config(elastic.spec, cfg.config, ranking)
         extra = {"config_arg": cfg.config}
         gguf_type = cfg.gguf_type or "f16"
     if cfg.format == "gguf":

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flextron.errors import FlextronError
+from flextron.quality_model import TABLE_FILE, quality_dir
 from flextron.spec import SubnetConfig
 
 MODEL_FILE = "quality_model.json"
@@ -53,12 +54,6 @@ class QualityConfig:
                           ("fit_configs", 0), ("heldout_configs", 3), ("seed", 0)):
             check_finite(name, getattr(self, name), low=low, whole=True)
         set_device_field(self)
-
-
-def quality_dir(run_root: str | Path, weights: str) -> Path:
-    from flextron.rundir import safe_name
-
-    return Path(run_root) / "quality" / safe_name(weights)
 
 
 def table_key(spec, wtag: str, corpus: str, windows: int, seq_len: int) -> dict:
@@ -100,7 +95,7 @@ def load_quality_model(run_root: str | Path, weights: str, wtag: str, spec):
     if not (folder / MODEL_FILE).is_file():
         raise FlextronError(f"no quality model for the {weights} weights in {folder}; run "
                             f"`flextron quality --run {run_root} --weights {weights}`")
-    table = QualityTable.load(folder / "quality_table.json")
+    table = QualityTable.load(folder / TABLE_FILE)
     if table.key.get("weights_tag") != wtag:
         raise FlextronError(f"the quality model in {folder} was measured on other {weights} weights (re-trained "
                             f"since); run `flextron quality --run {run_root} --weights {weights}` again")
@@ -140,9 +135,9 @@ def quality(cfg: QualityConfig) -> dict:
     folder = quality_dir(run.root, wname)
     recover_swap(folder)
     table = None
-    if (folder / "quality_table.json").is_file() and not cfg.restart:
+    if (folder / TABLE_FILE).is_file() and not cfg.restart:
         try:
-            kept = QualityTable.load(folder / "quality_table.json")
+            kept = QualityTable.load(folder / TABLE_FILE)
             table = kept if kept.key == key else None
         except FlextronError as e:
             print(f"flextron quality: measuring the table again: {e}", file=sys.stderr)
@@ -174,7 +169,7 @@ def quality(cfg: QualityConfig) -> dict:
     }
     recover_swap(folder)
     out = fresh_tmp_dir(folder)
-    write_json_atomic(out / "quality_table.json", table.to_dict())
+    write_json_atomic(out / TABLE_FILE, table.to_dict())
     write_json_atomic(out / MODEL_FILE, {"model": model.to_dict(), "metrics": metrics})
     write_parquet_atomic(pd.DataFrame({
         "config_key": [c.key for c in configs], "config": [c.to_json() for c in configs],

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+
+from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
+from flextron.evaluate import mean_loss, parse_config
+from flextron.quality_model import QualityModel, QualityTable, measure_table
+from flextron.spec import ElasticSpec, SubnetConfig
+
+
+def test_the_table_holds_each_single_layer_change_as_the_whole_model_scores_it(tiny_run):
+    """Each entry (computed from captured layer inputs, running only layers l..L-1) equals the loss of
+    the whole model under that config minus the full model's, as `mean_loss` computes them."""
+    elastic = ElasticModel.load(tiny_run / "elastic").to(dtype=torch.float64)
+    spec = elastic.spec
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    table = measure_table(elastic, ids)
+    base = mean_loss(elastic, spec.full(), ids)
+    assert abs(table.base_loss - base) < 2e-6
+    full = spec.full()
+    for l in range(spec.num_layers):
+        assert abs(table.skip[l] - (mean_loss(elastic, spec.depth([l]), ids) - base)) < 2e-6
+        for i, w in enumerate(spec.mlp_widths[l]):
+            cfg = SubnetConfig(tuple(w if j == l else x for j, x in enumerate(full.mlp_width)), full.heads)
+            assert abs(table.mlp[l][i] - (mean_loss(elastic, cfg, ids) - base)) < 2e-6
+        for i, h in enumerate(spec.head_counts[l]):
+            cfg = SubnetConfig(full.mlp_width, tuple(h if j == l else x for j, x in enumerate(full.heads)))
+            assert abs(table.heads[l][i] - (mean_loss(elastic, cfg, ids) - base)) < 2e-6
+    assert table.mlp[0][-1] == 0.0 and table.heads[0][-1] == 0.0
+    assert elastic.config == spec.full()  # the model is left as it was found
+
+
+def _known_table(spec, rng):
+    mlp = tuple(tuple(sorted(rng.uniform(0, 0.3, len(ws)), reverse=True)[:-1]) + (0.0,) for ws in spec.mlp_widths)
+    heads = tuple(tuple(sorted(rng.uniform(0, 0.2, len(hs)), reverse=True)[:-1]) + (0.0,) for hs in spec.head_counts)
+    return QualityTable(2.0, mlp, heads, tuple(rng.uniform(0.05, 1.0, spec.num_layers)))
+
+
+def test_the_model_recovers_a_known_function_and_is_scored_only_on_unseen_configs():
+    """Losses that are 2 + 1.5 x MLP deltas + 0.8 x head deltas + 2 x skip deltas: the scaled form
+    recovers the factors from 12 configs and predicts 30 others; additive alone is chosen when the
+    truth is additive."""
+    import random
+
+    spec = ElasticSpec.build("llama", 6, 64, 512, 8, 4, 16, 320)
+    table = _known_table(spec, np.random.default_rng(0))
+    rng = random.Random(0)
+    cfgs = [spec.depth(rng.sample(range(6), rng.randint(0, 3)), spec.random_config(rng)) for _ in range(42)]
+    S = table.sums(spec, cfgs)
+    y = 2.0 + S @ np.array([1.5, 0.8, 2.0])
+    m = QualityModel(table, spec).fit(cfgs[:12], y[:12])
+    assert m.form_ == "scaled" and np.allclose(m.scales_, [1.5, 0.8, 2.0], atol=1e-6)
+    assert np.allclose(m.predict(cfgs[12:]), y[12:])
+    additive = QualityModel(table, spec).fit(cfgs[:12], 2.0 + S[:12].sum(1))
+    assert additive.form_ == "additive" or np.allclose(additive.scales_, 1.0, atol=1e-6)
+    # the per-layer tables reproduce the prediction: base + sum of each config's entries
+    d_mlp, d_heads, d_skip = m.layer_tables()
+    c = cfgs[20]
+    by_hand = table.base_loss + sum(d_skip[l] if l in c.skip else d_mlp[l][spec.mlp_widths[l].index(c.mlp_width[l])]
+                                    + d_heads[l][spec.head_counts[l].index(c.heads[l])] for l in range(6))
+    assert abs(by_hand - m.predict_config(c)) < 2e-6
+    again = QualityModel.from_dict(m.to_dict(), QualityTable.from_dict(table.to_dict()), spec)
+    assert np.allclose(again.predict(cfgs), m.predict(cfgs))
+    assert table.layer_ranking() == sorted(range(6), key=lambda l: table.skip[l])
+
+
+def test_depth_forms_and_bad_depth_input_are_refused_clearly():
+    spec = ElasticSpec.build("llama", 4, 64, 512, 8, 4, 16, 320)
+    assert parse_config(spec, "skip:1,3").skip == (1, 3)
+    assert parse_config(spec, "depth:2", [3, 0, 2, 1]).skip == (0, 3)
+    with pytest.raises(FlextronError, match="quality table"):
+        parse_config(spec, "depth:2")
+    with pytest.raises(FlextronError, match="write depth:K"):
+        parse_config(spec, "depth:two")
+    with pytest.raises(FlextronError, match="skip between 0 and 3"):
+        parse_config(spec, "depth:4", [0, 1, 2, 3])
+    with pytest.raises(FlextronError, match="layer 7, which does not exist"):
+        parse_config(spec, "skip:7")
+    with pytest.raises(FlextronError, match="skips all 4 layers"):
+        parse_config(spec, "skip:0,1,2,3")
+    with pytest.raises(FlextronError, match="write skip:LAYER"):
+        parse_config(spec, "skip:a,b")
+    with pytest.raises(FlextronError, match="names a layer twice"):
+        SubnetConfig((512,) * 4, (8,) * 4, (1, 1))
+    with pytest.raises(FlextronError, match="unknown field"):
+        SubnetConfig.from_dict({"mlp_width": [512] * 4, "heads": [8] * 4, "skipped": [1]})
+    assert SubnetConfig.from_json(parse_config(spec, "skip:2").to_json()).skip == (2,)
+    assert "skip" not in spec.full().to_dict()  # configs without depth keep the JSON they always had

@@ -1,0 +1,70 @@
+import itertools
+
+import numpy as np
+
+from flextron.quality_model import QualityModel, QualityTable
+from flextron.spec import ElasticSpec, SubnetConfig
+from profiler.latency_model import LatencyModel, encode
+from search.knapsack import LayerTables, best_under_budget, repair, seeds
+
+
+def _models(num_layers=3, seed=0):
+    spec = ElasticSpec.build("llama", num_layers, 64, 512, 8, 4, 16, 320, mlp_choices=3, head_choices=2)
+    rng = np.random.default_rng(seed)
+    attn = {l: {h: 0.02 * h + rng.uniform(0, 0.02) for h in spec.head_counts[l]} for l in range(num_layers)}
+    mlp = {l: {w: 0.0004 * w + rng.uniform(0, 0.02) for w in spec.mlp_widths[l]} for l in range(num_layers)}
+    whole = {l: attn[l][8] + mlp[l][512] + 0.03 for l in range(num_layers)}
+    lat = LatencyModel(attn, mlp, 0.1, layer_table=whole, alphas=(None,), forms=("scaled",))
+    configs = spec.uniform_configs() + [spec.depth([l]) for l in range(num_layers)]
+    sums = lat._sums(encode(configs))
+    lat.fit(encode(configs), 0.5 + sums[:, 0] + sums[:, 1])
+    mlp_d = tuple(tuple(sorted(rng.uniform(0, 0.5, len(ws)), reverse=True)[:-1]) + (0.0,) for ws in spec.mlp_widths)
+    heads_d = tuple(tuple(sorted(rng.uniform(0, 0.4, len(hs)), reverse=True)[:-1]) + (0.0,) for hs in spec.head_counts)
+    table = QualityTable(3.0, mlp_d, heads_d, tuple(rng.uniform(0.1, 1.5, num_layers)))
+    return spec, lat, QualityModel(table, spec)
+
+
+def _everything(spec):
+    return [spec.canonical(SubnetConfig(w, h, [l for l in range(spec.num_layers) if s[l]]))
+            for w in itertools.product(*spec.mlp_widths) for h in itertools.product(*spec.head_counts)
+            for s in itertools.product((0, 1), repeat=spec.num_layers) if not all(s)]
+
+
+def test_the_knapsack_finds_the_best_predicted_config_under_every_budget_exactly():
+    spec, lat, qm = _models()
+    tables = LayerTables.build(lat, qm, spec)
+    every = list(dict.fromkeys(_everything(spec)))
+    ms, loss = lat.predict(encode(every)), qm.predict(every)
+    lo, hi = lat.range_ms(spec)
+    for frac in np.linspace(0.0, 1.0, 13):
+        budget = lo + frac * (hi - lo)
+        got = best_under_budget(tables, budget, bins=20000)
+        fits = ms <= budget + 1e-12
+        assert got is not None and lat.predict_config(got) <= budget + 1e-9
+        # the rounding of latencies to budget/bins steps may only cost a config within one step of the budget
+        inner = fits & (ms <= budget - 3 * (budget - lo) / 20000 - 1e-12)
+        if inner.any():
+            assert qm.predict_config(got) <= loss[inner].min() + 1e-9
+    for budget in np.linspace(lo, hi, 41):  # coarse steps: rounding latencies up keeps every answer within budget
+        coarse = best_under_budget(tables, budget, bins=10)
+        assert coarse is None or lat.predict_config(coarse) <= budget + 1e-9
+    assert best_under_budget(tables, lo - 1e-3) is None
+    depth_only = best_under_budget(tables, hi * 0.8, "depth")
+    assert depth_only.is_uniform() and depth_only.mlp_width == spec.full().mlp_width and depth_only.skip
+    width_only = best_under_budget(tables, hi * 0.8, "width")
+    assert width_only.skip == ()
+    seeded = seeds(tables, hi * 0.8, 3)
+    assert seeded[0] == ("knapsack", best_under_budget(tables, hi * 0.8))
+    assert {s for s, _ in seeded} <= {"knapsack", "knapsack_depth", "knapsack_width"}
+    assert len({c for _, c in seeded}) == len(seeded) and all(lat.predict_config(c) <= hi * 0.8 for _, c in seeded)
+
+
+def test_repair_makes_a_proposal_fit_by_the_cheapest_cuts():
+    spec, lat, qm = _models(num_layers=4, seed=1)
+    tables = LayerTables.build(lat, qm, spec)
+    lo, hi = lat.range_ms(spec)
+    budget = lo + 0.4 * (hi - lo)
+    fixed = repair(tables, spec.full(), budget, lat.predict_config)
+    assert fixed is not None and lat.predict_config(fixed) <= budget
+    assert repair(tables, fixed, budget, lat.predict_config) == fixed  # what fits is kept as it is
+    assert repair(tables, spec.full(), lo - 1.0, lat.predict_config) is None  # nothing can fit
