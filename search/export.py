@@ -10,7 +10,8 @@ from flextron.errors import FlextronError
 @dataclass(frozen=True)
 class ExportConfig:
     run: str  #: the run directory
-    config: str = ""  #: full | smallest | uniform:F | skip:L1,L2 | depth:K | JSON file; exclusive with --budget-ms, --lookup
+    #: full | smallest | uniform:F | skip:L1,L2 | depth:K | JSON file; exclusive with --budget-ms, --lookup
+    config: str = ""
     #: a new or empty folder (hf), a FILE.gguf (gguf), or a previous export with --overwrite; never
     #: inside elastic/ or trained/
     out: str = ""
