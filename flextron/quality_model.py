@@ -25,7 +25,7 @@ from flextron.errors import FlextronError
 from flextron.spec import ElasticSpec, SubnetConfig
 
 TABLE_FILE = "quality_table.json"
-FORMS = ("additive", "scaled")
+FORMS = ("additive", "scaled", "scaled_counts")
 
 
 def quality_dir(run_root: str | Path, weights: str) -> Path:
@@ -67,16 +67,21 @@ class QualityTable:
         return self
 
     def sums(self, spec: ElasticSpec, cfgs: list[SubnetConfig]) -> np.ndarray:
-        """[n, 3]: each config's summed MLP, head and skip deltas."""
-        out = np.zeros((len(cfgs), 3))
+        """[n, 6]: each config's summed MLP, head and skip deltas, then how many layers have a narrower
+        MLP, fewer heads, or are skipped."""
+        out = np.zeros((len(cfgs), 6))
         for n, c in enumerate(cfgs):
             skipped = set(c.skip)
             for l in range(spec.num_layers):
                 if l in skipped:
                     out[n, 2] += self.skip[l]
+                    out[n, 5] += 1
                 else:
-                    out[n, 0] += self.mlp[l][spec.mlp_widths[l].index(c.mlp_width[l])]
-                    out[n, 1] += self.heads[l][spec.head_counts[l].index(c.heads[l])]
+                    wi, hi = spec.mlp_widths[l].index(c.mlp_width[l]), spec.head_counts[l].index(c.heads[l])
+                    out[n, 0] += self.mlp[l][wi]
+                    out[n, 1] += self.heads[l][hi]
+                    out[n, 3] += wi < len(spec.mlp_widths[l]) - 1
+                    out[n, 4] += hi < len(spec.head_counts[l]) - 1
         return out
 
     def layer_ranking(self) -> list[int]:
@@ -198,39 +203,48 @@ class QualityModel:
 
     `additive`: base + sum of the config's deltas. `scaled`: base + a_mlp * MLP deltas + a_heads *
     head deltas + a_skip * skip deltas, a >= 0 fitted by least squares on real evaluations (single
-    layer deltas underestimate what several changes together cost). The form is chosen by leave-
-    one-out error on the configs given to `fit`; without any, additive.
+    layer deltas underestimate what several changes together cost). `scaled_counts`: also a
+    non-negative cost per changed layer of each kind (narrowed MLP, fewer heads, skipped): many
+    small cuts compound beyond their single-layer deltas, which the counts charge for. Every form is
+    a sum of per-layer terms (`layer_tables`). The form is chosen by leave-one-out error on the
+    configs given to `fit`; without any, additive.
     """
+
+    N_COLUMNS = {"additive": 0, "scaled": 3, "scaled_counts": 6}
 
     def __init__(self, table: QualityTable, spec: ElasticSpec, forms=FORMS):
         self.table = table.check(spec)
         self.spec = spec
         self.forms = forms
 
-    def _fit_scales(self, S: np.ndarray, y: np.ndarray) -> np.ndarray:
+    def _fit_scales(self, form: str, S: np.ndarray, y: np.ndarray) -> np.ndarray:
         from scipy.optimize import nnls
 
-        return nnls(S, y - self.table.base_loss)[0]
+        k = self.N_COLUMNS[form]
+        if not k:
+            return np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+        return np.concatenate([nnls(S[:, :k], y - self.table.base_loss)[0], np.zeros(6 - k)])
 
     def fit(self, configs: list[SubnetConfig], losses) -> "QualityModel":
         y = np.asarray(losses, float)
         S = self.table.sums(self.spec, configs)
         self.cv_mae_ = {}
-        if len(y) >= 4 and "scaled" in self.forms:
+        for form in self.forms:
+            if form != "additive" and len(y) < 2 * self.N_COLUMNS[form]:
+                continue  # too few evaluations to fit it and leave one out
             errs = []
             for i in range(len(y)):
                 keep = np.arange(len(y)) != i
-                a = self._fit_scales(S[keep], y[keep])
+                a = self._fit_scales(form, S[keep], y[keep])
                 errs.append(abs(self.table.base_loss + S[i] @ a - y[i]))
-            self.cv_mae_["scaled"] = float(np.mean(errs))
-        if "additive" in self.forms:
-            self.cv_mae_["additive"] = float(np.mean(np.abs(self.table.base_loss + S.sum(1) - y))) if len(y) else 0.0
+            self.cv_mae_[form] = float(np.mean(errs)) if errs else 0.0
         self.form_ = min(self.cv_mae_, key=self.cv_mae_.get) if self.cv_mae_ else "additive"
-        self.scales_ = self._fit_scales(S, y) if self.form_ == "scaled" else np.ones(3)
+        self.scales_ = self._fit_scales(self.form_, S, y)
         return self
 
     def scales(self) -> np.ndarray:
-        return getattr(self, "scales_", np.ones(3))
+        """(a_mlp, a_heads, a_skip, per narrowed MLP, per reduced heads, per skipped layer)."""
+        return getattr(self, "scales_", np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0]))
 
     def predict(self, configs: list[SubnetConfig]) -> np.ndarray:
         return self.table.base_loss + self.table.sums(self.spec, configs) @ self.scales()
@@ -242,8 +256,14 @@ class QualityModel:
         """Scaled per-layer deltas: MLP [L][n_w], heads [L][n_h], skip [L]; a config's predicted loss
         is base + the sum of its choices' entries."""
         a = self.scales()
-        return ([a[0] * np.asarray(m) for m in self.table.mlp], [a[1] * np.asarray(h) for h in self.table.heads],
-                a[2] * np.asarray(self.table.skip))
+
+        def cut(values, scale, per_change):  # the last entry is the full size: no change, no count
+            v = scale * np.asarray(values, float)
+            v[:-1] += per_change
+            return v
+
+        return ([cut(m, a[0], a[3]) for m in self.table.mlp], [cut(h, a[1], a[4]) for h in self.table.heads],
+                a[2] * np.asarray(self.table.skip) + a[5])
 
     def to_dict(self) -> dict:
         return {"form_": getattr(self, "form_", "additive"), "scales_": [float(v) for v in self.scales()],
@@ -253,8 +273,8 @@ class QualityModel:
     def from_dict(cls, d: dict, table: QualityTable, spec: ElasticSpec) -> "QualityModel":
         m = cls(table, spec)
         m.form_ = d.get("form_", "additive")
-        m.scales_ = np.asarray(d.get("scales_", [1.0, 1.0, 1.0]), float)
-        if m.scales_.shape != (3,) or not np.isfinite(m.scales_).all() or (m.scales_ < 0).any():
+        m.scales_ = np.asarray(d.get("scales_", [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]), float)
+        if m.scales_.shape != (6,) or not np.isfinite(m.scales_).all() or (m.scales_ < 0).any():
             raise FlextronError("the quality model's scales are damaged; re-run `flextron quality --restart`")
         m.cv_mae_ = d.get("cv_mae_", {})
         return m

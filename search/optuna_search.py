@@ -1,9 +1,11 @@
-"""`flextron search`: Optuna picks per-layer MLP widths and head counts under latency budgets.
+"""`flextron search`: Optuna picks per-layer MLP widths, head counts and skipped layers under latency budgets.
 
 The budget is a hard constraint applied through the latency model *before* any quality
 evaluation: an infeasible trial is told to Optuna with its constraint violation (`set_constraint`,
-or `constraints_func` on Optuna 4) and never costs a forward pass. The largest fitting uniform
-configs and the trained router's answer are seeded with `enqueue_trial`. Studies live in an Optuna
+or `constraints_func` on Optuna 4) and never costs a forward pass. Each study is seeded with
+`enqueue_trial`: the quality model's knapsack picks under the budget (search/knapsack.py), the
+trained router's answer and the largest fitting uniform configs; a proposal over budget is repaired
+into one that fits, which is evaluated as a trial of its own. Studies live in an Optuna
 storage (SQLite in the run by default, any database URL, or a journal file for many workers), so a
 killed search resumes and several processes can share one study.
 """
@@ -231,17 +233,21 @@ def search_budget(
     given, seed the study with the knapsack's best configs under the budget (joint, depth-only and
     width-only) and repair every proposal the latency model puts over budget: the repaired config is
     evaluated and added to the study as its own trial, the proposal is told as infeasible, so no
-    proposal that does not fit is ever evaluated and none is wasted. Without `tables` an over-budget
+    proposal that does not fit is ever evaluated and none is wasted. With a `margin`, two more seeds
+    are aimed at the budget itself ("knapsack_stretch"): predicted within it but not `margin` below
+    it, they are what verify measures first, so a pick does not leave the margin unused where it
+    measures within (verify falls back to the next best where it does not). Without `tables` an over-budget
     proposal is told as a constraint violation and never evaluated. A repeat of a config already
     evaluated is told its cached loss and not counted; a config another worker is evaluating right
     now is skipped (told as failed). Returns what happened, including why it stopped."""
     import optuna
 
     from profiler.latency_model import encode
-    from search.knapsack import repair, seeds
+    from search.knapsack import best_under_budget, repair, seeds
 
     # on the median scale the latency model predicts, `margin` below the budget (never below the fastest config)
     budget_ms = max(budget["budget_ms"] / tail * (1 - margin), floor_ms)
+    raw_ms = budget["budget_ms"] / tail  # the budget itself on the median scale
     depth = tables is not None and tables.skip_ms is not None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = cfg.seed if not cfg.storage else cfg.seed * 1_000_003 + os.getpid()
@@ -263,6 +269,11 @@ def search_budget(
         queue = []
         if tables is not None:
             queue += seeds(tables, budget_ms, max(1, cfg.trials // 3))
+            if raw_ms > budget_ms:
+                # Aimed at the budget itself, not `margin` below it: verify measures them first and falls
+                # back to the ones below the margin only where they measure over, so the budget is used.
+                stretch = [best_under_budget(tables, raw_ms * (1 - margin * f)) for f in (0.0, 0.5)]
+                queue = [("knapsack_stretch", c) for c in dict.fromkeys(stretch) if c is not None] + queue
         uniform = spec.uniform_configs()
         preds = lat_model.predict(encode(uniform))
         fitting = sorted(((p, s) for p, s in zip(preds, uniform) if p <= budget_ms), key=lambda ps: -ps[0])
@@ -304,7 +315,8 @@ def search_budget(
         trial.set_user_attr("config", proposed.to_json())
         _set_constraint(trial, [pred - budget_ms])
         sub = proposed
-        if pred > budget_ms:
+        limit = raw_ms if trial.user_attrs.get("source") == "knapsack_stretch" else budget_ms
+        if pred > limit:
             sub = repair(tables, proposed, budget_ms, lat_model.predict_config) if tables is not None else None
             if sub is None:
                 trial.set_user_attr("evaluated", False)

@@ -41,6 +41,9 @@ class QualityConfig:
     eval_windows: int = 4  #: validation windows per real evaluation of a sampled config
     eval_seq_len: int = 128  #: tokens per validation window
     fit_configs: int = 12  #: sampled configs whose real losses choose and fit the model's form
+    #: then, with a latency model, this many rounds of: the knapsack's picks at 0.5-0.9x of the full model under
+    #: the model so far are evaluated and join the fit (the configs a search starts from, where it must be right)
+    calibration_rounds: int = 2
     heldout_configs: int = 30  #: other sampled configs the model is scored on (Spearman, error)
     seed: int = 0  #: seed of the sampled configs
     device: str = "auto"  #: cpu, cuda, cuda:N, or auto (CUDA when present)
@@ -51,7 +54,7 @@ class QualityConfig:
         from flextron.rundir import check_finite
 
         for name, low in (("calib_windows", 1), ("calib_seq_len", 2), ("eval_windows", 1), ("eval_seq_len", 2),
-                          ("fit_configs", 0), ("heldout_configs", 3), ("seed", 0)):
+                          ("fit_configs", 0), ("heldout_configs", 3), ("seed", 0), ("calibration_rounds", 0)):
             check_finite(name, getattr(self, name), low=low, whole=True)
         set_device_field(self)
 
@@ -81,6 +84,28 @@ def sample_configs(spec, ranking: list[int], n: int, seed: int) -> list[SubnetCo
         if cfg not in seen and cfg != full:
             seen.add(cfg)
             out.append(cfg)
+    return out
+
+
+def _latency_models(run_root: Path) -> list:
+    """The run's fitted latency models (one per regime) when `flextron fit` made them, else []."""
+    from profiler.latency_model import MODEL_FILE as LATENCY_FILE
+    from profiler.latency_model import LatencyModels
+
+    if not (Path(run_root) / "latency_model" / LATENCY_FILE).is_file():
+        return []
+    return list(LatencyModels.load(run_root).models.values())
+
+
+def _knapsack_picks(lat_models, model, spec, fractions=(0.5, 0.6, 0.7, 0.8, 0.9)) -> list[SubnetConfig]:
+    """The knapsack's best config under `model` at each fraction of each regime's full model."""
+    from search.knapsack import LayerTables, best_under_budget
+
+    out = []
+    for lat in lat_models:
+        tables = LayerTables.build(lat, model, spec)
+        full = lat.predict_config(spec.full())
+        out += [c for f in fractions if (c := best_under_budget(tables, f * full)) is not None]
     return out
 
 
@@ -154,7 +179,23 @@ def quality(cfg: QualityConfig) -> dict:
     losses = np.array([evaluator.loss(c) for c in progress(configs, desc="quality: real evaluations")])
     fit_idx = np.arange(min(cfg.fit_configs, len(configs)))
     test_idx = np.arange(len(fit_idx), len(configs))
-    model = QualityModel(table, spec).fit([configs[i] for i in fit_idx], losses[fit_idx])
+    fit_cfgs, fit_y = [configs[i] for i in fit_idx], list(losses[fit_idx])
+    model = QualityModel(table, spec).fit(fit_cfgs, fit_y)
+    lat_models = _latency_models(run.root)
+    heldout = {configs[i] for i in test_idx}  # never fitted on, whatever the knapsack picks
+    for _ in range(cfg.calibration_rounds if lat_models else 0):
+        picks = [c for c in dict.fromkeys(_knapsack_picks(lat_models, model, spec))
+                 if c not in fit_cfgs and c not in heldout]
+        if not picks:
+            break
+        fit_cfgs += picks
+        fit_y += [evaluator.loss(c) for c in picks]
+        model = QualityModel(table, spec).fit(fit_cfgs, fit_y)
+    n_calibration = len(fit_cfgs) - len(fit_idx)
+    configs = [configs[i] for i in test_idx] + fit_cfgs  # held-out first, then everything fitted on
+    losses = np.concatenate([losses[test_idx], fit_y])
+    test_idx = np.arange(len(test_idx))
+    fit_idx = np.arange(len(test_idx), len(configs))
     pred = model.predict(configs)
     additive = QualityModel(table, spec, forms=("additive",)).fit([], []).predict(configs)
     y, p = losses[test_idx], pred[test_idx]
@@ -164,7 +205,8 @@ def quality(cfg: QualityConfig) -> dict:
         "heldout": {"n": int(len(y)), "spearman": round(float(spearmanr(y, p).statistic), 4),
                     "mae_loss": round(float(np.mean(np.abs(p - y))), 4),
                     "spearman_additive": round(float(spearmanr(y, additive[test_idx]).statistic), 4)},
-        "fit_configs": int(len(fit_idx)), "table_seconds": table.seconds, "table_reused": reused,
+        "fit_configs": int(len(fit_idx)), "calibration_configs": n_calibration, "table_seconds": table.seconds,
+        "table_reused": reused,
         "layer_ranking": table.layer_ranking(), "base_loss": table.base_loss,
     }
     recover_swap(folder)

@@ -50,17 +50,25 @@ class RunConfig:
 def run_pipeline(cfg: RunConfig) -> dict:
     import sys
 
+    import torch
+
     from flextron.cli.stages import STAGES
     from flextron.rundir import save_stage_config
 
     t0 = time.perf_counter()
     steps = {}
+    threads = torch.get_num_threads()
 
     def step(label: str, name: str, **kwargs):
         t = time.perf_counter()
         print(f"[flextron run] {label} ...", file=sys.stderr, flush=True)
         config, fn = STAGES[name].load()
-        steps[label] = fn(config(**kwargs))
+        try:
+            steps[label] = fn(config(**kwargs))
+        finally:
+            # Measuring stages pin torch to one thread (flextron.devices.set_cpu_threads); evaluation in
+            # the stages after them (quality, search) runs at the process's own count, twice as fast on 2 cores.
+            torch.set_num_threads(threads)
         steps[label]["_s"] = round(time.perf_counter() - t, 1)
 
     step("convert", "convert", model=cfg.model, out=cfg.out, mlp_choices=cfg.mlp_choices,
@@ -85,6 +93,9 @@ def run_pipeline(cfg: RunConfig) -> dict:
         "lookup_budget_frac": look["budget_frac"], "lookup_ratio_to_full": look["ratio_to_full"],
         "lookup_budgets_ms": look["budgets_ms"],
         "lookup_ppl": look["ppl"], "lookup_sources": look["sources"],
+        "quality": {k: steps["quality"][k] for k in ("form", "heldout", "table_seconds")},
+        "search": {k: [{f: b[f] for f in ("budget_frac", "evaluated", "asked_here", "repaired_here", "seeded", "stop")}
+                       for b in v["per_budget"]] for k, v in steps.items() if k.startswith("search")},
         "report": steps["report"]["report"], "seconds": round(time.perf_counter() - t0, 1),
         "stage_seconds": {k: v["_s"] for k, v in steps.items()},
     }

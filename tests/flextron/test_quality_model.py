@@ -38,9 +38,10 @@ def _known_table(spec, rng):
 
 
 def test_the_model_recovers_a_known_function_and_is_scored_only_on_unseen_configs():
-    """Losses that are 2 + 1.5 x MLP deltas + 0.8 x head deltas + 2 x skip deltas: the scaled form
-    recovers the factors from 12 configs and predicts 30 others; additive alone is chosen when the
-    truth is additive."""
+    """Losses that are 2 + 1.5 x MLP deltas + 0.8 x head deltas + 2 x skip deltas + 0.02 per narrowed
+    MLP + 0.01 per reduced head count + 0.1 per skipped layer: the scaled_counts form recovers all six
+    from 14 configs and predicts 28 others; a truth without counts gets no counts; the additive form
+    is chosen when the truth is additive."""
     import random
 
     spec = ElasticSpec.build("llama", 6, 64, 512, 8, 4, 16, 320)
@@ -48,18 +49,22 @@ def test_the_model_recovers_a_known_function_and_is_scored_only_on_unseen_config
     rng = random.Random(0)
     cfgs = [spec.depth(rng.sample(range(6), rng.randint(0, 3)), spec.random_config(rng)) for _ in range(42)]
     S = table.sums(spec, cfgs)
-    y = 2.0 + S @ np.array([1.5, 0.8, 2.0])
-    m = QualityModel(table, spec).fit(cfgs[:12], y[:12])
-    assert m.form_ == "scaled" and np.allclose(m.scales_, [1.5, 0.8, 2.0], atol=1e-6)
-    assert np.allclose(m.predict(cfgs[12:]), y[12:])
-    additive = QualityModel(table, spec).fit(cfgs[:12], 2.0 + S[:12].sum(1))
-    assert additive.form_ == "additive" or np.allclose(additive.scales_, 1.0, atol=1e-6)
+    truth = np.array([1.5, 0.8, 2.0, 0.02, 0.01, 0.1])
+    y = 2.0 + S @ truth
+    m = QualityModel(table, spec).fit(cfgs[:14], y[:14])
+    assert m.form_ == "scaled_counts" and np.allclose(m.scales_, truth, atol=1e-6)
+    assert np.allclose(m.predict(cfgs[14:]), y[14:])
+    scaled = QualityModel(table, spec).fit(cfgs[:14], 2.0 + S[:14, :3] @ truth[:3])
+    assert np.allclose(scaled.scales_, [*truth[:3], 0, 0, 0], atol=1e-6)
+    additive = QualityModel(table, spec).fit(cfgs[:14], 2.0 + S[:14, :3].sum(1))
+    assert np.allclose(additive.predict(cfgs), 2.0 + S[:, :3].sum(1))
     # the per-layer tables reproduce the prediction: base + sum of each config's entries
     d_mlp, d_heads, d_skip = m.layer_tables()
-    c = cfgs[20]
-    by_hand = table.base_loss + sum(d_skip[l] if l in c.skip else d_mlp[l][spec.mlp_widths[l].index(c.mlp_width[l])]
-                                    + d_heads[l][spec.head_counts[l].index(c.heads[l])] for l in range(6))
-    assert abs(by_hand - m.predict_config(c)) < 2e-6
+    for c in cfgs[20:26]:
+        by_hand = table.base_loss + sum(
+            d_skip[l] if l in c.skip else d_mlp[l][spec.mlp_widths[l].index(c.mlp_width[l])]
+            + d_heads[l][spec.head_counts[l].index(c.heads[l])] for l in range(6))
+        assert abs(by_hand - m.predict_config(c)) < 1e-9
     again = QualityModel.from_dict(m.to_dict(), QualityTable.from_dict(table.to_dict()), spec)
     assert np.allclose(again.predict(cfgs), m.predict(cfgs))
     assert table.layer_ranking() == sorted(range(6), key=lambda l: table.skip[l])

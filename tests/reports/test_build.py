@@ -16,7 +16,7 @@ from reports.build import ReportConfig, build_report
 
 REGIME = "prefill:b1:s64"
 SECTIONS = ["Headline", "Lookup table", "Verified budgets", "Pareto frontier", "Routers", "Latency model",
-            "Per-layer latency", "Search", "Training", "Measurement quality: noise, drift, throttling"]
+            "Quality model", "Per-layer latency", "Search", "Training", "Measurement quality: noise, drift, throttling"]
 HEADLINE = ["regime", "full model ms", "fastest sub-network ms", "fastest × full", "latency model error %",
             "noise floor %", "latency model", "picks within budget"]
 LOOKUP = ["budget ms", "budget × full", "q", "sub-network", "measured ms at q", "× full", "95% upper", "perplexity",
@@ -27,7 +27,11 @@ VERIFY = ["budget ms", "budget × full", "q", "sub-network", "predicted ms", "me
 
 @pytest.fixture(scope="module")
 def staged(trained_run, tmp_path_factory, profiled_copy):
-    """A trained tiny run taken through every stage: profile, fit, route, search, verify, export."""
+    """A trained tiny run taken through every stage: profile, fit, route, search, verify, export, timed
+    by the known-latency timer (tests/known_latency.py): which picks verify within their budgets, and so
+    what the lookup holds, never depends on the machine's load."""
+    from known_latency import KnownLatency
+
     from flextron.elastic import ElasticModel
     from profiler.latency_model import LatencyModels
     from search.export import ExportConfig, export
@@ -35,15 +39,17 @@ def staged(trained_run, tmp_path_factory, profiled_copy):
     from search.route import RouteConfig, route
     from search.verify import VerifyConfig, verify
 
-    run = profiled_copy(trained_run, tmp_path_factory.mktemp("report") / "run", REGIME, 8)
-    route(RouteConfig(run=str(run), surrogate_samples=8, surrogate_threshold=0.5, static_steps=40, dynamic_steps=2,
-                      eval_windows=2, eval_seq_len=32, calib_windows=1, batch_size=1, seq_len=32, select_windows=2,
-                      select_rounds=2, select_reps=1))
-    models = LatencyModels.load(run)
-    lo, hi = feasible_range(models.get(models.resolve(None)), ElasticModel.load(run / "elastic").spec)
-    search(SearchConfig(run=str(run), budget_ms=(3 * hi, 4 * hi), trials=3, eval_windows=2, eval_seq_len=32))
-    verify(VerifyConfig(run=str(run), rounds=2, reps=2, warmup=1))
-    export(ExportConfig(run=str(run), lookup=True))
+    with pytest.MonkeyPatch.context() as mp:
+        KnownLatency().install(mp)
+        run = profiled_copy(trained_run, tmp_path_factory.mktemp("report") / "run", REGIME, 8)
+        route(RouteConfig(run=str(run), surrogate_samples=8, surrogate_threshold=0.5, static_steps=40,
+                          dynamic_steps=2, eval_windows=2, eval_seq_len=32, calib_windows=1, batch_size=1, seq_len=32,
+                          select_windows=2, select_rounds=2, select_reps=1))
+        models = LatencyModels.load(run)
+        lo, hi = feasible_range(models.get(models.resolve(None)), ElasticModel.load(run / "elastic").spec)
+        search(SearchConfig(run=str(run), budget_ms=(3 * hi, 4 * hi), trials=3, eval_windows=2, eval_seq_len=32))
+        verify(VerifyConfig(run=str(run), rounds=2, reps=2, warmup=1))
+        export(ExportConfig(run=str(run), lookup=True))
     return run
 
 
@@ -247,7 +253,7 @@ def test_router_and_training_sections_show_their_artifacts(staged):
 
 
 def test_sections_without_their_data_name_the_command_that_makes_it(run):
-    for stage in ("router", "train", "trained", "search", "verify", "export"):
+    for stage in ("router", "train", "trained", "search", "verify", "export", "quality"):
         shutil.rmtree(run / stage)
     r = build_report(ReportConfig(run=str(run)))
     page = _page(run)
@@ -255,7 +261,7 @@ def test_sections_without_their_data_name_the_command_that_makes_it(run):
     lines = dict(line.split(": ", 1) for line in page.not_yet)
     expected = {"Lookup table": f"flextron export --run {run} --lookup",
                 "Verified budgets": f"flextron verify --run {run}", "Pareto frontier": f"flextron search --run {run}",
-                "Routers": f"flextron route --run {run}",
+                "Routers": f"flextron route --run {run}", "Quality model": f"flextron quality --run {run}",
                 "Search": f"flextron search --run {run}", "Training": f"flextron train --run {run}",
                 "Energy": f"flextron profile --run {run} --device cuda"}
     assert list(lines) == list(expected)

@@ -64,14 +64,21 @@ def _snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, profiled_copy):
+def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, profiled_copy, monkeypatch):
+    """Profiled, and the dynamic-vs-static selection measured, on the known-latency timer
+    (tests/known_latency.py): the reference, every measured ratio and the budgets answered are known
+    numbers, whatever else runs on the machine."""
+    from known_latency import KnownLatency
+
     from flextron.elastic import ElasticModel
     from flextron.router_store import Routers, regime_dir
     from flextron.static_router import _moves
     from profiler.latency_model import LatencyModels
     from search.route import RouteConfig, route
 
+    known = KnownLatency().install(monkeypatch)
     run = profiled_copy(trained_run, tmp_path / "r", "prefill:b1:s64", 6)
+    full = ElasticModel.load(run / "trained").spec.full()
     with pytest.raises(FlextronError, match="holds no routers"):
         route(RouteConfig(run=str(run), budget_ms=1.0))
     out = route(RouteConfig(run=str(run), static_steps=100, dynamic_steps=2, surrogate_samples=24, eval_windows=2,
@@ -99,6 +106,13 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     statics, dynamics = measured["statics"], measured["dynamics"]
     assert len(dynamics) == 9 and all(d["ratio"] > 0 and d["loss"] > 0 for d in dynamics)
     assert len(statics) >= 2 and all(x["ratio"] > 0 for x in statics)
+    # each measured as the known timer reports it (a dynamic point runs every MLP neuron at its heads)
+    assert measured["full_ms"] == round(known.e2e_ms(full), 4)
+    for x in statics:
+        cfg = SubnetConfig.from_dict(x["config"])
+        assert (x["ratio"], x["measured_ms"]) == (round(known.ratio(cfg, full), 4), round(known.e2e_ms(cfg), 4))
+    for d in dynamics:
+        assert d["ratio"] == round(known.ratio(SubnetConfig(full.mlp_width, tuple(d["point"]["heads"])), full), 4)
     for c in calib:  # what measured best within each budget serves it
         sel, t = c["selection"], c["router_frac"]
         assert c["serve"] == sel["serve"] in ("dynamic", "static")
@@ -151,7 +165,7 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     # one Budget: the search and the routers resolve a fraction against the same reference to the same ms
     search(SearchConfig(run=str(run), budget_frac=(1.5,), trials=2, eval_windows=2, eval_seq_len=32))
     b = next(x for x in json.loads((results / "best.json").read_text())["best"] if x["budget_frac"] == 1.5)
-    assert meta["reference_full_ms"] == b["reference_full_ms"]
+    assert meta["reference_full_ms"] == b["reference_full_ms"] == pytest.approx(known.e2e_ms(full), rel=1e-9)
     for a in meta["static_answers"] + meta["dynamic_calibration"]:
         assert a["budget_ms"] == pytest.approx(a["budget_frac"] * meta["reference_full_ms"], rel=1e-5)
     assert routers.dynamic_point_for(b["budget_ms"]) == routers.dynamic_point(b["budget_ms"] / meta["table"]["full_ms"])
