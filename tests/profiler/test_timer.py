@@ -9,7 +9,7 @@ from profiler.timer import Timer, TimerConfig
 def test_cpu_timer_meets_count_and_time():
     t = Timer("cpu", cfg=TimerConfig(warmup=1, min_reps=5, min_time_s=0.05)).measure(lambda: time.sleep(0.002))
     assert len(t.samples_ms) >= 5 and sum(t.samples_ms) >= 45
-    assert 1.8 < t.median_ms < 10 and t.p10_ms <= t.median_ms <= t.p90_ms
+    assert 1.8 < t.median_ms < 100 and t.p10_ms <= t.median_ms <= t.p90_ms  # sleep(2 ms); busy box: more
     row = t.row()
     assert row["n"] == len(t.samples_ms)
     assert (row["latency_ms_p10"] <= row["latency_ms_median"] <= row["latency_ms_p90"] <= row["latency_ms_p99"]
