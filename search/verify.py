@@ -23,7 +23,9 @@ from flextron.spec import Regime, SubnetConfig
 VERIFIED_FILE = "verified.parquet"
 UNIFORM_FILE = "uniform.parquet"  # the uniform configs measured in the same session as the picks
 SAMPLES_FILE = "samples.parquet"  # every raw sample, with its round
-MAX_REPLACEMENTS = 5
+# Every evaluated candidate of a budget may be tried (a search evaluates 12 by default): the knapsack's
+# picks sit near the budget, where a model error of a few % decides, so the next best often measures within.
+MAX_REPLACEMENTS = 12
 
 
 @dataclass(frozen=True)
