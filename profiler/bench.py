@@ -15,6 +15,8 @@ work that depends on the tokens (per-token routing) sees what it sees in use.
 
 from __future__ import annotations
 
+import inspect
+
 from flextron.spec import Regime, SubnetConfig
 
 
@@ -71,7 +73,9 @@ class RegimeBench:
         kw = {"input_ids": self.ids, "logits_to_keep": 1}
         if self.regime.phase == "decode":
             ctx = self.regime.seq_len
-            kw.update(past_key_values=cache, use_cache=True,
+            # transformers >= 5.25 names the argument `cache` (`past_key_values` warns on every call)
+            name = "cache" if "cache" in inspect.signature(self.elastic.model.forward).parameters else "past_key_values"
+            kw.update({name: cache}, use_cache=True,
                       cache_position=torch.tensor([ctx], device=self.device),
                       position_ids=torch.full((self.regime.batch, 1), ctx, device=self.device))
         else:

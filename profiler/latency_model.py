@@ -502,7 +502,10 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
     if "ratio_to_full" in rows and rows["ratio_to_full"].notna().all():
         # Measured in interleaved rounds: each config relative to the full model in the same round,
         # times the full model's median, so the machine's drift over the profile is not fitted.
-        full = rows[rows["ratio_to_full"] == 1.0]["latency_ms_median"]
+        # the full model is the config at every layer's widest choice (not a ratio that happens to be 1.0)
+        is_full = np.array([not c.skip and all(w == max(mlp[l]) and h == max(attn[l])
+                                               for l, (w, h) in enumerate(zip(c.mlp_width, c.heads))) for c in configs])
+        full = rows[is_full]["latency_ms_median"]
         if len(full):
             y, target = rows["ratio_to_full"].to_numpy(float) * float(full.iloc[0]), "ratio_to_full"
     uniform = rows["uniform"].to_numpy(bool)

@@ -64,12 +64,19 @@ class LayerTables:
         return SubnetConfig(tuple(widths), tuple(heads), tuple(l for l, c in enumerate(choices) if c is None))
 
 
-def best_under_budget(tables: LayerTables, budget_ms: float, space: str = "joint", bins: int = 2000):
+def best_under_budget(tables: LayerTables, budget_ms: float, space: str = "joint", bins: int = 2000,
+                      cut_penalty: float = 0.0):
     """The config with the least predicted loss whose predicted latency is within `budget_ms` (the
     latency model's median scale), in `space`; None when nothing fits. Exact for latencies rounded
-    up to `budget/bins` steps."""
+    up to `budget/bins` steps. `cut_penalty` adds that much predicted loss per layer whose widths are
+    cut (not skipped, not full): the additive model under-counts width cuts spread over many layers
+    (their damage compounds), so penalised picks concentrate the cuts in fewer layers."""
     L = tables.spec.num_layers
     opts = [tables.options(l, space) for l in range(L)]
+    if cut_penalty:
+        full = [(len(tables.spec.mlp_widths[l]) - 1, len(tables.spec.head_counts[l]) - 1) for l in range(L)]
+        opts = [[(c, ms, dq + (cut_penalty if c is not None and c != full[l] else 0.0)) for c, ms, dq in layer]
+                for l, layer in enumerate(opts)]
     floor = [min(o[1] for o in layer) for layer in opts]  # per-layer least ms: the DP counts what is above it
     room = budget_ms - tables.fixed_ms - sum(floor)
     if room < 0:
@@ -102,22 +109,41 @@ def best_under_budget(tables: LayerTables, budget_ms: float, space: str = "joint
     return tables.config(choices)
 
 
+def sparse_penalties(tables: LayerTables) -> tuple[float, ...]:
+    """Per-cut-layer penalties for the "sparse" picks: fractions of the median loss of skipping a layer
+    (a width cut that costs a quarter of a skip, then a whole one); none without depth."""
+    if tables.skip_ms is None or not len(tables.d_skip):
+        return ()
+    scale = float(np.median(np.maximum(tables.d_skip, 0.0)))
+    return tuple(f * scale for f in (0.25, 1.0)) if scale > 0 else ()
+
+
+def picks_at(tables: LayerTables, budget_ms: float) -> list[tuple[str, SubnetConfig]]:
+    """The knapsack's distinct picks for one budget in every space: joint, sparse (width cuts penalised
+    per layer), depth-only, width-only. (source, config) pairs in that order."""
+    out = [("knapsack", best_under_budget(tables, budget_ms))]
+    out += [("knapsack_sparse", best_under_budget(tables, budget_ms, cut_penalty=p)) for p in sparse_penalties(tables)]
+    out += [(f"knapsack_{space}", best_under_budget(tables, budget_ms, space)) for space in ("depth", "width")]
+    return distinct(out)
+
+
+def distinct(pairs) -> list[tuple[str, SubnetConfig]]:
+    """(source, config) pairs without a None or a repeated config, the first source kept."""
+    seen, out = set(), []
+    for source, cfg in pairs:
+        if cfg is not None and cfg not in seen:
+            seen.add(cfg)
+            out.append((source, cfg))
+    return out
+
+
 def seeds(tables: LayerTables, budget_ms: float, n: int, spread: float = 0.04) -> list[tuple[str, SubnetConfig]]:
     """The knapsack's best configs for the budget: in the joint space at `n` budgets from `budget_ms`
-    down to `spread` below it (distinct neighbours for Optuna to start from), then the best depth-only
-    and width-only ones. (source, config) pairs, without repeats."""
-    out, seen = [], set()
-    for j in range(max(n, 1)):
-        cfg = best_under_budget(tables, budget_ms * (1 - spread * j / max(n - 1, 1)))
-        if cfg is not None and cfg not in seen:
-            seen.add(cfg)
-            out.append(("knapsack", cfg))
-    for space in ("depth", "width"):
-        cfg = best_under_budget(tables, budget_ms, space)
-        if cfg is not None and cfg not in seen:
-            seen.add(cfg)
-            out.append((f"knapsack_{space}", cfg))
-    return out
+    down to `spread` below it (distinct neighbours for Optuna to start from), then the sparse, depth-only
+    and width-only ones (`picks_at`). (source, config) pairs, without repeats."""
+    joint = [("knapsack", best_under_budget(tables, budget_ms * (1 - spread * j / max(n - 1, 1))))
+             for j in range(max(n, 1))]
+    return distinct(joint + picks_at(tables, budget_ms))
 
 
 def repair(tables: LayerTables, cfg: SubnetConfig, budget_ms: float, predict) -> SubnetConfig | None:

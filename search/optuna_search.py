@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +193,29 @@ def _ensure_study_attrs(study, expected: dict) -> None:
             study.set_user_attr(key, value)
 
 
-CLAIM_TTL_S = 900.0  # a config claimed by a worker that died is free again after this long
+CLAIM_TTL_S = 900.0  # a config claimed by a worker on another host that died is free again after this long
+
+
+def _worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _claim_is_live(attrs: dict, now: float) -> bool:
+    """A claim is live while its worker may still tell it: younger than CLAIM_TTL_S and, for a worker
+    on this host, while its process exists (a search killed or interrupted here frees its claim at once,
+    so a resumed search does not wait for it)."""
+    if attrs.get("claimed_at", 0) <= now - CLAIM_TTL_S:
+        return False
+    host, _, pid = str(attrs.get("claimed_by", "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another host's worker (or an older claim without an owner): the TTL decides
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    return True
 
 
 def _progress(study):
@@ -204,7 +228,7 @@ def _progress(study):
         key = t.user_attrs.get("config")
         if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated"):
             evaluated.add(key)
-        elif t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("claimed_at", 0) > now - CLAIM_TTL_S:
+        elif t.state == optuna.trial.TrialState.RUNNING and _claim_is_live(t.user_attrs, now):
             claims.append((t.user_attrs["claimed_at"], t.number, key))
     return evaluated, sorted(c for c in claims if c[2] not in evaluated)
 
@@ -233,9 +257,9 @@ def search_budget(
     given, seed the study with the knapsack's best configs under the budget (joint, depth-only and
     width-only) and repair every proposal the latency model puts over budget: the repaired config is
     evaluated and added to the study as its own trial, the proposal is told as infeasible, so no
-    proposal that does not fit is ever evaluated and none is wasted. With a `margin`, two more seeds
-    are aimed at the budget itself ("knapsack_stretch"): predicted within it but not `margin` below
-    it, they are what verify measures first, so a pick does not leave the margin unused where it
+    proposal that does not fit is ever evaluated and none is wasted. With a `margin`, the joint, sparse and
+    depth-only picks at the budget itself are seeded first ("knapsack_stretch*"): predicted within it but
+    not `margin` below it, they are what verify measures first, so a pick does not leave the margin unused where it
     measures within (verify falls back to the next best where it does not). Without `tables` an over-budget
     proposal is told as a constraint violation and never evaluated. A repeat of a config already
     evaluated is told its cached loss and not counted; a config another worker is evaluating right
@@ -243,7 +267,7 @@ def search_budget(
     import optuna
 
     from profiler.latency_model import encode
-    from search.knapsack import best_under_budget, repair, seeds
+    from search.knapsack import best_under_budget, distinct, picks_at, repair, seeds
 
     # on the median scale the latency model predicts, `margin` below the budget (never below the fastest config)
     budget_ms = max(budget["budget_ms"] / tail * (1 - margin), floor_ms)
@@ -263,29 +287,33 @@ def search_budget(
     _ensure_study_attrs(study, {**(attrs or {}), **budget})
     n_seeded = 0
     if not study.trials and cfg.sampler == "tpe":  # "random" is the plain baseline: no seeds
-        # Seeds: the knapsack's picks (the quality model's best guesses under the budget, the depth-only
-        # and width-only ones among them), the router's answer, and the largest fitting uniform configs,
-        # the baseline the search must beat anyway (at 12 trials: 4 joint picks at budgets 0-4% below,
-        # 2 aimed at the budget itself, the depth- and width-only ones, 2 uniform; TPE proposes the rest).
+        # Seeds: the knapsack's picks (the quality model's best guesses under the budget; sparse ones that
+        # concentrate width cuts in few layers; depth- and width-only ones), the router's answer, and the
+        # largest fitting uniform config, the baseline the search must beat anyway. With a margin, the
+        # joint, sparse and depth-only picks at the budget itself go first ("knapsack_stretch*"): verify
+        # measures them first and falls back to the ones below the margin only where they measure over,
+        # so the budget is used. Real evaluations arbitrate between the spaces; TPE proposes the rest.
         # Workers starting together may both seed: the repeat is then told its cached loss, not re-evaluated.
         queue = []
         if tables is not None:
-            queue += seeds(tables, budget_ms, max(1, cfg.trials // 3))
             if raw_ms > budget_ms:
-                # Aimed at the budget itself, not `margin` below it: verify measures them first and falls
-                # back to the ones below the margin only where they measure over, so the budget is used.
-                stretch = [best_under_budget(tables, raw_ms * (1 - margin * f)) for f in (0.0, 0.5)]
-                queue = [("knapsack_stretch", c) for c in dict.fromkeys(stretch) if c is not None] + queue
+                stretch = [(src.replace("knapsack", "knapsack_stretch"), c) for src, c in picks_at(tables, raw_ms)
+                           if src != "knapsack_width"]
+                stretch.insert(1, ("knapsack_stretch", best_under_budget(tables, raw_ms * (1 - margin / 2))))
+                queue += stretch
+            queue += seeds(tables, budget_ms, max(1, cfg.trials // 4))
+        if routers is not None:  # the trained static router's answer for this budget goes first
+            queue.insert(0, ("router", routers.config_for(budget_ms, lat_model.predict_config)))
         uniform = spec.uniform_configs()
         preds = lat_model.predict(encode(uniform))
         fitting = sorted(((p, s) for p, s in zip(preds, uniform) if p <= budget_ms), key=lambda ps: -ps[0])
-        if routers is not None:  # the trained static router's answer for this budget goes first
-            queue.insert(0, ("router", routers.config_for(budget_ms, lat_model.predict_config)))
-        queue += [("uniform", c) for _, c in fitting[: max(1, min(2, cfg.trials // 4))]]
-        for source, seed_cfg in queue[: cfg.trials]:
+        queue = distinct(queue)[: cfg.trials - 1 if fitting else cfg.trials]
+        queue = distinct(queue + [("uniform", c) for _, c in fitting[: max(1, min(2, cfg.trials // 4))]])
+        queue = queue[: cfg.trials]
+        for source, seed_cfg in queue:
             study.enqueue_trial(config_params(seed_cfg, spec, depth), user_attrs={"source": source},
                                 skip_if_exists=True)
-        n_seeded = len(queue[: cfg.trials])
+        n_seeded = len(queue)
     if tables is not None:
         n_startup = min(n_startup, n_seeded) if n_seeded else n_startup
 
@@ -317,7 +345,7 @@ def search_budget(
         trial.set_user_attr("config", proposed.to_json())
         _set_constraint(trial, [pred - budget_ms])
         sub = proposed
-        limit = raw_ms if trial.user_attrs.get("source") == "knapsack_stretch" else budget_ms
+        limit = raw_ms if str(trial.user_attrs.get("source", "")).startswith("knapsack_stretch") else budget_ms
         if pred > limit:
             sub = repair(tables, proposed, budget_ms, lat_model.predict_config) if tables is not None else None
             if sub is None:
@@ -326,22 +354,29 @@ def search_budget(
                 continue
         key = sub.to_json()
         if key not in evaluated:
-            # Claim the evaluation, then look again: claims are ranked by time, so of two workers
-            # racing for the last slot (or the same config) the later one steps back. No overshoot.
-            mine = (time.time(), trial.number, key)
+            # Claim the evaluation (write), then look (read) and step back on any other live claim for
+            # the same config or for the last slots. Of two workers that both wrote before reading, at least
+            # the later reader sees the other's claim, so two never both go ahead (no overshoot); both
+            # may step back, and the one that tells its step-back last finds the slot free again.
             trial.set_user_attr("config", key)  # what this trial is evaluating, for the claims
-            trial.set_user_attr("claimed_at", mine[0])
+            trial.set_user_attr("claimed_at", time.time())
+            trial.set_user_attr("claimed_by", _worker_id())
             evaluated, claims = _progress(study)
-            ahead = [c for c in claims if c < mine]
+            others = [c for c in claims if c[1] != trial.number]
             if key not in evaluated and (
-                any(c[2] == key for c in ahead) or len(evaluated) + len({c[2] for c in ahead}) >= cfg.trials
+                any(c[2] == key for c in others) or len(evaluated) + len({c[2] for c in others}) >= cfg.trials
             ):
                 trial.set_user_attr("config", proposed.to_json())
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)  # another worker has it
+                time.sleep(random.uniform(0.0, 0.05))  # de-synchronise workers that stepped back together
                 continue
         is_repeat = key in evaluated
         repeats += is_repeat
-        loss = evaluator.loss(sub)
+        try:
+            loss = evaluator.loss(sub)
+        except BaseException:  # Ctrl-C or an error: free the claim now, not after CLAIM_TTL_S
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
         if sub is proposed:
             trial.set_user_attr("repeat", is_repeat)
             trial.set_user_attr("evaluated", True)
@@ -701,15 +736,23 @@ def _layer_tables(run_root: Path, wname: str, wtag: str, spec, lat_model, cfg: S
     weights (built now, with its defaults, when there is none or it is stale)."""
     import sys
 
+    from flextron.quality_model import quality_dir
+    from flextron.rundir import file_lock
     from search.knapsack import LayerTables
     from search.quality_fit import QualityConfig, load_quality_model, quality
 
     try:
         qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec)
     except FlextronError as e:
-        print(f"flextron search: {e}; building it now", file=sys.stderr)
-        quality(QualityConfig(run=str(run_root), weights=wname, corpus=cfg.corpus, device=cfg.device))
-        qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec)
+        # Workers starting together build it once: the first builds, the others wait and load its model.
+        folder = quality_dir(run_root, wname)
+        with file_lock(folder.with_name(folder.name + ".build.lock")):
+            try:
+                qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec)
+            except FlextronError:
+                print(f"flextron search: {e}; building it now", file=sys.stderr)
+                quality(QualityConfig(run=str(run_root), weights=wname, corpus=cfg.corpus, device=cfg.device))
+                qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec)
     if not lat_model.depth:
         print("flextron search: the latency model has no depth (profiled before whole-layer cells): searching "
               "widths only; re-run `flextron profile --restart` and `flextron fit` to skip layers too", file=sys.stderr)

@@ -139,6 +139,7 @@ def quality(cfg: QualityConfig) -> dict:
     from flextron.quality_model import QualityModel, QualityTable, measure_table
     from flextron.rundir import (
         RunDir,
+        file_lock,
         fresh_tmp_dir,
         recover_swap,
         save_stage_config,
@@ -209,17 +210,18 @@ def quality(cfg: QualityConfig) -> dict:
         "table_reused": reused,
         "layer_ranking": table.layer_ranking(), "base_loss": table.base_loss,
     }
-    recover_swap(folder)
-    out = fresh_tmp_dir(folder)
-    write_json_atomic(out / TABLE_FILE, table.to_dict())
-    write_json_atomic(out / MODEL_FILE, {"model": model.to_dict(), "metrics": metrics})
-    write_parquet_atomic(pd.DataFrame({
-        "config_key": [c.key for c in configs], "config": [c.to_json() for c in configs],
-        "skipped_layers": [len(c.skip) for c in configs], "loss": losses, "predicted_loss": pred,
-        "additive_loss": additive, "heldout": [i in set(test_idx.tolist()) for i in range(len(configs))]}),
-        out / EVAL_FILE)
-    save_stage_config(out / CONFIG_FILE, cfg)
-    swap_in(out, folder)
+    with file_lock(folder.with_name(folder.name + ".lock")):  # concurrent builders swap in turn, never share .tmp
+        recover_swap(folder)
+        out = fresh_tmp_dir(folder)
+        write_json_atomic(out / TABLE_FILE, table.to_dict())
+        write_json_atomic(out / MODEL_FILE, {"model": model.to_dict(), "metrics": metrics})
+        write_parquet_atomic(pd.DataFrame({
+            "config_key": [c.key for c in configs], "config": [c.to_json() for c in configs],
+            "skipped_layers": [len(c.skip) for c in configs], "loss": losses, "predicted_loss": pred,
+            "additive_loss": additive, "heldout": [i in set(test_idx.tolist()) for i in range(len(configs))]}),
+            out / EVAL_FILE)
+        save_stage_config(out / CONFIG_FILE, cfg)
+        swap_in(out, folder)
     held = metrics["heldout"]
     print(f"flextron quality: held-out Spearman {held['spearman']} on {held['n']} configs it was not fitted on "
           f"(additive alone {held['spearman_additive']}), mean abs error {held['mae_loss']} nats; form {model.form_}",

@@ -5,7 +5,7 @@ import numpy as np
 from flextron.quality_model import QualityModel, QualityTable
 from flextron.spec import ElasticSpec, SubnetConfig
 from profiler.latency_model import LatencyModel, encode
-from search.knapsack import LayerTables, best_under_budget, repair, seeds
+from search.knapsack import LayerTables, best_under_budget, picks_at, repair, seeds, sparse_penalties
 
 
 def _models(num_layers=3, seed=0):
@@ -55,8 +55,43 @@ def test_the_knapsack_finds_the_best_predicted_config_under_every_budget_exactly
     assert width_only.skip == ()
     seeded = seeds(tables, hi * 0.8, 3)
     assert seeded[0] == ("knapsack", best_under_budget(tables, hi * 0.8))
-    assert {s for s, _ in seeded} <= {"knapsack", "knapsack_depth", "knapsack_width"}
+    assert {s for s, _ in seeded} <= {"knapsack", "knapsack_sparse", "knapsack_depth", "knapsack_width"}
     assert len({c for _, c in seeded}) == len(seeded) and all(lat.predict_config(c) <= hi * 0.8 for _, c in seeded)
+
+
+def test_a_cut_penalty_finds_the_best_config_with_fewer_cut_layers_exactly():
+    """Each layer whose widths are cut (neither full nor skipped) costs `cut_penalty` more predicted loss:
+    the knapsack's answer minimises loss + penalty x cut layers exactly (checked against every config),
+    so the sparse picks concentrate cuts where a whole-layer skip or full width would otherwise lose."""
+    spec, lat, qm = _models(seed=2)
+    tables = LayerTables.build(lat, qm, spec)
+    every = list(dict.fromkeys(_everything(spec)))
+    ms, loss = lat.predict(encode(every)), qm.predict(every)
+    full = spec.full()
+
+    def cuts(c):
+        return sum(1 for l in range(spec.num_layers) if l not in c.skip
+                   and (c.mlp_width[l], c.heads[l]) != (full.mlp_width[l], full.heads[l]))
+
+    n_cut = np.array([cuts(c) for c in every])
+    lo, hi = lat.range_ms(spec)
+    penalties = sparse_penalties(tables)
+    assert len(penalties) == 2 and 0 < penalties[0] < penalties[1]
+    fewer = 0
+    for budget in np.linspace(lo + 0.2 * (hi - lo), hi, 9):
+        plain = best_under_budget(tables, budget, bins=20000)
+        for p in penalties + (10.0,):
+            got = best_under_budget(tables, budget, bins=20000, cut_penalty=p)
+            assert lat.predict_config(got) <= budget + 1e-9
+            inner = ms <= budget - 3 * (budget - lo) / 20000 - 1e-12
+            objective = loss + p * n_cut
+            assert qm.predict_config(got) + p * cuts(got) <= objective[inner].min() + 1e-9
+            assert cuts(got) <= cuts(plain)
+            fewer += cuts(got) < cuts(plain)
+    assert fewer  # the penalty changed some answer, not only kept it
+    sources = [s for s, _ in picks_at(tables, lo + 0.5 * (hi - lo))]
+    assert sources[0] == "knapsack" and set(sources) <= {"knapsack", "knapsack_sparse", "knapsack_depth",
+                                                           "knapsack_width"}
 
 
 def test_repair_makes_a_proposal_fit_by_the_cheapest_cuts():

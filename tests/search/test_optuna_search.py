@@ -81,6 +81,42 @@ def test_four_workers_share_one_study(fitted, tmp_path):
                  if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated")}
     assert len(evaluated) == 10  # distinct configs: repeats are not counted and workers never overshoot
 
+def test_a_dead_workers_claim_is_free_at_once_and_a_resumed_search_finishes(fitted, tmp_path):
+    """A search killed mid-evaluation leaves its trial RUNNING; on this host its claim is stale as soon
+    as the process is gone (not after CLAIM_TTL_S), so a resumed search evaluates every asked config."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    from search.optuna_search import SearchConfig, _claim_is_live, _progress, search
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host, now = socket.gethostname(), time.time()
+    assert not _claim_is_live({"claimed_at": now, "claimed_by": f"{host}:{dead.pid}"}, now)
+    assert _claim_is_live({"claimed_at": now, "claimed_by": f"{host}:{__import__('os').getpid()}"}, now)
+    assert _claim_is_live({"claimed_at": now, "claimed_by": f"elsewhere.example:{dead.pid}"}, now)  # TTL decides
+    assert not _claim_is_live({"claimed_at": now - 901, "claimed_by": f"elsewhere.example:{dead.pid}"}, now)
+
+    storage = str(tmp_path / "journal.log")
+    b = _budget(fitted, 0.8)
+    cfg = dict(run=str(fitted), budget_ms=(b,), trials=4, eval_windows=2, eval_seq_len=32, storage=storage,
+               study_prefix="killed")
+    search(SearchConfig(**cfg))  # 4 evaluated; then a worker that died while evaluating a fifth
+    st = optuna.storages.JournalStorage(JournalFileBackend(storage))
+    study = optuna.load_study(study_name=f"killed|budget={b:.6g}", storage=st)
+    t = study.ask()
+    t.set_user_attr("config", "a config the dead worker was evaluating")
+    t.set_user_attr("claimed_at", time.time())
+    t.set_user_attr("claimed_by", f"{host}:{dead.pid}")
+    assert _progress(study)[1] == []
+    s = search(SearchConfig(**{**cfg, "trials": 5}))
+    assert s["per_budget"][0]["evaluated"] == 5 and s["per_budget"][0]["stop"] == "done"
+
 def test_trained_and_one_shot_studies_never_mix(run_copy):
     """One-shot after trained: each result folder holds only its own weights' studies and losses."""
     import shutil
@@ -285,5 +321,6 @@ def test_at_a_budget_random_proposals_almost_never_fit_the_search_evaluates_the_
     assert ev["config"].nunique() == 6 and (ev["predicted_latency_ms"] <= b + 1e-9).all()
     infeasible = trials[trials["predicted_latency_ms"] > b + 1e-9]
     assert not infeasible["evaluated"].any()
-    assert (ev["source"].isin(["knapsack", "knapsack_depth", "knapsack_width", "repair", "uniform", "search"])).all()
+    assert (ev["source"].isin(["knapsack", "knapsack_sparse", "knapsack_depth", "knapsack_width", "repair", "uniform",
+                               "search"])).all()
     assert per["repaired_here"] + per["seeded"] >= 1
