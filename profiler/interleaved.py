@@ -83,15 +83,18 @@ class InterleavedSession:
     def key_of(self, key: str) -> str:
         return FULL if key == self.full_key else key
 
-    def stats(self, key: str, quantile: str, budget_frac: float) -> dict:
-        """`key`'s compliance verdict against `budget_frac` at `quantile`, and its latency quantiles."""
-        from profiler.rounds import compliance, per_round, tail_ratio
+    def stats(self, key: str, quantile: str, budget_frac: float, confidence: float | None = None) -> dict:
+        """`key`'s compliance verdict against `budget_frac` at `quantile` (one-sided `confidence`,
+        default profiler.rounds.CONFIDENCE), and its latency quantiles."""
+        from profiler.rounds import CONFIDENCE, compliance, per_round, tail_ratio
 
         key = self.key_of(key)
         samples = [s for s in self.samples if s["key"] in (key, FULL)]
         rt = per_round(samples, FULL)
         mine = rt[rt["key"] == key]
-        verdict = compliance(*tail_ratio(samples, key, FULL, quantile, seed=self.seed), budget_frac)
+        confidence = CONFIDENCE if confidence is None else confidence
+        verdict = compliance(*tail_ratio(samples, key, FULL, quantile, seed=self.seed, confidence=confidence),
+                             budget_frac, confidence)
         vals = np.asarray([s["latency_ms"] for s in self.samples if s["key"] == key], float)
         full = rt[rt["key"] == FULL]["median_ms"]
         return {**verdict, "rounds": int(len(mine)), "measured_latency_ms": float(mine["median_ms"].median()),

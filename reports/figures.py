@@ -102,7 +102,8 @@ class Plots:
         v = a.verified[a.verified["regime"] == regime] if len(a.verified) else a.verified
         for weights, vw in (v.groupby("weights") if len(v) else []):
             c, lab = self.colour.get(weights, "C0"), _mpl(weights_label(weights))
-            ref = vw["reference_full_ms"] if "reference_full_ms" in vw else full_ms
+            ref = next((vw[c] for c in ("measured_full_ms", "reference_full_ms") if c in vw and vw[c].notna().all()),
+                       full_ms)
             x = vw["measured_latency_ms"] / ref
             for mask, marker, what in ((vw["source"] != "router", "o", "search pick"),
                                        (vw["source"] == "router", "D", "router pick")):
@@ -111,7 +112,8 @@ class Plots:
                                label=f"{what}, verified ({lab})")
         rows = [r for r in a.lookup if r.regime == regime]
         if rows:
-            ax.scatter([r.measured_latency_ms / (r.reference_full_ms or full_ms) for r in rows], [r.ppl for r in rows],
+            ax.scatter([r.measured_latency_ms / (r.measured_full_ms or r.reference_full_ms or full_ms) for r in rows],
+                       [r.ppl for r in rows],
                        s=170, facecolors="none", edgecolors="C3", lw=1.5, zorder=6,
                        label="lookup row (what a deployment reads)")
         if not ax.has_data():

@@ -23,15 +23,16 @@ LOOKUP_JSON = "lookup.json"
 class LookupRow:
     regime: str
     device_name: str
-    budget_ms: float  # budget_frac x reference_full_ms
+    budget_ms: float  # the budget as searched: budget_frac x reference_full_ms
     config: SubnetConfig
     predicted_latency_ms: float | None  # None for uniform fallbacks, which were measured, not predicted
     measured_latency_ms: float  # median step, in verify's session
     ppl: float
     source: str
     weights: str = "elastic"  # the elastic weights this row's quality was measured with (export uses them)
-    budget_frac: float | None = None  # the budget as a fraction of the full model measured in the same session
-    reference_full_ms: float | None = None  # that full model's median step
+    budget_frac: float | None = None  # the budget as a fraction of the full model (verified against the full
+    #: model measured in the same session as the row's config)
+    reference_full_ms: float | None = None  # the full model's median step the budget was searched against
     quantile: str = "p50"  # the quantile of per-step latency the budget bounds
     latency_ms_p50: float | None = None
     latency_ms_p90: float | None = None
@@ -39,6 +40,7 @@ class LookupRow:
     ratio_to_full: float | None = None  # at `quantile`, median over rounds
     ratio_hi: float | None = None  # its upper 95% bound: at or below the budget fraction, by construction
     engine: str = "torch"  # where it was measured: torch (transformers) or llamacpp (its GGUF in llama.cpp)
+    measured_full_ms: float | None = None  # the full model's median step in verify's session (rows from before: None)
 
     def latency_at_quantile(self) -> float | None:
         """The measured step latency at the quantile the budget bounds."""
@@ -158,6 +160,7 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
                     "budget_ms": float(first["budget_ms"]),
                     "budget_frac": float(frac),
                     "reference_full_ms": float(first["reference_full_ms"]),
+                    "measured_full_ms": optional_float(first.get("measured_full_ms")),
                     "quantile": quantile,
                     "weights": weights,
                     "config": json.loads(best["config"]),

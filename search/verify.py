@@ -191,16 +191,21 @@ def verify(cfg: VerifyConfig) -> dict:
                         "source": source,
                     }
                 )
-        # Every pick's numbers and Budget from the session's final rounds: one reference for all rows.
+        # Every pick's numbers from the session's final rounds: one measured full model for all rows. The
+        # budget stays the one searched (its ms, fraction and reference), so `lookup --budget-ms X` at the
+        # searched X finds its row; verify's own full model is `measured_full_ms`.
         reference = session.reference_ms()
         for row, (sub, quantile, limit, frac) in zip(rows[len(rows) - len(decided) :], decided):
-            st = session.stats(sub.key, quantile, limit)
-            budget = Budget(regime.key, budget_frac=frac, quantile=quantile).resolve(reference)
+            st = session.stats(sub.key, quantile, limit, look_confidence(cfg))  # the level its looks were made at
+            searched = row["searched_budget_ms"]
+            budget = Budget(regime.key, budget_ms=searched, budget_frac=frac, quantile=quantile).resolve(
+                searched / frac)
             row.update(
                 {
                     "budget_frac": budget.budget_frac,
                     "budget_ms": budget.budget_ms,
                     "reference_full_ms": budget.reference_full_ms,
+                    "measured_full_ms": reference,
                     **{
                         k: st[k]
                         for k in (
@@ -307,11 +312,23 @@ def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -
     return len(todo)
 
 
+def look_confidence(cfg: VerifyConfig) -> float:
+    """The one-sided confidence of each of verify's looks at a pick. A pick inside the noise band is
+    looked at again after more rounds (up to `max_rounds`), and every look could declare it within: the
+    error rate is spent over the looks (Bonferroni), so the chance that a pick exactly on its budget is
+    declared within stays at most 1 - CONFIDENCE over all of them."""
+    from profiler.rounds import CONFIDENCE
+
+    looks = 1 + math.ceil(max(cfg.max_rounds - cfg.rounds, 0) / cfg.rounds)
+    return 1 - (1 - CONFIDENCE) / looks
+
+
 def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, quantile: str) -> dict:
     """The pick's verdict against `limit` (a fraction of the full model), measuring more rounds of it
-    and the full model while it sits inside the noise band."""
-    st = session.stats(sub.key, quantile, limit)
+    and the full model while it sits inside the noise band; each look at `look_confidence(cfg)`."""
+    conf = look_confidence(cfg)
+    st = session.stats(sub.key, quantile, limit, conf)
     while st["verdict"] == "uncertain" and session.rounds_of[session.key_of(sub.key)] < cfg.max_rounds:
         session.run({sub.key: sub}, min(cfg.rounds, cfg.max_rounds - session.rounds_of[session.key_of(sub.key)]))
-        st = session.stats(sub.key, quantile, limit)
+        st = session.stats(sub.key, quantile, limit, conf)
     return st

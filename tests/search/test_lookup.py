@@ -60,6 +60,10 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path, monkeypatch):
         if r["predicted_latency_ms"] is None:  # only fallbacks were never predicted
             assert r["source"] == "uniform"
     look = Lookup.load(fitted)
+    assert sorted(r["budget_ms"] for r in rows) == sorted(budgets)  # the budgets as searched, not re-expressed
+    for b in budgets:  # the exact ms a search was asked for is looked up at that ms
+        assert look.for_budget(b).budget_ms == b
+    assert all(r["measured_full_ms"] > 0 for r in rows)  # verify's own full model, beside the searched reference
     top = max(r["budget_ms"] for r in rows)
     assert look.for_budget(top * 10).budget_ms == top
     with pytest.raises(FlextronError, match="below the smallest budget"):
