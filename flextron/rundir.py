@@ -208,6 +208,23 @@ def write_parquet_atomic(df, path: str | Path) -> None:
     tmp.replace(path)
 
 
+def content_id(*paths: str | Path) -> str:
+    """A short id of what these files hold (names and bytes; a missing file counts as missing), so an
+    artifact can record exactly which inputs it was built from and a stage can tell when they changed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in map(Path, paths):
+        h.update(p.name.encode() + b"\0")
+        if p.is_file():
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(b"\0missing\0")
+    return h.hexdigest()[:16]
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -241,6 +258,25 @@ def swap_in(tmp: str | Path, folder: str | Path) -> None:
     tmp.rename(folder)
     (folder / COMPLETE_MARKER).unlink(missing_ok=True)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def rebuild(folder: str | Path, only: tuple[str, ...] = ()):
+    """Build a new version of `folder` aside and swap it in whole when the block ends (on an error or a
+    kill, the old version stays). Concurrent builders of one folder take turns (a lock beside it), so
+    none deletes another's half-built `.tmp`; inside the block the old version is still readable.
+    `only`: the entries the block rebuilds, every other entry of the old version carried over (empty: the
+    whole folder is rebuilt)."""
+    folder = Path(folder)
+    with file_lock(folder.parent / f".{folder.name}.lock"):
+        recover_swap(folder)
+        tmp = fresh_tmp_dir(folder)
+        if only and folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.name not in only and entry.name != COMPLETE_MARKER:
+                    (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+        yield tmp
+        swap_in(tmp, folder)
 
 
 def recover_swap(folder: str | Path) -> str | None:

@@ -63,7 +63,7 @@ def synth(cfg: SynthConfig) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from flextron.data import token_windows
+    from flextron.data import check_corpus, token_windows
     from flextron.devices import check_device
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
@@ -73,6 +73,7 @@ def synth(cfg: SynthConfig) -> dict:
     run.require("elastic")
     check_device(cfg.device)
     cfg = dataclasses.replace(cfg, corpus=run.corpus(cfg.corpus))  # saved and compared as resolved
+    check_corpus(cfg.corpus)  # before --restart removes anything
     name = f"seed{cfg.seed}"
     folder = teacher_folder(run.root, name)
     if cfg.restart:
@@ -84,6 +85,7 @@ def synth(cfg: SynthConfig) -> dict:
     done = [s for s in meta["shards"] if (folder / s).is_file()]  # shards listed in meta are complete
     need = -(-cfg.sequences // cfg.batch_size)
     teacher = ElasticModel.load(run.elastic, device=cfg.device)
+    teacher.check_positions(cfg.seq_len)
     tok = teacher.tokenizer
     prompts = token_windows(tok, teacher.adapter, "train", cfg.prompt_len,
                             need * cfg.batch_size, cfg.corpus)  # consecutive train-split text, one per sequence

@@ -245,7 +245,7 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, world, device: str) -> dict:
     import torch
 
-    from flextron.data import token_windows
+    from flextron.data import check_corpus, token_windows
     from flextron.devices import check_device
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
@@ -255,6 +255,13 @@ def _train(cfg: TrainConfig, world, device: str) -> dict:
     run.require("elastic")
     check_device(device)
     cfg = dataclasses.replace(cfg, corpus=run.corpus(cfg.corpus))  # saved and compared as resolved
+    check_corpus(cfg.corpus)  # what could refuse the run is checked before --restart removes anything
+    if cfg.teacher_data:
+        from flextron.teacher_data import META, teacher_folder
+
+        if not (teacher_folder(run.root, cfg.teacher_data) / META).is_file():
+            raise FlextronError(f"--teacher-data {cfg.teacher_data}: {teacher_folder(run.root, cfg.teacher_data)} "
+                                f"holds no teacher data; make it with `flextron synth --run {run.root}`")
     out = run / TRAIN_DIR
     ckpt = out / "ckpt"
     trained = run / TRAINED_DIR
@@ -295,6 +302,7 @@ def _train(cfg: TrainConfig, world, device: str) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_stage_config(out / CONFIG_FILE, cfg)  # at the start: a killed run is resumed against it
     teacher = ElasticModel.load(run.elastic, device=device)
+    teacher.check_positions(cfg.seq_len)
     for p in teacher.model.parameters():
         p.requires_grad_(False)
     if resume:

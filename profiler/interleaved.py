@@ -17,6 +17,7 @@ import numpy as np
 
 from flextron.errors import FlextronError
 from flextron.spec import Regime, SubnetConfig
+from profiler.interference import CpuMonitor
 
 FULL = "full"
 
@@ -45,6 +46,8 @@ class InterleavedSession:
         self.configs: dict[str, SubnetConfig] = {FULL: elastic.spec.full()}
         self.full_key = elastic.spec.full().key  # the full model is the reference: one key, measured once a round
         self.samples: list[dict] = []
+        self.monitor = CpuMonitor()  # what else took the CPU in each round; bursts are measured again
+        self.interference: list[dict] = []
         self.rounds_of: dict[str, int] = {}
         self.setups: dict = {}
 
@@ -73,12 +76,19 @@ class InterleavedSession:
         self.setups.update(setups or {})
         keys = [FULL] + list(subs)
         first = self.rounds_of.get(FULL, 0)  # the full model is in every round: its count numbers them
-        rows = measure_in_rounds(keys, self._measure, rounds, seed=self.seed, first_round=first, progress=progress)
+        rows = measure_in_rounds(keys, self._measure, rounds, seed=self.seed, first_round=first, progress=progress,
+                                 monitor=self.monitor, log=self.interference)
         rows = [{**r, "regime": self.regime.key} for r in rows]
         self.samples += rows
         for k in keys:
             self.rounds_of[k] = self.rounds_of.get(k, 0) + rounds
         return rows
+
+    def interference_summary(self) -> dict:
+        """The session's steal and other-process CPU (median, max) and its re-measured rounds."""
+        from profiler.interference import summary
+
+        return {**summary(self.interference), "note": self.monitor.note}
 
     def key_of(self, key: str) -> str:
         return FULL if key == self.full_key else key

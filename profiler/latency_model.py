@@ -17,6 +17,7 @@ JSON: loading never unpickles anything.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -549,14 +550,12 @@ def fit(cfg: FitConfig) -> dict:
 
     from flextron.rundir import (
         RunDir,
-        fresh_tmp_dir,
-        recover_swap,
+        rebuild,
         save_stage_config,
-        swap_in,
         write_json_atomic,
         write_parquet_atomic,
     )
-    from profiler.profile import Profile
+    from profiler.profile import Profile, profile_id
     from profiler.sweep import cells_by_status, status_kind
 
     run = RunDir(cfg.run)
@@ -594,13 +593,12 @@ def fit(cfg: FitConfig) -> dict:
     warnings = [w for m in metrics.values() for w in m["warnings"]]
     for w in warnings:
         print(f"flextron fit: WARNING: {w}", file=sys.stderr)
-    recover_swap(run / "latency_model")
-    out = fresh_tmp_dir(run / "latency_model")  # swapped in whole: model, metrics and predictions always agree
-    write_json_atomic(out / MODEL_FILE, {"device_name": device["device_name"], "device": device, "regimes": models})
-    write_json_atomic(out / METRICS_FILE, metrics)
-    write_parquet_atomic(pd.concat(preds, ignore_index=True), out / "predictions.parquet")
-    save_stage_config(out / "fit_config.json", cfg)
-    swap_in(out, run / "latency_model")
+    with rebuild(run / "latency_model") as out:  # swapped in whole: model, metrics and predictions always agree
+        write_json_atomic(out / MODEL_FILE, {"device_name": device["device_name"], "device": device,
+                                             "regimes": models, "profile_id": profile_id(run.root)})
+        write_json_atomic(out / METRICS_FILE, metrics)
+        write_parquet_atomic(pd.concat(preds, ignore_index=True), out / "predictions.parquet")
+        save_stage_config(out / "fit_config.json", cfg)
     return {
         "device": device["device_name"],
         **{k: {"heldout_mape_pct": m["heldout"]["mape_pct"], "heldout_max_ape_pct": m["heldout"]["max_ape_pct"],
@@ -616,24 +614,43 @@ def fit(cfg: FitConfig) -> dict:
 
 
 class LatencyModels:
-    """The fitted models of a run, per regime, for one device."""
+    """The fitted models of a run, per regime, for one device, and the identity of what they are: the
+    profile they were fitted on (`profile_id`) and each regime's model (`model_id`)."""
 
-    def __init__(self, device_name: str, models: dict[str, LatencyModel]):
+    def __init__(self, device_name: str, models: dict[str, LatencyModel], profile_id: str | None = None,
+                 model_ids: dict[str, str] | None = None):
         self.device_name = device_name
         self.models = models
+        self.profile_id = profile_id
+        self.model_ids = model_ids or {}
 
     @classmethod
     def load(cls, run_root: str | Path) -> "LatencyModels":
+        """The run's latency models; refused when the profile changed since they were fitted (a re-profile
+        without a re-fit), naming `flextron fit`."""
+        import hashlib
+
         from flextron.rundir import RunDir, corrupt_error, read_json, recover_swap
+        from profiler.profile import profile_id
 
         run = RunDir(run_root)
         recover_swap(run / "latency_model")
         path = run.require("latency_model", MODEL_FILE) / MODEL_FILE
         d = read_json(path, run.root)
         try:
-            return cls(str(d["device_name"]), {str(k): LatencyModel.from_dict(v) for k, v in d["regimes"].items()})
+            regimes = {str(k): LatencyModel.from_dict(v) for k, v in d["regimes"].items()}
+            ids = {str(k): hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16]
+                   for k, v in d["regimes"].items()}
+            fitted_on = d.get("profile_id")  # absent in models fitted before identities were recorded
+            models = cls(str(d["device_name"]), regimes, fitted_on, ids)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise corrupt_error(path, run.root, e) from None
+        if fitted_on is not None and profile_id(run.root) != fitted_on:
+            raise FlextronError(
+                f"{path} was fitted on another profile than {run / 'profile'} holds now (re-profiled since); "
+                f"re-fit it with `flextron fit --run {run.root}`"
+            )
+        return models
 
     def get(self, regime_key: str) -> LatencyModel:
         if regime_key not in self.models:

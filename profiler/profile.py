@@ -33,6 +33,17 @@ def profile_dir(run_root: str | Path) -> Path:
     return Path(run_root) / PROFILE_DIR
 
 
+def profile_id(run_root: str | Path) -> str | None:
+    """The content id of the run's finished profile tables (None: no finished profile). The latency
+    model records the id it was fitted on; a re-profile changes it."""
+    from flextron.rundir import content_id
+
+    prof = profile_dir(run_root)
+    if not (prof / LAYERS_FILE).is_file():
+        return None
+    return content_id(prof / LAYERS_FILE, prof / E2E_FILE)
+
+
 def profiled_regimes(run_root: str | Path) -> set[str]:
     """Regime keys with rows in the run's profile: finished tables and the parts of a sweep in progress
     (so a stage can say "profiled but not fitted" while a sweep is still running)."""

@@ -47,19 +47,31 @@ class RoundsConfig:
 
 def measure_in_rounds(keys: list[str], measure: Callable[[str], list[float]], rounds: int, seed: int = 0,
                       first_round: int = 0, on_round: Callable[[list[dict]], None] | None = None,
-                      progress=None, desc: str = "rounds") -> list[dict]:
+                      progress=None, desc: str = "rounds", monitor=None, log: list | None = None,
+                      max_repeats: int | None = None) -> list[dict]:
     """Measure every key once per round, in a freshly shuffled order each round.
 
     Returns raw rows `{"round", "order", "key", "sample", "latency_ms"}`. `on_round(rows)` is called
     with each finished round's rows (to write them as it goes); `first_round` resumes numbering.
+
+    With a `monitor` (profiler/interference.py CpuMonitor), each row also carries the round's
+    `steal_pct` and `other_pct`, and a round whose interference is far above the typical level of the
+    accepted rounds in `log` (the session's, kept across calls) is measured again, at most
+    `max_repeats` times per call (default: a third of the rounds, at least 1); `log` gets one entry per
+    round measured, `rejected` for the ones measured again.
     """
     keys = list(dict.fromkeys(keys))
     out: list[dict] = []
+    log = [] if log is None else log
+    repeats_left = max(1, rounds // 3) if max_repeats is None else max_repeats
     bar = progress(total=rounds * len(keys), desc=desc) if progress else None
-    for r in range(first_round, first_round + rounds):
+    r = first_round
+    while r < first_round + rounds:
         order = keys[:]
         random.Random(seed * 1_000_003 + r).shuffle(order)
         this_round = []
+        if monitor is not None:
+            monitor.start()
         for i, key in enumerate(order):
             samples = [float(s) for s in measure(key)]
             if not samples or not all(math.isfinite(s) and s > 0 for s in samples):
@@ -69,9 +81,21 @@ def measure_in_rounds(keys: list[str], measure: Callable[[str], list[float]], ro
                            for j, s in enumerate(samples)]
             if bar:
                 bar.update(1)
+        seen = monitor.stop() if monitor is not None else None
+        if seen is not None:
+            accepted = [e for e in log if not e["rejected"]]
+            rejected = repeats_left > 0 and monitor.flag(accepted, seen)
+            log.append({"round": r, **seen, "rejected": rejected})
+            if rejected:  # a burst: this round's samples are dropped and the round measured again
+                repeats_left -= 1
+                if bar:
+                    bar.total += len(keys)
+                continue
+            this_round = [{**row, **seen} for row in this_round]
         out += this_round
         if on_round:
             on_round(this_round)
+        r += 1
     if bar:
         bar.close()
     return out

@@ -256,21 +256,24 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
     from profiler.telemetry import Telemetry
 
     out_dir = Path(out_dir)
+    regimes = cfg.regimes()  # everything that can refuse the sweep is checked before --restart removes anything
+    binding = None
+    if cfg.engine == "llamacpp":
+        from profiler.llamacpp import require_binding
+
+        binding = require_binding().__version__
     if cfg.restart and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = set_cpu_threads(cfg.device, cfg.threads)  # before device_info, which records the count
     tele = Telemetry(cfg.device)
     info = {**tele.device_info(), "threads_choice": threads, "engine": cfg.engine}
-    if cfg.engine == "llamacpp":
-        from profiler.llamacpp import require_binding
-
-        info["llama_cpp_python"] = require_binding().__version__
+    if binding is not None:
+        info["llama_cpp_python"] = binding
     _start_or_resume(out_dir, cfg, info)
     # llama.cpp: the GGUF file the run was converted from (None: none), whose tokenizer every export copies
     source_gguf = RunDir(out_dir.parent).source_gguf() if cfg.engine == "llamacpp" else None
     spec = elastic.spec
-    regimes = cfg.regimes()
     rng = random.Random(cfg.seed)
     base = {"device": str(tele.device), "device_name": info["device_name"], "model_family": spec.family,
             "engine": cfg.engine}
@@ -490,6 +493,8 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     with their status and stay out of the rounds. Returns how many configs were measured now."""
     import pandas as pd
 
+    from profiler.interference import CpuMonitor
+    from profiler.interference import summary as interference_summary
     from profiler.interleaved import FULL
     from profiler.rounds import measure_in_rounds, noise_floor, summarise
 
@@ -522,9 +527,11 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     first = int(done_rounds["round"].max()) + 1 if len(done_rounds) else 0
     todo = cfg.rounds - done_rounds["round"].nunique() if len(done_rounds) else cfg.rounds
     rows = done_rounds.to_dict("records")
+    monitor = CpuMonitor()
+    seen: list[dict] = []  # per round: what else took the CPU (re-measured rounds marked rejected)
     if todo > 0 and full_key in keys:
         rows += measure_in_rounds(keys, measure_one, todo, seed=cfg.seed, first_round=first, on_round=write_round,
-                                  progress=progress, desc=f"end-to-end {regime.key}")
+                                  progress=progress, desc=f"end-to-end {regime.key}", monitor=monitor, log=seen)
     elif full_key not in keys:
         raise FlextronError(f"the full model failed in {regime.key} ({failed[full_key]['status']}); "
                             "nothing can be measured relative to it")
@@ -533,6 +540,7 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     samples["key"] = samples["key"].map(lambda k: FULL if k == full_key else k)
     stats = summarise(samples, FULL).set_index("key")
     noise = noise_floor(samples, FULL)
+    noise["interference"] = {**interference_summary(seen), "note": monitor.note, "log": seen}
     # before the rows: once they are in the parts, a resume skips this regime and would never write it
     noises = read_json(folder.parent / NOISE_FILE) if (folder.parent / NOISE_FILE).is_file() else {}
     write_json_atomic(folder.parent / NOISE_FILE, {**noises, regime.key: noise})

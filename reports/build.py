@@ -32,7 +32,7 @@ class ReportConfig:
 def build_report(cfg: ReportConfig) -> dict:
     """Write RUN/reports/ (index.html, summary.md, the PNG plots) from the run's artifacts; returns
     the one-line summary: the page, the plots' file names, the summary, the sections shown."""
-    from flextron.rundir import fresh_tmp_dir, swap_in
+    from flextron.rundir import rebuild
     from reports.artifacts import Artifacts
     from reports.figures import Plots
     from reports.page import Figure, render_html, render_markdown
@@ -41,11 +41,10 @@ def build_report(cfg: ReportConfig) -> dict:
     run = Path(cfg.run)
     a = Artifacts(run)
     final = run / "reports"
-    tmp = fresh_tmp_dir(final)
-    page = build_page(a, Plots(a, tmp, cfg.dpi))
-    (tmp / "summary.md").write_text(render_markdown(page))
-    (tmp / "index.html").write_text(render_html(page, tmp))
-    swap_in(tmp, final)
+    with rebuild(final) as tmp:  # two reports at once take turns; each swaps in a whole page
+        page = build_page(a, Plots(a, tmp, cfg.dpi))
+        (tmp / "summary.md").write_text(render_markdown(page))
+        (tmp / "index.html").write_text(render_html(page, tmp))
     plots = [b.file for s in page.sections for b in s.blocks if isinstance(b, Figure)]
     return {"report": str(final / "index.html"), "plots": plots, "summary": str(final / "summary.md"),
             "sections": [s.title for s in page.sections if not s.missing],

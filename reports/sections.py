@@ -383,14 +383,28 @@ def measurement(a: Artifacts, plots: Plots) -> Section:
     s = Section("measurement", "Measurement quality: noise, drift, throttling", intro="Test-retest noise of each "
                 "stage's own measurements (two halves of its interleaved rounds); drift of the anchor cell the "
                 "profile re-measures through its sweep; cells measured while the GPU's clocks were throttled.")
-    t = Table(["stage", "regime", "noise floor % (medians)", "noise floor % (ratio to full)", "rounds"],
-              caption="Noise floors")
+    t = Table(["stage", "regime", "noise floor % (medians)", "noise floor % (ratio to full)", "rounds",
+               "CPU steal % (median / max)", "other processes' CPU % (median / max)", "rounds re-measured"],
+              caption="Noise floors, and what else took the CPU while the rounds ran (/proc/stat)")
+    notes = set()
     for stage, noise in a.noise.items():
         for regime, n in sorted(noise.items()):
             if isinstance(n, dict):
+                i = n.get("interference") if isinstance(n.get("interference"), dict) else {}
+                if i.get("note"):
+                    notes.add(str(i["note"]))
+
+                def pair(k, i=i):
+                    lo, hi = i.get(f"{k}_median"), i.get(f"{k}_max")
+                    return Cell(f"{lo:.1f} / {hi:.1f}", num=True) if isinstance(lo, (int, float)) and \
+                        isinstance(hi, (int, float)) else Cell("–", num=True)
+
                 t.rows.append([stage, regime, pct(n.get("noise_floor_pct")), pct(n.get("ratio_noise_floor_pct")),
-                               count(n.get("rounds"))])
+                               count(n.get("rounds")), pair("steal_pct"), pair("other_pct"),
+                               count(i.get("remeasured_rounds"))])
     s.add(t if t.rows else None)
+    for note in sorted(notes):
+        s.add(note + "; the rounds were measured without it.")
     L = a.layers
     nvml = any(c in L.columns and L[c].notna().any() for c in ("sm_clock_mhz", "temp_c", "power_w"))
     d = Table(["regime", "anchor re-measurements", "anchor spread (CV) %", "largest drift %"]

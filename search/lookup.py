@@ -59,10 +59,19 @@ class Lookup:
         path = run.require("export", LOOKUP_JSON) / LOOKUP_JSON
         d = read_json(path, run.root)
         try:
-            return cls([LookupRow(**{**r, "config": SubnetConfig.from_dict(r["config"])}) for r in d["rows"]])
-        except (KeyError, TypeError) as e:
+            look = cls([LookupRow(**{**r, "config": SubnetConfig.from_dict(r["config"])}) for r in d["rows"]])
+            weights, tag = d.get("weights", "elastic"), d.get("weights_tag")
+        except (KeyError, TypeError, AttributeError) as e:
             raise FlextronError(f"{path} is not a lookup table ({type(e).__name__}: {e}); "
                                 f"rebuild it with `flextron export --run {run.root} --lookup`") from None
+        if tag is not None and (not (run.root / weights).is_dir() or run.weights_tag(weights) != tag):
+            raise FlextronError(
+                f"{path} was built from {weights} weights that have been replaced or removed since (`flextron train`); "
+                "its rows' "
+                f"configs and perplexities are not these weights'. Rebuild it: `flextron search --run {run.root}`, "
+                f"`flextron verify --run {run.root}`, then `flextron export --run {run.root} --lookup`"
+            )
+        return look
 
     def for_budget(self, budget_ms: float, regime: str | None = None, quantile: str = "p50",
                    engine: str | None = None) -> LookupRow:
@@ -183,7 +192,7 @@ def write_lookup(run, weights: str = "auto") -> dict:
     trained when it exists): a lookup never mixes configs whose quality was measured on other weights."""
     import pandas as pd
 
-    from flextron.rundir import read_parquet, write_json_atomic, write_text_atomic
+    from flextron.rundir import read_parquet, rebuild, write_json_atomic, write_text_atomic
     from search.quality import QUALITY_CACHE, read_quality_cache, search_quality_setting
     from search.verify import UNIFORM_FILE, VERIFIED_FILE
 
@@ -220,11 +229,12 @@ def write_lookup(run, weights: str = "auto") -> dict:
     if not rows:
         raise FlextronError("no verified config met its budget; widen the budgets or re-run `flextron verify`")
     out = run / "export"
-    write_json_atomic(out / LOOKUP_JSON, {"weights": wname, "rows": rows})
     flat = pd.DataFrame(
         [{**{k: v for k, v in r.items() if k != "config"}, "config": json.dumps(r["config"])} for r in rows]
     )
-    write_text_atomic(out / "lookup.csv", flat.to_csv(index=False))
+    with rebuild(out, only=(LOOKUP_JSON, "lookup.csv")) as tmp:  # the JSON and the CSV always agree
+        write_json_atomic(tmp / LOOKUP_JSON, {"weights": wname, "weights_tag": run.weights_tag(wname), "rows": rows})
+        write_text_atomic(tmp / "lookup.csv", flat.to_csv(index=False))
     return {
         "lookup": str(out / LOOKUP_JSON),
         "rows": len(rows),

@@ -182,11 +182,13 @@ def _ensure_study_attrs(study, expected: dict) -> None:
     """Record what a study's losses and latencies mean; refuse to resume it under other meanings
     (another evaluation setting, weights, regime or device would put incomparable numbers in it)."""
     have = study.user_attrs
+    why = {"latency_model_id": " (the latency model was re-fitted since: `flextron fit`)",
+           "search_margin": " (--margin, or the latency model's uncertainty it defaults to)"}
     for key, value in expected.items():
         if key in have and have[key] != value:
             raise FlextronError(
-                f"study {study.study_name!r} was searched with {key} {have[key]!r}, this search uses {value!r}; "
-                "its trials would mix. Use the same settings, another --study-prefix, or --restart"
+                f"study {study.study_name!r} was searched with {key} {have[key]!r}, this search uses {value!r}"
+                f"{why.get(key, '')}; its trials would mix. Use the same settings, another --study-prefix, or --restart"
             )
     for key, value in expected.items():
         if key not in have:
@@ -548,9 +550,9 @@ def search(cfg: SearchConfig) -> dict:
     from flextron.router_store import Routers, regime_dir
     from flextron.rundir import (
         RunDir,
-        file_lock,
         read_json,
         read_parquet,
+        rebuild,
         save_stage_config,
         write_json_atomic,
         write_parquet_atomic,
@@ -567,6 +569,7 @@ def search(cfg: SearchConfig) -> dict:
     lat_model = models.get(regime_key)
     storage = open_storage(cfg, run.root)
     elastic = ElasticModel.load(wdir, device=cfg.device)
+    elastic.check_positions(cfg.eval_seq_len, "--eval-seq-len")
     spec = elastic.spec
     lo, hi = feasible_range(lat_model, spec)
     corpus = run.corpus(cfg.corpus)
@@ -640,11 +643,15 @@ def search(cfg: SearchConfig) -> dict:
         "device_name": models.device_name,
         "weights": wname,
         "quality_setting": evaluator.setting,
+        # which proposals were feasible came from this model and margin: a resume under others would mix rules
+        "latency_model_id": models.model_ids.get(regime_key),
+        "search_margin": round(margin, 6),
     }
     t0 = time.perf_counter()
     results = []
     if cfg.frontier:
-        results.append(search_frontier(f"{prefix}|frontier", storage, spec, lat_model, evaluator, cfg, attrs))
+        frontier_attrs = {k: v for k, v in attrs.items() if k != "search_margin"}  # the frontier has no budget
+        results.append(search_frontier(f"{prefix}|frontier", storage, spec, lat_model, evaluator, cfg, frontier_attrs))
     for b in sorted(budgets, key=lambda b: b["budget_ms"]):
         name = f"{prefix}|budget={b['budget_ms']:.6g}" + ("" if cfg.quantile == "p50" else f"@{cfg.quantile}")
         r = search_budget(
@@ -654,8 +661,9 @@ def search(cfg: SearchConfig) -> dict:
             print(f"flextron search: budget {b['budget_ms']:.4g} ms stopped early: {r['stop']}", file=sys.stderr)
         results.append(r)
 
-    # Several workers may finish together: the results folder is read, merged and written under a lock.
-    with file_lock(out.parent / f".{out.name}.lock"):
+    # Several workers may finish together: the results folder is read, merged and rebuilt aside in turns,
+    # then swapped in whole (trials, front and picks of one merge; a kill leaves the previous version).
+    with rebuild(out) as tmp:
         # This call's studies, plus what earlier searches of the same regime, weights and setting left in
         # other storages (a switch to a journal file must not drop earlier picks).
         sid = _storage_id(cfg)
@@ -672,12 +680,12 @@ def search(cfg: SearchConfig) -> dict:
         trials = trials.assign(
             regime=regime_key, device_name=models.device_name, weights=wname
         )  # one folder: one of each
-        write_parquet_atomic(trials, trials_path)
+        write_parquet_atomic(trials, tmp / trials_path.name)
         if len(trials):
-            write_parquet_atomic(pareto_front(trials), out / "pareto.parquet")
+            write_parquet_atomic(pareto_front(trials), tmp / "pareto.parquet")
         best = best_per_budget(trials)
         write_json_atomic(
-            best_path,
+            tmp / best_path.name,
             {
                 "regime": regime_key,
                 "device_name": models.device_name,
@@ -688,7 +696,7 @@ def search(cfg: SearchConfig) -> dict:
                 "best": best,
             },
         )
-        save_stage_config(out / "search_config.json", cfg)
+        save_stage_config(tmp / "search_config.json", cfg)
     by_budget = {(b["budget_ms"], b["quantile"]): b for b in best}
     return {
         "regime": regime_key,

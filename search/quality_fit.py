@@ -139,11 +139,9 @@ def quality(cfg: QualityConfig) -> dict:
     from flextron.quality_model import QualityModel, QualityTable, measure_table
     from flextron.rundir import (
         RunDir,
-        file_lock,
-        fresh_tmp_dir,
+        rebuild,
         recover_swap,
         save_stage_config,
-        swap_in,
         write_json_atomic,
         write_parquet_atomic,
     )
@@ -155,6 +153,8 @@ def quality(cfg: QualityConfig) -> dict:
     corpus = run.corpus(cfg.corpus)
     t0 = time.perf_counter()
     elastic = ElasticModel.load(wdir, device=cfg.device)
+    elastic.check_positions(cfg.calib_seq_len, "--calib-seq-len")
+    elastic.check_positions(cfg.eval_seq_len, "--eval-seq-len")
     spec = elastic.spec
     wtag = run.weights_tag(wname)
     key = table_key(spec, wtag, corpus, cfg.calib_windows, cfg.calib_seq_len)
@@ -210,9 +210,7 @@ def quality(cfg: QualityConfig) -> dict:
         "table_reused": reused,
         "layer_ranking": table.layer_ranking(), "base_loss": table.base_loss,
     }
-    with file_lock(folder.with_name(folder.name + ".lock")):  # concurrent builders swap in turn, never share .tmp
-        recover_swap(folder)
-        out = fresh_tmp_dir(folder)
+    with rebuild(folder) as out:  # concurrent builders swap in turn, never share .tmp
         write_json_atomic(out / TABLE_FILE, table.to_dict())
         write_json_atomic(out / MODEL_FILE, {"model": model.to_dict(), "metrics": metrics})
         write_parquet_atomic(pd.DataFrame({
@@ -221,7 +219,6 @@ def quality(cfg: QualityConfig) -> dict:
             "additive_loss": additive, "heldout": [i in set(test_idx.tolist()) for i in range(len(configs))]}),
             out / EVAL_FILE)
         save_stage_config(out / CONFIG_FILE, cfg)
-        swap_in(out, folder)
     held = metrics["heldout"]
     print(f"flextron quality: held-out Spearman {held['spearman']} on {held['n']} configs it was not fitted on "
           f"(additive alone {held['spearman_additive']}), mean abs error {held['mae_loss']} nats; form {model.form_}",

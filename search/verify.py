@@ -40,6 +40,11 @@ class VerifyConfig:
     quantile: str = ""
     tolerance: float = 0.0  #: a pick may exceed its budget fraction by this share (0.02 = 2%)
     threads: int = 0  #: CPU: torch intra-op threads while measuring; 0 = one (steady on small, shared CPUs)
+    #: candidates of a budget tried, best first, when its pick does not measure within (then the uniform fallback)
+    max_replacements: int = MAX_REPLACEMENTS
+    #: time cap (s): past it, no more rounds are added to decide picks and no more replacements tried
+    #: (undecided picks fall back); the stage says when the cap was hit before the decisions were made
+    max_seconds: float = 600.0
 
     def __post_init__(self):
         from flextron.budget import check_quantile
@@ -53,6 +58,8 @@ class VerifyConfig:
         check_finite("warmup", self.warmup, low=0)
         check_finite("tolerance", self.tolerance, low=0, high=0.5)
         check_finite("threads", self.threads, low=0)
+        check_finite("max_replacements", self.max_replacements, low=0, whole=True)
+        check_finite("max_seconds", self.max_seconds, low=0, low_inclusive=False)
         if self.quantile:
             check_quantile(self.quantile)
 
@@ -78,6 +85,7 @@ def verify(cfg: VerifyConfig) -> dict:
         RunDir,
         read_json,
         read_parquet,
+        rebuild,
         save_stage_config,
         write_json_atomic,
         write_parquet_atomic,
@@ -119,6 +127,7 @@ def verify(cfg: VerifyConfig) -> dict:
     # Latency depends on shapes, not on weight values: one-shot weights time every pick.
     elastic = ElasticModel.load(run.elastic)
     rows, uniform_rows, all_samples, noise, t0 = [], [], [], {}, time.perf_counter()
+    deadline, capped = t0 + cfg.max_seconds, []  # where the time cap stopped a decision
     evaluated_fallbacks = 0
     for regime_key, picks in sorted(by_regime.items()):
         regime = Regime.parse(regime_key)
@@ -151,25 +160,33 @@ def verify(cfg: VerifyConfig) -> dict:
                 sub = orig = spec.validate(SubnetConfig.from_dict(b["config"]))
                 pred, loss, source = b["predicted_latency_ms"], b["loss"], b["source"]
                 quantile = cfg.quantile or b.get("quantile", "p50")
-                st = _decide(session, sub, limit, cfg, quantile)
+                st = _decide(session, sub, limit, cfg, quantile, deadline, capped)
                 replaced = 0
                 if st["verdict"] != "within" and trials is not None:
                     same = (trials["budget_ms"] == b["budget_ms"]) & trials["evaluated"]
                     if "quantile" in trials.columns:  # a p50 and a p90 study may share a budget in ms
                         same &= trials["quantile"].fillna("p50") == b.get("quantile", "p50")
                     cands = trials[same].drop_duplicates("config")
+                    # what the last miss measured against what was predicted for it: a candidate predicted to
+                    # measure over the limit at that rate is not worth its rounds
+                    rate = st["ratio"] / pred if pred and math.isfinite(st["ratio"]) else None
                     for c in cands.sort_values("loss").itertuples():
                         alt = SubnetConfig.from_json(c.config)
-                        if alt == sub:
+                        if alt == sub or (rate is not None and rate * c.predicted_latency_ms > limit):
                             continue
-                        if replaced >= MAX_REPLACEMENTS:
+                        if replaced >= cfg.max_replacements:
+                            break
+                        if time.perf_counter() >= deadline:
+                            capped.append(f"{regime.key} budget {frac:.3g}: replacements")
                             break
                         replaced += 1
                         session.run({alt.key: alt}, cfg.rounds)
-                        alt_st = _decide(session, alt, limit, cfg, quantile)
+                        alt_st = _decide(session, alt, limit, cfg, quantile, deadline, capped)
                         if alt_st["verdict"] == "within":
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
+                        if math.isfinite(alt_st["ratio"]) and c.predicted_latency_ms:
+                            rate = alt_st["ratio"] / c.predicted_latency_ms
                 decided.append((sub, quantile, limit, frac))
                 rows.append(
                     {
@@ -239,7 +256,7 @@ def verify(cfg: VerifyConfig) -> dict:
                     "rounds": int(s["rounds"]),
                 }
             )
-        noise[regime.key] = noise_floor(session.samples, FULL)
+        noise[regime.key] = {**noise_floor(session.samples, FULL), "interference": session.interference_summary()}
         all_samples += session.samples
         session.close()
         # A fallback the lookup may quote needs its loss on the picks' evaluation setting; a search
@@ -257,13 +274,19 @@ def verify(cfg: VerifyConfig) -> dict:
             "the search results hold no evaluated picks of the current weights to verify; "
             "run `flextron search` (with more --trials)"
         )
-    out = run / "verify"
     df = pd.DataFrame(rows)
-    write_parquet_atomic(df, out / VERIFIED_FILE)
-    write_parquet_atomic(pd.DataFrame(uniform_rows), out / UNIFORM_FILE)
-    write_parquet_atomic(pd.DataFrame(all_samples), out / SAMPLES_FILE)
-    save_stage_config(out / "verify_config.json", cfg)
-    write_json_atomic(out / "noise.json", {"device_name": device_name, "threads": threads, "regimes": noise})
+    with rebuild(run / "verify") as out:  # swapped in whole: picks, fallbacks and samples of one session
+        write_parquet_atomic(df, out / VERIFIED_FILE)
+        write_parquet_atomic(pd.DataFrame(uniform_rows), out / UNIFORM_FILE)
+        write_parquet_atomic(pd.DataFrame(all_samples), out / SAMPLES_FILE)
+        save_stage_config(out / "verify_config.json", cfg)
+        write_json_atomic(out / "noise.json", {"device_name": device_name, "threads": threads, "regimes": noise,
+                                               "time_cap_hit": capped})
+    seconds = round(time.perf_counter() - t0, 1)
+    floors = ", ".join(f"{k} {v['ratio_noise_floor_pct']:.2f}%" for k, v in noise.items())
+    print(f"flextron verify: ratio noise floor reached {floors} in {seconds:.0f} s"
+          + (f"; the time cap (--max-seconds {cfg.max_seconds:g}) stopped {len(capped)} decision(s) first"
+             if capped else ""), file=sys.stderr)
     return {
         "device": device_name,
         "threads": threads,
@@ -275,7 +298,9 @@ def verify(cfg: VerifyConfig) -> dict:
         "max_ratio_over_budget_frac": round(float((df["ratio"] / df["budget_frac"]).max()), 4),
         "noise_floor_pct": {k: v["noise_floor_pct"] for k, v in noise.items()},
         "ratio_noise_floor_pct": {k: v["ratio_noise_floor_pct"] for k, v in noise.items()},
-        "seconds": round(time.perf_counter() - t0, 1),
+        "interference": {k: v["interference"] for k, v in noise.items()},
+        "time_cap_hit": capped,
+        "seconds": seconds,
     }
 
 
@@ -323,12 +348,20 @@ def look_confidence(cfg: VerifyConfig) -> float:
     return 1 - (1 - CONFIDENCE) / looks
 
 
-def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, quantile: str) -> dict:
+def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, quantile: str,
+            deadline: float = math.inf, capped: list | None = None) -> dict:
     """The pick's verdict against `limit` (a fraction of the full model), measuring more rounds of it
-    and the full model while it sits inside the noise band; each look at `look_confidence(cfg)`."""
+    and the full model while it sits inside the noise band (until `deadline`, noted in `capped`);
+    each look at `look_confidence(cfg)`. A pick whose estimate is already over the limit gets no more
+    rounds (it stays undecided, never within: stopping for futility only lowers the false-within rate)."""
     conf = look_confidence(cfg)
     st = session.stats(sub.key, quantile, limit, conf)
-    while st["verdict"] == "uncertain" and session.rounds_of[session.key_of(sub.key)] < cfg.max_rounds:
+    while (st["verdict"] == "uncertain" and st["ratio"] <= limit
+           and session.rounds_of[session.key_of(sub.key)] < cfg.max_rounds):
+        if time.perf_counter() >= deadline:
+            if capped is not None:
+                capped.append(f"{sub.key[:24]}: rounds")
+            break
         session.run({sub.key: sub}, min(cfg.rounds, cfg.max_rounds - session.rounds_of[session.key_of(sub.key)]))
         st = session.stats(sub.key, quantile, limit, conf)
     return st

@@ -14,6 +14,7 @@ import functools
 import inspect
 import io
 import json
+import math
 import os
 import sys
 import textwrap
@@ -125,8 +126,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line (rank 0's), not one per process
-        print(json.dumps(summary, default=str))
+        print(json.dumps(_finite_or_null(summary), default=str, allow_nan=False))
     return 0
+
+
+def _finite_or_null(obj):
+    """The summary as strict JSON: a NaN or infinite number (a missing measurement) becomes null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ def test_bad_inputs_get_clear_errors_and_keep_results(tmp_path, capsys):
     (tmp_path / "c.json").write_text("not json")
     assert "not valid JSON" in err(["eval", "--run", str(run), "--config", str(tmp_path / "c.json")])
     assert "run `flextron convert" in err(["eval", "--run", str(tmp_path / "empty")])
+    # a typo'd length beyond the model's 512 positions is refused up front, naming the limit
+    assert "--seq-len 100000 is beyond the 512 positions" in err(["eval", "--run", str(run), "--seq-len", "100000"])
+    assert "--seq-len 100000 is beyond the 512 positions" in err(
+        ["synth", "--run", str(run), "--seq-len", "100000", "--sequences", "1"])
     assert (run / "elastic" / "model.safetensors").read_bytes() == before
 
 
@@ -113,3 +117,23 @@ def test_config_files_and_run_paths_that_are_not_what_they_should_be(tmp_path, c
     assert "is a file, not a directory" in capsys.readouterr().err
     assert main(["eval", "--run", str(run), "--windows", "0"]) == 2
     assert "--windows must be positive" in capsys.readouterr().err
+
+
+def test_summaries_are_strict_json_with_missing_numbers_as_null(capsys, monkeypatch):
+    """A summary holding NaN or an infinity (a lookup row without a p99, say) prints as null, never as
+    `NaN` / `-Infinity`, which JSON readers reject."""
+    import numpy as np
+
+    from flextron.cli import stages
+
+    real = STAGES["lookup"]
+
+    class Fake:
+        help = real.help
+
+        def load(self):
+            return real.load()[0], lambda cfg: {"p99": float("nan"), "rows": [np.float64("-inf"), 1.5]}
+
+    monkeypatch.setitem(stages.STAGES, "lookup", Fake())
+    assert main(["lookup", "--run", "x", "--budget-ms", "1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"p99": None, "rows": [None, 1.5]}

@@ -127,3 +127,51 @@ def test_run_dir_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(FlextronError, match="is a file"):
         RunDir(tmp_path / "f")
     assert os.path.isfile(tmp_path / "f")
+
+
+def test_concurrent_rebuilds_of_one_folder_take_turns_and_each_swaps_in_whole(tmp_path):
+    """Builders of one folder never share (and delete) each other's half-built `.tmp`: each writes a
+    whole version, they take turns, and the folder ends as one builder's complete version."""
+    import threading
+    import time
+
+    from flextron.rundir import rebuild
+
+    folder = tmp_path / "verify"
+    errors = []
+
+    def build(name):
+        try:
+            with rebuild(folder) as tmp:
+                for i in range(5):
+                    (tmp / f"part{i}.txt").write_text(name)
+                    time.sleep(0.01)  # another builder, unlocked, would wipe this .tmp here
+        except Exception as e:  # noqa: BLE001 -- any failure of a builder fails the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=build, args=(f"builder{j}",)) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    texts = {p.read_text() for p in folder.glob("part*.txt")}
+    assert len(list(folder.glob("part*.txt"))) == 5 and len(texts) == 1  # one builder's whole version
+    assert not folder.with_name("verify.tmp").exists() and not folder.with_name("verify.old").exists()
+
+
+def test_a_rebuild_that_fails_keeps_the_old_version_and_carries_over_what_it_does_not_rebuild(tmp_path):
+    from flextron.rundir import rebuild
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "lookup.json").write_text("old")
+    (folder / "notes.txt").write_text("kept")
+    with pytest.raises(RuntimeError):
+        with rebuild(folder, only=("lookup.json",)) as tmp:
+            (tmp / "lookup.json").write_text("half")
+            raise RuntimeError("killed")
+    assert (folder / "lookup.json").read_text() == "old"
+    with rebuild(folder, only=("lookup.json",)) as tmp:
+        (tmp / "lookup.json").write_text("new")
+    assert (folder / "lookup.json").read_text() == "new" and (folder / "notes.txt").read_text() == "kept"

@@ -113,3 +113,11 @@ def test_train_teacher_flags_are_checked(kw, match):
 def test_synth_flags_are_checked(kw, match):
     with pytest.raises(FlextronError, match=match):
         SynthConfig(run="r", **{**KW, **kw})
+
+
+def test_restart_with_a_missing_corpus_keeps_the_shards(run, tmp_path):
+    synth(SynthConfig(run=str(run), sequences=2, **KW))
+    shards = sorted((run / "data" / "teacher" / "seed0").glob("shard-*"))
+    with pytest.raises(FlextronError, match="corpus .*missing"):
+        synth(SynthConfig(run=str(run), sequences=2, restart=True, corpus=str(tmp_path / "missing"), **KW))
+    assert sorted((run / "data" / "teacher" / "seed0").glob("shard-*")) == shards and shards

@@ -396,3 +396,19 @@ def test_resuming_a_run_trained_before_depth_sampling_needs_max_skip_frac_0(trai
     out = train(TrainConfig(run=str(run), **TRAIN_KW, max_skip_frac=0.0))
     assert out["resumed"] and out["steps"] == 4
     assert json.loads(path.read_text())["max_skip_frac"] == 0.0
+
+
+def test_restart_with_a_flag_that_cannot_work_removes_nothing(trained_run, tmp_path):
+    """`--restart` removes the training results only after every other flag was checked: a missing
+    --teacher-data set or corpus is refused first, and train/ and trained/ are still there."""
+    from flextron.train import TrainConfig, train
+
+    run = tmp_path / "r"
+    shutil.copytree(trained_run, run)
+    before = sorted(p.relative_to(run) for p in (run / "trained").rglob("*"))
+    with pytest.raises(FlextronError, match="--teacher-data seed9.*flextron synth"):
+        train(TrainConfig(run=str(run), **{**TRAIN_KW, "restart": True, "teacher_data": "seed9", "teacher_mix": 0.5}))
+    with pytest.raises(FlextronError, match="corpus .*missing.txt"):
+        train(TrainConfig(run=str(run), **{**TRAIN_KW, "restart": True, "corpus": str(tmp_path / "missing.txt")}))
+    assert sorted(p.relative_to(run) for p in (run / "trained").rglob("*")) == before
+    assert (run / "train" / "metrics.csv").is_file()

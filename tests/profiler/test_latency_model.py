@@ -192,6 +192,28 @@ def test_fit_reports_error_only_on_unseen_configs(profiled):
         models.get("prefill:b1:s64:float32:eager")
 
 
+def test_a_model_fitted_on_another_profile_is_refused_until_refitted(profiled, tmp_path):
+    """The latency model records the content id of the profile it was fitted on: after a re-profile
+    (any change to the profile's tables) every stage that loads it is refused, naming `flextron fit`."""
+    import shutil
+
+    run = tmp_path / "reprofiled"
+    shutil.copytree(profiled, run)
+    fit(FitConfig(run=str(run)))
+    before = LatencyModels.load(run)
+    assert before.profile_id and set(before.model_ids) == set(before.models)
+    e2e = pd.read_parquet(run / "profile" / "e2e.parquet")
+    e2e["latency_ms_median"] *= 1.5  # what a re-profile on a slower machine would give
+    e2e.to_parquet(run / "profile" / "e2e.parquet")
+    with pytest.raises(FlextronError, match="fitted on another profile.*flextron fit --run"):
+        LatencyModels.load(run)
+    fit(FitConfig(run=str(run)))
+    after = LatencyModels.load(run)
+    assert after.profile_id != before.profile_id
+    fit(FitConfig(run=str(run)))  # a re-fit on the same profile is the same model: the same ids
+    assert LatencyModels.load(run).model_ids == after.model_ids
+
+
 def test_mixed_devices_are_refused(profiled, tmp_path):
     import shutil
 

@@ -349,3 +349,25 @@ def test_layer_cells_are_corrected_for_the_drift_their_anchors_saw():
         assert cells[t] == pytest.approx(ms * 1.5, rel=1e-9)  # the anchors' median level is 1.5
     raw = out[~out["anchor"]].set_index("measured_at")["latency_ms_median"]
     assert raw[97] / raw[5] == pytest.approx(0.3 * 1.97 / (0.5 * 1.05))  # uncorrected: drift mixed into the ratio
+
+
+def test_restart_without_the_llamacpp_binding_keeps_the_profile(tiny_run, tmp_path, monkeypatch):
+    """`profile --restart --engine llamacpp` where llama.cpp is not installed is refused before the
+    profile is removed."""
+    import profiler.llamacpp as lc
+
+    monkeypatch.setattr(RegimeBench, "forward_fn", quick_forward)
+    el = ElasticModel.load(tiny_run / "elastic")
+    out = tmp_path / "profile"
+    cfg = ProfileConfig(run=str(tiny_run), regime=("decode:b1:ctx32",), layers_only=True, **FAST)
+    run_sweep(el, out, cfg)
+    before = sorted(p.name for p in out.iterdir())
+
+    def missing():
+        raise FlextronError("llama-cpp-python is not installed; `make setup` builds it")
+
+    monkeypatch.setattr(lc, "require_binding", missing)
+    with pytest.raises(FlextronError, match="llama-cpp-python is not installed"):
+        run_sweep(el, out, replace(cfg, restart=True, engine="llamacpp", regime=("decode:b1:ctx32:q8_0:llamacpp",),
+                                   device="cpu"))
+    assert sorted(p.name for p in out.iterdir()) == before

@@ -440,9 +440,12 @@ def test_latency_model_error_stands_beside_the_noise_floor_with_its_verdict(stag
     assert f"Verdict, {regime}: {m['verdict']}." in page.paragraphs and "noise floor" in m["verdict"]
     assert any(c.startswith(f"Latency model, {regime}") and "noise floor" in c for c in page.captions)
     noise = json.loads((staged / "verify" / "noise.json").read_text())["regimes"][regime]
-    (floors,) = [t for t in page.in_section("measurement") if t["caption"] == "Noise floors"]
+    (floors,) = [t for t in page.in_section("measurement") if t["caption"].startswith("Noise floors")]
+    i = noise["interference"]
+    seen = {k: f"{i[k + '_median']:.1f} / {i[k + '_max']:.1f}" for k in ("steal_pct", "other_pct")}
     assert any(_row_shows(row, ["verify", regime, noise["noise_floor_pct"], noise["ratio_noise_floor_pct"],
-                                float(noise["rounds"])]) for row in floors["rows"])
+                                float(noise["rounds"]), seen["steal_pct"], seen["other_pct"],
+                                float(i["remeasured_rounds"])]) for row in floors["rows"])
 
 
 def test_report_config_documents_its_flags():

@@ -78,3 +78,11 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path, monkeypatch):
         "held-out" in (fitted / "reports" / "summary.md").read_text().lower()
         or "Latency model" in (fitted / "reports" / "summary.md").read_text()
     )
+    # weights replaced since the lookup was built (what `flextron train --restart` does to trained/):
+    lookup = fitted / "export" / "lookup.json"
+    d = json.loads(lookup.read_text())
+    assert d["weights_tag"] == "elastic"
+    lookup.write_text(json.dumps({**d, "weights": "trained", "weights_tag": "trained-00000000"}))
+    with pytest.raises(FlextronError, match="replaced or removed since.*flextron verify.*--lookup"):
+        Lookup.load(fitted)
+    lookup.write_text(json.dumps(d))

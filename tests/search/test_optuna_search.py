@@ -146,6 +146,26 @@ def test_another_evaluation_setting_is_refused_not_mixed(run_copy):
     trials = pd.read_parquet(_results(run_copy) / "trials.parquet")
     assert trials["study"].str.contains("3x32").all()  # the 2-window study is gone from the table
 
+def test_a_resume_under_another_margin_or_latency_model_is_refused(run_copy):
+    """Which proposals were feasible came from the latency model and margin a study was searched with:
+    a resume under another margin or a re-fitted model would mix two rules in one study, so it is refused."""
+    import json
+
+    b = _budget(run_copy, 0.6)
+    _search(run_copy, budget_ms=(b,), margin=0.0)
+    before = (_results(run_copy) / "best.json").read_bytes()
+    with pytest.raises(FlextronError, match="search_margin.*--margin.*--restart"):
+        _search(run_copy, budget_ms=(b,), margin=0.1)
+    path = run_copy / "latency_model" / "latency_model.json"
+    d = json.loads(path.read_text())
+    for m in d["regimes"].values():
+        m["fixed_ms"] = m.get("fixed_ms", 0.0) * 1.01 + 1e-6  # stands in for a re-fit on a new profile
+    path.write_text(json.dumps(d))
+    with pytest.raises(FlextronError, match="latency_model_id.*re-fitted.*--restart"):
+        _search(run_copy, budget_ms=(b,), margin=0.0)
+    assert (_results(run_copy) / "best.json").read_bytes() == before
+    _search(run_copy, budget_ms=(b,), margin=0.0, restart=True)
+
 def test_each_search_keeps_earlier_picks_across_budgets_and_storages(run_copy):
     b1, b2, b3 = (_budget(run_copy, f) for f in (0.5, 0.7, 0.9))
     _search(run_copy, budget_ms=(b1,))
