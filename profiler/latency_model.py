@@ -484,12 +484,38 @@ def fit_warnings(metrics: dict) -> list[str]:
     return out
 
 
+def pool_layers(table: dict, groups: list[list[int]]) -> dict:
+    """Each group of layers (identical shapes) given one cost per choice: the median of its layers'
+    measured cells. Layers of one shape cost the same; what their isolated cells differ by is
+    measurement noise, and a search that picks the layers whose cells happen to read cheapest buys
+    latency that is not there (a knapsack over noisy per-layer costs selects exactly those errors)."""
+    out = dict(table)  # layers in no group keep their own cells
+    for g in (g for g in groups if g):
+        if all(isinstance(table[l], dict) for l in g):
+            keys = set.intersection(*(set(table[l]) for l in g))
+            pooled = {k: float(np.median([table[l][k] for l in g])) for k in keys}
+            for l in g:
+                out[l] = {k: pooled.get(k, v) for k, v in table[l].items()}
+        else:
+            pooled = float(np.median([table[l] for l in g]))
+            out.update({l: pooled for l in g})
+    return out
+
+
 def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
                floor: dict | None = None) -> tuple[LatencyModel, dict, dict]:
     attn, mlp, fixed = tables_from_profile(layers, regime_key)
     whole = layer_table_from_profile(layers, regime_key)
     if whole is not None and set(whole) != set(mlp):
         whole = None  # some whole-layer cells failed (--allow-errors): no depth rather than a partial one
+    # layers with the same choices have the same shapes: one cost per choice (see pool_layers)
+    groups: dict = {}
+    for l in sorted(mlp):
+        if l in attn:
+            groups.setdefault((tuple(sorted(mlp[l])), tuple(sorted(attn[l]))), []).append(l)
+    attn, mlp = pool_layers(attn, list(groups.values())), pool_layers(mlp, list(groups.values()))
+    if whole is not None:
+        whole = pool_layers(whole, [[l for l in g if l in whole] for g in groups.values()])
     rows = e2e[(e2e["regime"] == regime_key) & (e2e["status"] == "ok")]
     if not attn or rows.empty:
         raise FlextronError(f"regime {regime_key} has no usable layer or end-to-end cells; re-run `flextron profile`")

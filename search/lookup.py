@@ -151,10 +151,13 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
                         source="uniform",
                     )
                 )
+        # nothing worse than the smallest uniform sub-network is served: a verified pick that bad (a config
+        # skipping most layers, say) is a failed search, not an answer
+        floor = max(losses.values()) if losses else math.inf
         prev = None
         for frac, bg in vg.groupby("budget_frac"):
             first = bg.iloc[0]
-            fit = [c for c in cands if c["ratio_hi"] <= first["limit_frac"]]
+            fit = [c for c in cands if c["ratio_hi"] <= first["limit_frac"] and c["loss"] <= floor]
             if not fit:
                 continue
             best = min(fit, key=lambda c: c["loss"])

@@ -167,12 +167,13 @@ def verify(cfg: VerifyConfig) -> dict:
                     if "quantile" in trials.columns:  # a p50 and a p90 study may share a budget in ms
                         same &= trials["quantile"].fillna("p50") == b.get("quantile", "p50")
                     cands = trials[same].drop_duplicates("config")
-                    # what the last miss measured against what was predicted for it: a candidate predicted to
-                    # measure over the limit at that rate is not worth its rounds
-                    rate = st["ratio"] / pred if pred and math.isfinite(st["ratio"]) else None
-                    for c in cands.sort_values("loss").itertuples():
+                    # a candidate worse than the budget's uniform seeds is never worth its rounds: the uniform
+                    # fallbacks, measured in these rounds anyway, serve the budget better
+                    uni = cands[cands["source"] == "uniform"]["loss"] if "source" in cands else []
+                    worst = float(max(uni)) if len(uni) else math.inf
+                    for c in cands[cands["loss"] <= worst].sort_values("loss").itertuples():
                         alt = SubnetConfig.from_json(c.config)
-                        if alt == sub or (rate is not None and rate * c.predicted_latency_ms > limit):
+                        if alt == sub:
                             continue
                         if replaced >= cfg.max_replacements:
                             break
@@ -185,8 +186,6 @@ def verify(cfg: VerifyConfig) -> dict:
                         if alt_st["verdict"] == "within":
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
-                        if math.isfinite(alt_st["ratio"]) and c.predicted_latency_ms:
-                            rate = alt_st["ratio"] / c.predicted_latency_ms
                 decided.append((sub, quantile, limit, frac))
                 rows.append(
                     {

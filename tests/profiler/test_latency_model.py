@@ -448,3 +448,29 @@ def test_skipping_a_layer_is_a_choice_the_model_predicts_and_ranges_over_exactly
     old = LatencyModel(attn, mlp, 0.0, alphas=(None,)).fit(encode(configs[:10]), y[:10])
     with pytest.raises(FlextronError, match="flextron profile --restart"):
         old.predict_config(no1)
+
+
+def test_layers_of_one_shape_share_one_cost_per_choice(profiled, tmp_path):
+    """Isolated cells of identical layers differ by noise only; the fitted tables give every layer of one
+    shape the median of their cells, so a search cannot buy latency from a layer whose cell read cheap."""
+    import shutil
+
+    from flextron.elastic import ElasticModel
+    from profiler.latency_model import pool_layers
+
+    assert pool_layers({0: {1: 1.0, 2: 2.0}, 1: {1: 3.0, 2: 2.2}, 2: {1: 2.0, 2: 9.0}, 3: {5: 1.0}},
+                       [[0, 1, 2]]) == {0: {1: 2.0, 2: 2.2}, 1: {1: 2.0, 2: 2.2}, 2: {1: 2.0, 2: 2.2}, 3: {5: 1.0}}
+    assert pool_layers({0: 1.0, 1: 5.0, 2: 2.0}, [[0, 1, 2]]) == {0: 2.0, 1: 2.0, 2: 2.0}
+    run = tmp_path / "pooled"
+    shutil.copytree(profiled, run)
+    layers = pd.read_parquet(run / "profile" / "layers.parquet")
+    noisy = (layers["layer"] == 1) & (layers["kind"] == "mlp")
+    layers.loc[noisy, ["latency_ms_median", "latency_ms_corrected"]] *= 0.5  # layer 1's MLP cells read cheap
+    layers.to_parquet(run / "profile" / "layers.parquet")
+    fit(FitConfig(run=str(run)))
+    spec = ElasticModel.load(run / "elastic").spec
+    models = LatencyModels.load(run)
+    tab = models.get(models.resolve(None)).layer_table_ms(spec)
+    for name in ("mlp_ms", "attn_ms", "skip_ms"):
+        t = tab[name].numpy()
+        assert (t == t[0]).all(), name  # every layer the same row
