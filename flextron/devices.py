@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import re
 import sys
 
@@ -58,6 +60,27 @@ def check_device(device: str) -> str:
     if index >= n:
         raise FlextronError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
     return device
+
+
+@contextlib.contextmanager
+def pinned(core: int):
+    """Pin this process to CPU `core` for the block (Linux), then restore its affinity; -1: no pinning.
+    Yields the core pinned to (None when not pinned). A core this process may not use is refused."""
+    if isinstance(core, bool) or not isinstance(core, int) or core < -1:
+        raise FlextronError(f"--pin-core must be -1 (not pinned) or a core number, got {core!r}")
+    if core == -1:
+        yield None
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        raise FlextronError("--pin-core needs Linux (os.sched_setaffinity); leave it at -1 here")
+    before = os.sched_getaffinity(0)
+    if core not in before:
+        raise FlextronError(f"--pin-core {core}: this process may use cores {sorted(before)}; pick one of them")
+    os.sched_setaffinity(0, {core})
+    try:
+        yield core
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def set_cpu_threads(device: str, threads: int = 0) -> int | None:

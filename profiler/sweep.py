@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flextron.devices import check_device, set_cpu_threads, set_device_field
+from flextron.devices import check_device, pinned, set_cpu_threads, set_device_field
 from flextron.errors import FlextronError
 from flextron.rundir import (
     RunDir,
@@ -90,6 +90,8 @@ class ProfileConfig:
     #: CPU: intra-op threads of torch (or llama.cpp) while measuring, recorded in device.json; 0: one (steady on
     #: small, shared CPUs; see flextron.devices)
     threads: int = 0
+    #: CPU (Linux): pin the measuring process to this core, recorded in device.json; -1: not pinned
+    pin_core: int = -1
     #: measure the layer cells only; a later run without it adds the end-to-end cells to the same profile
     layers_only: bool = False
     #: remove RUN/profile/ and measure everything again (without it, a stopped sweep resumes where it stopped)
@@ -102,7 +104,7 @@ class ProfileConfig:
         if not self.regime:
             raise FlextronError("give at least one --regime, e.g. --regime decode:b1:ctx1024")
         for name, low in (("e2e_random", 0), ("e2e_depth", 0), ("seed", None), ("min_reps", 1), ("warmup", 0),
-                          ("anchor_every", 1), ("rounds", 2), ("reps", 1), ("threads", 0)):
+                          ("anchor_every", 1), ("rounds", 2), ("reps", 1), ("threads", 0), ("pin_core", -1)):
             check_finite(name, getattr(self, name), low=low, whole=True)
         check_finite("min_time_ms", self.min_time_ms, low=0)
         check_finite("energy_s", self.energy_s, low=0)
@@ -267,7 +269,7 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = set_cpu_threads(cfg.device, cfg.threads)  # before device_info, which records the count
     tele = Telemetry(cfg.device)
-    info = {**tele.device_info(), "threads_choice": threads, "engine": cfg.engine}
+    info = {**tele.device_info(), "threads_choice": threads, "engine": cfg.engine, "pinned_core": cfg.pin_core}
     if binding is not None:
         info["llama_cpp_python"] = binding
     _start_or_resume(out_dir, cfg, info)
@@ -577,5 +579,6 @@ def profile(cfg: ProfileConfig) -> dict:
     check_device(cfg.device)  # before loading anything
     elastic = ElasticModel.load(run.require("elastic"))
     t0 = time.perf_counter()
-    summary = run_sweep(elastic, profile_dir(run.root), cfg, progress=progress)
-    return {**summary, "seconds": round(time.perf_counter() - t0, 1)}
+    with pinned(cfg.pin_core) as core:
+        summary = run_sweep(elastic, profile_dir(run.root), cfg, progress=progress)
+    return {**summary, "pinned_core": core, "seconds": round(time.perf_counter() - t0, 1)}

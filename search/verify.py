@@ -42,6 +42,7 @@ class VerifyConfig:
     threads: int = 0  #: CPU: torch intra-op threads while measuring; 0 = one (steady on small, shared CPUs)
     #: candidates of a budget tried, best first, when its pick does not measure within (then the uniform fallback)
     max_replacements: int = MAX_REPLACEMENTS
+    pin_core: int = -1  #: CPU (Linux): pin the measuring process to this core (recorded in noise.json); -1: not pinned
     #: time cap (s): past it, no more rounds are added to decide picks and no more replacements tried
     #: (undecided picks fall back); the stage says when the cap was hit before the decisions were made
     max_seconds: float = 600.0
@@ -60,6 +61,7 @@ class VerifyConfig:
         check_finite("threads", self.threads, low=0)
         check_finite("max_replacements", self.max_replacements, low=0, whole=True)
         check_finite("max_seconds", self.max_seconds, low=0, low_inclusive=False)
+        check_finite("pin_core", self.pin_core, low=-1, whole=True)
         if self.quantile:
             check_quantile(self.quantile)
 
@@ -73,6 +75,14 @@ def _best_files(run) -> list:
 
 
 def verify(cfg: VerifyConfig) -> dict:
+    """`flextron verify` (see the module docstring), pinned to `cfg.pin_core` while it measures."""
+    from flextron.devices import pinned
+
+    with pinned(cfg.pin_core) as core:
+        return _verify(cfg, core)
+
+
+def _verify(cfg: VerifyConfig, core: int | None) -> dict:
     import sys
 
     import pandas as pd
@@ -279,8 +289,8 @@ def verify(cfg: VerifyConfig) -> dict:
         write_parquet_atomic(pd.DataFrame(uniform_rows), out / UNIFORM_FILE)
         write_parquet_atomic(pd.DataFrame(all_samples), out / SAMPLES_FILE)
         save_stage_config(out / "verify_config.json", cfg)
-        write_json_atomic(out / "noise.json", {"device_name": device_name, "threads": threads, "regimes": noise,
-                                               "time_cap_hit": capped})
+        write_json_atomic(out / "noise.json", {"device_name": device_name, "threads": threads, "pinned_core": core,
+                                               "regimes": noise, "time_cap_hit": capped})
     seconds = round(time.perf_counter() - t0, 1)
     floors = ", ".join(f"{k} {v['ratio_noise_floor_pct']:.2f}%" for k, v in noise.items())
     print(f"flextron verify: ratio noise floor reached {floors} in {seconds:.0f} s"

@@ -32,3 +32,24 @@ def test_bad_device_names_are_refused_naming_the_choices(bad):
 
     with pytest.raises(FlextronError, match="cpu, cuda, cuda:N or auto"):
         resolve_device(bad)
+
+
+def test_pinning_to_a_core_is_restored_after_and_a_core_that_does_not_exist_is_refused():
+    import os
+
+    from flextron.devices import pinned
+
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    with pinned(core) as got:
+        assert got == core and os.sched_getaffinity(0) == {core}
+    assert os.sched_getaffinity(0) == before
+    with pinned(-1) as got:
+        assert got is None and os.sched_getaffinity(0) == before
+    with pytest.raises(FlextronError, match="--pin-core 4096: this process may use cores"):
+        with pinned(4096):
+            pass
+    with pytest.raises(FlextronError, match="--pin-core must be -1"):
+        with pinned(-2):
+            pass
+    assert os.sched_getaffinity(0) == before

@@ -166,6 +166,27 @@ def test_a_resume_under_another_margin_or_latency_model_is_refused(run_copy):
     assert (_results(run_copy) / "best.json").read_bytes() == before
     _search(run_copy, budget_ms=(b,), margin=0.0, restart=True)
 
+def test_random_sampler_is_the_plain_baseline_and_the_frontier_is_latency_against_loss(run_copy):
+    """`--sampler random` seeds nothing and still evaluates only configs that fit; `--frontier` searches
+    latency and loss together (no budget) and its trials join the table and the Pareto front."""
+    b = _budget(run_copy, 0.7)
+    s = _search(run_copy, budget_ms=(b,), sampler="random", trials=4, margin=0.0)
+    per = s["per_budget"][0]
+    assert per["seeded"] == 0 and per["evaluated"] == 4 and per["stop"] == "done"
+    trials = pd.read_parquet(_results(run_copy) / "trials.parquet")
+    ev = trials[trials["evaluated"]]
+    assert set(ev["source"]) <= {"search"} and (ev["predicted_latency_ms"] <= b + 1e-9).all()
+    _search(run_copy, frontier=True, trials=5, restart=True)
+    trials = pd.read_parquet(_results(run_copy) / "trials.parquet")
+    frontier = trials[trials["study"].str.endswith("|frontier")]
+    assert len(frontier) == 5 and frontier["evaluated"].all()
+    pareto = pd.read_parquet(_results(run_copy) / "pareto.parquet")
+    assert len(pareto) >= 1 and set(pareto["config"]) <= set(trials["config"])
+    # a point of the front is beaten by no trial on both latency and loss
+    for p in pareto.itertuples():
+        assert not ((trials["predicted_latency_ms"] < p.predicted_latency_ms) & (trials["loss"] < p.loss)
+                    & trials["evaluated"]).any()
+
 def test_each_search_keeps_earlier_picks_across_budgets_and_storages(run_copy):
     b1, b2, b3 = (_budget(run_copy, f) for f in (0.5, 0.7, 0.9))
     _search(run_copy, budget_ms=(b1,))

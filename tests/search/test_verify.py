@@ -29,13 +29,12 @@ def test_verify_measures_more_rounds_inside_the_noise_band_and_never_accepts_a_s
     assert ver["ratio_lo"] < frac < ver["ratio_hi"]
     from search.export import ExportConfig, export
 
-    try:  # a uniform fallback whose loss is known may serve the budget; the straddling pick never does
-        export(ExportConfig(run=str(run_copy), lookup=True))
-    except FlextronError as e:
-        assert "no verified config met its budget" in str(e)
-    else:
-        rows = json.loads((run_copy / "export" / "lookup.json").read_text())["rows"]
-        assert all(r["config"] != pick.to_dict() and r["ratio_hi"] <= r["budget_frac"] for r in rows)
+    # the uniform configs measure steadily at their parameter share, so a smaller one serves the budget;
+    # the straddling pick never does
+    export(ExportConfig(run=str(run_copy), lookup=True))
+    rows = json.loads((run_copy / "export" / "lookup.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["source"] == "uniform"
+    assert all(r["config"] != pick.to_dict() and r["ratio_hi"] <= r["budget_frac"] for r in rows)
 
 
 def test_the_time_cap_stops_adding_rounds_and_says_so(run_copy, monkeypatch, capsys):
