@@ -9,20 +9,27 @@ from search_helpers import _budget, _fake_latency, _one_pick, _results, _search
 from flextron.errors import FlextronError
 
 
-def test_verify_measures_more_rounds_inside_the_noise_band_and_never_accepts_a_straddle(run_copy, monkeypatch):
+def _straddling_pick(run, monkeypatch):
+    """Make uniform(0.5) the only pick, at its parameter share of a 10 ms full model, and time it 15%
+    below and 10% above that budget from call to call (its estimate stays within, its bound never
+    does); everything else steady at its parameter share. Returns (pick, budget fraction)."""
     from flextron.elastic import ElasticModel
-    from search.verify import VerifyConfig, verify
 
-    spec = ElasticModel.load(run_copy / "elastic").spec
+    spec = ElasticModel.load(run / "elastic").spec
     pick = spec.uniform(0.5)
-    _search(run_copy, budget_ms=(_budget(run_copy, 0.9),))
+    _search(run, budget_ms=(_budget(run, 0.9),))
     frac = pick.param_count(spec) / spec.full().param_count(spec)
-    _one_pick(run_copy, spec, pick, frac)
-    # the pick alternates 15% below and 10% above its budget from call to call (its estimate stays within,
-    # its bound never does); everything else is steady
+    _one_pick(run, spec, pick, frac)
     _fake_latency(
         monkeypatch, spec, lambda f, n: [10.0 * f * (0.85 if n % 2 else 1.1) if abs(f - frac) < 1e-9 else 10.0 * f] * 3
     )
+    return pick, frac
+
+
+def test_verify_measures_more_rounds_inside_the_noise_band_and_never_accepts_a_straddle(run_copy, monkeypatch):
+    from search.verify import VerifyConfig, verify
+
+    pick, frac = _straddling_pick(run_copy, monkeypatch)
     verify(VerifyConfig(run=str(run_copy), rounds=2, max_rounds=6, reps=1, warmup=0))
     ver = pd.read_parquet(run_copy / "verify" / "verified.parquet").iloc[0]
     assert ver["verdict"] == "uncertain" and not ver["within_budget"] and ver["rounds"] > 2  # measured more
@@ -40,17 +47,9 @@ def test_verify_measures_more_rounds_inside_the_noise_band_and_never_accepts_a_s
 def test_the_time_cap_stops_adding_rounds_and_says_so(run_copy, monkeypatch, capsys):
     """Past --max-seconds no more rounds are added to decide a pick: it stays undecided (never within),
     the stage says the cap was hit first, and noise.json records where."""
-    from flextron.elastic import ElasticModel
     from search.verify import VerifyConfig, verify
 
-    spec = ElasticModel.load(run_copy / "elastic").spec
-    pick = spec.uniform(0.5)
-    _search(run_copy, budget_ms=(_budget(run_copy, 0.9),))
-    frac = pick.param_count(spec) / spec.full().param_count(spec)
-    _one_pick(run_copy, spec, pick, frac)
-    _fake_latency(
-        monkeypatch, spec, lambda f, n: [10.0 * f * (0.9 if n % 2 else 1.1) if abs(f - frac) < 1e-9 else 10.0 * f] * 3
-    )
+    _straddling_pick(run_copy, monkeypatch)
     out = verify(VerifyConfig(run=str(run_copy), rounds=2, max_rounds=6, reps=1, warmup=0, max_seconds=1e-6,
                               max_replacements=0))
     ver = pd.read_parquet(run_copy / "verify" / "verified.parquet").iloc[0]
