@@ -109,14 +109,20 @@ def open_storage(cfg: SearchConfig, run_root: Path):
     url = cfg.storage or f"sqlite:///{run_root / 'search' / STORAGE_FILE}"
     if not cfg.storage:
         (run_root / "search").mkdir(parents=True, exist_ok=True)
-    try:
-        if url.endswith(".log") and "://" not in url:
-            from optuna.storages.journal import JournalFileBackend
+    for attempt in range(4):
+        try:
+            if url.endswith(".log") and "://" not in url:
+                from optuna.storages.journal import JournalFileBackend
 
-            return optuna.storages.JournalStorage(JournalFileBackend(url))
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=None)
-    except Exception as e:
-        raise FlextronError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e)[:200]}") from e
+                return optuna.storages.JournalStorage(JournalFileBackend(url))
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=None)
+        except Exception as e:
+            # workers starting together on a fresh database race to create Optuna's schema: the losers
+            # see "already exists" and find the schema there when they try again
+            if "already exists" in str(e) and attempt < 3:
+                time.sleep(0.2 * (attempt + 1) + random.uniform(0.0, 0.2))
+                continue
+            raise FlextronError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e)[:200]}") from e
 
 
 def suggest_config(trial, spec, depth: bool = False) -> SubnetConfig:
