@@ -7,8 +7,9 @@ measured one after another: in each of R rounds every config, the full model (th
 included, is measured once in a freshly shuffled order. Raw samples keep their round. Each config
 gets its latency relative to the full model *in the same round* (`ratio_to_full`), in which the
 drift cancels; statistics are taken over rounds; the test-retest error of two halves of the rounds
-is the noise floor every model error is compared with; and "within budget" is decided from a
-bootstrap over rounds with a stated confidence.
+is the noise floor every model error is compared with; and "within budget" is decided from bounds
+over rounds with a stated confidence (exact order statistics of the round medians for p50, a
+bootstrap for the tails).
 
 Engine-agnostic and torch-free: a measurement is any callable `key -> list of ms samples`.
 """

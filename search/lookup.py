@@ -1,7 +1,7 @@
 """The budget-to-config lookup: what a deployment reads.
 
 For each budget of a device and regime: the best config that verify measured within it with 95%
-confidence (the upper bootstrap bound of its ratio to the full model, at the budget's quantile, in
+confidence (the upper bound of its ratio to the full model, at the budget's quantile, in
 the same rounds), from the verified search results and the uniform configs. Rows carry p50 and p90
 step latency, the ratio and its bound, and the budget's reference. More budget never gives a worse
 config: a budget inherits a smaller budget's choice when that one is better.

@@ -5,10 +5,13 @@ Measured latency, not predicted, is what the lookup and the reports quote. Every
 in each round the full model, every pick and every uniform config (the lookup's fallbacks) are
 measured once in a fresh random order, so each gets its latency relative to the full model in the
 same round. A budget is a fraction of this session's full model (`flextron.budget`); a pick is
-`within` when the upper 95% bootstrap bound of its ratio at the budget's quantile is within the
-fraction, `over` when the lower bound is above it, and `uncertain` otherwise. Uncertain picks get
-more rounds (up to `--max-rounds`); a pick still not `within` is replaced by the next best config
-evaluated for the same budget, regime and weights that is measured `within` (a capped number).
+`within` when the upper bound of its ratio at the budget's quantile (`profiler.rounds.tail_ratio`:
+order statistics of the round medians for p50, a bootstrap over rounds for p90/p99) is within the
+fraction, `over` when the lower bound is above it, and `uncertain` otherwise. Uncertain picks whose
+estimate is within get more rounds (up to `--max-rounds`), the 5% error spent over those looks
+(`look_confidence`); a pick still not `within` is replaced by the next best config evaluated for the
+same budget, regime and weights that is measured `within` (`--max-replacements`, `--max-seconds`).
+The budget a row keeps is the one searched (`budget_ms`, `budget_frac`, `reference_full_ms`).
 """
 
 from __future__ import annotations
