@@ -199,7 +199,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                         if alt_st["verdict"] == "within":
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
-                decided.append((sub, quantile, limit, frac))
+                decided.append((sub, quantile, limit, frac, b["budget_ms"]))
                 rows.append(
                     {
                         "regime": regime.key,
@@ -209,7 +209,6 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                         "weights_tag": best.get("weights_tag"),
                         "quantile": quantile,
                         "limit_frac": limit,
-                        "searched_budget_ms": b["budget_ms"],
                         "config": sub.to_json(),
                         "config_key": sub.key,
                         "predicted_latency_ms": pred,
@@ -224,9 +223,8 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
         # budget stays the one searched (its ms, fraction and reference), so `lookup --budget-ms X` at the
         # searched X finds its row; verify's own full model is `measured_full_ms`.
         reference = session.reference_ms()
-        for row, (sub, quantile, limit, frac) in zip(rows[len(rows) - len(decided) :], decided):
+        for row, (sub, quantile, limit, frac, searched) in zip(rows[len(rows) - len(decided) :], decided):
             st = session.stats(sub.key, quantile, limit, look_confidence(cfg))  # the level its looks were made at
-            searched = row["searched_budget_ms"]
             budget = Budget(regime.key, budget_ms=searched, budget_frac=frac, quantile=quantile).resolve(
                 searched / frac)
             row.update(
