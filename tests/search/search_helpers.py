@@ -67,3 +67,11 @@ def _one_pick(run, spec, pick, frac):
     ]
     (folder / "best.json").write_text(json.dumps(best))
     (folder / "trials.parquet").unlink()  # no replacement candidates
+
+def _shared_worker(args):
+    """One search worker on a shared storage: (run, storage, budget ms, study prefix, trials)."""
+    run, storage, b, prefix, trials = args
+    from search.optuna_search import SearchConfig, search
+
+    return search(SearchConfig(run=run, budget_ms=(b,), trials=trials, eval_windows=2, eval_seq_len=32,
+                               storage=storage, study_prefix=prefix))

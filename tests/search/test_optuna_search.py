@@ -5,7 +5,7 @@ import multiprocessing as mp
 
 import pandas as pd
 import pytest
-from search_helpers import _budget, _results, _search
+from search_helpers import _budget, _results, _search, _shared_worker
 
 from flextron.errors import FlextronError
 
@@ -53,13 +53,6 @@ def test_budget_below_smallest_names_the_feasible_range(fitted):
     with pytest.raises(FlextronError, match="was not profiled"):
         search(SearchConfig(run=str(fitted), regime="decode:b1:ctx32", budget_ms=(1.0,)))
 
-def _worker(args):
-    run, storage, b = args
-    from search.optuna_search import SearchConfig, search
-
-    return search(SearchConfig(run=run, budget_ms=(b,), trials=10, eval_windows=2, eval_seq_len=32,
-                               storage=storage, study_prefix="shared"))
-
 def test_four_workers_share_one_study(fitted, tmp_path):
     import optuna
 
@@ -67,7 +60,7 @@ def test_four_workers_share_one_study(fitted, tmp_path):
     b = _budget(fitted, 0.8)
     ctx = mp.get_context("spawn")
     with ctx.Pool(4) as pool:
-        pool.map(_worker, [(str(fitted), storage, b)] * 4)
+        pool.map(_shared_worker, [(str(fitted), storage, b, "shared", 10)] * 4)
     from optuna.storages.journal import JournalFileBackend
 
     st = optuna.storages.JournalStorage(JournalFileBackend(storage))

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from search_helpers import _budget
+from search_helpers import _budget, _shared_worker
 
 pgserver = pytest.importorskip("pgserver")
 pytest.importorskip("psycopg")
@@ -22,18 +22,17 @@ def postgres(tmp_path_factory):
     srv.cleanup()
 
 
-def _worker(args):
-    run, storage, b, prefix, trials = args
-    from search.optuna_search import SearchConfig, search
-
-    return search(SearchConfig(run=run, budget_ms=(b,), trials=trials, eval_windows=2, eval_seq_len=32,
-                               storage=storage, study_prefix=prefix))
+_STORAGES = {}
 
 
-def _study(storage, name):
+def _study(url, name):
+    """The study, read through one storage per URL (a storage per poll would open a connection pool each
+    time and exhaust the server's clients)."""
     import optuna
 
-    return optuna.load_study(study_name=name, storage=storage)
+    if url not in _STORAGES:
+        _STORAGES[url] = optuna.storages.RDBStorage(url)
+    return optuna.load_study(study_name=name, storage=_STORAGES[url])
 
 
 def _evaluated(study):
@@ -48,7 +47,7 @@ def test_four_workers_on_postgres_evaluate_exactly_the_asked_number(fitted, post
 
     b = _budget(fitted, 0.8)
     with mp.get_context("spawn").Pool(4) as pool:
-        pool.map(_worker, [(str(fitted), postgres, b, "pg4", 10)] * 4)
+        pool.map(_shared_worker, [(str(fitted), postgres, b, "pg4", 10)] * 4)
     study = _study(postgres, f"pg4|budget={b:.6g}")
     numbers = [t.number for t in study.trials]
     assert sorted(numbers) == list(range(len(numbers)))  # none lost, none duplicated
@@ -61,8 +60,8 @@ def test_a_worker_killed_mid_search_loses_nothing_and_a_resume_continues(fitted,
     database); what it finished is kept, and a resumed search evaluates exactly the asked number."""
     b = _budget(fitted, 0.7)
     name = f"pgkill|budget={b:.6g}"
-    code = ("import sys; sys.path[:0] = sys.argv[1:3]; from test_postgres import _worker; "
-            f"_worker(({str(fitted)!r}, {postgres!r}, {b!r}, 'pgkill', 24))")
+    code = ("import sys; sys.path[:0] = sys.argv[1:3]; from search_helpers import _shared_worker; "
+            f"_shared_worker(({str(fitted)!r}, {postgres!r}, {b!r}, 'pgkill', 24))")
     here = os.path.dirname(__file__)
     proc = subprocess.Popen([sys.executable, "-c", code, here, os.getcwd()])
     from search.optuna_search import _progress
@@ -83,7 +82,7 @@ def test_a_worker_killed_mid_search_loses_nothing_and_a_resume_continues(fitted,
     kept = _evaluated(study)
     assert done <= kept  # nothing it had finished is lost
     assert _progress(study)[1] == []  # its claim died with it (not after CLAIM_TTL_S)
-    out = _worker((str(fitted), postgres, b, "pgkill", 24))
+    out = _shared_worker((str(fitted), postgres, b, "pgkill", 24))
     per = out["per_budget"][0]
     assert per["evaluated"] == 24 and per["stop"] == "done"  # the dead worker's claim did not hold a slot
     assert kept <= _evaluated(_study(postgres, name))
