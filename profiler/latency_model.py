@@ -3,8 +3,8 @@
 The sweep's isolated per-layer times are the prior. Summing them misses what only the whole model
 shows (launch gaps, norms and residual adds, cache effects between layers, host time in eager
 mode), so `LatencyModel` learns from part of the end-to-end set: a scaled or host-bound
-(max(host, device) per module) form of the isolated times, plus per-layer, per-choice terms shrunk
-toward them, chosen by cross-validation on the training configs. With a profile measured in
+(max(host, device) per module) form of the isolated times, plus per-choice terms (one per group of
+identical layers) shrunk toward them, chosen by cross-validation on the training configs. With a profile measured in
 interleaved rounds, the targets are each config's ratio to the full model in the same round times
 the full model's median, so the machine's drift during the profile is not fitted.
 
@@ -57,8 +57,8 @@ class LatencyModel(RegressorMixin, BaseEstimator):
        `scaled`: a_attn * A and a_mlp * M (device-bound: the step is the sum of its kernels), or
        `host_bound`: max(h_attn, a_attn * A) and max(h_mlp, a_mlp * M), where h is the host's cost of
        one module call (eager steps on a fast device wait for the host when the kernels are short).
-    2. Plus per-layer, per-choice terms learned from the end-to-end configs themselves and shrunk
-       toward zero by a ridge penalty (so toward step 1, the isolated times): what isolated layers
+    2. Plus per-choice terms, one per group of identical layers (`_groups`), learned from the end-to-end
+       configs themselves and shrunk toward zero by a ridge penalty (so toward step 1, the isolated times): what isolated layers
        miss (cache effects between layers, launch gaps that depend on the shape).
 
     The form and the ridge strength are chosen by cross-validation on the training configs only.
@@ -79,10 +79,12 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         forms: the forms tried (see above).
         alphas: the ridge strengths tried for the learned per-layer terms (None: none learned).
         cv_folds: folds of the cross-validation that chooses among them.
+        tie_layers: layers with identical isolated tables share their learned terms (see `_groups`);
+            False learns every layer's own (the model before session 10, kept for comparison).
     """
 
     def __init__(self, attn_table=None, mlp_table=None, fixed_ms: float = 0.0, forms=FORMS, alphas=ALPHAS,
-                 cv_folds: int = 5, layer_table=None):
+                 cv_folds: int = 5, layer_table=None, tie_layers: bool = True):
         self.attn_table = attn_table
         self.mlp_table = mlp_table
         self.fixed_ms = fixed_ms
@@ -90,6 +92,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         self.alphas = alphas
         self.cv_folds = cv_folds
         self.layer_table = layer_table
+        self.tie_layers = tie_layers
 
     # ---- shapes ---------------------------------------------------------------------------------
     @property
@@ -182,16 +185,29 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             Ae[:, 0], Me[:, 0] = 0.0, 0.0
         return c, Ae, Me
 
+    def _groups(self) -> np.ndarray:
+        """[L] group index of every layer: layers whose isolated tables are identical (one shape, pooled
+        by `pool_layers`) share one learned term per choice. A knapsack over per-layer terms fitted to a few
+        dozen configs picks the layers whose terms happen to read cheapest (noise, not latency); tied
+        terms give it nothing to exploit and leave each far more configs to learn from."""
+        A, M = self._priors()
+        rows = [np.nan_to_num(np.concatenate([A[l], M[l]]), nan=-1.0).tobytes() for l in range(A.shape[0])]
+        first: dict = {}
+        return np.asarray([first.setdefault(r, len(first)) for r in rows], np.int64)
+
     def _fit_one(self, form, alpha, hi, wi, y, iters: int = 8):
         """(theta, delta_attn [L, H], delta_mlp [L, W]) fitted to (hi, wi) -> y: the form's few
-        parameters and the ridge-shrunk per-layer terms by backfitting (each fitted to what the other
-        leaves), so an effect only some configs show is not smeared into the form's coefficients."""
+        parameters and the ridge-shrunk per-choice terms (one per group of identical layers, see
+        `_groups`) by backfitting (each fitted to what the other leaves), so an effect only some
+        configs show is not smeared into the form's coefficients."""
         from scipy.optimize import least_squares
         from sklearn.linear_model import LinearRegression
 
         A, M = self._priors()
         L, H, W = A.shape[0], A.shape[1], M.shape[1]
         rows = np.arange(L)
+        group = self._groups() if self.tie_layers else rows
+        G = int(group.max()) + 1
         sums = np.stack([A[rows, hi].sum(1), M[rows, wi].sum(1)], axis=1)
         lin = LinearRegression(positive=True).fit(sums, y)
         theta = [float(lin.intercept_), *map(float, lin.coef_)]
@@ -205,13 +221,13 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             c, Ae, Me = self._base(form, t, A, M)
             return c + Ae[rows, hi].sum(1) + Me[rows, wi].sum(1)
 
-        phi = np.zeros((len(y), L * (H + W)))  # one-hot features of every (layer, choice)
+        phi = np.zeros((len(y), G * (H + W)))  # counts of every (layer group, choice)
         for n in range(len(y)):
-            phi[n, rows * H + hi[n]] = 1.0
-            phi[n, L * H + rows * W + wi[n]] = 1.0
+            np.add.at(phi[n], group * H + hi[n], 1.0)
+            np.add.at(phi[n], G * H + group * W + wi[n], 1.0)
         scale = float(np.mean(y))
         learned = np.zeros(len(y))
-        delta = np.zeros(L * (H + W))
+        delta = np.zeros(G * (H + W))
         for _ in range(iters if alpha is not None else 1):
             target = y - learned
             # relative residuals: the error that matters is the relative one (MAPE), small configs included
@@ -221,7 +237,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             r = (y - base(theta)) / scale  # ridge on the residual, dual form (configs << features)
             delta = phi.T @ np.linalg.solve(phi @ phi.T + alpha * np.eye(len(y)), r) * scale
             learned = phi @ delta
-        return np.asarray(theta, float), delta[: L * H].reshape(L, H), delta[L * H:].reshape(L, W)
+        return np.asarray(theta, float), delta[: G * H].reshape(G, H)[group], delta[G * H:].reshape(G, W)[group]
 
     def _predict_with(self, form, theta, dA, dM, hi, wi):
         A, M = self._priors()
@@ -503,7 +519,7 @@ def pool_layers(table: dict, groups: list[list[int]]) -> dict:
 
 
 def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
-               floor: dict | None = None) -> tuple[LatencyModel, dict, dict]:
+               floor: dict | None = None, tie_layers: bool = True) -> tuple[LatencyModel, dict, dict]:
     attn, mlp, fixed = tables_from_profile(layers, regime_key)
     whole = layer_table_from_profile(layers, regime_key)
     if whole is not None and set(whole) != set(mlp):
@@ -546,7 +562,7 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
     test = hetero[:n_test]
     train = np.setdiff1d(np.arange(len(rows)), test)
     X = encode(configs)
-    model = LatencyModel(attn, mlp, fixed, layer_table=whole).fit(X[train], y[train])
+    model = LatencyModel(attn, mlp, fixed, layer_table=whole, tie_layers=tie_layers).fit(X[train], y[train])
     metrics = {
         "regime": regime_key,
         "target": target,

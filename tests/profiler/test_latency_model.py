@@ -474,3 +474,26 @@ def test_layers_of_one_shape_share_one_cost_per_choice(profiled, tmp_path):
         rows = [table[l] for l in sorted(table)]
         assert all(r == rows[0] for r in rows), name  # every layer the same costs
     assert len(set(m.layer_table.values())) == 1
+
+
+def test_identical_layers_share_their_learned_terms():
+    """Layers with identical isolated tables (one shape, pooled) get one learned term per choice: noise
+    in the end-to-end set cannot make one of them read cheaper than its twins (a knapsack would buy that
+    phantom latency), and an effect they all show (fewest heads +0.05 ms inside the model) is learned
+    from every layer at once. A layer of another shape keeps its own terms."""
+    spec = ElasticSpec.build("llama", 6, 64, 512, 8, 4, 16, 320)
+    attn, mlp = synthetic(spec)
+    for l in range(1, 5):  # layers 0-4 one shape, layer 5 another
+        attn[l], mlp[l] = dict(attn[0]), dict(mlp[0])
+    configs = spec.uniform_configs() + random_configs(spec, 40, 3)
+    X = encode(configs)
+    sums = LatencyModel(attn, mlp, 0.0)._sums(X)
+    fewest = (X[:, 6:] == min(spec.head_counts[0])).sum(1)
+    rng = np.random.default_rng(0)
+    y = (0.5 + sums.sum(1) + 0.05 * fewest) * (1 + 0.02 * rng.standard_normal(len(X)))
+    m = LatencyModel(attn, mlp, 0.0, forms=("scaled",), alphas=(0.1,)).fit(X, y)
+    assert np.allclose(m.delta_attn_[:5], m.delta_attn_[0]) and np.allclose(m.delta_mlp_[:5], m.delta_mlp_[0])
+    assert not np.allclose(m.delta_attn_[5], m.delta_attn_[0])
+    Ae, _ = m._effective()  # fewest heads against all heads, inside the model: isolated difference + 0.05
+    truth = attn[0][min(attn[0])] - attn[0][max(attn[0])] + 0.05
+    assert abs((Ae[0, 0] - Ae[0, -1]) - truth) < 0.01, (Ae[0, 0] - Ae[0, -1], truth)
