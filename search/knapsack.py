@@ -146,6 +146,16 @@ def seeds(tables: LayerTables, budget_ms: float, n: int, spread: float = 0.04) -
     return distinct(joint + picks_at(tables, budget_ms))
 
 
+def ladder(tables: LayerTables, budget_ms: float, below_ms: float) -> list[tuple[str, SubnetConfig]]:
+    """The knapsack's joint, sparse and depth-only picks at `budget_ms` ("knapsack_stretch*") and halfway
+    down to `below_ms` ("knapsack_stretch_half*"): candidates between a budget and the margin below it
+    that a search aims at, for verify to try in loss order. (source, config) pairs, without repeats."""
+    out = []
+    for name, at in (("knapsack_stretch", budget_ms), ("knapsack_stretch_half", (budget_ms + below_ms) / 2)):
+        out += [(src.replace("knapsack", name), c) for src, c in picks_at(tables, at) if src != "knapsack_width"]
+    return distinct(out)
+
+
 def repair(tables: LayerTables, cfg: SubnetConfig, budget_ms: float, predict) -> SubnetConfig | None:
     """`cfg` made to fit `budget_ms` (by `predict`, the latency model's ms) by the cheapest changes in
     predicted loss per ms saved; `cfg` itself when it fits; None when nothing more can be cut."""

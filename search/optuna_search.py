@@ -266,16 +266,17 @@ def search_budget(
     width-only) and repair every proposal the latency model puts over budget: the repaired config is
     evaluated and added to the study as its own trial, the proposal is told as infeasible, so no
     proposal that does not fit is ever evaluated and none is wasted. With a `margin`, the joint, sparse and
-    depth-only picks at the budget itself are seeded first ("knapsack_stretch*"): predicted within it but
-    not `margin` below it, they are what verify measures first, so a pick does not leave the margin unused where it
-    measures within (verify falls back to the next best where it does not). Without `tables` an over-budget
+    depth-only picks at the budget itself and halfway down to the margin are seeded first
+    ("knapsack_stretch*", "knapsack_stretch_half*"): predicted within it but not `margin` below it, they are
+    what verify measures first, so a pick does not leave the margin unused where it measures within (verify
+    falls back to the next best where it does not). Without `tables` an over-budget
     proposal is told as a constraint violation and never evaluated. A repeat of a config already
     evaluated is told its cached loss and not counted; a config another worker is evaluating right
     now is skipped (told as failed). Returns what happened, including why it stopped."""
     import optuna
 
     from profiler.latency_model import encode
-    from search.knapsack import best_under_budget, distinct, picks_at, repair, seeds
+    from search.knapsack import distinct, ladder, repair, seeds
 
     # on the median scale the latency model predicts, `margin` below the budget (never below the fastest config)
     budget_ms = max(budget["budget_ms"] / tail * (1 - margin), floor_ms)
@@ -298,18 +299,17 @@ def search_budget(
         # Seeds: the knapsack's picks (the quality model's best guesses under the budget; sparse ones that
         # concentrate width cuts in few layers; depth- and width-only ones), the router's answer, and the
         # largest fitting uniform config, the baseline the search must beat anyway. With a margin, the
-        # joint, sparse and depth-only picks at the budget itself go first ("knapsack_stretch*"): verify
-        # measures them first and falls back to the ones below the margin only where they measure over,
-        # so the budget is used. Real evaluations arbitrate between the spaces; TPE proposes the rest.
+        # joint, sparse and depth-only picks at the budget itself go first ("knapsack_stretch*"), then
+        # those halfway down to the margin ("knapsack_stretch_half*"): verify tries the candidates in loss
+        # order and falls back to the ones below the margin only where these measure over, so the budget
+        # is used. Real evaluations arbitrate between the spaces; TPE proposes the rest.
         # Workers starting together may both seed: the repeat is then told its cached loss, not re-evaluated.
         queue = []
         if tables is not None:
-            if raw_ms > budget_ms:
-                stretch = [(src.replace("knapsack", "knapsack_stretch"), c) for src, c in picks_at(tables, raw_ms)
-                           if src != "knapsack_width"]
-                stretch.insert(1, ("knapsack_stretch", best_under_budget(tables, raw_ms * (1 - margin / 2))))
-                queue += stretch
-            queue += seeds(tables, budget_ms, max(1, cfg.trials // 4))
+            if raw_ms > budget_ms:  # from the budget halfway down to the margin: verify tries them in loss order
+                queue += ladder(tables, raw_ms, budget_ms)
+            # below the margin: the joint picks spread down from it (one when the ladder above takes the room)
+            queue += seeds(tables, budget_ms, 1 if raw_ms > budget_ms else max(1, cfg.trials // 4))
         if routers is not None:  # the trained static router's answer for this budget goes first
             queue.insert(0, ("router", routers.config_for(budget_ms, lat_model.predict_config)))
         uniform = spec.uniform_configs()

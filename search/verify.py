@@ -10,7 +10,8 @@ order statistics of the round medians for p50, a bootstrap over rounds for p90/p
 fraction, `over` when the lower bound is above it, and `uncertain` otherwise. Uncertain picks whose
 estimate is within get more rounds (up to `--max-rounds`), the 5% error spent over those looks
 (`look_confidence`); a pick still not `within` is replaced by the next best config evaluated for the
-same budget, regime and weights that is measured `within` (`--max-replacements`, `--max-seconds`).
+same regime and weights, for its budget or for another one and predicted no slower than its own
+candidates, that is measured `within` (`--max-replacements`, `--max-seconds`).
 The budget a row keeps is the one searched (`budget_ms`, `budget_frac`, `reference_full_ms`).
 """
 
@@ -176,14 +177,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                 st = _decide(session, sub, limit, cfg, quantile, deadline, capped)
                 replaced = 0
                 if st["verdict"] != "within" and trials is not None:
-                    same = (trials["budget_ms"] == b["budget_ms"]) & trials["evaluated"]
-                    if "quantile" in trials.columns:  # a p50 and a p90 study may share a budget in ms
-                        same &= trials["quantile"].fillna("p50") == b.get("quantile", "p50")
-                    cands = trials[same].drop_duplicates("config")
-                    # a candidate worse than the budget's uniform seeds is never worth its rounds: the uniform
-                    # fallbacks, measured in these rounds anyway, serve the budget better
-                    uni = cands[cands["source"] == "uniform"]["loss"] if "source" in cands else []
-                    worst = float(max(uni)) if len(uni) else math.inf
+                    cands, worst = _candidates(trials, b)
                     for c in cands[cands["loss"] <= worst].sort_values("loss").itertuples():
                         alt = SubnetConfig.from_json(c.config)
                         if alt == sub:
@@ -312,6 +306,27 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
         "time_cap_hit": capped,
         "seconds": seconds,
     }
+
+
+def _candidates(trials, b: dict):
+    """(the evaluated configs a pick of budget `b` may be replaced by, the worst loss worth trying).
+
+    Its own study's configs and those of every other budget of the same quantile that the latency model
+    predicts no slower than the slowest of its own (a neighbouring budget's ladder adds rungs between this
+    budget's; the losses compare: one search, one evaluation setting). A candidate worse than the budget's
+    own uniform seeds is never worth its rounds: the uniform fallbacks, measured in these rounds anyway,
+    serve the budget better."""
+    import pandas as pd
+
+    ok = trials["evaluated"].astype(bool)
+    if "quantile" in trials.columns:  # a p50 and a p90 study may share a budget in ms
+        ok &= trials["quantile"].fillna("p50") == b.get("quantile", "p50")
+    own = trials[ok & (trials["budget_ms"] == b["budget_ms"])]
+    if own.empty:
+        return own, math.inf
+    pool = trials[ok & (trials["predicted_latency_ms"] <= own["predicted_latency_ms"].max())]
+    uni = own[own["source"] == "uniform"]["loss"] if "source" in own else []
+    return pd.concat([own, pool]).drop_duplicates("config"), (float(max(uni)) if len(uni) else math.inf)
 
 
 def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -> int:

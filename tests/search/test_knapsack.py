@@ -5,7 +5,7 @@ import numpy as np
 from flextron.quality_model import QualityModel, QualityTable
 from flextron.spec import ElasticSpec, SubnetConfig
 from profiler.latency_model import LatencyModel, encode
-from search.knapsack import LayerTables, best_under_budget, picks_at, repair, seeds, sparse_penalties
+from search.knapsack import LayerTables, best_under_budget, ladder, picks_at, repair, seeds, sparse_penalties
 
 
 def _models(num_layers=3, seed=0):
@@ -103,3 +103,25 @@ def test_repair_makes_a_proposal_fit_by_the_cheapest_cuts():
     assert fixed is not None and lat.predict_config(fixed) <= budget
     assert repair(tables, fixed, budget, lat.predict_config) == fixed  # what fits is kept as it is
     assert repair(tables, spec.full(), lo - 1.0, lat.predict_config) is None  # nothing can fit
+
+
+def test_the_ladder_holds_picks_at_the_budget_and_halfway_down_to_the_margin():
+    """The candidates between a budget and the margin below it: the joint, sparse and depth-only picks at
+    the budget ("knapsack_stretch*", each the exact best of its space there) and halfway down
+    ("knapsack_stretch_half*"), no width-only ones, no repeats, each within its own target."""
+    spec, lat, qm = _models(num_layers=6)
+    tables = LayerTables.build(lat, qm, spec)
+    lo, hi = lat.range_ms(spec)
+    budget, below = lo + 0.7 * (hi - lo), lo + 0.5 * (hi - lo)
+    steps = ladder(tables, budget, below)
+    assert len({c for _, c in steps}) == len(steps)
+    top = [(s, c) for s, c in steps if "half" not in s]
+    half = [(s, c) for s, c in steps if "half" in s]
+    assert top[0] == ("knapsack_stretch", best_under_budget(tables, budget))
+    assert half and half[0][1] == best_under_budget(tables, (budget + below) / 2)
+    assert all(s.startswith("knapsack_stretch") and "width" not in s for s, _ in steps)
+    assert all(lat.predict_config(c) <= budget + 1e-9 for _, c in top)
+    assert all(lat.predict_config(c) <= (budget + below) / 2 + 1e-9 for _, c in half)
+    assert any(lat.predict_config(c) > (budget + below) / 2 for _, c in top)  # the top rung uses the room above
+    depth = [c for s, c in steps if s.endswith("_depth")]
+    assert all(c.mlp_width == spec.full().mlp_width and c.heads == spec.full().heads for c in depth)

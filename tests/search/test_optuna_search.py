@@ -358,3 +358,22 @@ def test_at_a_budget_random_proposals_almost_never_fit_the_search_evaluates_the_
     assert (ev["source"].isin(["knapsack", "knapsack_sparse", "knapsack_depth", "knapsack_width", "repair", "uniform",
                                "search"])).all()
     assert per["repaired_here"] + per["seeded"] >= 1
+
+
+def test_with_a_margin_the_ladder_is_seeded_first_and_only_it_passes_the_margin(run_copy):
+    """With a margin, the study's first seeds are the knapsack's ladder (`search.knapsack.ladder`, tested
+    there) between the budget and the margin; only those may be predicted above budget x (1 - margin),
+    and nothing above the budget is evaluated."""
+    from search.optuna_search import SearchConfig, search
+
+    lo, hi = _budget(run_copy, 0.0), _budget(run_copy, 1.0)
+    b, margin = lo + 0.6 * (hi - lo), 0.2
+    s = search(SearchConfig(run=str(run_copy), budget_ms=(b,), trials=8, eval_windows=2, eval_seq_len=32,
+                            margin=margin))
+    assert s["per_budget"][0]["evaluated"] == 8
+    ev = pd.read_parquet(_results(run_copy) / "trials.parquet")
+    ev = ev[ev["evaluated"]].sort_values("trial")
+    assert (ev["predicted_latency_ms"] <= b + 1e-9).all()
+    above = ev[ev["predicted_latency_ms"] > b * (1 - margin) + 1e-9]
+    assert above["source"].str.startswith("knapsack_stretch").all()
+    assert ev["source"].iloc[0].startswith("knapsack_stretch")  # the ladder is seeded first

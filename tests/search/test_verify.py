@@ -241,3 +241,29 @@ def test_a_pick_inside_the_noise_band_gets_every_round_and_one_over_its_budget_n
     st = v._decide(over.session, SimpleNamespace(key="pick"), 0.8, cfg, "p50")
     assert st["verdict"] != "within" and st["rounds"] == 2
 
+
+
+def test_replacement_candidates_include_neighbouring_budgets_predicted_no_slower():
+    """A pick's replacements: its own study's evaluated configs plus any other budget's (same quantile)
+    predicted no slower than the slowest of its own; never an unevaluated one or another quantile's; the
+    worst loss worth trying is its own uniform seeds'."""
+    from search.verify import _candidates
+
+    rows = [  # (budget_ms, quantile, config, predicted ms, evaluated, source, loss)
+        (10.0, "p50", "a", 9.9, True, "knapsack_stretch", 2.0),
+        (10.0, "p50", "b", 9.0, True, "knapsack", 3.0),
+        (10.0, "p50", "u", 8.0, True, "uniform", 5.0),
+        (8.0, "p50", "c", 7.5, True, "knapsack_stretch", 3.5),  # a lower budget's rung: a candidate
+        (8.0, "p50", "u2", 6.0, True, "uniform", 7.0),
+        (12.0, "p50", "d", 11.0, True, "knapsack", 1.0),  # predicted slower than every own candidate: not one
+        (12.0, "p50", "e", 9.5, True, "knapsack", 2.5),  # a higher budget's, predicted within: a candidate
+        (8.0, "p90", "f", 7.0, True, "knapsack", 1.5),  # another quantile
+        (8.0, "p50", "g", 7.0, False, "search", 1.2),  # never evaluated
+    ]
+    trials = pd.DataFrame(rows, columns=["budget_ms", "quantile", "config", "predicted_latency_ms", "evaluated",
+                                         "source", "loss"])
+    cands, worst = _candidates(trials, {"budget_ms": 10.0, "quantile": "p50"})
+    assert sorted(cands["config"]) == ["a", "b", "c", "e", "u", "u2"] and worst == 5.0
+    assert sorted(cands[cands["loss"] <= worst]["config"]) == ["a", "b", "c", "e", "u"]
+    none, inf = _candidates(trials, {"budget_ms": 9.0, "quantile": "p50"})
+    assert none.empty and inf == float("inf")
