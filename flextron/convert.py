@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from flextron.data import BUILTIN_CORPUS, token_windows
+from flextron.data import BUILTIN_CORPUS, resolve_corpus, token_windows
 from flextron.elastic import (
     IMPORTANCE_FILE,
     SPEC_FILE,
@@ -43,7 +43,9 @@ class ConvertConfig:
     #: rank neurons and heads by importance on calibration text so prefixes keep the most important
     #: ones; --no-rank keeps the stored order (first-k slicing, the baseline ranking is measured against)
     rank: bool = True
-    corpus: str = BUILTIN_CORPUS  #: calibration, training and evaluation text: `builtin` or text files / a folder
+    #: calibration, training and evaluation text: `wiki` (Wikipedia summaries, the default), `pydoc`, a text
+    #: file (paragraphs split at blank lines) or a folder of .txt files; a path is stored absolute
+    corpus: str = BUILTIN_CORPUS
     calib_windows: int = 32  #: calibration windows for the importance ranking
     calib_seq_len: int = 256  #: tokens per calibration window
     overwrite: bool = False  #: replace another conversion in --out (removes every later stage's results)
@@ -95,6 +97,7 @@ def _logits64(model, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def convert(cfg: ConvertConfig) -> dict:
     """Convert `cfg.model` into `cfg.out/elastic`. Returns the JSON summary (spec, parity, seconds)."""
+    cfg = replace(cfg, corpus=resolve_corpus(cfg.corpus))  # saved and compared absolute
     run = RunDir(cfg.out)
     prev = _check_out_dir(run, cfg)
     if prev is not None:

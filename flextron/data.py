@@ -6,6 +6,7 @@ on what else is in the corpus, and calibration / train / validation / test never
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -61,6 +62,45 @@ def check_corpus(corpus: str) -> None:
         raise FlextronError(f"corpus {corpus!r} is not 'wiki', 'pydoc', a text file or a directory of .txt files")
 
 
+def resolve_corpus(corpus: str) -> str:
+    """`wiki` and `pydoc` as they are; a path made absolute (a relative one would name another folder when a
+    later stage runs from another directory). Refuses a corpus that cannot be read."""
+    check_corpus(corpus)
+    return corpus if corpus in ("wiki", "pydoc") else str(Path(corpus).expanduser().resolve())
+
+
+def corpus_id(corpus: str) -> str:
+    """A content id of a corpus (sha1 of its text, 10 hex digits): an edited text file or folder, or
+    another version of the wiki package, gets another id, so caches, studies and reports keyed on it
+    never mix texts. Cached per file state (path, size, mtime) within a process."""
+    if corpus == "wiki":
+        files = [(_wiki_file(), "")]
+    elif corpus == "pydoc":
+        import pydoc_data.topics
+
+        files = [(Path(pydoc_data.topics.__file__), "")]
+    else:
+        path = Path(corpus).expanduser()
+        if path.is_dir():
+            files = [(f, str(f.relative_to(path))) for f in sorted(path.rglob("*.txt"))]
+        elif path.is_file():
+            files = [(path, "")]
+        else:
+            raise FlextronError(f"corpus {corpus!r} is not 'wiki', 'pydoc', a text file or a directory of .txt files")
+    state = tuple((str(f), name, f.stat().st_size, f.stat().st_mtime_ns) for f, name in files)
+    return _content_id(state)
+
+
+@functools.lru_cache(maxsize=32)
+def _content_id(state: tuple) -> str:
+    h = hashlib.sha1()
+    for path, name, _, _ in state:
+        h.update(name.encode() + b"\0")
+        h.update(Path(path).read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()[:10]
+
+
 def _pydoc_documents() -> list[Document]:
     from pydoc_data.topics import topics
 
@@ -81,8 +121,9 @@ def load_documents(corpus: str = BUILTIN_CORPUS) -> list[Document]:
             raise FlextronError(f"text directory {path} holds no .txt files")
         return [Document(str(f.relative_to(path)), f.read_text(errors="replace")) for f in files]
     if path.is_file():
+        # a paragraph is named by its text, not its position: inserting one moves no other between splits
         paras = [p.strip() for p in path.read_text(errors="replace").split("\n\n") if p.strip()]
-        return [Document(f"{path.name}#{i}", p) for i, p in enumerate(paras)]
+        return [Document(f"{path.name}#{hashlib.sha1(p.encode()).hexdigest()[:16]}", p) for p in paras]
     raise FlextronError(f"corpus {corpus!r} is not 'wiki', 'pydoc', a text file or a directory of .txt files")
 
 

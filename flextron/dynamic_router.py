@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flextron.errors import FlextronError
 from flextron.latency_table import LatencyTable, over_budget_penalty
 from flextron.progress import progress
 from flextron.spec import SubnetConfig
@@ -277,7 +278,15 @@ def calibrate_dynamic(elastic, routing: DynamicRouting, windows, table: LatencyT
 
 def calibrated_point(calibration: list[dict], t: float) -> dict:
     """The calibrated budget point that serves budget fraction t: the largest one not above t (its
-    heads, shift and router budget input), so the expected latency never exceeds t; below every
-    calibrated budget, the smallest one."""
+    heads, shift and router budget input), so the expected latency never exceeds t. Below every
+    calibrated budget nothing is served within it: a FlextronError names the smallest one (serving the
+    smallest point there would quietly exceed the budget)."""
     frac = itemgetter("router_frac")
-    return max((c for c in calibration if frac(c) <= t + 1e-9), default=min(calibration, key=frac), key=frac)
+    fits = [c for c in calibration if frac(c) <= t + 1e-9]
+    if not fits:
+        low = min(calibration, key=frac)
+        raise FlextronError(
+            f"budget fraction {t:.4g} of the latency table's full model is below the routers' smallest calibrated "
+            f"budget ({frac(low):.4g}, {low.get('budget_ms', float('nan')):.4g} ms): nothing they serve fits it; "
+            "ask for a larger budget, or re-run `flextron route` (it calibrates from the smallest feasible one)")
+    return max(fits, key=frac)

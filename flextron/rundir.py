@@ -107,9 +107,10 @@ class RunDir:
     def corpus(self, corpus: str = "") -> str:
         """The text corpus a stage uses: `corpus` when given, else the one the run was converted with
         (so calibration, training, search and routing read the same text unless told otherwise)."""
+        from flextron.data import BUILTIN_CORPUS, resolve_corpus
+
         if corpus:
-            return corpus
-        from flextron.data import BUILTIN_CORPUS
+            return resolve_corpus(corpus)
 
         path = self.root / "convert_config.json"
         return read_json(path, self.root).get("corpus") or BUILTIN_CORPUS if path.is_file() else BUILTIN_CORPUS

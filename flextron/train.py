@@ -314,10 +314,12 @@ def _train(cfg: TrainConfig, world, device: str) -> dict:
     spec = student.spec
     params = [p for p in student.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if resume and (ckpt / "optimizer.safetensors").is_file():
+    if resume:  # a checkpoint without its AdamW moments would resume as a fresh optimizer: refused, said
         try:
+            if not (ckpt / "optimizer.safetensors").is_file():
+                raise FlextronError(f"{ckpt} holds no optimizer state (optimizer.safetensors is missing)")
             load_optimizer(opt, ckpt)
-        except Exception as e:  # noqa: BLE001 - a damaged optimizer file
+        except Exception as e:  # noqa: BLE001 - a damaged or missing optimizer file
             raise _unresumable(e, ckpt / "optimizer.safetensors", run.root) from None
     max_skip = max_skip_layers(cfg.max_skip_frac, spec.num_layers)
     net, no_sync = student.model, contextlib.nullcontext

@@ -224,10 +224,8 @@ def write_lookup(run, weights: str = "auto") -> dict:
             )
     uniform = read_parquet(run.require("verify", UNIFORM_FILE) / UNIFORM_FILE, run.root)  # the same rounds as the picks
     cache = run / "search" / QUALITY_CACHE
-    losses = {
-        rk: read_quality_cache(cache, search_quality_setting(run.root, rk, wname) or "")
-        for rk in set(verified["regime"])
-    }
+    settings = {rk: search_quality_setting(run.root, rk, wname) or "" for rk in sorted(set(verified["regime"]))}
+    losses = {rk: read_quality_cache(cache, setting) for rk, setting in settings.items()}
     rows = build_rows(verified, uniform, losses)
     if not rows:
         raise FlextronError("no verified config met its budget; widen the budgets or re-run `flextron verify`")
@@ -236,7 +234,9 @@ def write_lookup(run, weights: str = "auto") -> dict:
         [{**{k: v for k, v in r.items() if k != "config"}, "config": json.dumps(r["config"])} for r in rows]
     )
     with rebuild(out, only=(LOOKUP_JSON, "lookup.csv")) as tmp:  # the JSON and the CSV always agree
-        write_json_atomic(tmp / LOOKUP_JSON, {"weights": wname, "weights_tag": run.weights_tag(wname), "rows": rows})
+        # what the rows' ppl were measured on, per regime: split, corpus with its content id, windows, weights
+        write_json_atomic(tmp / LOOKUP_JSON, {"weights": wname, "weights_tag": run.weights_tag(wname),
+                                              "quality_settings": settings, "rows": rows})
         write_text_atomic(tmp / "lookup.csv", flat.to_csv(index=False))
     return {
         "lookup": str(out / LOOKUP_JSON),

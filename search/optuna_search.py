@@ -19,7 +19,7 @@ import random
 import re
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flextron.errors import FlextronError
@@ -579,6 +579,7 @@ def search(cfg: SearchConfig) -> dict:
     spec = elastic.spec
     lo, hi = feasible_range(lat_model, spec)
     corpus = run.corpus(cfg.corpus)
+    cfg = replace(cfg, corpus=corpus)  # saved as resolved: an absolute path, or wiki / pydoc
     wtag = run.weights_tag(wname)
     evaluator = QualityEvaluator(
         elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len, corpus=corpus, tag=wtag
@@ -756,17 +757,17 @@ def _layer_tables(run_root: Path, wname: str, wtag: str, spec, lat_model, cfg: S
     from search.quality_fit import QualityConfig, load_quality_model, quality
 
     try:
-        qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec)
+        qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec, cfg.corpus)
     except FlextronError as e:
         # Workers starting together build it once: the first builds, the others wait and load its model.
         folder = quality_dir(run_root, wname)
         with file_lock(folder.with_name(folder.name + ".build.lock")):
             try:
-                qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec)
+                qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec, cfg.corpus)
             except FlextronError:
                 print(f"flextron search: {e}; building it now", file=sys.stderr)
                 quality(QualityConfig(run=str(run_root), weights=wname, corpus=cfg.corpus, device=cfg.device))
-                qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec)
+                qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec, cfg.corpus)
     if not lat_model.depth:
         print("flextron search: the latency model has no depth (profiled before whole-layer cells): searching "
               "widths only; re-run `flextron profile --restart` and `flextron fit` to skip layers too", file=sys.stderr)

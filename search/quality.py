@@ -34,9 +34,12 @@ def read_quality_cache(path: str | Path, setting: str | None = None) -> dict[str
 
 
 def quality_setting(split: str, corpus: str, windows: int, seq_len: int, weights: str = "elastic") -> str:
-    """The cache key of an evaluation setting. The weights' name is part of it, so trained and
-    one-shot losses never mix; one-shot keeps the untagged form older caches used."""
-    base = f"{split}:{corpus}:{windows}x{seq_len}"
+    """The cache key of an evaluation setting. The corpus is named with its content id (`corpus@id`), so
+    losses on an edited text never mix with the old ones; the weights' tag is part of it, so trained and
+    one-shot losses never mix (one-shot keeps the untagged form)."""
+    from flextron.data import corpus_id
+
+    base = f"{split}:{corpus}@{corpus_id(corpus)}:{windows}x{seq_len}"
     return base if weights == "elastic" else f"{base}:{weights}"
 
 

@@ -17,7 +17,7 @@ import json
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +59,17 @@ class QualityConfig:
         set_device_field(self)
 
 
+def corpus_label(corpus: str) -> str:
+    """A corpus with its content id (`wiki@0123456789`): an edited text is another corpus."""
+    from flextron.data import corpus_id
+
+    return f"{corpus}@{corpus_id(corpus)}"
+
+
 def table_key(spec, wtag: str, corpus: str, windows: int, seq_len: int) -> dict:
     spec_id = hashlib.sha1(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
-    return {"weights_tag": wtag, "corpus": corpus, "calibration": f"{windows}x{seq_len}", "spec": spec_id}
+    return {"weights_tag": wtag, "corpus": corpus_label(corpus), "calibration": f"{windows}x{seq_len}",
+            "spec": spec_id}
 
 
 def sample_configs(spec, ranking: list[int], n: int, seed: int) -> list[SubnetConfig]:
@@ -109,9 +117,9 @@ def _knapsack_picks(lat_models, model, spec, fractions=(0.5, 0.6, 0.7, 0.8, 0.9)
     return out
 
 
-def load_quality_model(run_root: str | Path, weights: str, wtag: str, spec):
+def load_quality_model(run_root: str | Path, weights: str, wtag: str, spec, corpus: str | None = None):
     """(QualityModel, metrics) of `weights`, or a FlextronError naming the command that (re)builds it
-    when there is none or it was measured on other weights."""
+    when there is none or it was measured on other weights (or, with `corpus`, on another text)."""
     from flextron.quality_model import QualityModel, QualityTable
     from flextron.rundir import read_json, recover_swap
 
@@ -124,6 +132,10 @@ def load_quality_model(run_root: str | Path, weights: str, wtag: str, spec):
     if table.key.get("weights_tag") != wtag:
         raise FlextronError(f"the quality model in {folder} was measured on other {weights} weights (re-trained "
                             f"since); run `flextron quality --run {run_root} --weights {weights}` again")
+    if corpus is not None and table.key.get("corpus") != corpus_label(corpus):
+        raise FlextronError(f"the quality model in {folder} was measured on {table.key.get('corpus')!r}, not on "
+                            f"{corpus_label(corpus)!r} (another corpus, or the text changed); run `flextron quality "
+                            f"--run {run_root} --weights {weights} --corpus {corpus}`")
     d = read_json(folder / MODEL_FILE, run_root)
     return QualityModel.from_dict(d.get("model", {}), table, spec), d.get("metrics", {})
 
@@ -151,6 +163,7 @@ def quality(cfg: QualityConfig) -> dict:
     wname, wdir = run.weights(cfg.weights)
     check_device(cfg.device)
     corpus = run.corpus(cfg.corpus)
+    cfg = replace(cfg, corpus=corpus)  # saved as resolved: an absolute path, or wiki / pydoc
     t0 = time.perf_counter()
     elastic = ElasticModel.load(wdir, device=cfg.device)
     elastic.check_positions(cfg.calib_seq_len, "--calib-seq-len")

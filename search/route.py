@@ -85,8 +85,11 @@ class RouteConfig:
     #: the run directory (converted; profiled and fitted for measured latency); writes RUN/router/
     run: str
     #: the regime the routers are trained for (short form accepted); empty: the run's only fitted regime.
-    #: A regime never profiled trains on an analytic FLOPs/bytes table instead of measured latency, and says so
+    #: A regime never profiled is refused unless --analytic
     regime: str = ""
+    #: train on an analytic FLOPs/bytes table when --regime was never profiled (labelled "analytic" wherever
+    #: it shows); without it such a regime is refused (a mistyped regime must not train on made-up costs)
+    analytic: bool = False
     #: > 0: print the trained static router's config for this budget in ms of per-step latency (no
     #: training; needs the regime's latency model); 0: train the routers
     budget_ms: float = 0.0
@@ -160,6 +163,13 @@ def route(cfg: RouteConfig) -> dict:
     check_device(cfg.device)
     spec = ElasticSpec.load(wdir / "elastic_spec.json")
     fitted = fitted_model(run.root, cfg.regime or None)
+    if fitted is None and not cfg.analytic and cfg.budget_ms <= 0:
+        from profiler.profile import profiled_regimes
+
+        raise FlextronError(
+            f"regime {cfg.regime} was never profiled in {run.root} (profiled: {sorted(profiled_regimes(run.root))}); "
+            f"profile and fit it (`flextron profile --run {run.root} --regime {cfg.regime}`, then `flextron fit "
+            f"--run {run.root}`), or pass --analytic to train the routers on an analytic FLOPs/bytes table")
     predict = fitted[1].predict_config if fitted else None
     table = table_for(spec, cfg.regime or None, fitted)
     regime_key = table.regime

@@ -201,6 +201,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                         "device_name": device_name,
                         "weights": best.get("weights", "elastic"),
                         "weights_tag": best.get("weights_tag"),
+                        "quality_setting": best.get("quality_setting"),  # the loss's split, corpus@id, windows
                         "quantile": quantile,
                         "limit_frac": limit,
                         "config": sub.to_json(),
@@ -336,10 +337,16 @@ def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -
     from flextron.rundir import read_json
     from search.quality import QUALITY_CACHE, QualityEvaluator, read_quality_cache
 
+    import sys
+
     cache = run / "search" / QUALITY_CACHE
     setting = best.get("quality_setting")
     config_path = best_file.with_name("search_config.json")
     if not setting or not config_path.is_file():
+        print(f"flextron verify: {best_file} records no {'quality setting' if not setting else 'search_config.json'} "
+              "(searched by an older flextron): the uniform fallbacks' losses were not evaluated, so the lookup "
+              f"can quote only those the search evaluated; re-run `flextron search --run {run.root} --restart`",
+              file=sys.stderr)
         return 0
     todo = [c for c in compliant if c.key not in read_quality_cache(cache, setting)]
     if not todo:
@@ -356,6 +363,9 @@ def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -
         tag=best.get("weights_tag", wname),
     )
     if ev.setting != setting:  # not the picks' setting (another corpus since?): their losses would not compare
+        print(f"flextron verify: the picks of {best_file} were evaluated on {setting!r}, the run now evaluates on "
+              f"{ev.setting!r} (the corpus changed?): the uniform fallbacks' losses were not evaluated; re-run "
+              f"`flextron search --run {run.root} --restart`", file=sys.stderr)
         return 0
     for c in todo:
         ev.loss(c)

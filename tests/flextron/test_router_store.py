@@ -57,10 +57,12 @@ def test_loaded_routers_answer_like_the_saved_ones_and_serve_calibrated_budgets(
     assert routers.meta == meta
     for t in (0.3, 1.0):
         assert route_static(routers.static, SPEC, t) == route_static(static, SPEC, t)
-    # the largest calibrated budget not above the asked one (never over it), else the smallest
+    # the largest calibrated budget not above the asked one (never over it); below them all, an error
     assert routers.dynamic_point(0.8)["router_frac"] == 0.7
     assert routers.dynamic_point(0.9)["router_frac"] == 0.9
-    assert routers.dynamic_point(0.1)["router_frac"] == 0.5
+    assert routers.dynamic_point(0.5)["router_frac"] == 0.5
+    with pytest.raises(FlextronError, match="below the routers' smallest calibrated budget"):
+        routers.dynamic_point(0.1)
     assert routers.dynamic_point_for(7.5)["router_frac"] == 0.7  # 7.5 ms of the table's 10 ms full model
     routers.meta = {**meta, "dynamic_calibration": []}
     with pytest.raises(FlextronError, match="no calibrated dynamic router"):

@@ -158,6 +158,10 @@ def test_corrupt_checkpoint_names_the_file_and_restart(trained_run_for_swap):
         train(TrainConfig(run=str(run), steps=1, **KW))
     out = train(TrainConfig(run=str(run), steps=1, restart=True, **KW))
     assert not out["resumed"] and out["steps"] == 1
+    # a checkpoint without its AdamW state would resume as a fresh optimizer: refused, never silent
+    (run / "train" / "ckpt" / "optimizer.safetensors").unlink()
+    with pytest.raises(FlextronError, match=r"no optimizer state.*flextron train --run .* --restart"):
+        train(TrainConfig(run=str(run), steps=1, **KW))
 
 
 @pytest.mark.parametrize("field,value", [

@@ -241,7 +241,7 @@ def test_out_of_proposals_is_reported(run_copy, capsys, monkeypatch):
 
 def test_search_reads_the_runs_corpus(run_copy):
     _search(run_copy, budget_ms=(_budget(run_copy, 0.8),), corpus="pydoc")
-    assert ":pydoc:" in json.loads((_results(run_copy) / "best.json").read_text())["quality_setting"]
+    assert ":pydoc@" in json.loads((_results(run_copy) / "best.json").read_text())["quality_setting"]
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -377,3 +377,18 @@ def test_with_a_margin_the_ladder_is_seeded_first_and_only_it_passes_the_margin(
     above = ev[ev["predicted_latency_ms"] > b * (1 - margin) + 1e-9]
     assert above["source"].str.startswith("knapsack_stretch").all()
     assert ev["source"].iloc[0].startswith("knapsack_stretch")  # the ladder is seeded first
+
+
+def test_a_quality_model_measured_on_another_text_is_refused(run_copy):
+    """The quality model is keyed by the corpus's content id: loading it for another text (or an edited
+    one) is refused, naming the command that measures it again; the same text loads it."""
+    from flextron.elastic import ElasticModel
+    from flextron.rundir import RunDir
+    from search.quality_fit import load_quality_model
+
+    _search(run_copy, budget_ms=(_budget(run_copy, 0.9),), trials=2)  # builds it on the run's corpus (wiki)
+    spec = ElasticModel.load(run_copy / "elastic").spec
+    wtag = RunDir(run_copy).weights_tag("elastic")
+    load_quality_model(run_copy, "elastic", wtag, spec, "wiki")
+    with pytest.raises(FlextronError, match=r"measured on 'wiki@\w+'.*flextron quality --run .* --corpus pydoc"):
+        load_quality_model(run_copy, "elastic", wtag, spec, "pydoc")

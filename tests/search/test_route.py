@@ -1,5 +1,6 @@
 """`flextron route` as a stage: it trains, saves and answers budgets, its folder is swapped in whole, it
-reads the run's corpus, it falls back to the analytic table only for a regime never profiled, and it
+reads the run's corpus, it uses the analytic table only for a regime never profiled and only with
+--analytic, and it
 refuses bad flags and damaged files."""
 
 import json
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 REGIME = "prefill:b1:s64"  # never profiled in these runs: the analytic table
 FAST = dict(regime=REGIME, static_steps=20, dynamic_steps=2, surrogate_samples=4, eval_windows=1, eval_seq_len=16,
             seq_len=16, batch_size=1, calib_windows=1, select_windows=2, select_rounds=2, select_reps=1,
-            select_warmup=0, surrogate_threshold=0.99, corpus="pydoc")
+            select_warmup=0, surrogate_threshold=0.99, corpus="pydoc", analytic=True)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,10 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
         route(RouteConfig(run=str(run), budget_ms=1.0, weights="elastic"))
     mid, nxt = sorted(meta["dynamic_calibration"], key=lambda c: c["router_frac"])[4:6]
     assert routers.dynamic_point((mid["router_frac"] + nxt["router_frac"]) / 2) == mid
-    assert routers.dynamic_point(0.0)["router_frac"] == meta["dynamic_calibration"][0]["router_frac"]
+    low = min(c["router_frac"] for c in meta["dynamic_calibration"])
+    assert routers.dynamic_point(low)["router_frac"] == low
+    with pytest.raises(FlextronError, match="below the routers' smallest calibrated budget"):
+        routers.dynamic_point(low * 0.9)  # nothing calibrated fits: never the smallest point, over budget
     spec = ElasticModel.load(run / "trained").spec
     lat = LatencyModels.load(run).get(out["regime"])
     lo_ms, hi_ms = lat.predict_config(spec.smallest()), lat.predict_config(spec.full())
@@ -203,6 +207,11 @@ def test_never_profiled_regime_falls_back_to_the_analytic_table_and_says_so(rout
         route(RouteConfig(run=str(run), regime=REGIME, budget_ms=1.0))
     with pytest.raises(FlextronError, match="--regime: cannot read regime"):  # a typo is an error, never "not profiled"
         route(RouteConfig(run=str(run), regime="prefil:b1:s64"))
+    # a regime that parses but was never profiled trains on made-up costs only when asked to
+    before = sorted(p.name for p in _folder(run).parent.iterdir())
+    with pytest.raises(FlextronError, match="never profiled.*--analytic"):
+        route(RouteConfig(run=str(run), **{**FAST, "analytic": False, "regime": "prefill:b1:s32"}))
+    assert sorted(p.name for p in _folder(run).parent.iterdir()) == before
 
 
 def test_profiled_but_not_fitted_regime_is_an_error(routed, tmp_path):
