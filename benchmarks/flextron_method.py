@@ -87,7 +87,7 @@ def main():
                 shutil.copy(Path(args.from_run) / f, out / f)
     elif not (out / "elastic").is_dir():
         from flextron.convert import ConvertConfig, convert
-        from profiler.latency_model import FitConfig, fit
+        from profiler.fit import FitConfig, fit
         from profiler.sweep import ProfileConfig, profile
 
         convert(ConvertConfig(model=args.model, out=str(out)))

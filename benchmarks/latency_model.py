@@ -22,7 +22,7 @@ import torch
 
 from flextron.elastic import ElasticModel, spec_from_model
 from flextron.spec import Regime
-from profiler.latency_model import FitConfig, fit
+from profiler.fit import FitConfig, fit
 from profiler.profile import LAYERS_FILE, Profile, profile_dir
 from profiler.sweep import ProfileConfig, run_sweep
 from profiler.timer import Timer, TimerConfig

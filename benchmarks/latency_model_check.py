@@ -24,7 +24,8 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from flextron.spec import SubnetConfig
-from profiler.latency_model import encode, fit_regime
+from profiler.fit import fit_regime
+from profiler.latency_model import encode
 
 
 def measured_ratios(samples: pd.DataFrame) -> pd.Series:

@@ -3,8 +3,10 @@
 A budget is given in ms or as a fraction of one reference, the full model's median step measured in
 the same session, for one regime and at one quantile of the per-step latency (p50 by default; p90
 or p99 for serving SLOs). Search, the routers, verify, the lookup and the report all resolve it
-here, so "0.8x" means the same number of ms in each of them, and every artifact holding a budget
-records its `reference_full_ms` and `budget_frac`.
+here against the profile's measured full step (the routers' latency table is scaled so the full
+model costs exactly that step), so "0.8x" means the same number of ms in each of them, and every
+artifact holding a budget records its `reference_full_ms` and `budget_frac`; verify's rows keep the
+searched budget and record their own session's full step beside it (`measured_full_ms`).
 """
 
 from __future__ import annotations

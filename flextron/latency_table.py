@@ -44,12 +44,19 @@ class LatencyTable:
         return least / self.full
 
     @classmethod
-    def from_model(cls, model, spec, regime_key: str, device_name: str) -> "LatencyTable":
+    def from_model(cls, model, spec, regime_key: str, device_name: str,
+                   full_ms: float | None = None) -> "LatencyTable":
         """The table of a fitted latency model: `model.layer_table_ms(spec)` gives `attn_ms` and
-        `mlp_ms` ([layers, choices]) and `fixed_ms`, the costs the model itself predicts with."""
+        `mlp_ms` ([layers, choices]) and `fixed_ms`, the costs the model itself predicts with. With
+        `full_ms` (the full model's measured step, the one reference budgets are fractions of), every
+        cost is scaled so the full model costs exactly that: a router input t is then t of the measured
+        step, as in search, verify and the lookup (the model's own prediction of it differs by its error)."""
         layer_ms = model.layer_table_ms(spec)
-        return cls(layer_ms["attn_ms"].float(), layer_ms["mlp_ms"].float(), float(layer_ms["fixed_ms"]),
-                   source=f"measured ({device_name})", unit="ms", regime=regime_key)
+        attn, mlp, fixed = layer_ms["attn_ms"].float(), layer_ms["mlp_ms"].float(), float(layer_ms["fixed_ms"])
+        if full_ms is not None:
+            scale = float(full_ms) / (fixed + float(attn[:, -1].sum() + mlp[:, -1].sum()))
+            attn, mlp, fixed = attn * scale, mlp * scale, fixed * scale
+        return cls(attn, mlp, fixed, source=f"measured ({device_name})", unit="ms", regime=regime_key)
 
     @classmethod
     def analytic(cls, spec, regime_key: str) -> "LatencyTable":

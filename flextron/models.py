@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flextron.errors import FlextronError
-from flextron.rundir import file_lock
+from flextron.paths import file_lock
 
 
 @dataclass(frozen=True)

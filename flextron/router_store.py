@@ -109,4 +109,5 @@ class Routers:
 
     def config_for(self, budget_ms: float, predict) -> SubnetConfig:
         """The static router's config for `budget_ms` (see `answer_static`)."""
-        return answer_static(self.static, self.surrogate, self.spec, budget_ms, predict)
+        full = self.meta.get("table", {}).get("full_ms") if self.meta.get("table", {}).get("unit") == "ms" else None
+        return answer_static(self.static, self.surrogate, self.spec, budget_ms, predict, full)

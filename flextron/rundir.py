@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 
 from flextron.errors import FlextronError
+from flextron.paths import file_lock, safe_name  # noqa: F401 - re-exported: part of the run-directory API
 
 # Every stage folder, in pipeline order -> the command that creates it (named in errors when a
 # later stage runs too early or an artifact is corrupt). Everything after `elastic` is built on
@@ -300,22 +299,6 @@ def recover_swap(folder: str | Path) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def file_lock(lock_path: str | Path):
-    """An exclusive lock on `lock_path` (created if missing) for the duration of the block, for
-    read-modify-write of artifacts that several processes share (a model cache entry, one search's
-    results written by many workers). The lock file is never removed: removing it would let a
-    third process lock a different inode."""
-    lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 # ---- stage configs ----------------------------------------------------------------------------------
 def save_stage_config(path: str | Path, cfg) -> None:
     write_json_atomic(path, dataclasses.asdict(cfg))
@@ -354,16 +337,6 @@ def _show(v) -> str:
 
 
 # ---- small shared checks ----------------------------------------------------------------------------
-_SAFE = re.compile(r"[^A-Za-z0-9._=-]+")
-
-
-def safe_name(text: str) -> str:
-    """`text` as one file-name component (regime keys, device names): never a path separator,
-    never `..`, so a crafted string in an artifact cannot steer a write outside the run."""
-    name = _SAFE.sub("_", str(text)).strip("._") or "_"
-    return name[:120]
-
-
 def check_finite(
     name: str,
     value: float,

@@ -525,7 +525,7 @@ class Regime:
 
 def regime_slug(key: str) -> str:
     """A regime key (or any text that names one) as one safe file-name component."""
-    from flextron.rundir import safe_name
+    from flextron.paths import safe_name
 
     return safe_name(key)
 

@@ -121,18 +121,22 @@ def grow_to_budget(cfg: SubnetConfig, spec, predict, budget: float, sur: Surroga
         cur, base = cands[max(range(len(cands)), key=gain.__getitem__)]
 
 
-def answer_static(router: StaticRouter, sur: Surrogate, spec, budget_ms: float, predict) -> SubnetConfig:
-    """The static router's config for `budget_ms`: routed at the budget's fraction of the latency
-    model's full-model prediction, shrunk if predicted over, widened into budget left unused."""
-    t = min(1.0, budget_ms / predict(spec.full()))
+def answer_static(router: StaticRouter, sur: Surrogate, spec, budget_ms: float, predict,
+                  full_ms: float | None = None) -> SubnetConfig:
+    """The static router's config for `budget_ms`: routed at the budget's fraction of `full_ms` (the
+    full model's step its latency table was scaled to: the measured one; default the latency model's
+    prediction of it), shrunk if predicted over, widened into budget left unused."""
+    t = min(1.0, budget_ms / (full_ms or predict(spec.full())))
     cfg = fit_to_budget(route_static(router, spec, t), spec, predict, budget_ms, sur)
     return grow_to_budget(cfg, spec, predict, budget_ms, sur)
 
 
-def static_answer(router: StaticRouter, sur: Surrogate, spec, t: float, predict=None) -> SubnetConfig:
-    """The static answer users get at budget fraction t of the full model: with a latency model
-    (`predict`, config -> ms), `answer_static` at t of its full-model prediction; without one (a regime
-    never profiled), the raw routing."""
+def static_answer(router: StaticRouter, sur: Surrogate, spec, t: float, predict=None,
+                  full_ms: float | None = None) -> SubnetConfig:
+    """The static answer users get at budget fraction t of the full model's `full_ms` (see
+    `answer_static`): with a latency model (`predict`, config -> ms), `answer_static` at t of it; without
+    one (a regime never profiled), the raw routing."""
     if predict is None:
         return route_static(router, spec, t)
-    return answer_static(router, sur, spec, t * predict(spec.full()), predict)
+    full = full_ms or predict(spec.full())
+    return answer_static(router, sur, spec, t * full, predict, full)

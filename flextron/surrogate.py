@@ -64,7 +64,7 @@ def sample_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
 
 
 def fit_surrogate(spec, cfgs: list[SubnetConfig], losses: list[float], seed: int,
-                  steps: int = 1500) -> tuple[Surrogate, dict]:
+                  steps: int = 1500, lr: float = 3e-3) -> tuple[Surrogate, dict]:
     """Fit on 80% of the configs; report the error on the 20% it never saw."""
     torch.manual_seed(seed)
     idx = list(range(len(cfgs)))
@@ -76,7 +76,7 @@ def fit_surrogate(spec, cfgs: list[SubnetConfig], losses: list[float], seed: int
     sur = Surrogate(spec.num_layers, m.shape[-1], a.shape[-1])
     sur.y_mean.fill_(float(y[tr].mean()))
     sur.y_std.fill_(float(y[tr].std().clamp_min(1e-3)))
-    opt = torch.optim.AdamW(sur.parameters(), lr=3e-3, weight_decay=1e-3)
+    opt = torch.optim.AdamW(sur.parameters(), lr=lr, weight_decay=1e-3)
     for _ in range(steps):
         opt.zero_grad()
         loss = F.mse_loss((sur(m[tr], a[tr]) - sur.y_mean) / sur.y_std, (y[tr] - sur.y_mean) / sur.y_std)

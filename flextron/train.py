@@ -52,7 +52,7 @@ CONFIG_FILE = "train_config.json"
 # another machine is a resume).
 RESUME_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "random_configs", "max_skip_frac", "lr",
                  "weight_decay", "warmup", "distill_weight", "temperature", "seed", "corpus", "teacher_data",
-                 "teacher_mix")
+                 "teacher_mix", "grad_clip", "min_lr_frac")
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,8 @@ class TrainConfig:
     lr: float = 5e-5  #: AdamW peak learning rate (linear warm-up, then cosine decay)
     weight_decay: float = 0.0  #: AdamW weight decay
     warmup: int = 4  #: warm-up steps
+    min_lr_frac: float = 0.1  #: the cosine decays to this share of --lr (0 to 1)
+    grad_clip: float = 1.0  #: largest global gradient norm (clipped above it); 0: no clipping
     distill_weight: float = 0.9  #: share of the KL-to-teacher term in the loss; the rest is the LM loss
     temperature: float = 1.0  #: distillation temperature
     checkpoint_every: int = 10  #: write a resumable checkpoint every this many steps
@@ -82,11 +84,12 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("grad_accum", 1), ("random_configs", 0),
-                          ("warmup", 0), ("checkpoint_every", 1), ("weight_decay", 0)):
+                          ("warmup", 0), ("checkpoint_every", 1), ("weight_decay", 0), ("grad_clip", 0)):
             check_finite(name, getattr(self, name), low=low)
         check_finite("lr", self.lr, low=0, low_inclusive=False)
         check_finite("temperature", self.temperature, low=0, low_inclusive=False)
         check_finite("distill_weight", self.distill_weight, low=0, high=1)
+        check_finite("min_lr_frac", self.min_lr_frac, low=0, high=1)
         check_finite("seed", self.seed)
         check_finite("teacher_mix", self.teacher_mix, low=0, high=1)
         check_finite("max_skip_frac", self.max_skip_frac, low=0, high=1)
@@ -223,7 +226,8 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    low = cfg.min_lr_frac
+    return cfg.lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -387,7 +391,8 @@ def _train(cfg: TrainConfig, world, device: str) -> dict:
                     share = cfg.random_configs if name == "random" else 1
                     sums[name] += weight * loss.item() / (cfg.grad_accum * share)
             sums = dict(zip(sums, world.all_reduce_mean(list(sums.values()))))
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))  # the same everywhere, as the gradients are
+            # the norm is the same everywhere, as the gradients are; with --grad-clip 0 it is measured, not clipped
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf))
             opt.step()
             opt.zero_grad(set_to_none=True)
             state["step"] = step + 1

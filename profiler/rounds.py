@@ -205,7 +205,8 @@ def summarise(samples, reference: str, seed: int = 0):
 def noise_floor(samples, reference: str) -> dict:
     """Test-retest error of this measurement: the rounds split into two halves (alternating, so both
     halves span the whole session), each key's median over each half, and the median over keys of
-    |a - b| / mean(a, b), in percent. For absolute medians and for `ratio_to_full`."""
+    |a - b| / mean(a, b), in percent. For absolute medians and for `ratio_to_full` (None when no key but
+    the reference was measured in both halves)."""
     rt = per_round(samples, reference)
     rounds = sorted(rt["round"].unique())
     if len(rounds) < 2:
@@ -218,7 +219,7 @@ def noise_floor(samples, reference: str) -> dict:
         if name == "ratio_noise_floor_pct":
             m = m.drop(index=reference, errors="ignore")  # the reference's ratio is 1 by construction
         err = (m[0] - m[1]).abs() / ((m[0] + m[1]) / 2)
-        out[name] = round(100 * float(err.median()), 3) if len(err) else float("nan")
+        out[name] = round(100 * float(err.median()), 3) if len(err) else None  # nothing but the reference measured
     out["rounds"] = len(rounds)
     return out
 

@@ -106,6 +106,14 @@ def optional_float(v) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
+def _is_uniform_key(key: str) -> bool:
+    """Whether a config key (`SubnetConfig.key`: m<widths>-h<heads>, 0 for a skipped layer) is a uniform
+    config: one MLP width and one head count in every layer, none skipped."""
+    widths, _, heads = key[1:].partition("-h")
+    w, h = set(widths.split(".")), set(heads.split("."))
+    return key.startswith("m") and len(w) == len(h) == 1 and "0" not in w | h
+
+
 def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> list[dict]:
     """Per (regime, budget): the lowest-loss candidate whose upper confidence bound of its ratio to the
     full model (at the budget's quantile) is within the budget's fraction; then monotone in budget.
@@ -135,7 +143,7 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
             for r in vg.itertuples()
         ]
         losses = uniform_loss.get(regime, {})
-        for r in uniform[uniform["regime"] == regime].itertuples():
+        for r in (uniform[uniform["regime"] == regime] if len(uniform) else uniform).itertuples():
             if r.config_key in losses:
                 cands.append(
                     dict(
@@ -151,9 +159,10 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
                         source="uniform",
                     )
                 )
-        # nothing worse than the smallest uniform sub-network is served: a verified pick that bad (a config
-        # skipping most layers, say) is a failed search, not an answer
-        floor = max(losses.values()) if losses else math.inf
+        # nothing worse than the worst uniform sub-network evaluated (verify evaluates the smallest one) is
+        # served: a verified pick that bad (a config skipping most layers, say) is a failed search, not an answer
+        uniform_losses = [v for k, v in losses.items() if _is_uniform_key(k)]
+        floor = max(uniform_losses) if uniform_losses else math.inf
         prev = None
         for frac, bg in vg.groupby("budget_frac"):
             first = bg.iloc[0]

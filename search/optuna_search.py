@@ -12,21 +12,29 @@ killed search resumes and several processes can share one study.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import re
-import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from flextron.errors import FlextronError
-from flextron.spec import SubnetConfig
+from search.study import (
+    config_params,
+    ensure_study_attrs,
+    open_storage,
+    restart_studies,
+    set_constraint,
+    storage_id,
+    study_progress,
+    suggest_config,
+    tpe_sampler,
+    worker_id,
+)
+from search.trials import best_per_budget, collect_trials, pareto_front
 
 INFEASIBLE_LOSS = 1e6  # told for trials never evaluated; with constraints they rank after every feasible one
-STORAGE_FILE = "optuna.db"
 
 
 @dataclass(frozen=True)
@@ -58,12 +66,18 @@ class SearchConfig:
     #: seed each study with the quality model's knapsack picks and repair proposals over budget (the model is
     #: built by `flextron quality` when the run has none); false: TPE alone, over-budget proposals rejected
     quality_model: bool = True
+    #: proposals asked per budget, at most, per config to evaluate (rejections cost milliseconds, but a budget
+    #: almost nothing fits stops after --trials x this many asks and says so)
+    max_asks_per_trial: int = 20
+    nsga_population: int = 8  #: --frontier: NSGA-II's population size
 
     def __post_init__(self):
         from flextron.devices import set_device_field
         from flextron.rundir import check_finite
 
         check_finite("trials", self.trials, low=1)
+        check_finite("max_asks_per_trial", self.max_asks_per_trial, low=1, whole=True)
+        check_finite("nsga_population", self.nsga_population, low=2, whole=True)
         check_finite("eval_windows", self.eval_windows, low=1)
         check_finite("eval_seq_len", self.eval_seq_len, low=2)
         if self.sampler not in ("tpe", "random"):
@@ -103,142 +117,11 @@ def results_dir(run_root: str | Path, regime_key: str, weights: str) -> Path:
     return Path(run_root) / "search" / regime_slug(regime_key) / safe_name(weights)
 
 
-def open_storage(cfg: SearchConfig, run_root: Path):
-    import optuna
-
-    url = cfg.storage or f"sqlite:///{run_root / 'search' / STORAGE_FILE}"
-    if not cfg.storage:
-        (run_root / "search").mkdir(parents=True, exist_ok=True)
-    for attempt in range(4):
-        try:
-            if url.endswith(".log") and "://" not in url:
-                from optuna.storages.journal import JournalFileBackend
-
-                return optuna.storages.JournalStorage(JournalFileBackend(url))
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=None)
-        except Exception as e:
-            # workers starting together on a fresh database race to create Optuna's schema: the losers
-            # see "already exists" and find the schema there when they try again
-            if "already exists" in str(e) and attempt < 3:
-                time.sleep(0.2 * (attempt + 1) + random.uniform(0.0, 0.2))
-                continue
-            raise FlextronError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e)[:200]}") from e
-
-
-def suggest_config(trial, spec, depth: bool = False) -> SubnetConfig:
-    """Per-layer choices as ordinal indices (0 = narrowest): widths are nested and ordered, so TPE's
-    numeric kernels share evidence between neighbouring widths instead of treating each as unrelated.
-    With `depth`, each layer also has `skip_l` (1: skipped); a skipped layer's widths are canonical."""
-    cfg = SubnetConfig(
-        tuple(ws[trial.suggest_int(f"mlp_idx_{l}", 0, len(ws) - 1)] for l, ws in enumerate(spec.mlp_widths)),
-        tuple(hs[trial.suggest_int(f"heads_idx_{l}", 0, len(hs) - 1)] for l, hs in enumerate(spec.head_counts)),
-    )
-    if not depth:
-        return cfg
-    skip = [l for l in range(spec.num_layers) if trial.suggest_int(f"skip_{l}", 0, 1)]
-    if len(skip) == spec.num_layers:  # not a model: keep the layer whose removal was proposed last
-        skip = skip[:-1]
-    return spec.canonical(SubnetConfig(cfg.mlp_width, cfg.heads, tuple(skip)))
-
-
-def config_params(cfg: SubnetConfig, spec, depth: bool = False) -> dict:
-    params = {
-        **{f"mlp_idx_{l}": spec.mlp_widths[l].index(w) for l, w in enumerate(cfg.mlp_width)},
-        **{f"heads_idx_{l}": spec.head_counts[l].index(h) for l, h in enumerate(cfg.heads)},
-    }
-    if depth:
-        params.update({f"skip_{l}": int(l in cfg.skip) for l in range(spec.num_layers)})
-    return params
-
-
-def _constraints(trial):
-    return trial.user_attrs.get("constraint", [0.0])
-
-
-def _set_constraint(trial, values: list[float]) -> None:
-    """Optuna >= 5 stores constraints on the trial; older releases read them via constraints_func."""
-    trial.set_user_attr("constraint", values)
-    if hasattr(trial, "set_constraint"):
-        for i, v in enumerate(values):
-            trial.set_constraint(f"latency_over_budget_ms_{i}", v)
-
-
-def _tpe(seed: int, n_startup: int):
-    """Univariate TPE over the ordinal choices: a sub-network's loss is close to additive in its
-    per-layer widths (an additive ridge fit explains 85% of the variance of 260 measured SmolLM2
-    configs), which is what per-parameter Parzen estimators model. At 24 evaluations in 60 dimensions
-    it beat plain random search at every budget in 5 of 5 seeds (benchmarks/search_efficiency.py);
-    multivariate TPE over categorical choices had lost to it at 0.8x with 12 evaluations."""
-    import optuna
-
-    kw = dict(seed=seed, multivariate=False, n_startup_trials=n_startup)
-    if not hasattr(optuna.trial.Trial, "set_constraint"):
-        kw["constraints_func"] = _constraints
-    return optuna.samplers.TPESampler(**kw)
-
-
 def feasible_range(lat_model, spec) -> tuple[float, float]:
     """The least and greatest predicted latency over every config of `spec` (not the narrowest
     and the full config: on a noisy profile a wider choice can be predicted faster)."""
     lo, hi = lat_model.range_ms(spec)
     return float(lo), float(hi)
-
-
-def _ensure_study_attrs(study, expected: dict) -> None:
-    """Record what a study's losses and latencies mean; refuse to resume it under other meanings
-    (another evaluation setting, weights, regime or device would put incomparable numbers in it)."""
-    have = study.user_attrs
-    why = {"latency_model_id": " (the latency model was re-fitted since: `flextron fit`)",
-           "search_margin": " (--margin, or the latency model's uncertainty it defaults to)"}
-    for key, value in expected.items():
-        if key in have and have[key] != value:
-            raise FlextronError(
-                f"study {study.study_name!r} was searched with {key} {have[key]!r}, this search uses {value!r}"
-                f"{why.get(key, '')}; its trials would mix. Use the same settings, another --study-prefix, or --restart"
-            )
-    for key, value in expected.items():
-        if key not in have:
-            study.set_user_attr(key, value)
-
-
-CLAIM_TTL_S = 900.0  # a config claimed by a worker on another host that died is free again after this long
-
-
-def _worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _claim_is_live(attrs: dict, now: float) -> bool:
-    """A claim is live while its worker may still tell it: younger than CLAIM_TTL_S and, for a worker
-    on this host, while its process exists (a search killed or interrupted here frees its claim at once,
-    so a resumed search does not wait for it)."""
-    if attrs.get("claimed_at", 0) <= now - CLAIM_TTL_S:
-        return False
-    host, _, pid = str(attrs.get("claimed_by", "")).rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return True  # another host's worker (or an older claim without an owner): the TTL decides
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by another user
-    return True
-
-
-def _progress(study):
-    """(configs evaluated, live claims) of one study; a claim is (claimed_at, trial number, config)
-    of a trial some worker is evaluating now."""
-    import optuna
-
-    evaluated, claims, now = set(), [], time.time()
-    for t in study.get_trials(deepcopy=False):
-        key = t.user_attrs.get("config")
-        if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("evaluated"):
-            evaluated.add(key)
-        elif t.state == optuna.trial.TrialState.RUNNING and _claim_is_live(t.user_attrs, now):
-            claims.append((t.user_attrs["claimed_at"], t.number, key))
-    return evaluated, sorted(c for c in claims if c[2] not in evaluated)
 
 
 def search_budget(
@@ -285,7 +168,7 @@ def search_budget(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     seed = cfg.seed if not cfg.storage else cfg.seed * 1_000_003 + os.getpid()
     random_sampler = optuna.samplers.RandomSampler(seed=seed)
-    sampler = _tpe(seed, 0) if cfg.sampler == "tpe" else random_sampler
+    sampler = tpe_sampler(seed, 0) if cfg.sampler == "tpe" else random_sampler
     # TPE's start-up phase counts *evaluated* trials: infeasible proposals carry no quality signal,
     # so random proposals continue until a few feasible configs were evaluated (or asks run long).
     # The knapsack's seeds are evaluated trials too: with them TPE starts at once.
@@ -293,7 +176,7 @@ def search_budget(
     study = optuna.create_study(
         study_name=study_name, storage=storage, sampler=sampler, direction="minimize", load_if_exists=True
     )
-    _ensure_study_attrs(study, {**(attrs or {}), **budget})
+    ensure_study_attrs(study, {**(attrs or {}), **budget})
     n_seeded = 0
     if not study.trials and cfg.sampler == "tpe":  # "random" is the plain baseline: no seeds
         # Seeds: the knapsack's picks (the quality model's best guesses under the budget; sparse ones that
@@ -327,9 +210,9 @@ def search_budget(
 
     asked, repeats, repaired, stop = 0, 0, 0, "done"
     bar = progress(total=cfg.trials, desc=f"search {budget['budget_ms']:.3g} ms") if progress else None
-    max_asks = 20 * cfg.trials  # tight budgets reject many proposals; each rejection is cheap, but cap them
+    max_asks = cfg.max_asks_per_trial * cfg.trials  # tight budgets reject many proposals; cheap, but capped
     while True:
-        evaluated, claims = _progress(study)
+        evaluated, claims = study_progress(study)
         if bar:
             bar.n = min(len(evaluated), cfg.trials)
             bar.refresh()
@@ -351,7 +234,7 @@ def search_budget(
         pred = lat_model.predict_config(proposed)
         trial.set_user_attr("predicted_latency_ms", pred)
         trial.set_user_attr("config", proposed.to_json())
-        _set_constraint(trial, [pred - budget_ms])
+        set_constraint(trial, [pred - budget_ms])
         sub = proposed
         limit = raw_ms if str(trial.user_attrs.get("source", "")).startswith("knapsack_stretch") else budget_ms
         if pred > limit:
@@ -368,8 +251,8 @@ def search_budget(
             # may step back, and the one that tells its step-back last finds the slot free again.
             trial.set_user_attr("config", key)  # what this trial is evaluating, for the claims
             trial.set_user_attr("claimed_at", time.time())
-            trial.set_user_attr("claimed_by", _worker_id())
-            evaluated, claims = _progress(study)
+            trial.set_user_attr("claimed_by", worker_id())
+            evaluated, claims = study_progress(study)
             others = [c for c in claims if c[1] != trial.number]
             if key not in evaluated and (
                 any(c[2] == key for c in others) or len(evaluated) + len({c[2] for c in others}) >= cfg.trials
@@ -427,10 +310,10 @@ def search_frontier(
         study_name=study_name,
         storage=storage,
         directions=["minimize", "minimize"],
-        sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=8),
+        sampler=optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=cfg.nsga_population),
         load_if_exists=True,
     )
-    _ensure_study_attrs(study, attrs or {})
+    ensure_study_attrs(study, attrs or {})
     if not study.trials:
         for f in (1.0, 0.75, 0.5, 0.25):
             study.enqueue_trial(config_params(spec.uniform(f), spec), skip_if_exists=True)
@@ -443,105 +326,6 @@ def search_frontier(
         trial.set_user_attr("evaluated", True)
         study.tell(trial, [pred, evaluator.loss(sub)])
     return {"study": study_name, "pareto_size": len(study.best_trials)}
-
-
-def _in_prefix(study_name: str, prefix: str) -> bool:
-    """Exactly this prefix's studies: `PREFIX|budget=...` and `PREFIX|frontier`. (A plain
-    `startswith` would also take `PREFIX|trained|...`: the one-shot prefix is a prefix of it.)"""
-    head, _, tail = study_name.rpartition("|")
-    return head == prefix and (tail.startswith("budget=") or tail == "frontier")
-
-
-def collect_trials(storage, prefix: str, storage_id: str = ""):
-    """Every trial of this prefix's studies as one tidy table."""
-    import optuna
-    import pandas as pd
-
-    rows = []
-    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        if not _in_prefix(s.study_name, prefix):
-            continue
-        study = optuna.load_study(study_name=s.study_name, storage=storage)
-        attrs = study.user_attrs
-        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            loss = t.values[-1] if t.values else None
-            rows.append(
-                {
-                    "storage": storage_id,
-                    "study": s.study_name,
-                    "trial": t.number,
-                    "budget_ms": attrs.get("budget_ms"),
-                    "budget_frac": attrs.get("budget_frac"),
-                    "reference_full_ms": attrs.get("reference_full_ms"),
-                    "quantile": attrs.get("quantile", "p50"),
-                    "config": t.user_attrs.get("config"),
-                    "predicted_latency_ms": t.user_attrs.get("predicted_latency_ms"),
-                    "evaluated": bool(t.user_attrs.get("evaluated")),
-                    "repeat": bool(t.user_attrs.get("repeat")),
-                    "source": t.user_attrs.get("source", "search"),
-                    "loss": loss if t.user_attrs.get("evaluated") else None,
-                }
-            )
-    return pd.DataFrame(rows)
-
-
-def pareto_front(df):
-    """Non-dominated evaluated rows in (predicted latency, loss), sorted by latency."""
-    ev = df[df["evaluated"]].drop_duplicates("config").sort_values(["predicted_latency_ms", "loss"])
-    keep, best = [], float("inf")
-    for idx, row in ev.iterrows():
-        if row["loss"] < best:
-            keep.append(idx)
-            best = row["loss"]
-    return ev.loc[keep]
-
-
-def best_per_budget(trials) -> list[dict]:
-    """The lowest-loss evaluated config of every budget in `trials`."""
-    from search.lookup import optional_float
-
-    best = []
-    budgets = trials[trials["evaluated"] & trials["budget_ms"].notna()] if len(trials) else trials
-    if len(budgets) and "quantile" not in budgets.columns:
-        budgets = budgets.assign(quantile="p50")
-    for (b, q), g in budgets.groupby(["budget_ms", "quantile"]) if len(budgets) else []:
-        r = g.loc[g["loss"].idxmin()]
-        frac, ref = r.get("budget_frac"), r.get("reference_full_ms")
-        best.append(
-            {
-                "budget_ms": float(b),
-                "quantile": q,
-                "budget_frac": optional_float(frac),
-                "reference_full_ms": optional_float(ref),
-                "config": json.loads(r["config"]),
-                "predicted_latency_ms": float(r["predicted_latency_ms"]),
-                "loss": float(r["loss"]),
-                "source": r["source"],  # search, or the seed it came from
-                "study": r["study"],
-            }
-        )
-    return best
-
-
-def _storage_id(cfg: SearchConfig) -> str:
-    """Which storage trials came from (a database URL without its password)."""
-    if not cfg.storage:
-        return "run:search/" + STORAGE_FILE
-    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", cfg.storage)
-
-
-def _restart(storage, out: Path, prefix: str) -> int:
-    import shutil
-
-    import optuna
-
-    removed = 0
-    for s in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        if _in_prefix(s.study_name, prefix):
-            optuna.delete_study(study_name=s.study_name, storage=storage)
-            removed += 1
-    shutil.rmtree(out, ignore_errors=True)
-    return removed
 
 
 def search(cfg: SearchConfig) -> dict:
@@ -629,7 +413,7 @@ def search(cfg: SearchConfig) -> dict:
                 f"{lo:.4g} to {hi:.4g} ms"
             )
     if cfg.restart:
-        _restart(storage, out, prefix)
+        restart_studies(storage, out, prefix)
     best_path = out / "best.json"
     if best_path.is_file():
         prev = read_json(best_path, run.root)
@@ -673,7 +457,7 @@ def search(cfg: SearchConfig) -> dict:
     with rebuild(out) as tmp:
         # This call's studies, plus what earlier searches of the same regime, weights and setting left in
         # other storages (a switch to a journal file must not drop earlier picks).
-        sid = _storage_id(cfg)
+        sid = storage_id(cfg)
         trials = collect_trials(storage, prefix, sid)
         trials_path = out / "trials.parquet"
         if trials_path.is_file():

@@ -52,12 +52,23 @@ def fitted_model(run_root, regime: str | None):
     return None
 
 
-def table_for(spec, regime: str | None, fitted) -> LatencyTable:
-    """The measured table from the fitted latency model, else the analytic one (labelled so)."""
+def table_for(spec, regime: str | None, fitted, run_root=None) -> LatencyTable:
+    """The measured table from the fitted latency model, scaled to the full model's measured step in the
+    run's profile (`run_root`; the reference every budget fraction is of), else the analytic one
+    (labelled so)."""
     if fitted is None:
         return LatencyTable.analytic(spec, regime)
     key, model, device = fitted
-    return LatencyTable.from_model(model, spec, key, device)
+    return LatencyTable.from_model(model, spec, key, device, reference_ms(run_root, key, spec))
+
+
+def reference_ms(run_root, regime_key: str, spec) -> float | None:
+    """The full model's measured median step in the run's profile (None without a run)."""
+    if run_root is None:
+        return None
+    from profiler.profile import Profile
+
+    return Profile.load(run_root).full_ms(regime_key, spec)
 
 
 def searched_configs(run, regime_key: str, weights: str) -> list:
@@ -77,7 +88,7 @@ def searched_configs(run, regime_key: str, weights: str) -> list:
 
 
 def latency_table(run_root, regime: str | None, spec) -> LatencyTable:
-    return table_for(spec, regime, fitted_model(run_root, regime))
+    return table_for(spec, regime, fitted_model(run_root, regime), run_root)
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,11 @@ class RouteConfig:
     surrogate_samples: int = 40
     #: the surrogate's held-out mean relative loss error must be at most this, else no router is trained
     surrogate_threshold: float = 0.05
+    surrogate_steps: int = 1500  #: AdamW steps fitting the surrogate
+    surrogate_lr: float = 3e-3  #: the surrogate's learning rate
+    #: budgets, evenly from the smallest feasible one to the full model, at which the static answers are
+    #: reported and the dynamic router is calibrated (the budgets it can serve)
+    grid_points: int = 9
     static_steps: int = 800  #: training steps of the static router (32 random budgets each)
     #: training steps of the dynamic router, model frozen; 0: it is only calibrated, untrained
     dynamic_steps: int = 20
@@ -138,6 +154,9 @@ class RouteConfig:
             check_finite(name, getattr(self, name), low=low)
         check_finite("fix_share", self.fix_share, low=0.5)
         check_finite("lr", self.lr, low=0, low_inclusive=False)
+        check_finite("surrogate_lr", self.surrogate_lr, low=0, low_inclusive=False)
+        check_finite("surrogate_steps", self.surrogate_steps, low=1, whole=True)
+        check_finite("grid_points", self.grid_points, low=2, whole=True)
         check_finite("seed", self.seed)
         set_device_field(self)
         if self.weights not in WEIGHTS:
@@ -171,7 +190,7 @@ def route(cfg: RouteConfig) -> dict:
             f"profile and fit it (`flextron profile --run {run.root} --regime {cfg.regime}`, then `flextron fit "
             f"--run {run.root}`), or pass --analytic to train the routers on an analytic FLOPs/bytes table")
     predict = fitted[1].predict_config if fitted else None
-    table = table_for(spec, cfg.regime or None, fitted)
+    table = table_for(spec, cfg.regime or None, fitted, run.root)
     regime_key = table.regime
     folder = regime_dir(run.root, regime_key, weights=wname)
     if cfg.budget_ms > 0:
@@ -198,23 +217,21 @@ def route(cfg: RouteConfig) -> dict:
                                  corpus=cfg.corpus, tag=run.weights_tag(wname))
     cfgs = sample_configs(spec, cfg.surrogate_samples, cfg.seed)
     losses = [evaluator.loss(c) for c in progress(cfgs, desc="surrogate samples")]
-    sur, sur_metrics = fit_surrogate(spec, cfgs, losses, cfg.seed)
+    sur, sur_metrics = fit_surrogate(spec, cfgs, losses, cfg.seed, cfg.surrogate_steps, cfg.surrogate_lr)
     if sur_metrics["heldout_mean_rel_err"] > cfg.surrogate_threshold:
         raise FlextronError(
             f"the surrogate's held-out relative error is {sur_metrics['heldout_mean_rel_err']:.3f}, above "
             f"--surrogate-threshold {cfg.surrogate_threshold}; evaluate more configs "
             f"(--surrogate-samples {2 * cfg.surrogate_samples}) before training routers")
     smallest_frac = table.smallest_frac
-    reference_ms = None
-    if fitted is not None:  # the Budget's reference: the full model measured in the profile
-        from profiler.profile import Profile
-
-        reference_ms = Profile.load(run.root).full_ms(regime_key, spec)
+    # the Budget's reference, the full model measured in the profile: the table's full model costs exactly it
+    reference = reference_ms(run.root, regime_key, spec) if fitted is not None else None
     static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight,
                                        cfg.seed, cfg.lr)
     # the static answer at a budget fraction, computed once per fraction: reported on the grid below,
     # and the dynamic router's heads at every budget it trains and calibrates at
-    answer = functools.cache(functools.partial(static_answer, static, sur, spec, predict=predict))
+    answer = functools.cache(functools.partial(static_answer, static, sur, spec, predict=predict,
+                                               full_ms=table.full if predict is not None else None))
 
     def heads_for(t: float) -> tuple[int, ...]:
         """The dynamic router's heads at budget fraction t: the static answer's."""
@@ -224,13 +241,14 @@ def route(cfg: RouteConfig) -> dict:
         """The Budget a router input t stands for: t of the table's full model in ms, and that as a
         fraction of the reference (the full model measured in the profile), as search and verify use."""
         ms = t * table.full
-        if not reference_ms:  # never profiled: the analytic table has no measured reference
+        if not reference:  # never profiled: the analytic table has no measured reference
             return {"budget_ms": round(ms, 6), "reference_full_ms": None, "budget_frac": None}
-        b = Budget(regime_key, budget_ms=ms).resolve(reference_ms)
+        b = Budget(regime_key, budget_ms=ms).resolve(reference)
         return {"budget_ms": b.budget_ms, "reference_full_ms": b.reference_full_ms, "budget_frac": b.budget_frac}
 
     # the budget grid: the static answers are reported there, and the dynamic router is calibrated there
-    grid = [round(smallest_frac + (1 - smallest_frac) * i / 8, 4) for i in range(9)]
+    n = cfg.grid_points - 1
+    grid = [round(smallest_frac + (1 - smallest_frac) * i / n, 4) for i in range(cfg.grid_points)]
     grid_answers = {t: answer(t) for t in grid}
 
     # dynamic router: model frozen, routers trained on train-split windows against the frozen original
@@ -274,7 +292,7 @@ def route(cfg: RouteConfig) -> dict:
         answers.append({"router_frac": t, **budget_of(t), "expected_frac": round(pe, 4),
                         "predicted_ms": round(predict(c), 4) if predict else None, "config": c.to_dict()})
     meta = {"regime": regime_key, "weights": wname, "weights_tag": run.weights_tag(wname),
-            "seconds": round(time.perf_counter() - t0, 1), "reference_full_ms": reference_ms,
+            "seconds": round(time.perf_counter() - t0, 1), "reference_full_ms": reference,
             "table": {"source": table.source, "unit": table.unit, "full_ms": table.full,
                       "smallest_frac": smallest_frac},
             "surrogate": {**sur_metrics, "threshold": cfg.surrogate_threshold, "samples": len(cfgs),

@@ -39,7 +39,7 @@ def evaluate_routed(cfg: EvalConfig) -> dict:
     elastic = ElasticModel.load(wdir, device=cfg.device)
     spec = elastic.spec
     fitted = fitted_model(run.root, cfg.regime or None)
-    table = table_for(spec, cfg.regime or None, fitted)
+    table = table_for(spec, cfg.regime or None, fitted, run.root)
     routers = Routers.load(run.root, table.regime, spec, weights=wname)
     predict = fitted[1].predict_config if fitted else None
     if cfg.router == "static":

@@ -2,9 +2,10 @@
 
 Measured latency, not predicted, is what the lookup and the reports quote. Every search result
 (`RUN/search/<regime>/<weights>/best.json`) is verified in interleaved rounds (`profiler/rounds.py`):
-in each round the full model, every pick and every uniform config (the lookup's fallbacks) are
-measured once in a fresh random order, so each gets its latency relative to the full model in the
-same round. A budget is a fraction of this session's full model (`flextron.budget`); a pick is
+in each round the full model and every pick are measured once in a fresh random order, so each gets
+its latency relative to the full model in the same round. The uniform configs (the lookup's
+fallbacks) are measured the same way where a budget ends with nothing within (`--uniform`). A
+budget is a fraction of this session's full model (`flextron.budget`); a pick is
 `within` when the upper bound of its ratio at the budget's quantile (`profiler.rounds.tail_ratio`:
 order statistics of the round medians for p50, a bootstrap over rounds for p90/p99) is within the
 fraction, `over` when the lower bound is above it, and `uncertain` otherwise. Uncertain picks whose
@@ -50,6 +51,10 @@ class VerifyConfig:
     #: time cap (s): past it, no more rounds are added to decide picks and no more replacements tried
     #: (undecided picks fall back); the stage says when the cap was hit before the decisions were made
     max_seconds: float = 600.0
+    #: the uniform configs (the lookup's fallbacks) measured beside the picks: `needed` only when some budget
+    #: of the regime has no pick or replacement measured within it (a budget's uniform seeds are among its
+    #: replacements anyway); `all`: always
+    uniform: str = "needed"
 
     def __post_init__(self):
         from flextron.budget import check_quantile
@@ -68,6 +73,8 @@ class VerifyConfig:
         check_finite("pin_core", self.pin_core, low=-1, whole=True)
         if self.quantile:
             check_quantile(self.quantile)
+        if self.uniform not in ("needed", "all"):
+            raise FlextronError(f"--uniform must be needed or all, got {self.uniform!r}")
 
 
 def _best_files(run) -> list:
@@ -156,14 +163,14 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
             source_gguf=run.source_gguf() if regime.engine == "llamacpp" else None,
         )
         spec = elastic.spec
-        first = {s.key: s for s in spec.uniform_configs()}
+        first = {s.key: s for s in spec.uniform_configs()} if cfg.uniform == "all" else {}
         for _, best in picks:
             for b in best["best"]:
                 sub = spec.validate(SubnetConfig.from_dict(b["config"]))
                 first[sub.key] = sub
         session.run(first, cfg.rounds, progress)
 
-        decided = []
+        decided, missed = [], 0
         for bf, best in picks:
             trials_path = bf.with_name("trials.parquet")
             trials = read_parquet(trials_path, run.root) if trials_path.is_file() else None
@@ -193,6 +200,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                         if alt_st["verdict"] == "within":
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
+                missed += st["verdict"] != "within"
                 decided.append((sub, quantile, limit, frac, b["budget_ms"]))
                 rows.append(
                     {
@@ -245,9 +253,15 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                     "within_budget": st["verdict"] == "within",
                 }
             )
-        # The lookup's fallbacks, measured in the same rounds as the picks (ratios at every quantile).
+        # The lookup's fallbacks, measured beside the same full model as the picks (ratios at every
+        # quantile): every uniform config where a budget has nothing within (or with --uniform all), else
+        # those tried as replacements.
+        if missed and cfg.uniform != "all":
+            session.run({s.key: s for s in spec.uniform_configs()}, cfg.rounds, progress)
         summary = summarise(session.samples, FULL).set_index("key")
         for sub in spec.uniform_configs():
+            if session.key_of(sub.key) not in summary.index:
+                continue
             s = summary.loc[session.key_of(sub.key)]
             uniform_rows.append(
                 {
@@ -271,8 +285,11 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
             compliant = [
                 sub
                 for sub in spec.uniform_configs()
-                if summary.loc[session.key_of(sub.key), "ratio_to_full_hi"] <= limit
+                if session.key_of(sub.key) in summary.index
+                and summary.loc[session.key_of(sub.key), "ratio_to_full_hi"] <= limit
             ]
+            # the smallest sub-network's loss is the lookup's floor: nothing worse is ever served
+            compliant += [spec.smallest()] if spec.smallest() not in compliant else []
             evaluated_fallbacks += _fallback_losses(run, bf, best, compliant, cfg.device)
     if not rows:
         raise FlextronError(
@@ -288,7 +305,8 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
         write_json_atomic(out / "noise.json", {"device_name": device_name, "threads": threads, "pinned_core": core,
                                                "regimes": noise, "time_cap_hit": capped})
     seconds = round(time.perf_counter() - t0, 1)
-    floors = ", ".join(f"{k} {v['ratio_noise_floor_pct']:.2f}%" for k, v in noise.items())
+    floors = ", ".join(f"{k} {v['ratio_noise_floor_pct']:.2f}%" if v["ratio_noise_floor_pct"] is not None
+                       else f"{k} n/a (only the full model was measured)" for k, v in noise.items())
     print(f"flextron verify: ratio noise floor reached {floors} in {seconds:.0f} s"
           + (f"; the time cap (--max-seconds {cfg.max_seconds:g}) stopped {len(capped)} decision(s) first"
              if capped else ""), file=sys.stderr)
@@ -299,6 +317,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
         "within_budget": int(df["within_budget"].sum()),
         "verdicts": df["verdict"].value_counts().to_dict(),
         "replaced": int(df["replaced"].sum()),
+        "uniform_measured": len(uniform_rows),
         "fallback_losses_evaluated": evaluated_fallbacks,
         "max_ratio_over_budget_frac": round(float((df["ratio"] / df["budget_frac"]).max()), 4),
         "noise_floor_pct": {k: v["noise_floor_pct"] for k, v in noise.items()},
@@ -333,11 +352,11 @@ def _candidates(trials, b: dict):
 def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -> int:
     """Evaluate (once, into the run's quality cache) the loss of each uniform config in `compliant`
     that the search of `best_file` never evaluated, on that search's own setting. Returns how many."""
+    import sys
+
     from flextron.elastic import ElasticModel
     from flextron.rundir import read_json
     from search.quality import QUALITY_CACHE, QualityEvaluator, read_quality_cache
-
-    import sys
 
     cache = run / "search" / QUALITY_CACHE
     setting = best.get("quality_setting")

@@ -45,8 +45,8 @@ def _profiled_copy(src, dst, regime: str, e2e_random: int, fit: bool = True, e2e
     import shutil
 
     from flextron.elastic import ElasticModel
-    from profiler.latency_model import FitConfig
-    from profiler.latency_model import fit as fit_model
+    from profiler.fit import FitConfig
+    from profiler.fit import fit as fit_model
     from profiler.sweep import ProfileConfig, run_sweep
 
     shutil.copytree(src, dst)

@@ -33,7 +33,7 @@ STAGES = {
                     "write a sliced sub-model (transformers or GGUF) or the budget lookup table"),
     "profile": Stage("profiler.sweep", "ProfileConfig", "profile",
                      "measure every layer width and sub-networks end to end"),
-    "fit": Stage("profiler.latency_model", "FitConfig", "fit", "fit the latency model and report its held-out error"),
+    "fit": Stage("profiler.fit", "FitConfig", "fit", "fit the latency model and report its held-out error"),
     "quality": Stage("search.quality_fit", "QualityConfig", "quality",
                      "per-layer loss deltas of the weights and the quality model, scored on held-out configs"),
     "search": Stage("search.optuna_search", "SearchConfig", "search", "Optuna search for sub-networks under budgets"),

@@ -49,6 +49,12 @@ def test_table_from_a_latency_model_keeps_its_ms_and_names_the_device():
     assert table.attn.dtype == table.mlp.dtype == torch.float32 and table.fixed == 1.5
     assert table.full == 1.5 + (2.0 + 3.0) + (4.0 + 5.0)  # the last (widest) choice of every layer
     assert table.smallest_frac == pytest.approx((1.5 + (1.0 + 1.0) + (2.0 + 2.0)) / 15.5)
+    # scaled to the full model's measured step (the budgets' reference): its full model costs exactly that,
+    # every fraction stays the model's
+    measured = LatencyTable.from_model(FittedModel(), SPEC, "decode:b1:ctx256:float32:eager", "NVIDIA H100", 31.0)
+    assert measured.full == pytest.approx(31.0) and measured.fixed == pytest.approx(3.0)
+    assert measured.smallest_frac == pytest.approx(table.smallest_frac)
+    torch.testing.assert_close(measured.mlp, 2 * table.mlp)
 
 
 def test_expected_latency_of_soft_choices_and_the_over_budget_penalty():

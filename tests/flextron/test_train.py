@@ -232,7 +232,7 @@ def test_resume_refuses_every_changed_flag_that_shapes_training(trained_run, tmp
     shutil.copytree(trained_run, run)
     changes = {"steps": 6, "batch_size": 1, "seq_len": 32, "grad_accum": 2, "random_configs": 1, "lr": 2e-3,
                "weight_decay": 0.1, "warmup": 2, "distill_weight": 0.5, "temperature": 2.0, "seed": 1,
-               "corpus": "pydoc", "max_skip_frac": 0.0}
+               "corpus": "pydoc", "max_skip_frac": 0.0, "grad_clip": 0.5, "min_lr_frac": 0.2}
     for name, value in changes.items():
         flag = "--" + name.replace("_", "-")
         with pytest.raises(FlextronError, match=rf"{flag} .*, now {value}.*--restart"):
@@ -416,3 +416,17 @@ def test_restart_with_a_flag_that_cannot_work_removes_nothing(trained_run, tmp_p
         train(TrainConfig(run=str(run), **{**TRAIN_KW, "restart": True, "corpus": str(tmp_path / "missing.txt")}))
     assert sorted(p.relative_to(run) for p in (run / "trained").rglob("*")) == before
     assert (run / "train" / "metrics.csv").is_file()
+
+
+def test_the_schedule_and_the_clip_are_flags():
+    """Warm-up to --lr, cosine down to --min-lr-frac of it at the last step; --grad-clip and
+    --min-lr-frac are validated (a saved train_config.json reproduces the run)."""
+    from flextron.train import TrainConfig, _lr_at
+
+    cfg = TrainConfig(run="r", steps=10, warmup=2, lr=1e-3, min_lr_frac=0.25)
+    assert _lr_at(0, cfg) == pytest.approx(5e-4) and _lr_at(2, cfg) == pytest.approx(1e-3)
+    assert _lr_at(10, cfg) == pytest.approx(2.5e-4) and _lr_at(6, cfg) == pytest.approx(6.25e-4)
+    for bad in ({"grad_clip": -1.0}, {"min_lr_frac": 1.5}, {"min_lr_frac": float("nan")}):
+        flag = "--" + next(iter(bad)).replace("_", "-")
+        with pytest.raises(FlextronError, match=flag):
+            TrainConfig(run="r", **bad)

@@ -9,12 +9,11 @@ import pytest
 
 from flextron.errors import FlextronError
 from flextron.spec import ElasticSpec, SubnetConfig
+from profiler.fit import FitConfig, fit
 from profiler.latency_model import (
-    FitConfig,
     LatencyModel,
     LatencyModels,
     encode,
-    fit,
     layer_table_from_profile,
     tables_from_profile,
 )
@@ -455,7 +454,7 @@ def test_layers_of_one_shape_share_one_cost_per_choice(profiled, tmp_path):
     shape the median of their cells, so a search cannot buy latency from a layer whose cell read cheap."""
     import shutil
 
-    from profiler.latency_model import pool_layers
+    from profiler.fit import pool_layers
 
     assert pool_layers({0: {1: 1.0, 2: 2.0}, 1: {1: 3.0, 2: 2.2}, 2: {1: 2.0, 2: 9.0}, 3: {5: 1.0}},
                        [[0, 1, 2]]) == {0: {1: 2.0, 2: 2.2}, 1: {1: 2.0, 2: 2.2}, 2: {1: 2.0, 2: 2.2}, 3: {5: 1.0}}

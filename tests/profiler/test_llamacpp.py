@@ -54,7 +54,7 @@ def test_profile_in_llamacpp_is_keyed_by_engine_and_refuses_mixing(tiny_run, tmp
 
     import pandas as pd
 
-    from profiler.latency_model import FitConfig, fit
+    from profiler.fit import FitConfig, fit
     from profiler.sweep import ProfileConfig, profile
 
     run = tmp_path / "run"

@@ -221,7 +221,7 @@ def test_corrupt_state_is_named_with_its_fix(tiny_run, tmp_path):
 
 
 def test_oom_cells_are_recorded_counted_and_refused_by_fit(tiny_run, tmp_path, monkeypatch, capsys):
-    from profiler.latency_model import FitConfig, fit
+    from profiler.fit import FitConfig, fit
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

@@ -14,6 +14,7 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path, monkeypatch):
     from: which picks measure within their budgets never depends on the machine's load."""
     from known_latency import KnownLatency
 
+    from flextron.elastic import ElasticModel
     from flextron.hf_export import load_subnet
     from reports.build import ReportConfig, build_report
     from search.export import ExportConfig, export
@@ -26,6 +27,20 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path, monkeypatch):
     search(SearchConfig(run=str(fitted), budget_ms=budgets, trials=4, eval_windows=2, eval_seq_len=32))
     v = verify(VerifyConfig(run=str(fitted), rounds=2, reps=2, warmup=1))
     assert v["verified"] == 2 and v["within_budget"] == 2  # the latency model predicts the known timer exactly
+    # every budget has its pick within: the uniform fallbacks are not measured (--uniform needed; only a pick
+    # that is itself uniform is), and the lookup serves the picks
+    spec_ = ElasticModel.load(fitted / "elastic").spec
+    n_uniform = len(spec_.uniform_configs())
+    picked = set(pd.read_parquet(fitted / "verify" / "verified.parquet")["config_key"]) | {spec_.full().key}
+    assert v["uniform_measured"] < n_uniform
+    assert set(pd.read_parquet(fitted / "verify" / "uniform.parquet")["config_key"]) <= picked
+    assert export(ExportConfig(run=str(fitted), lookup=True))["rows"] == 2
+    verified = {json.dumps(json.loads(c), sort_keys=True)
+                for c in pd.read_parquet(fitted / "verify" / "verified.parquet")["config"]}
+    served = json.loads((fitted / "export" / "lookup.json").read_text())["rows"]
+    assert {json.dumps(r["config"], sort_keys=True) for r in served} <= verified
+    v = verify(VerifyConfig(run=str(fitted), rounds=2, reps=2, warmup=1, uniform="all"))
+    assert v["within_budget"] == 2 and v["uniform_measured"] == n_uniform
     ver = pd.read_parquet(fitted / "verify" / "verified.parquet")
     assert set(ver["weights"]) == {"elastic"}
     assert {"predicted_latency_ms", "measured_latency_ms", "within_budget"} <= set(ver.columns)
@@ -86,3 +101,25 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path, monkeypatch):
     with pytest.raises(FlextronError, match="replaced or removed since.*flextron verify.*--lookup"):
         Lookup.load(fitted)
     lookup.write_text(json.dumps(d))
+
+
+def test_nothing_worse_than_the_worst_uniform_config_is_served():
+    """The lookup's floor is the worst loss among the uniform configs evaluated (verify evaluates the
+    smallest one), not the worst of everything ever cached: a verified pick worse than it never serves,
+    however bad some other cached config was."""
+    from search.lookup import _is_uniform_key, build_rows
+
+    assert _is_uniform_key("m192.192-h3.3") and not _is_uniform_key("m192.384-h3.3")
+    assert not _is_uniform_key("m0.192-h0.3") and not _is_uniform_key("m192.192-h3.6")
+    base = dict(regime="decode:b1:ctx8:float32:eager", quantile="p50", weights="elastic", device_name="cpu",
+                budget_ms=5.0, reference_full_ms=10.0, measured_full_ms=10.0, predicted_latency_ms=4.0,
+                measured_latency_ms=4.0, latency_ms_p50=4.0, latency_ms_p90=4.5, latency_ms_p99=5.0, ratio=0.4,
+                ratio_hi=0.45, limit_frac=0.5)
+    bad = {**base, "budget_frac": 0.5, "config": json.dumps({"mlp_width": [192, 384], "heads": [3, 3], "skip": [1]}),
+           "loss": 9.0, "source": "knapsack"}
+    good = {**base, "budget_frac": 0.6, "budget_ms": 6.0, "limit_frac": 0.6, "ratio": 0.55, "ratio_hi": 0.58,
+            "config": json.dumps({"mlp_width": [384, 384], "heads": [6, 3]}), "loss": 4.0, "source": "knapsack"}
+    verified = pd.DataFrame([bad, good])
+    losses = {"decode:b1:ctx8:float32:eager": {"m192.192-h3.3": 8.0, "m192.384-h3.6": 50.0}}
+    rows = build_rows(verified, pd.DataFrame(), losses)
+    assert [r["budget_frac"] for r in rows] == [0.6] and rows[0]["ppl"] == pytest.approx(__import__("math").exp(4.0))

@@ -64,13 +64,13 @@ def test_a_worker_killed_mid_search_loses_nothing_and_a_resume_continues(fitted,
             f"_shared_worker(({str(fitted)!r}, {postgres!r}, {b!r}, 'pgkill', 24))")
     here = os.path.dirname(__file__)
     proc = subprocess.Popen([sys.executable, "-c", code, here, os.getcwd()])
-    from search.optuna_search import _progress
+    from search.study import study_progress
 
     done, claimed, deadline = set(), [], time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
             study = _study(postgres, name)
-            done, claimed = _evaluated(study), _progress(study)[1]
+            done, claimed = _evaluated(study), study_progress(study)[1]
         except KeyError:  # the study does not exist yet
             pass
         if len(done) >= 3 and claimed:  # mid-evaluation: a trial claimed and running
@@ -81,7 +81,7 @@ def test_a_worker_killed_mid_search_loses_nothing_and_a_resume_continues(fitted,
     study = _study(postgres, name)
     kept = _evaluated(study)
     assert done <= kept  # nothing it had finished is lost
-    assert _progress(study)[1] == []  # its claim died with it (not after CLAIM_TTL_S)
+    assert study_progress(study)[1] == []  # its claim died with it (not after CLAIM_TTL_S)
     out = _shared_worker((str(fitted), postgres, b, "pgkill", 24))
     per = out["per_budget"][0]
     assert per["evaluated"] == 24 and per["stop"] == "done"  # the dead worker's claim did not hold a slot

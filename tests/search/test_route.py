@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 REGIME = "prefill:b1:s64"  # never profiled in these runs: the analytic table
 FAST = dict(regime=REGIME, static_steps=20, dynamic_steps=2, surrogate_samples=4, eval_windows=1, eval_seq_len=16,
             seq_len=16, batch_size=1, calib_windows=1, select_windows=2, select_rounds=2, select_reps=1,
-            select_warmup=0, surrogate_threshold=0.99, corpus="pydoc", analytic=True)
+            select_warmup=0, surrogate_threshold=0.99, corpus="pydoc", analytic=True, grid_points=5,
+            surrogate_steps=300)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,8 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
     search(SearchConfig(run=str(run), budget_frac=(1.5,), trials=2, eval_windows=2, eval_seq_len=32))
     b = next(x for x in json.loads((results / "best.json").read_text())["best"] if x["budget_frac"] == 1.5)
     assert meta["reference_full_ms"] == b["reference_full_ms"] == pytest.approx(known.e2e_ms(full), rel=1e-9)
+    # the routers' one reference is the measured full step: their table's full model costs exactly it
+    assert meta["table"]["full_ms"] == pytest.approx(meta["reference_full_ms"], rel=1e-6)
     for a in meta["static_answers"] + meta["dynamic_calibration"]:
         assert a["budget_ms"] == pytest.approx(a["budget_frac"] * meta["reference_full_ms"], rel=1e-5)
     assert routers.dynamic_point_for(b["budget_ms"]) == routers.dynamic_point(b["budget_ms"] / meta["table"]["full_ms"])
@@ -195,6 +198,8 @@ def test_route_reads_the_corpus_it_is_given(routed):
     # surrogate losses, router training, calibration, the dynamic-vs-static selection
     assert len(seen) == 4 and set(seen) == {"pydoc"}
     assert json.loads((_folder(run) / "route_config.json").read_text())["corpus"] == "pydoc"
+    meta = json.loads((_folder(run) / "router.json").read_text())
+    assert len(meta["static_answers"]) == 5  # --grid-points: the budgets answered and calibrated
 
 
 def test_never_profiled_regime_falls_back_to_the_analytic_table_and_says_so(routed):
@@ -280,7 +285,8 @@ def test_damaged_router_files_name_the_file_and_the_command(routed, tmp_path):
     ("eval_windows", 0), ("eval_seq_len", 1), ("calib_windows", 0), ("batch_size", 0), ("seq_len", 1),
     ("select_windows", 0), ("fix_share", 0.2), ("threads", -1),
     ("lr", 0.0), ("seed", float("nan")), ("device", "cuda:x"), ("weights", "best"),
-    ("regime", "decode:b1"),
+    ("regime", "decode:b1"), ("surrogate_lr", 0.0), ("surrogate_steps", 0), ("grid_points", 1),
+    ("grid_points", 2.5),
 ])
 def test_route_config_refuses_bad_flags_naming_them(field, value):
     from search.route import RouteConfig
