@@ -300,6 +300,13 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
         write_parquet_atomic(pd.concat([read_part(p) for p in rounds], ignore_index=True), out_dir / SAMPLES_FILE)
     elastic.set_config(spec.full())
     noise = read_json(out_dir / NOISE_FILE) if (out_dir / NOISE_FILE).is_file() else {}
+    # the session's CPU steal and other processes' load while the end-to-end rounds ran, per regime, beside
+    # the device's identity (the per-round log stays in noise.json)
+    load = {rk: {k: v for k, v in n["interference"].items() if k != "log"}
+            for rk, n in noise.items() if isinstance(n.get("interference"), dict)}
+    if load and (out_dir / DEVICE_FILE).is_file():
+        write_json_atomic(out_dir / DEVICE_FILE, {**_read_state(out_dir / DEVICE_FILE, out_dir.parent),
+                                                  "interference": load})
     anchors = layers[layers["anchor"] & (layers["status"] == "ok")] if len(layers) else layers
     drift = {}
     for rk, g in (anchors.groupby("regime") if len(anchors) else []):

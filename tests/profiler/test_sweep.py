@@ -330,6 +330,10 @@ def test_end_to_end_set_is_measured_in_interleaved_rounds_and_resumes_by_round(t
     assert {"ratio_to_full_hi", "latency_ms_p90", "latency_ms_p99", "cv_rounds"} <= set(e2e.columns)
     noise = json.loads((tmp_path / "p" / NOISE_FILE).read_text())["decode:b1:ctx32:float32:eager"]
     assert noise["noise_floor_pct"] >= 0 and noise["rounds"] == 4
+    # the session's steal and load figures stand in device.json too (the per-round log only in noise.json)
+    device = json.loads((tmp_path / "p" / "device.json").read_text())
+    load = device["interference"]["decode:b1:ctx32:float32:eager"]
+    assert load == {k: v for k, v in noise["interference"].items() if k != "log"} and "log" not in load
 
 
 def test_layer_cells_are_corrected_for_the_drift_their_anchors_saw():

@@ -137,6 +137,7 @@ def test_verify_bad_flags_keep_earlier_results(run_copy):
         ({"quantile": "p95"}, "--quantile must be one of"),
         ({"max_rounds": 3, "rounds": 4}, "--max-rounds must be >= 4"),
         ({"device": "gpu"}, "--device must be cpu"),
+        ({"uniform": "some"}, "--uniform must be needed or all"),
     ]:
         with pytest.raises(FlextronError, match=msg):
             verify(VerifyConfig(run=str(run_copy), **kw))
