@@ -419,6 +419,24 @@ class LatencyModels:
         self.profile_id = profile_id
         self.model_ids = model_ids or {}
 
+    @staticmethod
+    def folder(run_root: str | Path) -> Path:
+        """RUN/latency_model/, where `flextron fit` writes the models, their metrics and predictions."""
+        return Path(run_root) / "latency_model"
+
+    @classmethod
+    def fitted(cls, run_root: str | Path) -> bool:
+        """Whether `flextron fit` has written the run's models."""
+        return (cls.folder(run_root) / MODEL_FILE).is_file()
+
+    @classmethod
+    def read_metrics(cls, run_root: str | Path) -> dict:
+        """The fit's per-regime metrics (held-out error, noise floor, verdict); {} before a fit."""
+        from flextron.rundir import read_json
+
+        path = cls.folder(run_root) / METRICS_FILE
+        return read_json(path, run_root) if path.is_file() else {}
+
     @classmethod
     def load(cls, run_root: str | Path) -> "LatencyModels":
         """The run's latency models; refused when the profile changed since they were fitted (a re-profile

@@ -182,12 +182,15 @@ def pareto(a: Artifacts, plots: Plots) -> Section:
         s.add(plots.pareto(regime, [r for r in a.routers if r.regime == regime], a.full_ms(regime)))
     for (regime, weights), losses in sorted(a.losses.items()):
         full = a.full_ms(regime)
-        t = Table(["sub-network", "measured ms", "× full", "perplexity"], collapsed=True,
-                  caption=f"Uniform-width baselines, {regime}, {weights_label(weights)} weights")
+        t = Table(["sub-network", "measured ms", "× full", "achieved GB/s", "achieved TFLOP/s", "perplexity"],
+                  collapsed=True, caption=f"Uniform-width baselines, {regime}, {weights_label(weights)} weights "
+                  "(GB/s and TFLOP/s: the bytes a step moves and the FLOPs it does, over its measured time)")
         for r in a.profile.uniform(regime).itertuples():
             if r.config_key in losses:
                 t.rows.append([describe(_json_config(r.config), a.spec), ms(r.latency_ms_median),
-                               frac(r.latency_ms_median / full if full else None), ppl(math.exp(losses[r.config_key]))])
+                               frac(r.latency_ms_median / full if full else None),
+                               num(getattr(r, "achieved_gbps", None), 1), num(getattr(r, "achieved_tflops", None), 3),
+                               ppl(math.exp(losses[r.config_key]))])
         if t.rows:
             s.add(t)
     if not s.blocks:

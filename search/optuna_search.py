@@ -101,10 +101,9 @@ def search_margin(run_root: Path, regime_key: str) -> float:
     """How far below a budget the search aims so its picks hold when measured: the latency model's
     held-out error or the profile's noise floor (of ratios), whichever is larger, capped at 10%. A
     pick predicted right at its budget is a coin toss on a machine with a 1% noise floor."""
-    from flextron.rundir import read_json
+    from profiler.latency_model import LatencyModels
 
-    path = run_root / "latency_model" / "metrics.json"
-    m = read_json(path, run_root).get(regime_key, {}) if path.is_file() else {}
+    m = LatencyModels.read_metrics(run_root).get(regime_key, {})
     pct = max(m.get("heldout", {}).get("mape_pct") or 0.0, m.get("ratio_noise_floor_pct") or 0.0)
     return min(0.10, pct / 100)
 

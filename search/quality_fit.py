@@ -97,10 +97,9 @@ def sample_configs(spec, ranking: list[int], n: int, seed: int) -> list[SubnetCo
 
 def _latency_models(run_root: Path) -> list:
     """The run's fitted latency models (one per regime) when `flextron fit` made them, else []."""
-    from profiler.latency_model import MODEL_FILE as LATENCY_FILE
     from profiler.latency_model import LatencyModels
 
-    if not (Path(run_root) / "latency_model" / LATENCY_FILE).is_file():
+    if not LatencyModels.fitted(run_root):
         return []
     return list(LatencyModels.load(run_root).models.values())
 

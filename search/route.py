@@ -15,7 +15,6 @@ import functools
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from flextron.devices import set_device_field
 from flextron.dynamic_router import DynamicRouting, DynamicTrainer, calibrate_dynamic
@@ -33,7 +32,7 @@ def fitted_model(run_root, regime: str | None):
     """(regime key, LatencyModel, device name) of the run, or None when the named regime was never
     profiled (the caller then uses the analytic table, and says so). Everything else is an error: a
     regime that does not parse, a profiled regime not fitted yet, or (no regime named) no fit at all."""
-    from profiler.latency_model import MODEL_FILE, LatencyModels
+    from profiler.latency_model import LatencyModels
     from profiler.profile import profiled_regimes
 
     if regime is None:
@@ -41,7 +40,7 @@ def fitted_model(run_root, regime: str | None):
         key = models.resolve(None)
         return key, models.get(key), models.device_name
     Regime.parse_option(regime)
-    if (Path(run_root) / "latency_model" / MODEL_FILE).is_file():
+    if LatencyModels.fitted(run_root):
         models = LatencyModels.load(run_root)
         if any(k == regime or k.startswith(regime + ":") for k in models.models):
             key = models.resolve(regime)
@@ -292,6 +291,7 @@ def route(cfg: RouteConfig) -> dict:
         answers.append({"router_frac": t, **budget_of(t), "expected_frac": round(pe, 4),
                         "predicted_ms": round(predict(c), 4) if predict else None, "config": c.to_dict()})
     meta = {"regime": regime_key, "weights": wname, "weights_tag": run.weights_tag(wname),
+            "quality_setting": evaluator.setting,  # the surrogate's losses: split, corpus@content id, windows
             "seconds": round(time.perf_counter() - t0, 1), "reference_full_ms": reference,
             "table": {"source": table.source, "unit": table.unit, "full_ms": table.full,
                       "smallest_frac": smallest_frac},

@@ -454,3 +454,23 @@ def test_report_config_documents_its_flags():
     assert set(field_docs(ReportConfig)) == {"run", "dpi"}
     with pytest.raises(FlextronError, match="--dpi"):
         ReportConfig(run="r", dpi=0)
+
+
+def test_uniform_baselines_print_achieved_bandwidth_and_throughput(staged):
+    """Beside each uniform baseline's measured time the page prints what it achieved: the bytes a step
+    moves and the FLOPs it does over that time (the profile's achieved_gbps and achieved_tflops)."""
+    build_report(ReportConfig(run=str(staged)))
+    e2e = pd.read_parquet(staged / "profile" / "e2e.parquet")
+    tables = [t for t in _page(staged).in_section("pareto") if "achieved GB/s" in t.get("header", [])]
+    assert tables
+    shown = 0
+    for t in tables:
+        i, j, k = (t["header"].index(h) for h in ("measured ms", "achieved GB/s", "achieved TFLOP/s"))
+        for row in t["rows"]:
+            near = pd.Series([_shows(row[i], v) for v in e2e["latency_ms_median"]], index=e2e.index)
+            match = e2e[e2e["uniform"].astype(bool) & near]
+            assert len(match)
+            r = match.iloc[0]
+            assert _shows(row[j], float(r["achieved_gbps"])) and _shows(row[k], float(r["achieved_tflops"]))
+            shown += 1
+    assert shown

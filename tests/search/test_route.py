@@ -200,6 +200,7 @@ def test_route_reads_the_corpus_it_is_given(routed):
     assert json.loads((_folder(run) / "route_config.json").read_text())["corpus"] == "pydoc"
     meta = json.loads((_folder(run) / "router.json").read_text())
     assert len(meta["static_answers"]) == 5  # --grid-points: the budgets answered and calibrated
+    assert meta["quality_setting"].split(":")[1].startswith("pydoc@")  # the corpus, with its content id
 
 
 def test_never_profiled_regime_falls_back_to_the_analytic_table_and_says_so(routed):
