@@ -58,9 +58,7 @@ class Artifacts:
             self.quality.append((path.parent.name, read_json(path, run),
                                  read_parquet(ev, run) if ev.is_file() else pd.DataFrame()))
 
-        from profiler.latency_model import LatencyModels
-
-        lm = LatencyModels.folder(run)
+        lm = run / "latency_model"
         self.preds, self.metrics = None, {}
         if (lm / "predictions.parquet").is_file() and (lm / "metrics.json").is_file():  # `fit` writes both
             self.preds = require_columns(read_parquet(lm / "predictions.parquet", run), lm / "predictions.parquet",
@@ -162,9 +160,8 @@ class Artifacts:
     def heldout(self, regime: str) -> dict:
         """The latency model's held-out metrics for `regime`, or a corrupt-file error for metrics.json."""
         from flextron.rundir import rebuild_command
-        from profiler.latency_model import METRICS_FILE, LatencyModels
 
-        path = LatencyModels.folder(self.run) / METRICS_FILE
+        path = self.run / "latency_model" / "metrics.json"
         try:
             m = self.metrics[regime]
             return {**{k: m["heldout"][k] for k in ("mape_pct", "max_ape_pct", "spearman", "n")},

@@ -183,8 +183,7 @@ def pareto(a: Artifacts, plots: Plots) -> Section:
     for (regime, weights), losses in sorted(a.losses.items()):
         full = a.full_ms(regime)
         t = Table(["sub-network", "measured ms", "× full", "achieved GB/s", "achieved TFLOP/s", "perplexity"],
-                  collapsed=True, caption=f"Uniform-width baselines, {regime}, {weights_label(weights)} weights "
-                  "(GB/s and TFLOP/s: the bytes a step moves and the FLOPs it does, over its measured time)")
+                  collapsed=True, caption=f"Uniform-width baselines, {regime}, {weights_label(weights)} weights")
         for r in a.profile.uniform(regime).itertuples():
             if r.config_key in losses:
                 t.rows.append([describe(_json_config(r.config), a.spec), ms(r.latency_ms_median),
