@@ -7,7 +7,7 @@ decides whether a lookup row holds. Verify measured each of them in interleaved 
 model; this script refits the latency model from the run's profile (tied per-layer terms, the default,
 and untied, the model before session 10) and prints, per regime, the MAPE, the bias (mean signed
 error: negative = predicted faster than measured) and the Spearman rank correlation of the predicted
-ratio to the full model against verify's measured ratio (median over rounds of each round's ratio).
+ratio to the full model against verify's measured ratio (as verify computes it).
 
     PYTHONPATH=. python benchmarks/latency_model_check.py runs/<run>
 """
@@ -25,13 +25,15 @@ from scipy.stats import spearmanr
 
 from flextron.spec import SubnetConfig
 from profiler.fit import fit_regime
+from profiler.interleaved import FULL
 from profiler.latency_model import encode
+from profiler.rounds import per_round
 
 
 def measured_ratios(samples: pd.DataFrame) -> pd.Series:
-    """Each config's median over rounds of (its median step / the full model's median step) in that round."""
-    per_round = samples.groupby(["round", "key"]).latency_ms.median().unstack()
-    return per_round.div(per_round["full"], axis=0).median()
+    """Each config's ratio to the full model as verify computes it: the median over rounds of its
+    per-round ratio (`profiler.rounds.per_round`)."""
+    return per_round(samples, FULL).groupby("key")["ratio_to_full"].median()
 
 
 def main(argv=None) -> int:

@@ -1,14 +1,20 @@
 """Print a finished run's own measurements that benchmarks/best_subnetwork.py does not: the latency model's
-held-out error and noise floor, verify's noise floor and interference, and each verified pick (predicted
-against measured ratio).
+held-out error and noise floor, verify's noise floor and interference, each verified pick (predicted
+against measured ratio), and every candidate the search evaluated: its prediction, verify's measured
+ratio and rounds where verify measured it, its search-evaluation perplexity, layers skipped and cut.
 
     python benchmarks/run_metrics.py runs/bench-best9-0
 """
 
 import json
+import math
 import sys
 
 import pandas as pd
+
+from flextron.spec import ElasticSpec, SubnetConfig
+from profiler.interleaved import FULL
+from profiler.rounds import per_round
 
 run = sys.argv[1]
 m = json.load(open(f"{run}/latency_model/metrics.json"))
@@ -20,3 +26,18 @@ v = pd.read_parquet(f"{run}/verify/verified.parquet")
 v["predicted_ratio"] = v["predicted_latency_ms"] / v["reference_full_ms"]
 print(v[["budget_frac", "source", "predicted_ratio", "ratio", "ratio_hi", "verdict", "replacements_tried", "ppl"]]
       .round(3).to_string(index=False))
+
+full = ElasticSpec.load(f"{run}/elastic/elastic_spec.json").full()
+rt = per_round(pd.read_parquet(f"{run}/verify/samples.parquet"), FULL)
+measured, rounds = rt.groupby("key")["ratio_to_full"].median(), rt.groupby("key").size()
+for path in sorted(__import__("pathlib").Path(run, "search").glob("*/*/trials.parquet")):
+    t = pd.read_parquet(path)
+    t = t[t["evaluated"]].assign(key=[SubnetConfig.from_json(c).key for c in t[t["evaluated"]]["config"]])
+    print(f"\ncandidates of {path.parent.relative_to(run)} (ppl on the search's evaluation tokens):")
+    for r in t.drop_duplicates(["budget_frac", "key"]).sort_values(["budget_frac", "loss"]).itertuples():
+        c = SubnetConfig.from_json(r.config)
+        cut = sum(1 for layer, (w, h) in enumerate(zip(c.mlp_width, c.heads))
+                  if layer not in c.skip and (w, h) != (full.mlp_width[layer], full.heads[layer]))
+        m = f"{measured[r.key]:.3f} ({rounds[r.key]:2d} rounds)" if r.key in measured else "not measured     "
+        print(f"{r.budget_frac:.1f} {r.source:30s} predicted {r.predicted_latency_ms / r.reference_full_ms:.3f} "
+              f"measured {m} ppl {math.exp(r.loss):12.1f} skipped {len(c.skip):2d} cut {cut:2d}")

@@ -91,6 +91,11 @@ def corpus_id(corpus: str) -> str:
     return _content_id(state)
 
 
+def corpus_label(corpus: str) -> str:
+    """A corpus with its content id (`wiki@0123456789`): an edited text is another corpus."""
+    return f"{corpus}@{corpus_id(corpus)}"
+
+
 @functools.lru_cache(maxsize=32)
 def _content_id(state: tuple) -> str:
     h = hashlib.sha1()

@@ -447,7 +447,7 @@ class LatencyModels:
         from profiler.profile import profile_id
 
         run = RunDir(run_root)
-        recover_swap(run / "latency_model")
+        recover_swap(cls.folder(run.root))
         path = run.require("latency_model", MODEL_FILE) / MODEL_FILE
         d = read_json(path, run.root)
         try:

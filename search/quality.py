@@ -37,9 +37,9 @@ def quality_setting(split: str, corpus: str, windows: int, seq_len: int, weights
     """The cache key of an evaluation setting. The corpus is named with its content id (`corpus@id`), so
     losses on an edited text never mix with the old ones; the weights' tag is part of it, so trained and
     one-shot losses never mix (one-shot keeps the untagged form)."""
-    from flextron.data import corpus_id
+    from flextron.data import corpus_label
 
-    base = f"{split}:{corpus}@{corpus_id(corpus)}:{windows}x{seq_len}"
+    base = f"{split}:{corpus_label(corpus)}:{windows}x{seq_len}"
     return base if weights == "elastic" else f"{base}:{weights}"
 
 

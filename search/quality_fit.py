@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flextron.data import corpus_label
 from flextron.errors import FlextronError
 from flextron.quality_model import TABLE_FILE, quality_dir
 from flextron.spec import SubnetConfig
@@ -57,13 +58,6 @@ class QualityConfig:
                           ("fit_configs", 0), ("heldout_configs", 3), ("seed", 0), ("calibration_rounds", 0)):
             check_finite(name, getattr(self, name), low=low, whole=True)
         set_device_field(self)
-
-
-def corpus_label(corpus: str) -> str:
-    """A corpus with its content id (`wiki@0123456789`): an edited text is another corpus."""
-    from flextron.data import corpus_id
-
-    return f"{corpus}@{corpus_id(corpus)}"
 
 
 def table_key(spec, wtag: str, corpus: str, windows: int, seq_len: int) -> dict:

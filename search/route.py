@@ -51,14 +51,14 @@ def fitted_model(run_root, regime: str | None):
     return None
 
 
-def table_for(spec, regime: str | None, fitted, run_root=None) -> LatencyTable:
-    """The measured table from the fitted latency model, scaled to the full model's measured step in the
-    run's profile (`run_root`; the reference every budget fraction is of), else the analytic one
-    (labelled so)."""
+def table_for(spec, regime: str | None, fitted, run_root=None, full_ms: float | None = None) -> LatencyTable:
+    """The measured table from the fitted latency model, scaled to the full model's measured step
+    (`full_ms`, else read from the run's profile in `run_root`: the reference every budget fraction is
+    of), else the analytic one (labelled so)."""
     if fitted is None:
         return LatencyTable.analytic(spec, regime)
     key, model, device = fitted
-    return LatencyTable.from_model(model, spec, key, device, reference_ms(run_root, key, spec))
+    return LatencyTable.from_model(model, spec, key, device, full_ms or reference_ms(run_root, key, spec))
 
 
 def reference_ms(run_root, regime_key: str, spec) -> float | None:
@@ -189,7 +189,9 @@ def route(cfg: RouteConfig) -> dict:
             f"profile and fit it (`flextron profile --run {run.root} --regime {cfg.regime}`, then `flextron fit "
             f"--run {run.root}`), or pass --analytic to train the routers on an analytic FLOPs/bytes table")
     predict = fitted[1].predict_config if fitted else None
-    table = table_for(spec, cfg.regime or None, fitted, run.root)
+    # the Budget's reference, the full model measured in the profile: read once, the table scaled to it
+    reference = reference_ms(run.root, fitted[0], spec) if fitted else None
+    table = table_for(spec, cfg.regime or None, fitted, full_ms=reference)
     regime_key = table.regime
     folder = regime_dir(run.root, regime_key, weights=wname)
     if cfg.budget_ms > 0:
@@ -223,8 +225,6 @@ def route(cfg: RouteConfig) -> dict:
             f"--surrogate-threshold {cfg.surrogate_threshold}; evaluate more configs "
             f"(--surrogate-samples {2 * cfg.surrogate_samples}) before training routers")
     smallest_frac = table.smallest_frac
-    # the Budget's reference, the full model measured in the profile: the table's full model costs exactly it
-    reference = reference_ms(run.root, regime_key, spec) if fitted is not None else None
     static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight,
                                        cfg.seed, cfg.lr)
     # the static answer at a budget fraction, computed once per fraction: reported on the grid below,

@@ -334,19 +334,17 @@ def _candidates(trials, b: dict):
     Its own study's configs and those of every other budget of the same quantile that the latency model
     predicts no slower than the slowest of its own (a neighbouring budget's ladder adds rungs between this
     budget's; the losses compare: one search, one evaluation setting). A candidate worse than the budget's
-    own uniform seeds is never worth its rounds: the uniform fallbacks, measured in these rounds anyway,
-    serve the budget better."""
-    import pandas as pd
-
+    own uniform seeds is never worth its rounds: those seeds are candidates too, and the uniform fallbacks
+    are measured where nothing within is found."""
     ok = trials["evaluated"].astype(bool)
     if "quantile" in trials.columns:  # a p50 and a p90 study may share a budget in ms
         ok &= trials["quantile"].fillna("p50") == b.get("quantile", "p50")
     own = trials[ok & (trials["budget_ms"] == b["budget_ms"])]
     if own.empty:
         return own, math.inf
-    pool = trials[ok & (trials["predicted_latency_ms"] <= own["predicted_latency_ms"].max())]
+    pool = trials[ok & (trials["predicted_latency_ms"] <= own["predicted_latency_ms"].max())]  # own included
     uni = own[own["source"] == "uniform"]["loss"] if "source" in own else []
-    return pd.concat([own, pool]).drop_duplicates("config"), (float(max(uni)) if len(uni) else math.inf)
+    return pool.drop_duplicates("config"), (float(max(uni)) if len(uni) else math.inf)
 
 
 def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -> int:
