@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flextron.errors import FlextronError
-from flextron.latency_table import LatencyTable, over_budget_penalty
+from flextron.latency_table import PENALTY_LINEAR, LatencyTable, over_budget_penalty
 from flextron.progress import progress
 from flextron.spec import SubnetConfig
 from flextron.static_router import anneal
@@ -158,7 +158,8 @@ class DynamicRouting:
 
 
 def dynamic_step(elastic, routing: DynamicRouting, teacher, ids, table: LatencyTable, static_heads, t: float,
-                 tau: float, latency_weight: float, distill_weight: float = 0.9):
+                 tau: float, latency_weight: float, distill_weight: float = 0.9,
+                 penalty_linear: float = PENALTY_LINEAR):
     """One soft forward at budget t with heads from the static router; returns (loss, expected fraction)."""
     from flextron.train import distill_loss
 
@@ -170,7 +171,7 @@ def dynamic_step(elastic, routing: DynamicRouting, teacher, ids, table: LatencyT
         s_logits = elastic(input_ids=ids, use_cache=False).logits
     lm = distill_loss(s_logits, t_logits, ids, distill_weight, 1.0)
     e = routing.expected_frac(table, static_heads)
-    return lm + over_budget_penalty(e, t, latency_weight), float(e.detach())
+    return lm + over_budget_penalty(e, t, latency_weight, penalty_linear), float(e.detach())
 
 
 class DynamicTrainer:
@@ -180,10 +181,11 @@ class DynamicTrainer:
     budget t. The model stays frozen."""
 
     def __init__(self, elastic, routing: DynamicRouting, teacher, windows: torch.Tensor, table: LatencyTable,
-                 heads_for, *, batch_size: int, latency_weight: float, seed: int):
+                 heads_for, *, batch_size: int, latency_weight: float, seed: int,
+                 penalty_linear: float = PENALTY_LINEAR):
         self.elastic, self.routing, self.teacher, self.windows = elastic, routing, teacher, windows
         self.table, self.heads_for = table, heads_for
-        self.batch_size, self.latency_weight = batch_size, latency_weight
+        self.batch_size, self.latency_weight, self.penalty_linear = batch_size, latency_weight, penalty_linear
         self.rng = random.Random(seed)
         self.batches_used = 0
 
@@ -202,7 +204,7 @@ class DynamicTrainer:
             self.batches_used += 1
             ids = self.windows[i0: i0 + self.batch_size].to(self.elastic.device)
             loss, e = dynamic_step(self.elastic, self.routing, self.teacher, ids, self.table, self.heads_for(t), t,
-                                   tau(step), self.latency_weight)
+                                   tau(step), self.latency_weight, penalty_linear=self.penalty_linear)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

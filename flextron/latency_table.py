@@ -87,7 +87,10 @@ def expected_latency(table: LatencyTable, p_mlp: torch.Tensor, p_attn: torch.Ten
     return e / table.full
 
 
-def over_budget_penalty(e: torch.Tensor, t, weight: float) -> torch.Tensor:
-    """weight * (r^2 + 0.1 r) with r the relative overshoot of expected latency fraction e over budget t."""
+PENALTY_LINEAR = 0.1  # the penalty's linear term: a gradient at the budget itself, where r^2 has none
+
+
+def over_budget_penalty(e: torch.Tensor, t, weight: float, linear: float = PENALTY_LINEAR) -> torch.Tensor:
+    """weight * (r^2 + linear * r) with r the relative overshoot of expected latency fraction e over budget t."""
     over = F.relu(e / t - 1)
-    return weight * (over ** 2 + 0.1 * over)
+    return weight * (over ** 2 + linear * over)

@@ -14,8 +14,8 @@ from flextron.dynamic_router import calibrated_point
 from flextron.errors import FlextronError
 from flextron.serving import Served
 from flextron.spec import SubnetConfig, regime_slug
-from flextron.static_router import StaticRouter, answer_static
-from flextron.surrogate import Surrogate
+from flextron.static_router import STATIC_HIDDEN, StaticRouter, answer_static
+from flextron.surrogate import SURROGATE_HIDDEN, Surrogate
 
 ROUTERS_DIR = "router"
 ROUTER_WEIGHTS = ("elastic", "trained")  # resolved weight names (`--weights auto` is resolved first)
@@ -70,10 +70,11 @@ class Routers:
         self._dynamic_state: dict | None = None
         self.meta = read_json(meta_path, run_root)
         L, W, H = spec.num_layers, len(spec.mlp_widths[0]), len(spec.head_counts[0])
-        self.static = StaticRouter(L, W, H)
+        arch = self.meta.get("architecture", {})  # routers trained before it was recorded: the default sizes
+        self.static = StaticRouter(L, W, H, arch.get("static_hidden", STATIC_HIDDEN))
         self.static.load_state_dict(load_tensors(folder / "static_router.safetensors", run_root))
         self.static.eval()
-        self.surrogate = Surrogate(L, W, H)
+        self.surrogate = Surrogate(L, W, H, arch.get("surrogate_hidden", SURROGATE_HIDDEN))
         self.surrogate.load_state_dict(load_tensors(folder / "surrogate.safetensors", run_root))
         self.surrogate.eval()
 

@@ -13,15 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flextron.latency_table import LatencyTable, expected_latency, over_budget_penalty
+from flextron.latency_table import PENALTY_LINEAR, LatencyTable, expected_latency, over_budget_penalty
 from flextron.spec import SubnetConfig
 from flextron.surrogate import Surrogate, surrogate_losses
+
+STATIC_HIDDEN = 64  # units of each of the static router's two hidden layers
 
 
 class StaticRouter(nn.Module):
     """budget fraction -> per-layer logits over MLP widths and head counts."""
 
-    def __init__(self, n_layers: int, n_mlp: int, n_attn: int, hidden: int = 64):
+    def __init__(self, n_layers: int, n_mlp: int, n_attn: int, hidden: int = STATIC_HIDDEN):
         super().__init__()
         self.shape = (n_layers, n_mlp, n_attn)
         self.net = nn.Sequential(nn.Linear(1, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
@@ -39,10 +41,11 @@ def anneal(step: int, steps: int, start: float = 2.0, end: float = 0.1) -> float
 
 
 def train_static(spec, sur: Surrogate, table: LatencyTable, t_min: float, steps: int, latency_weight: float, seed: int,
-                 lr: float = 3e-3, batch: int = 32) -> tuple[StaticRouter, list[dict]]:
+                 lr: float = 3e-3, batch: int = 32, hidden: int = STATIC_HIDDEN,
+                 penalty_linear: float = PENALTY_LINEAR) -> tuple[StaticRouter, list[dict]]:
     torch.manual_seed(seed)
     L, W, H = spec.num_layers, len(spec.mlp_widths[0]), len(spec.head_counts[0])
-    router = StaticRouter(L, W, H)
+    router = StaticRouter(L, W, H, hidden)
     for p in sur.parameters():
         p.requires_grad_(False)
     opt = torch.optim.Adam(router.parameters(), lr=lr)
@@ -54,7 +57,7 @@ def train_static(spec, sur: Surrogate, table: LatencyTable, t_min: float, steps:
         pm, pa = F.gumbel_softmax(lm, tau=tau, dim=-1), F.gumbel_softmax(la, tau=tau, dim=-1)
         e = expected_latency(table, pm, pa)
         pred = sur(pm, pa)
-        loss = (pred + over_budget_penalty(e, t, latency_weight)).mean()
+        loss = (pred + over_budget_penalty(e, t, latency_weight, penalty_linear)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

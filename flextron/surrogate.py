@@ -28,8 +28,11 @@ def one_hot(spec, cfgs: list[SubnetConfig]) -> tuple[torch.Tensor, torch.Tensor]
     return m, a
 
 
+SURROGATE_HIDDEN = 128  # units of each of the surrogate's two hidden layers
+
+
 class Surrogate(nn.Module):
-    def __init__(self, n_layers: int, n_mlp: int, n_attn: int, hidden: int = 128):
+    def __init__(self, n_layers: int, n_mlp: int, n_attn: int, hidden: int = SURROGATE_HIDDEN):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(n_layers * (n_mlp + n_attn), hidden), nn.GELU(), nn.Linear(hidden, hidden),
                                  nn.GELU(), nn.Linear(hidden, 1))
@@ -64,7 +67,7 @@ def sample_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
 
 
 def fit_surrogate(spec, cfgs: list[SubnetConfig], losses: list[float], seed: int,
-                  steps: int = 1500, lr: float = 3e-3) -> tuple[Surrogate, dict]:
+                  steps: int = 1500, lr: float = 3e-3, hidden: int = SURROGATE_HIDDEN) -> tuple[Surrogate, dict]:
     """Fit on 80% of the configs; report the error on the 20% it never saw."""
     torch.manual_seed(seed)
     idx = list(range(len(cfgs)))
@@ -73,7 +76,7 @@ def fit_surrogate(spec, cfgs: list[SubnetConfig], losses: list[float], seed: int
     test, tr = idx[:n_test], idx[n_test:]
     m, a = one_hot(spec, cfgs)
     y = torch.tensor(losses, dtype=torch.float32)
-    sur = Surrogate(spec.num_layers, m.shape[-1], a.shape[-1])
+    sur = Surrogate(spec.num_layers, m.shape[-1], a.shape[-1], hidden)
     sur.y_mean.fill_(float(y[tr].mean()))
     sur.y_std.fill_(float(y[tr].std().clamp_min(1e-3)))
     opt = torch.optim.AdamW(sur.parameters(), lr=lr, weight_decay=1e-3)

@@ -202,26 +202,93 @@ def summarise(samples, reference: str, seed: int = 0):
     return pd.DataFrame(rows)
 
 
-def noise_floor(samples, reference: str) -> dict:
-    """Test-retest error of this measurement: the rounds split into two halves (alternating, so both
-    halves span the whole session), each key's median over each half, and the median over keys of
-    |a - b| / mean(a, b), in percent. For absolute medians and for `ratio_to_full` (None when no key but
-    the reference was measured in both halves)."""
-    rt = per_round(samples, reference)
+def split_half_errors(samples, reference: str, column: str = "ratio_to_full", rt=None):
+    """Per key, its test-retest error in percent: the rounds split into two halves (alternating, so both
+    halves span the whole session), the key's median `column` (of `per_round`) over each half, and
+    |a - b| / mean(a, b). Keys measured in one half only are left out; for ratios, so is the reference
+    (1 by construction)."""
+    rt = per_round(samples, reference) if rt is None else rt
     rounds = sorted(rt["round"].unique())
     if len(rounds) < 2:
         raise FlextronError("the noise floor needs at least 2 rounds")
     half = {r: i % 2 for i, r in enumerate(rounds)}
-    rt = rt.assign(half=rt["round"].map(half))
+    m = rt.assign(half=rt["round"].map(half)).groupby(["key", "half"])[column].median().unstack("half")
+    m = m.reindex(columns=[0, 1]).dropna()
+    if column != "median_ms":
+        m = m.drop(index=reference, errors="ignore")
+    return 100 * (m[0] - m[1]).abs() / ((m[0] + m[1]) / 2)
+
+
+def noise_floor(samples, reference: str) -> dict:
+    """Test-retest error of this measurement: the median over keys of `split_half_errors`, in percent.
+    For absolute medians and for `ratio_to_full` (None when no key but the reference was measured in
+    both halves)."""
+    rt = per_round(samples, reference)
     out = {}
     for name, col in (("noise_floor_pct", "median_ms"), ("ratio_noise_floor_pct", "ratio_to_full")):
-        m = rt.groupby(["key", "half"])[col].median().unstack("half").dropna()
-        if name == "ratio_noise_floor_pct":
-            m = m.drop(index=reference, errors="ignore")  # the reference's ratio is 1 by construction
-        err = (m[0] - m[1]).abs() / ((m[0] + m[1]) / 2)
-        out[name] = round(100 * float(err.median()), 3) if len(err) else None  # nothing but the reference measured
-    out["rounds"] = len(rounds)
+        err = split_half_errors(samples, reference, col, rt)
+        out[name] = round(float(err.median()), 3) if len(err) else None  # nothing but the reference measured
+    out["rounds"] = int(rt["round"].nunique())
     return out
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How far `refine` measures: until the ratio noise floor is at most `target_floor_pct`, no config
+    past `max_rounds` rounds, and no new batch of rounds started after `max_seconds`."""
+
+    target_floor_pct: float
+    max_rounds: int
+    max_seconds: float
+
+    def __post_init__(self):
+        from flextron.rundir import check_finite
+
+        check_finite("target_floor_pct", self.target_floor_pct, low=0, low_inclusive=False)
+        check_finite("max_rounds", self.max_rounds, low=2, whole=True)
+        check_finite("max_seconds", self.max_seconds, low=0, low_inclusive=False)
+
+
+def refine(rows: list[dict], measure: Callable[[str], list[float]], reference: str, precision: Precision,
+           seed: int = 0, on_round: Callable[[list[dict]], None] | None = None, progress=None,
+           desc: str = "more rounds", monitor=None, log: list | None = None, clock=None) -> tuple[list[dict], dict]:
+    """Add interleaved rounds where they change the answer: while the ratio noise floor of `rows` (raw
+    rows of `measure_in_rounds`, `reference` among their keys) is above the target, the configs whose
+    own split-half ratio error is above it (their ratio is not pinned down yet) get two more rounds
+    (one per half) beside the reference; settled configs get none. Stops at the target, when no
+    unsettled config has rounds left under `max_rounds`, or at the time cap (checked before each
+    batch; `clock` is `time.perf_counter` unless a test passes a fake). Returns (all rows, a record:
+    the floor before and after, rounds and configs added, seconds, and why it stopped)."""
+    import time
+
+    clock = clock or time.perf_counter
+    t0, rows = clock(), list(rows)
+    before = noise_floor(rows, reference)["ratio_noise_floor_pct"]
+    added, refined, stop = 0, set(), "target"
+    while True:
+        errors = split_half_errors(rows, reference)
+        floor = float(errors.median()) if len(errors) else None
+        if floor is None or floor <= precision.target_floor_pct:
+            stop = "target"
+            break
+        counts = per_round(rows, reference).groupby("key")["round"].nunique()
+        todo = [k for k, e in errors.items() if e > precision.target_floor_pct
+                and counts.get(k, 0) + 2 <= precision.max_rounds]
+        if not todo:
+            stop = "max_rounds"
+            break
+        if clock() - t0 >= precision.max_seconds:
+            stop = "time_cap"
+            break
+        first = max(r["round"] for r in rows) + 1
+        rows += measure_in_rounds(todo + [reference], measure, 2, seed=seed, first_round=first, on_round=on_round,
+                                  progress=progress, desc=desc, monitor=monitor, log=log)
+        added += 2
+        refined.update(todo)
+    after = noise_floor(rows, reference)["ratio_noise_floor_pct"]
+    return rows, {"target_floor_pct": precision.target_floor_pct, "floor_before_pct": before,
+                  "floor_reached_pct": after, "rounds_added": added, "configs_refined": len(refined),
+                  "seconds": round(clock() - t0, 1), "stop": stop}
 
 
 def compliance(ratio: float, lo: float, hi: float, budget_frac: float, confidence: float = CONFIDENCE) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ CONFIG_FILE = "profile_config.json"
 # would mix two measurements under one cell key. (`dtype` and `mode` come before `regime` so that
 # changing --dtype is reported as --dtype, not as the regime keys it resolves into.)
 RESUME_FIELDS = ("device", "engine", "dtype", "mode", "regime", "e2e_random", "e2e_depth", "seed", "min_reps",
-                 "min_time_ms", "warmup", "anchor_every", "energy_s", "rounds", "reps", "threads")
+                 "min_time_ms", "warmup", "anchor_every", "energy_s", "rounds", "reps", "threads", "e2e_warmup")
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,23 @@ class ProfileConfig:
     min_reps: int = 10
     #: torch layer cells: the least total timed time of a cell, in ms; 0: --min-reps alone decides
     min_time_ms: float = 30.0
-    warmup: int = 3  #: untimed calls before a layer cell or an end-to-end config is timed
+    warmup: int = 3  #: untimed calls before a layer cell is timed
+    #: torch engine: untimed steps before an end-to-end config's timed ones in each round (after another
+    #: config ran, a CPU decode step's first one measured no slower than the rest: benchmarks/e2e_warmup.py);
+    #: llama.cpp's end-to-end steps take --warmup
+    e2e_warmup: int = 1
     anchor_every: int = 40  #: re-measure the anchor layer cell after this many cells, to expose and correct drift
     #: CUDA with NVML: seconds of each energy-per-token measurement (uniform configs only); 0 skips it
     energy_s: float = 0.5
     #: end-to-end: interleaved rounds (every config and the full model once per round, in a fresh order)
     rounds: int = 6
-    reps: int = 3  #: end-to-end: timed steps per config per round (after --warmup untimed ones)
+    reps: int = 3  #: end-to-end: timed steps per config per round (after --e2e-warmup untimed ones)
+    #: end-to-end: after --rounds, configs whose own split-half ratio error is above this (percent) get two
+    #: more rounds at a time, settled ones none, until the ratio noise floor is at most it
+    target_floor_pct: float = 5.0
+    max_rounds: int = 12  #: end-to-end: the most rounds a config gets while the target is not reached
+    #: end-to-end: no batch of added rounds starts after this many seconds of adding them (the stage says so)
+    max_seconds: float = 120.0
     #: CPU: intra-op threads of torch (or llama.cpp) while measuring, recorded in device.json; 0: one (steady on
     #: small, shared CPUs; see flextron.devices)
     threads: int = 0
@@ -104,10 +115,13 @@ class ProfileConfig:
         if not self.regime:
             raise FlextronError("give at least one --regime, e.g. --regime decode:b1:ctx1024")
         for name, low in (("e2e_random", 0), ("e2e_depth", 0), ("seed", None), ("min_reps", 1), ("warmup", 0),
-                          ("anchor_every", 1), ("rounds", 2), ("reps", 1), ("threads", 0), ("pin_core", -1)):
+                          ("anchor_every", 1), ("rounds", 2), ("reps", 1), ("threads", 0), ("pin_core", -1),
+                          ("e2e_warmup", 0)):
             check_finite(name, getattr(self, name), low=low, whole=True)
         check_finite("min_time_ms", self.min_time_ms, low=0)
         check_finite("energy_s", self.energy_s, low=0)
+        check_finite("max_rounds", self.max_rounds, low=self.rounds, whole=True)
+        self.precision()  # the target and the cap are checked here, before anything is measured
         if self.dtype and self.dtype not in DTYPE_BYTES:
             raise FlextronError(f"--dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
         if self.mode and self.mode not in MODES:
@@ -115,6 +129,12 @@ class ProfileConfig:
         keys = [r.key for r in self.regimes()]
         if len(set(keys)) < len(keys):
             raise FlextronError(f"--regime names the same regime twice ({keys}); give each once")
+
+    def precision(self):
+        """How far the end-to-end set's rounds go (profiler.rounds.refine)."""
+        from profiler.rounds import Precision
+
+        return Precision(self.target_floor_pct, self.max_rounds, self.max_seconds)
 
     def _defaults(self) -> tuple[str, str]:
         cuda = self.device.startswith("cuda")
@@ -385,7 +405,7 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
                                                                         "width": anchor[2], "anchor": True,
                                                                         "order": idx}))
     layers_w.flush()
-    e2e_timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.warmup, min_reps=cfg.reps, min_time_s=0.0,
+    e2e_timer = Timer(cfg.device, regime.mode, TimerConfig(warmup=cfg.e2e_warmup, min_reps=cfg.reps, min_time_s=0.0,
                                                            max_reps=cfg.reps))
     return n_measured + e2e_set(elastic, regime, cfg, tele, rbase, done, bench, e2e_timer, e2e_w, progress)
 
@@ -462,7 +482,7 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     from profiler.interference import CpuMonitor
     from profiler.interference import summary as interference_summary
     from profiler.interleaved import FULL
-    from profiler.rounds import measure_in_rounds, noise_floor, summarise
+    from profiler.rounds import measure_in_rounds, noise_floor, refine, summarise
 
     spec = elastic.spec
     folder = e2e_w.folder
@@ -501,12 +521,22 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     elif full_key not in keys:
         raise FlextronError(f"the full model failed in {regime.key} ({failed[full_key]['status']}); "
                             "nothing can be measured relative to it")
+    # then rounds where they pin a ratio down: the unsettled configs only, until the target floor or the cap
+    rows, refined = refine(rows, measure_one, full_key, cfg.precision(), seed=cfg.seed, on_round=write_round,
+                           progress=progress, desc=f"more rounds {regime.key}", monitor=monitor, log=seen)
+    print(f"flextron profile: {regime.key}: ratio noise floor {refined['floor_reached_pct']}% (target "
+          f"{refined['target_floor_pct']:g}%, {refined['floor_before_pct']}% after --rounds {cfg.rounds}); "
+          f"{refined['rounds_added']} rounds added for {refined['configs_refined']} configs in {refined['seconds']:g} s"
+          + {"target": "", "max_rounds": f"; stopped at --max-rounds {cfg.max_rounds}",
+             "time_cap": f"; the time cap (--max-seconds {cfg.max_seconds:g}) stopped it first"}[refined["stop"]],
+          file=sys.stderr)
     n = len(e2e_cfgs) if not len(done_rounds) else len(keys) if todo > 0 else 0  # cells (configs) measured now
     samples = pd.DataFrame(rows)
     samples["key"] = samples["key"].map(lambda k: FULL if k == full_key else k)
     stats = summarise(samples, FULL).set_index("key")
     noise = noise_floor(samples, FULL)
     noise["interference"] = {**interference_summary(seen), "note": monitor.note, "log": seen}
+    noise["refine"] = refined
     # before the rows: once they are in the parts, a resume skips this regime and would never write it
     noises = read_json(folder.parent / NOISE_FILE) if (folder.parent / NOISE_FILE).is_file() else {}
     write_json_atomic(folder.parent / NOISE_FILE, {**noises, regime.key: noise})

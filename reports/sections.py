@@ -381,12 +381,23 @@ def energy(a: Artifacts, plots: Plots) -> Section:
     return s
 
 
+def _refined(r) -> Cell:
+    """What the profile's end-to-end set added toward its target ratio noise floor, and why it stopped."""
+    if not isinstance(r, dict) or not isinstance(r.get("rounds_added"), int):
+        return Cell("–", num=True)
+    why = {"target": "target reached", "max_rounds": "stopped at --max-rounds",
+           "time_cap": "the time cap stopped it"}.get(r.get("stop"), str(r.get("stop")))
+    return Cell(f"{r['rounds_added']} for {r.get('configs_refined')} configs (target "
+                f"{r.get('target_floor_pct')}%, from {r.get('floor_before_pct')}%; {why})", num=True)
+
+
 def measurement(a: Artifacts, plots: Plots) -> Section:
     s = Section("measurement", "Measurement quality: noise, drift, throttling", intro="Test-retest noise of each "
                 "stage's own measurements (two halves of its interleaved rounds); drift of the anchor cell the "
                 "profile re-measures through its sweep; cells measured while the GPU's clocks were throttled.")
     t = Table(["stage", "regime", "noise floor % (medians)", "noise floor % (ratio to full)", "rounds",
-               "CPU steal % (median / max)", "other processes' CPU % (median / max)", "rounds re-measured"],
+               "CPU steal % (median / max)", "other processes' CPU % (median / max)", "rounds re-measured",
+               "rounds added toward the target floor"],
               caption="Noise floors, and what else took the CPU while the rounds ran (/proc/stat)")
     notes = set()
     for stage, noise in a.noise.items():
@@ -403,7 +414,7 @@ def measurement(a: Artifacts, plots: Plots) -> Section:
 
                 t.rows.append([stage, regime, pct(n.get("noise_floor_pct")), pct(n.get("ratio_noise_floor_pct")),
                                count(n.get("rounds")), pair("steal_pct"), pair("other_pct"),
-                               count(i.get("remeasured_rounds"))])
+                               count(i.get("remeasured_rounds")), _refined(n.get("refine"))])
     s.add(t if t.rows else None)
     for note in sorted(notes):
         s.add(note + "; the rounds were measured without it.")

@@ -106,12 +106,11 @@ def optional_float(v) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def _is_uniform_key(key: str) -> bool:
-    """Whether a config key (`SubnetConfig.key`: m<widths>-h<heads>, 0 for a skipped layer) is a uniform
-    config: one MLP width and one head count in every layer, none skipped."""
-    widths, _, heads = key[1:].partition("-h")
-    w, h = set(widths.split(".")), set(heads.split("."))
-    return key.startswith("m") and len(w) == len(h) == 1 and "0" not in w | h
+def uniform_losses(losses: dict[str, float], spec) -> dict[str, float]:
+    """The losses of `spec`'s uniform configs among `losses` ({config key: loss}, a quality cache):
+    the lookup's floor is the worst of them, never the worst of everything ever evaluated."""
+    keys = {c.key for c in spec.uniform_configs()}
+    return {k: v for k, v in losses.items() if k in keys}
 
 
 def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> list[dict]:
@@ -119,8 +118,9 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
     full model (at the budget's quantile) is within the budget's fraction; then monotone in budget.
 
     `verified` holds one set of weights; `uniform` the uniform configs measured in the same rounds;
-    `uniform_loss` is {regime: {config key: loss}} for those weights. A candidate whose interval
-    straddles the budget is never quoted as compliant."""
+    `uniform_loss` is {regime: {uniform config key: loss}} for those weights (the uniform configs only:
+    the worst of them is the floor). A candidate whose interval straddles the budget is never quoted as
+    compliant."""
     from profiler.rounds import RATIO_COLUMN
 
     rows = []
@@ -161,8 +161,7 @@ def build_rows(verified, uniform, uniform_loss: dict[str, dict[str, float]]) -> 
                 )
         # nothing worse than the worst uniform sub-network evaluated (verify evaluates the smallest one) is
         # served: a verified pick that bad (a config skipping most layers, say) is a failed search, not an answer
-        uniform_losses = [v for k, v in losses.items() if _is_uniform_key(k)]
-        floor = max(uniform_losses) if uniform_losses else math.inf
+        floor = max(losses.values()) if losses else math.inf
         prev = None
         for frac, bg in vg.groupby("budget_frac"):
             first = bg.iloc[0]
@@ -204,11 +203,13 @@ def write_lookup(run, weights: str = "auto") -> dict:
     trained when it exists): a lookup never mixes configs whose quality was measured on other weights."""
     import pandas as pd
 
+    from flextron.elastic import SPEC_FILE
     from flextron.rundir import read_parquet, rebuild, write_json_atomic, write_text_atomic
+    from flextron.spec import ElasticSpec
     from search.quality import QUALITY_CACHE, read_quality_cache, search_quality_setting
     from search.verify import UNIFORM_FILE, VERIFIED_FILE
 
-    wname, _ = run.weights(weights)
+    wname, wdir = run.weights(weights)
     verified = read_parquet(run.require("verify", VERIFIED_FILE) / VERIFIED_FILE, run.root)
     if "weights" not in verified.columns:
         raise FlextronError(
@@ -234,7 +235,8 @@ def write_lookup(run, weights: str = "auto") -> dict:
     uniform = read_parquet(run.require("verify", UNIFORM_FILE) / UNIFORM_FILE, run.root)  # the same rounds as the picks
     cache = run / "search" / QUALITY_CACHE
     settings = {rk: search_quality_setting(run.root, rk, wname) or "" for rk in sorted(set(verified["regime"]))}
-    losses = {rk: read_quality_cache(cache, setting) for rk, setting in settings.items()}
+    spec = ElasticSpec.load(wdir / SPEC_FILE)
+    losses = {rk: uniform_losses(read_quality_cache(cache, setting), spec) for rk, setting in settings.items()}
     rows = build_rows(verified, uniform, losses)
     if not rows:
         raise FlextronError("no verified config met its budget; widen the budgets or re-run `flextron verify`")

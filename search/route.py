@@ -19,12 +19,12 @@ from dataclasses import dataclass, replace
 from flextron.devices import set_device_field
 from flextron.dynamic_router import DynamicRouting, DynamicTrainer, calibrate_dynamic
 from flextron.errors import FlextronError
-from flextron.latency_table import LatencyTable, expected_latency
+from flextron.latency_table import PENALTY_LINEAR, LatencyTable, expected_latency
 from flextron.router_store import Routers, regime_dir, save_tensors
 from flextron.rundir import WEIGHTS, check_finite
 from flextron.spec import Regime
-from flextron.static_router import static_answer, train_static
-from flextron.surrogate import fit_surrogate, one_hot, sample_configs
+from flextron.static_router import STATIC_HIDDEN, static_answer, train_static
+from flextron.surrogate import SURROGATE_HIDDEN, fit_surrogate, one_hot, sample_configs
 from search.route_select import select_serving
 
 
@@ -111,6 +111,8 @@ class RouteConfig:
     surrogate_threshold: float = 0.05
     surrogate_steps: int = 1500  #: AdamW steps fitting the surrogate
     surrogate_lr: float = 3e-3  #: the surrogate's learning rate
+    surrogate_hidden: int = SURROGATE_HIDDEN  #: units of each of the surrogate's two hidden layers
+    static_hidden: int = STATIC_HIDDEN  #: units of each of the static router's two hidden layers
     #: budgets, evenly from the smallest feasible one to the full model, at which the static answers are
     #: reported and the dynamic router is calibrated (the budgets it can serve)
     grid_points: int = 9
@@ -119,6 +121,8 @@ class RouteConfig:
     dynamic_steps: int = 20
     #: weight of the penalty on expected latency over budget against the loss; 0: latency is ignored
     latency_weight: float = 20.0
+    #: the penalty's linear term: weight x (r^2 + this x r), r the relative overshoot of expected latency
+    penalty_linear: float = PENALTY_LINEAR
     eval_windows: int = 8  #: validation windows per config whose loss the surrogate is fitted on
     eval_seq_len: int = 128  #: tokens per validation window
     calib_windows: int = 4  #: calibration-split windows the dynamic router's per-budget shift is fitted on
@@ -149,13 +153,15 @@ class RouteConfig:
         for name, low in (("surrogate_samples", 4), ("static_steps", 1), ("dynamic_steps", 0), ("eval_windows", 1),
                           ("eval_seq_len", 2), ("calib_windows", 1), ("batch_size", 1), ("seq_len", 2),
                           ("latency_weight", 0), ("select_windows", 1), ("select_rounds", 2), ("select_reps", 1),
-                          ("select_warmup", 0), ("threads", 0)):
+                          ("select_warmup", 0), ("threads", 0), ("penalty_linear", 0)):
             check_finite(name, getattr(self, name), low=low)
         check_finite("fix_share", self.fix_share, low=0.5)
         check_finite("lr", self.lr, low=0, low_inclusive=False)
         check_finite("surrogate_lr", self.surrogate_lr, low=0, low_inclusive=False)
         check_finite("surrogate_steps", self.surrogate_steps, low=1, whole=True)
         check_finite("grid_points", self.grid_points, low=2, whole=True)
+        check_finite("surrogate_hidden", self.surrogate_hidden, low=1, whole=True)
+        check_finite("static_hidden", self.static_hidden, low=1, whole=True)
         check_finite("seed", self.seed)
         set_device_field(self)
         if self.weights not in WEIGHTS:
@@ -218,7 +224,8 @@ def route(cfg: RouteConfig) -> dict:
                                  corpus=cfg.corpus, tag=run.weights_tag(wname))
     cfgs = sample_configs(spec, cfg.surrogate_samples, cfg.seed)
     losses = [evaluator.loss(c) for c in progress(cfgs, desc="surrogate samples")]
-    sur, sur_metrics = fit_surrogate(spec, cfgs, losses, cfg.seed, cfg.surrogate_steps, cfg.surrogate_lr)
+    sur, sur_metrics = fit_surrogate(spec, cfgs, losses, cfg.seed, cfg.surrogate_steps, cfg.surrogate_lr,
+                                    cfg.surrogate_hidden)
     if sur_metrics["heldout_mean_rel_err"] > cfg.surrogate_threshold:
         raise FlextronError(
             f"the surrogate's held-out relative error is {sur_metrics['heldout_mean_rel_err']:.3f}, above "
@@ -226,7 +233,7 @@ def route(cfg: RouteConfig) -> dict:
             f"(--surrogate-samples {2 * cfg.surrogate_samples}) before training routers")
     smallest_frac = table.smallest_frac
     static, static_hist = train_static(spec, sur, table, smallest_frac, cfg.static_steps, cfg.latency_weight,
-                                       cfg.seed, cfg.lr)
+                                       cfg.seed, cfg.lr, hidden=cfg.static_hidden, penalty_linear=cfg.penalty_linear)
     # the static answer at a budget fraction, computed once per fraction: reported on the grid below,
     # and the dynamic router's heads at every budget it trains and calibrates at
     answer = functools.cache(functools.partial(static_answer, static, sur, spec, predict=predict,
@@ -259,7 +266,7 @@ def route(cfg: RouteConfig) -> dict:
     routing = DynamicRouting(elastic)
     routing.install()
     trainer = DynamicTrainer(elastic, routing, teacher, windows, table, heads_for, batch_size=cfg.batch_size,
-                             latency_weight=cfg.latency_weight, seed=cfg.seed)
+                             latency_weight=cfg.latency_weight, seed=cfg.seed, penalty_linear=cfg.penalty_linear)
     dyn_hist = trainer.train_router(cfg.dynamic_steps, cfg.lr)
     # everything goes to a temporary folder, swapped in whole at the end
     recover_swap(folder)
@@ -293,6 +300,8 @@ def route(cfg: RouteConfig) -> dict:
     meta = {"regime": regime_key, "weights": wname, "weights_tag": run.weights_tag(wname),
             "quality_setting": evaluator.setting,  # the surrogate's losses: split, corpus@content id, windows
             "seconds": round(time.perf_counter() - t0, 1), "reference_full_ms": reference,
+            # the networks' sizes, so `Routers` rebuilds them as trained
+            "architecture": {"surrogate_hidden": cfg.surrogate_hidden, "static_hidden": cfg.static_hidden},
             "table": {"source": table.source, "unit": table.unit, "full_ms": table.full,
                       "smallest_frac": smallest_frac},
             "surrogate": {**sur_metrics, "threshold": cfg.surrogate_threshold, "samples": len(cfgs),

@@ -40,7 +40,9 @@ class VerifyConfig:
     rounds: int = 6  #: interleaved rounds over every pick, the full model and the uniform configs
     max_rounds: int = 18  #: rounds a pick inside the noise band may get before it is decided
     reps: int = 5  #: timed steps per config per round
-    warmup: int = 2  #: untimed steps before each config's timed ones in a round
+    #: untimed steps before each config's timed ones in a round (a CPU decode step's first one after another
+    #: config measured no slower than the rest: benchmarks/e2e_warmup.py)
+    warmup: int = 1
     #: p50 | p90 | p99 of per-step latency a budget bounds; empty: the one each pick was searched for
     quantile: str = ""
     tolerance: float = 0.0  #: a pick may exceed its budget fraction by this share (0.02 = 2%)

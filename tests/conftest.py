@@ -51,7 +51,7 @@ def _profiled_copy(src, dst, regime: str, e2e_random: int, fit: bool = True, e2e
 
     shutil.copytree(src, dst)
     cfg = ProfileConfig(run=str(dst), regime=(regime,), min_reps=3, min_time_ms=2, warmup=1, e2e_random=e2e_random,
-                        e2e_depth=e2e_depth)
+                        e2e_depth=e2e_depth, max_rounds=6)
     run_sweep(ElasticModel.load(dst / "elastic"), dst / "profile", cfg)
     if fit:
         fit_model(FitConfig(run=str(dst)))

@@ -27,6 +27,10 @@ class RunConfig:
     trials: int = 12  #: configs evaluated per budget by the Optuna search
     e2e_random: int = 16  #: random heterogeneous sub-networks measured end to end (plus the uniform ones)
     rounds: int = 6  #: interleaved rounds of the profile's end-to-end set and of verify
+    #: the profile's end-to-end set: more rounds for the configs whose ratio is not pinned down until its ratio
+    #: noise floor is at most this (percent), at most --max-rounds each (see `flextron profile --help`)
+    target_floor_pct: float = 5.0
+    max_rounds: int = 12  #: the most rounds a config of the profile's end-to-end set gets (at least --rounds)
     threads: int = 0  #: CPU torch threads while measuring; 0 = one (steady on small, shared CPUs)
     eval_windows: int = 8  #: validation windows per config the search evaluates
     mlp_choices: int = 8  #: nested MLP widths per layer
@@ -41,6 +45,8 @@ class RunConfig:
         set_device_field(self, cpu_only=self.engine == "llamacpp")
         check_quantile(self.quantile)
         check_finite("rounds", self.rounds, low=2)
+        check_finite("max_rounds", self.max_rounds, low=self.rounds, whole=True)
+        check_finite("target_floor_pct", self.target_floor_pct, low=0, low_inclusive=False)
         check_finite("threads", self.threads, low=0)
         check_finite("trials", self.trials, low=1)
         for f in self.budget_frac:
@@ -74,7 +80,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
     step("convert", "convert", model=cfg.model, out=cfg.out, mlp_choices=cfg.mlp_choices,
          head_choices=cfg.head_choices)
     step("profile", "profile", run=cfg.out, device=cfg.device, engine=cfg.engine, regime=cfg.regime,
-         e2e_random=cfg.e2e_random, rounds=cfg.rounds, threads=cfg.threads, restart=cfg.restart)
+         e2e_random=cfg.e2e_random, rounds=cfg.rounds, threads=cfg.threads, restart=cfg.restart,
+         target_floor_pct=cfg.target_floor_pct, max_rounds=cfg.max_rounds)
     step("fit", "fit", run=cfg.out)
     step("quality", "quality", run=cfg.out, device=cfg.device, restart=cfg.restart)
     for r in cfg.regime:

@@ -65,3 +65,4 @@ def test_expected_latency_of_soft_choices_and_the_over_budget_penalty():
     e = torch.tensor([0.4, 0.5, 0.6])
     # nothing under or at budget; over it, weight * (r^2 + 0.1 r) of the relative overshoot r = 0.2
     assert over_budget_penalty(e, 0.5, 20.0).tolist() == pytest.approx([0.0, 0.0, 20.0 * (0.04 + 0.02)])
+    assert over_budget_penalty(e, 0.5, 20.0, linear=0.5).tolist() == pytest.approx([0.0, 0.0, 20.0 * (0.04 + 0.1)])

@@ -59,7 +59,7 @@ def test_profile_in_llamacpp_is_keyed_by_engine_and_refuses_mixing(tiny_run, tmp
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    kw = dict(run=str(run), regime=("decode:b1:ctx32",), e2e_random=4, rounds=3, reps=2, warmup=1)
+    kw = dict(run=str(run), regime=("decode:b1:ctx32",), e2e_random=4, rounds=3, reps=2, warmup=1, max_rounds=3)
     out = profile(ProfileConfig(engine="llamacpp", **kw))
     rk = "decode:b1:ctx32:q8_0:llamacpp"
     assert out["regimes"] == [rk]
@@ -93,7 +93,7 @@ def test_the_chain_runs_on_llamacpp_and_exports_what_it_measured(tmp_path):
 
     run = tmp_path / "run"
     out = run_pipeline(RunConfig(model="tiny-llama", out=str(run), engine="llamacpp", regime=("decode:b1:ctx32",),
-                                 trials=4, e2e_random=6, rounds=3, eval_windows=2))
+                                 trials=4, e2e_random=6, rounds=3, max_rounds=3, eval_windows=2))
     budget = max(out["lookup_budgets_ms"]) * 1.01
     row = lookup(LookupConfig(run=str(run), budget_ms=budget))
     assert row["engine"] == "llamacpp" and row["budget_ms"] <= budget and row["ppl"] > 1

@@ -90,3 +90,69 @@ def test_rounds_and_budgets_refuse_bad_values():
     b = Budget.from_frac("r", 0.8).resolve(50.0)
     assert (b.budget_ms, b.budget_frac, b.reference_full_ms) == (40.0, 0.8, 50.0)
     assert Budget.from_ms("r", 40.0).resolve(50.0).budget_frac == 0.8
+
+
+class PerKeyJitter(FakeMachine):
+    """Each key its own per-sample jitter (a config whose steps vary more than its neighbours')."""
+
+    def __init__(self, true_ms, jitter: dict, seed=0):
+        super().__init__(true_ms, seed=seed)
+        self.key_jitter = jitter
+
+    def measure(self, key, reps=3):
+        self.order.append(key)
+        self.calls += reps
+        return [self.true_ms[key] * (1 + self.key_jitter[key] * self.rng.standard_normal()) for _ in range(reps)]
+
+
+def test_refine_adds_rounds_only_where_the_ratio_is_not_pinned_down():
+    """Rounds go to the configs whose split-half ratio error is above the target (the noisy ones), beside
+    the full model; settled configs get none; it stops at the target or at --max-rounds and says which."""
+    from profiler.rounds import Precision, per_round, refine
+
+    true = {"full": 10.0} | {f"q{i}": 5.0 + i / 10 for i in range(6)} | {f"n{i}": 6.0 + i / 10 for i in range(6)}
+    jitter = {k: (0.25 if k.startswith("n") else 0.001) for k in true} | {"full": 0.001}
+    m = PerKeyJitter(true, jitter, seed=3)
+    rows = measure_in_rounds(list(true), m.measure, rounds=4, seed=3)
+    before = noise_floor(rows, "full")["ratio_noise_floor_pct"]
+    out, rec = refine(rows, m.measure, "full", Precision(target_floor_pct=0.5, max_rounds=10, max_seconds=1e9))
+    counts = per_round(out, "full").groupby("key")["round"].nunique()
+    assert all(counts[f"q{i}"] == 4 for i in range(6))  # settled after 4 rounds: nothing added
+    assert counts["full"] == 4 + rec["rounds_added"] and rec["rounds_added"] > 0
+    assert rec["configs_refined"] <= 6 and all(counts[f"n{i}"] <= 10 for i in range(6))
+    assert rec["floor_before_pct"] == before and rec["floor_reached_pct"] == noise_floor(out, "full")[
+        "ratio_noise_floor_pct"]
+    assert (rec["stop"] == "target") == (rec["floor_reached_pct"] <= 0.5)
+    assert rec["stop"] in ("target", "max_rounds")
+    # already within the target: not a round more
+    quiet = PerKeyJitter(true, {k: 0.001 for k in true})
+    rows = measure_in_rounds(list(true), quiet.measure, rounds=4)
+    out, rec = refine(rows, quiet.measure, "full", Precision(5.0, 10, 1e9))
+    assert len(out) == len(rows) and rec["rounds_added"] == 0 and rec["stop"] == "target"
+
+
+def test_refine_stops_at_the_time_cap_and_says_so():
+    from profiler.rounds import Precision, refine
+
+    true = {"full": 10.0, "a": 5.0, "b": 6.0, "c": 7.0}
+    m = PerKeyJitter(true, {k: 0.3 for k in true}, seed=1)
+    rows = measure_in_rounds(list(true), m.measure, rounds=4, seed=1)
+    start = m.calls
+    clock = lambda: (m.calls - start) * 0.01  # noqa: E731 - 10 ms a timed step, on the fake machine's count
+    out, rec = refine(rows, m.measure, "full", Precision(0.01, 40, 0.05), clock=clock)
+    assert rec["stop"] == "time_cap" and rec["rounds_added"] == 2  # one batch started before the cap, none after
+    assert len(out) > len(rows)
+
+
+def test_precision_refuses_bad_values():
+    from profiler.rounds import Precision
+    from profiler.sweep import ProfileConfig
+
+    for bad in (dict(target_floor_pct=0.0), dict(target_floor_pct=-1.0), dict(max_seconds=0.0),
+                dict(max_rounds=1), dict(target_floor_pct=float("nan"))):
+        with pytest.raises(FlextronError, match="--" + next(iter(bad)).replace("_", "-")):
+            Precision(**{"target_floor_pct": 5.0, "max_rounds": 12, "max_seconds": 60.0, **bad})
+    with pytest.raises(FlextronError, match="--max-rounds"):
+        ProfileConfig(run="r", rounds=6, max_rounds=4)
+    with pytest.raises(FlextronError, match="--target-floor-pct"):
+        ProfileConfig(run="r", target_floor_pct=0)

@@ -18,7 +18,8 @@ from profiler.bench import RegimeBench
 from profiler.profile import NOISE_FILE
 from profiler.sweep import ProfileConfig, drift_corrected, profile, run_sweep
 
-FAST = dict(min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, e2e_depth=3, anchor_every=10)
+# max_rounds = rounds: no rounds added for precision (timing-dependent; tested on a fake timer)
+FAST = dict(min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, e2e_depth=3, anchor_every=10, max_rounds=6)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -291,7 +292,8 @@ def test_end_to_end_set_is_measured_in_interleaved_rounds_and_resumes_by_round(t
     the ratio to the full model; raw samples keep their round; a sweep killed between rounds resumes
     with the rounds it lacks; the split-half noise floor is written per regime."""
     el = ElasticModel.load(tiny_run / "elastic")
-    cfg = ProfileConfig(run=str(tiny_run), regime=("decode:b1:ctx32",), **{**FAST, "e2e_random": 3}, rounds=4, reps=2)
+    cfg = ProfileConfig(run=str(tiny_run), regime=("decode:b1:ctx32",), **{**FAST, "e2e_random": 3, "max_rounds": 4},
+                        rounds=4, reps=2)
 
     class DyingBar:
         def __init__(self, total=None, desc=""):

@@ -445,7 +445,12 @@ def test_latency_model_error_stands_beside_the_noise_floor_with_its_verdict(stag
     seen = {k: f"{i[k + '_median']:.1f} / {i[k + '_max']:.1f}" for k in ("steal_pct", "other_pct")}
     assert any(_row_shows(row, ["verify", regime, noise["noise_floor_pct"], noise["ratio_noise_floor_pct"],
                                 float(noise["rounds"]), seen["steal_pct"], seen["other_pct"],
-                                float(i["remeasured_rounds"])]) for row in floors["rows"])
+                                float(i["remeasured_rounds"]), None]) for row in floors["rows"])
+    # the profile's end-to-end set says what it added toward its target floor, and why it stopped
+    r = json.loads((staged / "profile" / "noise.json").read_text())[regime]["refine"]
+    assert any(row[:2] == ["profile", regime] and row[-1].startswith(
+        f"{r['rounds_added']} for {r['configs_refined']} configs (target {r['target_floor_pct']}%") for row in
+        floors["rows"])
 
 
 def test_report_config_documents_its_flags():

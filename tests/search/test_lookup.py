@@ -107,10 +107,8 @@ def test_nothing_worse_than_the_worst_uniform_config_is_served():
     """The lookup's floor is the worst loss among the uniform configs evaluated (verify evaluates the
     smallest one), not the worst of everything ever cached: a verified pick worse than it never serves,
     however bad some other cached config was."""
-    from search.lookup import _is_uniform_key, build_rows
-
-    assert _is_uniform_key("m192.192-h3.3") and not _is_uniform_key("m192.384-h3.3")
-    assert not _is_uniform_key("m0.192-h0.3") and not _is_uniform_key("m192.192-h3.6")
+    from flextron.spec import ElasticSpec
+    from search.lookup import build_rows, uniform_losses
     base = dict(regime="decode:b1:ctx8:float32:eager", quantile="p50", weights="elastic", device_name="cpu",
                 budget_ms=5.0, reference_full_ms=10.0, measured_full_ms=10.0, predicted_latency_ms=4.0,
                 measured_latency_ms=4.0, latency_ms_p50=4.0, latency_ms_p90=4.5, latency_ms_p99=5.0, ratio=0.4,
@@ -120,6 +118,11 @@ def test_nothing_worse_than_the_worst_uniform_config_is_served():
     good = {**base, "budget_frac": 0.6, "budget_ms": 6.0, "limit_frac": 0.6, "ratio": 0.55, "ratio_hi": 0.58,
             "config": json.dumps({"mlp_width": [384, 384], "heads": [6, 3]}), "loss": 4.0, "source": "knapsack"}
     verified = pd.DataFrame([bad, good])
-    losses = {"decode:b1:ctx8:float32:eager": {"m192.192-h3.3": 8.0, "m192.384-h3.6": 50.0}}
+    spec = ElasticSpec(family="llama", num_layers=2, hidden_size=64, intermediate_size=384, num_heads=6,
+                       num_kv_heads=6, head_dim=8, vocab_size=32, mlp_widths=((192, 384),) * 2,
+                       head_counts=((3, 6),) * 2)
+    cached = {"m192.192-h3.3": 8.0, "m192.384-h3.6": 50.0, "m0.192-h0.3": 60.0}  # only the first is uniform
+    losses = {"decode:b1:ctx8:float32:eager": uniform_losses(cached, spec)}
+    assert losses["decode:b1:ctx8:float32:eager"] == {"m192.192-h3.3": 8.0}
     rows = build_rows(verified, pd.DataFrame(), losses)
     assert [r["budget_frac"] for r in rows] == [0.6] and rows[0]["ppl"] == pytest.approx(__import__("math").exp(4.0))

@@ -280,7 +280,8 @@ def test_two_regimes_keep_their_own_results(tiny_run, tmp_path, monkeypatch):
         ElasticModel.load(run / "elastic"),
         run / "profile",
         ProfileConfig(
-            run=str(run), regime=regimes, min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, rounds=2, reps=2
+            run=str(run), regime=regimes, min_reps=2, min_time_ms=1, warmup=1, e2e_random=6, rounds=2, reps=2,
+            max_rounds=2,
         ),
     )
     fit(FitConfig(run=str(run)))

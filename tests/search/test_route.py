@@ -85,12 +85,14 @@ def test_route_command_trains_saves_and_answers_budgets(trained_run, tmp_path, p
         route(RouteConfig(run=str(run), budget_ms=1.0))
     out = route(RouteConfig(run=str(run), static_steps=100, dynamic_steps=2, surrogate_samples=24, eval_windows=2,
                             eval_seq_len=32, seq_len=32, batch_size=2, select_windows=4, select_rounds=2,
-                            select_reps=2, surrogate_threshold=0.5))
+                            select_reps=2, surrogate_threshold=0.5, surrogate_hidden=32, static_hidden=16))
     folder = regime_dir(run, out["regime"], weights="trained")
     assert folder.name == "trained" and not (folder.parent / "elastic").exists()
     assert not list(folder.parent.glob("*.tmp")) and not list(folder.parent.glob("*.old"))
     meta = json.loads((folder / "router.json").read_text())
     assert meta["weights"] == "trained" and meta["table"]["source"].startswith("measured")
+    # the networks' sizes are kept, so the routers load as trained (not at the default sizes)
+    assert meta["architecture"] == {"surrogate_hidden": 32, "static_hidden": 16}
     saved = {p.name for p in folder.iterdir()}
     assert {"static_router.safetensors", "surrogate.safetensors", "dynamic_router.safetensors"} <= saved
     assert not (folder / "joint").exists()  # no weights are tuned with the router

@@ -15,7 +15,7 @@ def test_the_default_job_runs_every_stage_and_serves_its_lookup(tmp_path, monkey
     KnownLatency().install(monkeypatch)
     run = tmp_path / "run"
     out = run_pipeline(RunConfig(model="tiny-llama", out=str(run), regime=("prefill:b1:s64",), trials=4,
-                                 e2e_random=8, rounds=2, eval_windows=2, device="cpu"))
+                                 e2e_random=8, rounds=2, max_rounds=2, eval_windows=2, device="cpu"))
     for stage in ("elastic", "profile", "latency_model", "quality", "search", "verify", "export", "reports"):
         assert (run / stage).is_dir(), stage
     assert set(out["stage_seconds"]) >= {"convert", "profile", "fit", "quality", "verify", "export", "report"}
