@@ -146,6 +146,23 @@ def median_bounds(values, confidence: float = CONFIDENCE) -> tuple[float, float]
     return float(v[n - k]), float(v[k - 1])
 
 
+def continuation_power(values, n: int, limit: float, confidence: float = CONFIDENCE, seed: int = 0,
+                       boots: int = 400) -> float:
+    """The chance that measuring up to `n` rounds would put the upper `confidence` bound of the median
+    (`median_bounds`) at or under `limit`: the share of bootstrap continuations (the rounds so far,
+    `values`, plus n - len(values) rounds resampled from them) whose bound is. A pick whose chance is
+    small is not worth its remaining rounds; stopping it never declares anything within."""
+    v = np.asarray(values, dtype=float)
+    extra = n - len(v)
+    if extra <= 0 or len(v) == 0:
+        return float(median_bounds(v, confidence)[1] <= limit) if len(v) else 0.0
+    rng = np.random.default_rng(seed)
+    # the bound is an order statistic whose position depends only on n: the bound of 0..n-1 is that position
+    idx = int(median_bounds(np.arange(n, dtype=float), confidence)[1])
+    draws = np.concatenate([np.broadcast_to(v, (boots, len(v))), rng.choice(v, size=(boots, extra))], axis=1)
+    return float((np.sort(draws, axis=1)[:, idx] <= limit).mean())
+
+
 RATIO_COLUMN = {"p50": "ratio_to_full", "p90": "ratio_p90", "p99": "ratio_p99"}
 QUANTILE = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 MIN_TAIL_SAMPLES = {"p50": 1, "p90": 20, "p99": 100}  # samples a quantile needs to be more than the maximum

@@ -39,6 +39,9 @@ class VerifyConfig:
     device: str = "auto"  #: the profiled device: cpu, cuda, cuda:N, or auto (CUDA when present, and says so)
     rounds: int = 6  #: interleaved rounds over every pick, the full model and the uniform configs
     max_rounds: int = 18  #: rounds a pick inside the noise band may get before it is decided
+    #: p50: a pick inside the noise band gets no more rounds once fewer than this share of bootstrap continuations
+    #: to --max-rounds would be declared within (profiler.rounds.continuation_power); 0: it gets every round
+    futility: float = 0.1
     reps: int = 5  #: timed steps per config per round
     #: untimed steps before each config's timed ones in a round (a CPU decode step's first one after another
     #: config measured no slower than the rest: benchmarks/e2e_warmup.py)
@@ -67,6 +70,7 @@ class VerifyConfig:
         set_device_field(self)
         RoundsConfig(rounds=self.rounds, reps=self.reps)
         check_finite("max_rounds", self.max_rounds, low=self.rounds)
+        check_finite("futility", self.futility, low=0, high=1)
         check_finite("warmup", self.warmup, low=0)
         check_finite("tolerance", self.tolerance, low=0, high=0.5)
         check_finite("threads", self.threads, low=0)
@@ -151,6 +155,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
     elastic = ElasticModel.load(run.elastic)
     rows, uniform_rows, all_samples, noise, t0 = [], [], [], {}, time.perf_counter()
     deadline, capped = t0 + cfg.max_seconds, []  # where the time cap stopped a decision
+    futile = 0  # configs left undecided because more rounds would almost surely not decide them
     evaluated_fallbacks = 0
     for regime_key, picks in sorted(by_regime.items()):
         regime = Regime.parse(regime_key)
@@ -184,6 +189,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                 pred, loss, source = b["predicted_latency_ms"], b["loss"], b["source"]
                 quantile = cfg.quantile or b.get("quantile", "p50")
                 st = _decide(session, sub, limit, cfg, quantile, deadline, capped)
+                futile += bool(st.get("futile"))
                 replaced = 0
                 if st["verdict"] != "within" and trials is not None:
                     cands, worst = _candidates(trials, b)
@@ -199,6 +205,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                         replaced += 1
                         session.run({alt.key: alt}, cfg.rounds)
                         alt_st = _decide(session, alt, limit, cfg, quantile, deadline, capped)
+                        futile += bool(alt_st.get("futile"))
                         if alt_st["verdict"] == "within":
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
@@ -305,11 +312,14 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
         write_parquet_atomic(pd.DataFrame(all_samples), out / SAMPLES_FILE)
         save_stage_config(out / "verify_config.json", cfg)
         write_json_atomic(out / "noise.json", {"device_name": device_name, "threads": threads, "pinned_core": core,
-                                               "regimes": noise, "time_cap_hit": capped})
+                                               "regimes": noise, "time_cap_hit": capped,
+                                               "stopped_for_futility": futile})
     seconds = round(time.perf_counter() - t0, 1)
     floors = ", ".join(f"{k} {v['ratio_noise_floor_pct']:.2f}%" if v["ratio_noise_floor_pct"] is not None
                        else f"{k} n/a (only the full model was measured)" for k, v in noise.items())
     print(f"flextron verify: ratio noise floor reached {floors} in {seconds:.0f} s"
+          + (f"; {futile} config(s) left undecided early (more rounds would almost surely not have decided "
+             f"them, --futility {cfg.futility:g})" if futile else "")
           + (f"; the time cap (--max-seconds {cfg.max_seconds:g}) stopped {len(capped)} decision(s) first"
              if capped else ""), file=sys.stderr)
     return {
@@ -326,6 +336,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
         "ratio_noise_floor_pct": {k: v["ratio_noise_floor_pct"] for k, v in noise.items()},
         "interference": {k: v["interference"] for k, v in noise.items()},
         "time_cap_hit": capped,
+        "stopped_for_futility": futile,
         "seconds": seconds,
     }
 
@@ -402,16 +413,32 @@ def look_confidence(cfg: VerifyConfig) -> float:
     return 1 - (1 - CONFIDENCE) / looks
 
 
+def _power(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, conf: float) -> float:
+    """The chance that `sub`'s p50 bound would be within `limit` after `cfg.max_rounds` rounds, from
+    its per-round ratios so far (profiler.rounds.continuation_power)."""
+    from profiler.interleaved import FULL
+    from profiler.rounds import continuation_power, per_round
+
+    key = session.key_of(sub.key)
+    rt = per_round([s for s in session.samples if s["key"] in (key, FULL)], FULL)
+    return continuation_power(rt[rt["key"] == key]["ratio_to_full"].to_numpy(), cfg.max_rounds, limit, conf,
+                              seed=session.seed)
+
+
 def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, quantile: str,
             deadline: float = math.inf, capped: list | None = None) -> dict:
     """The pick's verdict against `limit` (a fraction of the full model), measuring more rounds of it
     and the full model while it sits inside the noise band (until `deadline`, noted in `capped`);
     each look at `look_confidence(cfg)`. A pick whose estimate is already over the limit gets no more
-    rounds (it stays undecided, never within: stopping for futility only lowers the false-within rate)."""
+    rounds, nor (p50) one that more rounds would almost surely leave undecided (`cfg.futility`): it
+    stays undecided, never within (stopping for futility only lowers the false-within rate)."""
     conf = look_confidence(cfg)
     st = session.stats(sub.key, quantile, limit, conf)
     while (st["verdict"] == "uncertain" and st["ratio"] <= limit
            and session.rounds_of[session.key_of(sub.key)] < cfg.max_rounds):
+        if cfg.futility > 0 and quantile == "p50" and _power(session, sub, limit, cfg, conf) < cfg.futility:
+            st = {**st, "futile": True}
+            break
         if time.perf_counter() >= deadline:
             if capped is not None:
                 capped.append(f"{sub.key[:24]}: rounds")

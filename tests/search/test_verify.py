@@ -1,6 +1,7 @@
 """search/verify.py: picks measured in interleaved rounds against the full model."""
 
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -30,7 +31,7 @@ def test_verify_measures_more_rounds_inside_the_noise_band_and_never_accepts_a_s
     from search.verify import VerifyConfig, verify
 
     pick, frac = _straddling_pick(run_copy, monkeypatch)
-    verify(VerifyConfig(run=str(run_copy), rounds=2, max_rounds=6, reps=1, warmup=0))
+    verify(VerifyConfig(run=str(run_copy), rounds=2, max_rounds=6, reps=1, warmup=0, futility=0))
     ver = pd.read_parquet(run_copy / "verify" / "verified.parquet").iloc[0]
     assert ver["verdict"] == "uncertain" and not ver["within_budget"] and ver["rounds"] > 2  # measured more
     assert ver["ratio_lo"] < frac < ver["ratio_hi"]
@@ -50,7 +51,7 @@ def test_the_time_cap_stops_adding_rounds_and_says_so(run_copy, monkeypatch, cap
     from search.verify import VerifyConfig, verify
 
     _straddling_pick(run_copy, monkeypatch)
-    out = verify(VerifyConfig(run=str(run_copy), rounds=2, max_rounds=6, reps=1, warmup=0, max_seconds=1e-6,
+    out = verify(VerifyConfig(run=str(run_copy), rounds=2, max_rounds=6, reps=1, warmup=0, max_seconds=1e-6, futility=0,
                               max_replacements=0))
     ver = pd.read_parquet(run_copy / "verify" / "verified.parquet").iloc[0]
     assert ver["verdict"] == "uncertain" and ver["rounds"] == 2  # 6 without the cap (test above)
@@ -227,16 +228,43 @@ class _Alternating(_OnBudget):
             self.session.rounds_of[k] = self.session.rounds_of.get(k, 0) + rounds
 
 
+class _Cycled(_OnBudget):
+    """Per-round ratios to the full model read in turn from `ratios` (times `frac`)."""
+
+    ratios = (1.0,)
+
+    def run(self, subs, rounds, progress=None):
+        first = self.session.rounds_of.get(self.full, 0)
+        for r in range(first, first + rounds):
+            self.session.samples += [{"key": self.full, "round": r, "latency_ms": 100.0},
+                                     {"key": "pick", "round": r,
+                                      "latency_ms": 100 * self.frac * self.ratios[r % len(self.ratios)]}]
+        for k in (self.full, "pick"):
+            self.session.rounds_of[k] = self.session.rounds_of.get(k, 0) + rounds
+
+
 def test_a_pick_inside_the_noise_band_gets_every_round_and_one_over_its_budget_no_more():
     from types import SimpleNamespace
 
     import search.verify as v
 
-    cfg = v.VerifyConfig(run="unused", rounds=2, max_rounds=6)
+    cfg = v.VerifyConfig(run="unused", rounds=2, max_rounds=6, futility=0)
     sim = _Alternating(0.8, 0)
     sim.run({}, cfg.rounds)
     st = v._decide(sim.session, SimpleNamespace(key="pick"), 0.8, cfg, "p50")
     assert st["verdict"] == "uncertain" and st["rounds"] == 6 and st["ratio_lo"] < 0.8 < st["ratio_hi"]
+    # with the futility stop: half its rounds 10% over, no number of rounds would bound it within: it stops
+    hopeless = _Alternating(0.8, 0)
+    hopeless.run({}, cfg.rounds)
+    st = v._decide(hopeless.session, SimpleNamespace(key="pick"), 0.8, replace(cfg, futility=0.1), "p50")
+    assert st["verdict"] == "uncertain" and st["rounds"] == 2 and st["futile"]
+    # one slow round in six: more rounds would likely bound it within, so it gets them (and is within)
+    likely = _Cycled(0.8, 0)
+    likely.ratios = (0.95, 1.02, 0.95, 0.96, 0.94, 0.95)
+    cfg6 = v.VerifyConfig(run="unused", rounds=6, max_rounds=18)
+    likely.run({}, cfg6.rounds)
+    st = v._decide(likely.session, SimpleNamespace(key="pick"), 0.8, cfg6, "p50")
+    assert st["verdict"] == "within" and st["rounds"] == 18 and not st.get("futile")
     over = _Alternating(0.8 * 1.2, 0)  # its estimate is over the limit: stopping early never accepts it
     over.run({}, cfg.rounds)
     st = v._decide(over.session, SimpleNamespace(key="pick"), 0.8, cfg, "p50")
