@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flextron.devices import check_device, pinned, set_cpu_threads, set_device_field
+from flextron.devices import PIN_AUTO, check_device, pinned, set_cpu_threads, set_device_field
 from flextron.errors import FlextronError
 from flextron.rundir import (
     RunDir,
@@ -101,8 +101,10 @@ class ProfileConfig:
     #: CPU: intra-op threads of torch (or llama.cpp) while measuring, recorded in device.json; 0: one (steady on
     #: small, shared CPUs; see flextron.devices)
     threads: int = 0
-    #: CPU (Linux): pin the measuring process to this core, recorded in device.json; -1: not pinned
-    pin_core: int = -1
+    #: CPU (Linux): pin the measuring process to this core (the one pinned to is recorded in device.json); -2:
+    #: the last core it may use when measuring on one thread (steadier: benchmarks/pinning.py), else not
+    #: pinned; -1: not pinned
+    pin_core: int = PIN_AUTO
     #: measure the layer cells only; a later run without it adds the end-to-end cells to the same profile
     layers_only: bool = False
     #: remove RUN/profile/ and measure everything again (without it, a stopped sweep resumes where it stopped)
@@ -115,7 +117,7 @@ class ProfileConfig:
         if not self.regime:
             raise FlextronError("give at least one --regime, e.g. --regime decode:b1:ctx1024")
         for name, low in (("e2e_random", 0), ("e2e_depth", 0), ("seed", None), ("min_reps", 1), ("warmup", 0),
-                          ("anchor_every", 1), ("rounds", 2), ("reps", 1), ("threads", 0), ("pin_core", -1),
+                          ("anchor_every", 1), ("rounds", 2), ("reps", 1), ("threads", 0), ("pin_core", PIN_AUTO),
                           ("e2e_warmup", 0)):
             check_finite(name, getattr(self, name), low=low, whole=True)
         check_finite("min_time_ms", self.min_time_ms, low=0)
@@ -573,6 +575,7 @@ def profile(cfg: ProfileConfig) -> dict:
     check_device(cfg.device)  # before loading anything
     elastic = ElasticModel.load(run.require("elastic"))
     t0 = time.perf_counter()
-    with pinned(cfg.pin_core) as core:
-        summary = run_sweep(elastic, profile_dir(run.root), cfg, progress=progress)
+    with pinned(cfg.pin_core, cfg.device, cfg.threads) as core:  # device.json records the core pinned to
+        summary = run_sweep(elastic, profile_dir(run.root), dataclasses.replace(cfg, pin_core=-1 if core is None
+                                                                                else core), progress=progress)
     return {**summary, "pinned_core": core, "seconds": round(time.perf_counter() - t0, 1)}

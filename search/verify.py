@@ -52,7 +52,10 @@ class VerifyConfig:
     threads: int = 0  #: CPU: torch intra-op threads while measuring; 0 = one (steady on small, shared CPUs)
     #: candidates of a budget tried, best first, when its pick does not measure within (then the uniform fallback)
     max_replacements: int = MAX_REPLACEMENTS
-    pin_core: int = -1  #: CPU (Linux): pin the measuring process to this core (recorded in noise.json); -1: not pinned
+    #: CPU (Linux): pin the measuring process to this core (the one pinned to is recorded in noise.json); -2: the
+    #: last core it may use when measuring on one thread (steadier: benchmarks/pinning.py), else not pinned;
+    #: -1: not pinned
+    pin_core: int = -2
     #: time cap (s): past it, no more rounds are added to decide picks and no more replacements tried
     #: (undecided picks fall back); the stage says when the cap was hit before the decisions were made
     max_seconds: float = 600.0
@@ -76,7 +79,7 @@ class VerifyConfig:
         check_finite("threads", self.threads, low=0)
         check_finite("max_replacements", self.max_replacements, low=0, whole=True)
         check_finite("max_seconds", self.max_seconds, low=0, low_inclusive=False)
-        check_finite("pin_core", self.pin_core, low=-1, whole=True)
+        check_finite("pin_core", self.pin_core, low=-2, whole=True)
         if self.quantile:
             check_quantile(self.quantile)
         if self.uniform not in ("needed", "all"):
@@ -95,7 +98,7 @@ def verify(cfg: VerifyConfig) -> dict:
     """`flextron verify` (see the module docstring), pinned to `cfg.pin_core` while it measures."""
     from flextron.devices import pinned
 
-    with pinned(cfg.pin_core) as core:
+    with pinned(cfg.pin_core, cfg.device, cfg.threads) as core:
         return _verify(cfg, core)
 
 

@@ -49,7 +49,13 @@ def test_pinning_to_a_core_is_restored_after_and_a_core_that_does_not_exist_is_r
     with pytest.raises(FlextronError, match="--pin-core 4096: this process may use cores"):
         with pinned(4096):
             pass
-    with pytest.raises(FlextronError, match="--pin-core must be -1"):
-        with pinned(-2):
+    with pytest.raises(FlextronError, match="--pin-core must be -2"):
+        with pinned(-3):
             pass
+    # the default (auto): the last core, when measuring on the CPU with one thread; else not pinned
+    with pinned(-2, "cpu", 0) as got:
+        assert got == max(before) and os.sched_getaffinity(0) == {max(before)}
+    for device, threads in (("cpu", 2), ("cuda", 1)):
+        with pinned(-2, device, threads) as got:
+            assert got is None and os.sched_getaffinity(0) == before
     assert os.sched_getaffinity(0) == before
