@@ -38,8 +38,9 @@ from profiler.telemetry import Telemetry
 BUDGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def measure(run: Path, configs: dict, regime_key: str, rounds: int, reps: int) -> tuple[dict, dict]:
-    """{key: ratio to the full model} of `configs` in interleaved rounds, and the noise floor."""
+def measure(run: Path, configs: dict, regime_key: str, rounds: int, reps: int, precision=None) -> tuple[dict, dict]:
+    """{key: ratio to the full model} of `configs` in interleaved rounds (then, with `precision`, more
+    rounds where a ratio is not pinned down), and the noise floor."""
     from flextron.devices import set_cpu_threads
     from profiler.interleaved import FULL, InterleavedSession
     from profiler.rounds import noise_floor
@@ -49,6 +50,11 @@ def measure(run: Path, configs: dict, regime_key: str, rounds: int, reps: int) -
     el = ElasticModel.load(run / "elastic")
     session = InterleavedSession(el, Regime.parse(regime_key), "cpu", reps=reps, warmup=2, seed=4242)
     session.run(configs, rounds)
+    if precision is not None:
+        refined = session.refine(precision)
+        print(f"  re-measure: ratio noise floor {refined['floor_reached_pct']}% (target {refined['target_floor_pct']:g}"
+              f"%, {refined['floor_before_pct']}% after {rounds} rounds; {refined['rounds_added']} rounds added in "
+              f"{refined['seconds']:g} s, stopped: {refined['stop']})", flush=True)
     ratios = {k: session.ratios()[session.key_of(k)]["ratio_to_full"] for k in configs}
     # the upper one-sided 95% bound of each ratio: the rule verify holds a lookup row to
     highs = {k: session.stats(k, "p50", 1.0, 0.95)["ratio_hi"] for k in configs}
@@ -68,7 +74,13 @@ def main():
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ppl-windows", type=int, default=128, help="validation windows of 128 tokens for the ppl")
+    ap.add_argument("--target-floor-pct", type=float, default=3.0, help="the re-measure's target ratio noise floor")
+    ap.add_argument("--max-rounds", type=int, default=18, help="the re-measure's most rounds per config")
+    ap.add_argument("--max-seconds", type=float, default=300.0, help="the re-measure's time cap for added rounds")
     args = ap.parse_args()
+    from profiler.rounds import Precision
+
+    precision = Precision(args.target_floor_pct, args.max_rounds, args.max_seconds)
 
     from flextron.data import token_windows
     from flextron.evaluate import mean_loss
@@ -95,7 +107,7 @@ def main():
         rows = {r["budget_frac"]: SubnetConfig.from_dict(r["config"]) for r in lookup}
         configs.update({c.key: c for c in rows.values()})
         ratios, highs, floor = measure(run, configs, rows and lookup[0]["regime"] or args.regime, args.rounds,
-                                       args.reps)
+                                       args.reps, precision)
         best = json.loads(next((run / "search").glob("*/*/best.json")).read_text())
         scfg = json.loads(next((run / "search").glob("*/*/search_config.json")).read_text())
         corpus = RunDir(run).corpus(scfg.get("corpus", ""))  # the search's text (resolved as the search did)

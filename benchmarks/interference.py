@@ -48,8 +48,9 @@ class Interferer:
             p.join(timeout=5)
 
 
-def remeasure(run: Path, rounds: int, reps: int) -> list[dict]:
-    """Every lookup row's ratio to the full model in fresh interleaved rounds, against its budget."""
+def remeasure(run: Path, rounds: int, reps: int, precision) -> tuple[list[dict], dict]:
+    """Every lookup row's ratio to the full model in fresh interleaved rounds, against its budget: `rounds`
+    rounds, then more where a ratio is not pinned down (`precision`: target floor, most rounds, time cap)."""
     import torch
 
     from flextron.devices import set_cpu_threads
@@ -64,10 +65,11 @@ def remeasure(run: Path, rounds: int, reps: int) -> list[dict]:
     configs = {SubnetConfig.from_dict(r["config"]).key: SubnetConfig.from_dict(r["config"]) for r in rows}
     with InterleavedSession(el, Regime.parse(rows[0]["regime"]), "cpu", reps=reps, warmup=2, seed=777) as s:
         s.run(configs, rounds)
+        refined = s.refine(precision)
         ratios = s.ratios()
     torch.set_num_threads(before)
     return [{"budget_frac": r["budget_frac"], "ratio": ratios[s.key_of(SubnetConfig.from_dict(r["config"]).key)][
-        "ratio_to_full"]} for r in rows]
+        "ratio_to_full"]} for r in rows], refined
 
 
 def main():
@@ -80,12 +82,18 @@ def main():
     ap.add_argument("--conditions", nargs="+", default=["quiet", "bursty"], choices=["quiet", "bursty"])
     ap.add_argument("--rounds", type=int, default=6, help="rounds of the fresh re-measure")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--target-floor-pct", type=float, default=3.0, help="the re-measure's target ratio noise floor")
+    ap.add_argument("--max-rounds", type=int, default=18, help="the re-measure's most rounds per config")
+    ap.add_argument("--max-seconds", type=float, default=180.0, help="the re-measure's time cap for added rounds")
     args = ap.parse_args()
 
     import torch
 
     from flextron.cli.run import RunConfig, run_pipeline
+    from profiler.rounds import Precision
     from profiler.telemetry import Telemetry
+
+    precision = Precision(args.target_floor_pct, args.max_rounds, args.max_seconds)
 
     print(f"device: {Telemetry('cpu').device_name}  torch {torch.__version__}  cores {os.cpu_count()}  "
           f"interferer: {args.procs} processes, {args.duty:.0%} duty in {args.burst_ms:g} ms bursts", flush=True)
@@ -98,7 +106,7 @@ def main():
                 ctx.__enter__()
             try:
                 summary = run_pipeline(RunConfig(out=str(run), restart=True))
-                rows = remeasure(run, args.rounds, args.reps)
+                rows, refined = remeasure(run, args.rounds, args.reps, precision)
             finally:
                 if ctx:
                     ctx.__exit__(None, None, None)
@@ -121,6 +129,9 @@ def main():
                                                                                        d.get("note") else ""))
             print(f"  verify: {ver.get('verdicts')}, {summary['stage_seconds'].get('verify')} s, time cap hit: "
                   f"{vnoise.get('time_cap_hit')}")
+            print(f"  fresh re-measure: ratio noise floor {refined['floor_reached_pct']}% (target "
+                  f"{refined['target_floor_pct']:g}%, {refined['floor_before_pct']}% after {args.rounds} rounds; "
+                  f"{refined['rounds_added']} rounds added in {refined['seconds']:g} s, stopped: {refined['stop']})")
             for r in rows:
                 verdict = "within" if r["ratio"] <= r["budget_frac"] * 1.02 else "OVER"
                 print(f"  lookup row {r['budget_frac']:.2f}: fresh re-measure {r['ratio']:.3f} = "

@@ -84,6 +84,20 @@ class InterleavedSession:
             self.rounds_of[k] = self.rounds_of.get(k, 0) + rounds
         return rows
 
+    def refine(self, precision, progress=None) -> dict:
+        """More rounds where they pin a ratio down, over the keys measured so far, until the ratio noise
+        floor reaches `precision` (a profiler.rounds.Precision: target, most rounds, time cap); returns
+        what `profiler.rounds.refine` records (floor before and after, rounds added, why it stopped)."""
+        from profiler.rounds import refine
+
+        rows, rec = refine(self.samples, self._measure, FULL, precision, seed=self.seed, progress=progress,
+                           monitor=self.monitor, log=self.interference)
+        new = [{**r, "regime": self.regime.key} for r in rows[len(self.samples):]]
+        self.samples += new
+        for k in {r["key"] for r in new}:
+            self.rounds_of[k] = self.rounds_of.get(k, 0) + len({r["round"] for r in new if r["key"] == k})
+        return rec
+
     def interference_summary(self) -> dict:
         """The session's steal and other-process CPU (median, max) and its re-measured rounds."""
         from profiler.interference import summary

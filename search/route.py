@@ -126,6 +126,9 @@ class RouteConfig:
     eval_windows: int = 8  #: validation windows per config whose loss the surrogate is fitted on
     eval_seq_len: int = 128  #: tokens per validation window
     calib_windows: int = 4  #: calibration-split windows the dynamic router's per-budget shift is fitted on
+    calib_iters: int = 14  #: bisection steps of each budget's logit shift
+    #: the largest logit shift toward narrower widths a budget may get (one the narrowest routing misses gets it)
+    calib_max_shift: float = 32.0
     #: a layer whose calibrated choice is one width for at least this share of calibration tokens serves
     #: that width without routing (no router matmul); 1: only layers where every token took one width
     #: (serving then computes exactly what routing would); above 1: every layer is routed
@@ -160,6 +163,8 @@ class RouteConfig:
         check_finite("surrogate_lr", self.surrogate_lr, low=0, low_inclusive=False)
         check_finite("surrogate_steps", self.surrogate_steps, low=1, whole=True)
         check_finite("grid_points", self.grid_points, low=2, whole=True)
+        check_finite("calib_iters", self.calib_iters, low=1, whole=True)
+        check_finite("calib_max_shift", self.calib_max_shift, low=0, low_inclusive=False)
         check_finite("surrogate_hidden", self.surrogate_hidden, low=1, whole=True)
         check_finite("static_hidden", self.static_hidden, low=1, whole=True)
         check_finite("seed", self.seed)
@@ -277,7 +282,8 @@ def route(cfg: RouteConfig) -> dict:
     calib_windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.seq_len, cfg.calib_windows,
                                   cfg.corpus)
 
-    points = calibrate_dynamic(elastic, routing, calib_windows, table, heads_for, grid, fix_share=cfg.fix_share)
+    points = calibrate_dynamic(elastic, routing, calib_windows, table, heads_for, grid, fix_share=cfg.fix_share,
+                               iters=cfg.calib_iters, bound=cfg.calib_max_shift)
     routing.remove()
     # per budget: dynamic routing against the static router's configs, loss on calibration text and
     # latency measured side by side; dynamic is kept only where it measured better (see serving.decide)

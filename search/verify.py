@@ -19,6 +19,7 @@ The budget a row keeps is the one searched (`budget_ms`, `budget_frac`, `referen
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -179,6 +180,14 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                 sub = spec.validate(SubnetConfig.from_dict(b["config"]))
                 first[sub.key] = sub
         session.run(first, cfg.rounds, progress)
+        # how this session measures the latency model's picks against their prediction (measured ratio over
+        # predicted, per config decided): replacements predicted within after it go first
+        seen = {}
+        for _, best in picks:
+            for b in best["best"]:
+                key = spec.validate(SubnetConfig.from_dict(b["config"])).key
+                seen[key] = session.ratios()[session.key_of(key)]["ratio_to_full"] / (
+                    b["predicted_latency_ms"] / _reference(b))
 
         decided, missed = [], 0
         for bf, best in picks:
@@ -196,7 +205,9 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                 replaced = 0
                 if st["verdict"] != "within" and trials is not None:
                     cands, worst = _candidates(trials, b)
-                    for c in cands[cands["loss"] <= worst].sort_values("loss").itertuples():
+                    correction = statistics.median(seen.values()) if len(seen) >= 2 else 1.0
+                    for c in _corrected_order(cands[cands["loss"] <= worst], limit, correction,
+                                              _reference(b)).itertuples():
                         alt = SubnetConfig.from_json(c.config)
                         if alt == sub:
                             continue
@@ -209,6 +220,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                         session.run({alt.key: alt}, cfg.rounds)
                         alt_st = _decide(session, alt, limit, cfg, quantile, deadline, capped)
                         futile += bool(alt_st.get("futile"))
+                        seen[alt.key] = alt_st["ratio"] / (c.predicted_latency_ms / _reference(b))
                         if alt_st["verdict"] == "within":
                             sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
                             break
@@ -287,7 +299,10 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                     "rounds": int(s["rounds"]),
                 }
             )
-        noise[regime.key] = {**noise_floor(session.samples, FULL), "interference": session.interference_summary()}
+        noise[regime.key] = {**noise_floor(session.samples, FULL), "interference": session.interference_summary(),
+                             # the configs' measured ratio over the latency model's prediction, median and range
+                             "measured_over_predicted": [round(statistics.median(seen.values()), 4),
+                                                         round(min(seen.values()), 4), round(max(seen.values()), 4)]}
         all_samples += session.samples
         session.close()
         # A fallback the lookup may quote needs its loss on the picks' evaluation setting; a search
@@ -361,6 +376,23 @@ def _candidates(trials, b: dict):
     pool = trials[ok & (trials["predicted_latency_ms"] <= own["predicted_latency_ms"].max())]  # own included
     uni = own[own["source"] == "uniform"]["loss"] if "source" in own else []
     return pool.drop_duplicates("config"), (float(max(uni)) if len(uni) else math.inf)
+
+
+def _reference(b: dict) -> float:
+    """The full model's step (ms) a searched budget `b` was a fraction of: its predictions over it are
+    predicted ratios."""
+    return b.get("reference_full_ms") or b["budget_ms"] / b["budget_frac"]
+
+
+def _corrected_order(cands, limit: float, correction: float, reference_ms: float):
+    """The replacement candidates in loss order, those whose predicted ratio times `correction` (how this
+    session measures the latency model's picks: measured over predicted, median over the configs decided
+    so far) is within `limit` first: a session that measures picks 4% over their prediction does not
+    spend its rounds on every candidate the model put just under the budget."""
+    import pandas as pd
+
+    fits = correction * cands["predicted_latency_ms"] / reference_ms <= limit
+    return pd.concat([cands[fits].sort_values("loss", kind="stable"), cands[~fits].sort_values("loss", kind="stable")])
 
 
 def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -> int:

@@ -93,6 +93,7 @@ def test_interleaved_setups_wrap_each_measurement_of_their_key(elastic):
     import contextlib
 
     from profiler.interleaved import FULL, InterleavedSession
+    from profiler.rounds import Precision
 
     events = []
 
@@ -105,6 +106,11 @@ def test_interleaved_setups_wrap_each_measurement_of_their_key(elastic):
     with InterleavedSession(elastic, Regime.parse("prefill:b1:s8"), "cpu", reps=2, warmup=0) as s:
         s.run({"small": elastic.spec.smallest(), "plain": elastic.spec.uniform(0.5)}, 3, setups={"small": setup})
         r = s.ratios()
-    assert events == ["enter", "exit"] * 3
-    assert set(r) == {FULL, "small", "plain"} and r[FULL]["ratio_to_full"] == 1.0
-    assert all(v["rounds"] == 3 and v["measured_ms"] > 0 for v in r.values())
+        assert events == ["enter", "exit"] * 3
+        assert set(r) == {FULL, "small", "plain"} and r[FULL]["ratio_to_full"] == 1.0
+        assert all(v["rounds"] == 3 and v["measured_ms"] > 0 for v in r.values())
+        # more rounds toward a target no real machine reaches: the cap (4 rounds) stops it; the session counts them
+        rec = s.refine(Precision(target_floor_pct=1e-9, max_rounds=5, max_seconds=1e9))
+        assert rec["stop"] == "max_rounds" and rec["rounds_added"] == 2
+        assert s.rounds_of[FULL] == 5 and max(r["round"] for r in s.samples) == 4
+        assert s.ratios()[FULL]["rounds"] == 5 and all(r["regime"] == s.regime.key for r in s.samples)

@@ -296,3 +296,15 @@ def test_replacement_candidates_include_neighbouring_budgets_predicted_no_slower
     assert sorted(cands[cands["loss"] <= worst]["config"]) == ["a", "b", "c", "e", "u"]
     none, inf = _candidates(trials, {"budget_ms": 9.0, "quantile": "p50"})
     assert none.empty and inf == float("inf")
+
+
+def test_replacements_the_session_would_measure_within_go_first():
+    """In loss order, but a candidate whose predicted ratio times the session's correction (its picks
+    measured 5% over prediction) is over the limit waits behind every one that fits after it."""
+    from search.verify import _corrected_order
+
+    cands = pd.DataFrame({"config": list("abcd"), "loss": [1.0, 2.0, 3.0, 4.0],
+                          "predicted_latency_ms": [79.0, 74.0, 78.0, 70.0]})  # of a 100 ms full model
+    assert list(_corrected_order(cands, 0.8, 1.0, 100.0)["config"]) == list("abcd")
+    assert list(_corrected_order(cands, 0.8, 1.05, 100.0)["config"]) == list("bdac")  # 79, 78 -> 83, 82: later
+    assert list(_corrected_order(cands, 0.8, 0.9, 100.0)["config"]) == list("abcd")
