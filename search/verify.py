@@ -12,7 +12,9 @@ fraction, `over` when the lower bound is above it, and `uncertain` otherwise. Un
 estimate is within get more rounds (up to `--max-rounds`), the 5% error spent over those looks
 (`look_confidence`); a pick still not `within` is replaced by the next best config evaluated for the
 same regime and weights, for its budget or for another one and predicted no slower than its own
-candidates, that is measured `within` (`--max-replacements`, `--max-seconds`).
+candidates, that is measured `within` (`--max-replacements`, `--max-seconds`); those the latency model
+predicts within after this session's correction (how it measured the configs decided so far against
+their prediction) are tried first.
 The budget a row keeps is the one searched (`budget_ms`, `budget_frac`, `reference_full_ms`).
 """
 
@@ -182,12 +184,11 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
         session.run(first, cfg.rounds, progress)
         # how this session measures the latency model's picks against their prediction (measured ratio over
         # predicted, per config decided): replacements predicted within after it go first
-        seen = {}
+        seen, measured = {}, session.ratios()
         for _, best in picks:
             for b in best["best"]:
                 key = spec.validate(SubnetConfig.from_dict(b["config"])).key
-                seen[key] = session.ratios()[session.key_of(key)]["ratio_to_full"] / (
-                    b["predicted_latency_ms"] / _reference(b))
+                seen[key] = measured[session.key_of(key)]["ratio_to_full"] / (b["predicted_latency_ms"] / _reference(b))
 
         decided, missed = [], 0
         for bf, best in picks:
