@@ -29,7 +29,7 @@ class RunConfig:
     rounds: int = 6  #: interleaved rounds of the profile's end-to-end set and of verify
     #: the profile's end-to-end set: more rounds for the configs whose ratio is not pinned down until its ratio
     #: noise floor is at most this (percent), at most --max-rounds each (see `flextron profile --help`)
-    target_floor_pct: float = 3.0
+    target_floor_pct: float = 5.0
     max_rounds: int = 12  #: the most rounds a config of the profile's end-to-end set gets (at least --rounds)
     threads: int = 0  #: CPU torch threads while measuring; 0 = one (steady on small, shared CPUs)
     eval_windows: int = 8  #: validation windows per config the search evaluates
