@@ -43,7 +43,7 @@ def measure(run: Path, configs: dict, regime_key: str, rounds: int, reps: int, p
     rounds where a ratio is not pinned down), and the noise floor."""
     from flextron.devices import set_cpu_threads
     from profiler.interleaved import FULL, InterleavedSession
-    from profiler.rounds import noise_floor
+    from profiler.rounds import describe_refine, noise_floor
 
     before = torch.get_num_threads()
     set_cpu_threads("cpu", 0)
@@ -51,10 +51,7 @@ def measure(run: Path, configs: dict, regime_key: str, rounds: int, reps: int, p
     session = InterleavedSession(el, Regime.parse(regime_key), "cpu", reps=reps, warmup=2, seed=4242)
     session.run(configs, rounds)
     if precision is not None:
-        refined = session.refine(precision)
-        print(f"  re-measure: ratio noise floor {refined['floor_reached_pct']}% (target {refined['target_floor_pct']:g}"
-              f"%, {refined['floor_before_pct']}% after {rounds} rounds; {refined['rounds_added']} rounds added in "
-              f"{refined['seconds']:g} s, stopped: {refined['stop']})", flush=True)
+        print(f"  re-measure: {describe_refine(session.refine(precision))}", flush=True)
     ratios = {k: session.ratios()[session.key_of(k)]["ratio_to_full"] for k in configs}
     # the upper one-sided 95% bound of each ratio: the rule verify holds a lookup row to
     highs = {k: session.stats(k, "p50", 1.0, 0.95)["ratio_hi"] for k in configs}

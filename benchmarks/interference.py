@@ -90,7 +90,7 @@ def main():
     import torch
 
     from flextron.cli.run import RunConfig, run_pipeline
-    from profiler.rounds import Precision
+    from profiler.rounds import Precision, describe_refine
     from profiler.telemetry import Telemetry
 
     precision = Precision(args.target_floor_pct, args.max_rounds, args.max_seconds)
@@ -129,9 +129,7 @@ def main():
                                                                                        d.get("note") else ""))
             print(f"  verify: {ver.get('verdicts')}, {summary['stage_seconds'].get('verify')} s, time cap hit: "
                   f"{vnoise.get('time_cap_hit')}")
-            print(f"  fresh re-measure: ratio noise floor {refined['floor_reached_pct']}% (target "
-                  f"{refined['target_floor_pct']:g}%, {refined['floor_before_pct']}% after {args.rounds} rounds; "
-                  f"{refined['rounds_added']} rounds added in {refined['seconds']:g} s, stopped: {refined['stop']})")
+            print(f"  fresh re-measure: {describe_refine(refined)}")
             for r in rows:
                 verdict = "within" if r["ratio"] <= r["budget_frac"] * 1.02 else "OVER"
                 print(f"  lookup row {r['budget_frac']:.2f}: fresh re-measure {r['ratio']:.3f} = "

@@ -14,14 +14,19 @@ import pandas as pd
 
 from flextron.spec import ElasticSpec, SubnetConfig
 from profiler.interleaved import FULL
-from profiler.rounds import per_round
+from profiler.rounds import describe_refine, per_round
 
 run = sys.argv[1]
 m = json.load(open(f"{run}/latency_model/metrics.json"))
 for k, x in m.items():
     print(f"latency model {k}: held-out {x['heldout']}, profile ratio noise floor {x['ratio_noise_floor_pct']}%")
+p = json.load(open(f"{run}/profile/noise.json"))
+for k, x in p.items():
+    if "refine" in x:
+        print(f"profile {k}: rounds added toward the target floor: {describe_refine(x['refine'])}")
 n = json.load(open(f"{run}/verify/noise.json"))
-print("verify noise.json regimes:", json.dumps(n["regimes"]), "time cap hit:", n["time_cap_hit"])
+print("verify noise.json regimes:", json.dumps(n["regimes"]), "time cap hit:", n["time_cap_hit"],
+      "stopped for futility:", n.get("stopped_for_futility"))
 v = pd.read_parquet(f"{run}/verify/verified.parquet")
 v["predicted_ratio"] = v["predicted_latency_ms"] / v["reference_full_ms"]
 print(v[["budget_frac", "source", "predicted_ratio", "ratio", "ratio_hi", "verdict", "replacements_tried", "ppl"]]

@@ -245,8 +245,11 @@ def constant_layers(shares: list[list[float]], fix_share: float) -> dict[int, in
     return {l: int(max(range(len(s)), key=s.__getitem__)) for l, s in enumerate(shares) if max(s) >= fix_share - 1e-9}
 
 
+CALIB_ITERS, CALIB_MAX_SHIFT = 14, 32.0  # bisection steps of a budget's logit shift, and its largest value
+
+
 def calibrate_dynamic(elastic, routing: DynamicRouting, windows, table: LatencyTable, heads_for, fracs, *,
-                      iters: int = 14, bound: float = 32.0, fix_share: float = 1.0,
+                      iters: int = CALIB_ITERS, bound: float = CALIB_MAX_SHIFT, fix_share: float = 1.0,
                       desc: str = "calibrate dynamic router") -> list[dict]:
     """Per budget fraction t, the logit shift that makes hard routing's expected latency fraction on
     `windows` (calibration text) meet t: a bisection, since a larger shift only moves tokens to narrower

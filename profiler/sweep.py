@@ -45,6 +45,7 @@ from profiler.bench import RegimeBench
 from profiler.energy import energy_per_token
 from profiler.parts import Interrupts, PartWriter, read_part
 from profiler.profile import DEVICE_FILE, E2E_FILE, LAYERS_FILE, NOISE_FILE, PARTS_DIR, SAMPLES_FILE, profile_dir
+from profiler.rounds import MAX_ROUNDS, MAX_SECONDS, TARGET_FLOOR_PCT
 
 CONFIG_FILE = "profile_config.json"
 
@@ -95,10 +96,10 @@ class ProfileConfig:
     #: end-to-end: after --rounds, configs whose own split-half ratio error is above this (percent) get two
     #: more rounds at a time, settled ones none, until the ratio noise floor is at most it (3% reached its floor
     #: on a 2-core VM but fitted no better a latency model, 35-63 s slower: docs/results.md, session 12)
-    target_floor_pct: float = 5.0
-    max_rounds: int = 12  #: end-to-end: the most rounds a config gets while the target is not reached
+    target_floor_pct: float = TARGET_FLOOR_PCT
+    max_rounds: int = MAX_ROUNDS  #: end-to-end: the most rounds a config gets while the target is not reached
     #: end-to-end: no batch of added rounds starts after this many seconds of adding them (the stage says so)
-    max_seconds: float = 120.0
+    max_seconds: float = MAX_SECONDS
     #: CPU: intra-op threads of torch (or llama.cpp) while measuring, recorded in device.json; 0: one (steady on
     #: small, shared CPUs; see flextron.devices)
     threads: int = 0
@@ -485,7 +486,7 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     from profiler.interference import CpuMonitor
     from profiler.interference import summary as interference_summary
     from profiler.interleaved import FULL
-    from profiler.rounds import measure_in_rounds, noise_floor, refine, summarise
+    from profiler.rounds import describe_refine, measure_in_rounds, noise_floor, refine, summarise
 
     spec = elastic.spec
     folder = e2e_w.folder
@@ -527,12 +528,7 @@ def _e2e_rounds(elastic, regime: Regime, cfg: ProfileConfig, tele, rbase: dict, 
     # then rounds where they pin a ratio down: the unsettled configs only, until the target floor or the cap
     rows, refined = refine(rows, measure_one, full_key, cfg.precision(), seed=cfg.seed, on_round=write_round,
                            progress=progress, desc=f"more rounds {regime.key}", monitor=monitor, log=seen)
-    print(f"flextron profile: {regime.key}: ratio noise floor {refined['floor_reached_pct']}% (target "
-          f"{refined['target_floor_pct']:g}%, {refined['floor_before_pct']}% after --rounds {cfg.rounds}); "
-          f"{refined['rounds_added']} rounds added for {refined['configs_refined']} configs in {refined['seconds']:g} s"
-          + {"target": "", "max_rounds": f"; stopped at --max-rounds {cfg.max_rounds}",
-             "time_cap": f"; the time cap (--max-seconds {cfg.max_seconds:g}) stopped it first"}[refined["stop"]],
-          file=sys.stderr)
+    print(f"flextron profile: {regime.key}: {describe_refine(refined)}", file=sys.stderr)
     n = len(e2e_cfgs) if not len(done_rounds) else len(keys) if todo > 0 else 0  # cells (configs) measured now
     samples = pd.DataFrame(rows)
     samples["key"] = samples["key"].map(lambda k: FULL if k == full_key else k)

@@ -385,8 +385,9 @@ def _refined(r) -> Cell:
     """What the profile's end-to-end set added toward its target ratio noise floor, and why it stopped."""
     if not isinstance(r, dict) or not isinstance(r.get("rounds_added"), int):
         return Cell("–", num=True)
-    why = {"target": "target reached", "max_rounds": "stopped at --max-rounds",
-           "time_cap": "the time cap stopped it"}.get(r.get("stop"), str(r.get("stop")))
+    from profiler.rounds import REFINE_STOPS
+
+    why = REFINE_STOPS.get(r.get("stop"), str(r.get("stop")))
     return Cell(f"{r['rounds_added']} for {r.get('configs_refined')} configs (target "
                 f"{r.get('target_floor_pct')}%, from {r.get('floor_before_pct')}%; {why})", num=True)
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, replace
 
 from flextron.devices import set_device_field
-from flextron.dynamic_router import DynamicRouting, DynamicTrainer, calibrate_dynamic
+from flextron.dynamic_router import CALIB_ITERS, CALIB_MAX_SHIFT, DynamicRouting, DynamicTrainer, calibrate_dynamic
 from flextron.errors import FlextronError
 from flextron.latency_table import PENALTY_LINEAR, LatencyTable, expected_latency
 from flextron.router_store import Routers, regime_dir, save_tensors
@@ -126,9 +126,9 @@ class RouteConfig:
     eval_windows: int = 8  #: validation windows per config whose loss the surrogate is fitted on
     eval_seq_len: int = 128  #: tokens per validation window
     calib_windows: int = 4  #: calibration-split windows the dynamic router's per-budget shift is fitted on
-    calib_iters: int = 14  #: bisection steps of each budget's logit shift
+    calib_iters: int = CALIB_ITERS  #: bisection steps of each budget's logit shift
     #: the largest logit shift toward narrower widths a budget may get (one the narrowest routing misses gets it)
-    calib_max_shift: float = 32.0
+    calib_max_shift: float = CALIB_MAX_SHIFT
     #: a layer whose calibrated choice is one width for at least this share of calibration tokens serves
     #: that width without routing (no router matmul); 1: only layers where every token took one width
     #: (serving then computes exactly what routing would); above 1: every layer is routed

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from flextron.models import DEFAULT_MODEL
+from profiler.rounds import MAX_ROUNDS, TARGET_FLOOR_PCT
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,8 @@ class RunConfig:
     rounds: int = 6  #: interleaved rounds of the profile's end-to-end set and of verify
     #: the profile's end-to-end set: more rounds for the configs whose ratio is not pinned down until its ratio
     #: noise floor is at most this (percent), at most --max-rounds each (see `flextron profile --help`)
-    target_floor_pct: float = 5.0
-    max_rounds: int = 12  #: the most rounds a config of the profile's end-to-end set gets (at least --rounds)
+    target_floor_pct: float = TARGET_FLOOR_PCT
+    max_rounds: int = MAX_ROUNDS  #: the most rounds a config of the profile's end-to-end set gets (at least --rounds)
     threads: int = 0  #: CPU torch threads while measuring; 0 = one (steady on small, shared CPUs)
     eval_windows: int = 8  #: validation windows per config the search evaluates
     mlp_choices: int = 8  #: nested MLP widths per layer
