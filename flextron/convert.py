@@ -12,6 +12,7 @@ import torch
 from flextron.data import BUILTIN_CORPUS, resolve_corpus, token_windows
 from flextron.elastic import (
     IMPORTANCE_FILE,
+    MLP_SCORES,
     SPEC_FILE,
     ElasticModel,
     identity_order,
@@ -31,6 +32,10 @@ PARITY_TOLERANCE = 1e-4
 PARITY_TOLERANCE_FP64 = 1e-8
 FP64_FLIP_SHARE = 0.25  # of the model's own fp32-vs-fp64 error: what fp32 roundings inside an fp64 run may add
 
+#: What a run converted before a field existed did, so its directory is still "the same conversion"
+#: (runs before --mlp-score ranked neurons by mean absolute activation).
+PRE_FIELD_VALUES = {"mlp_score": "activation"}
+
 
 @dataclass(frozen=True)
 class ConvertConfig:
@@ -43,6 +48,9 @@ class ConvertConfig:
     #: rank neurons and heads by importance on calibration text so prefixes keep the most important
     #: ones; --no-rank keeps the stored order (first-k slicing, the baseline ranking is measured against)
     rank: bool = True
+    #: how MLP neurons are ranked: `output` (activation RMS times the neuron's down_proj column norm,
+    #: what it adds to the residual stream) or `activation` (mean absolute activation, Minitron's)
+    mlp_score: str = "output"
     #: calibration, training and evaluation text: `wiki` (Wikipedia summaries, the default), `pydoc`, a text
     #: file (paragraphs split at blank lines) or a folder of .txt files; a path is stored absolute
     corpus: str = BUILTIN_CORPUS
@@ -54,6 +62,8 @@ class ConvertConfig:
         for name in ("alignment", "mlp_choices", "head_choices", "calib_windows", "calib_seq_len"):
             if getattr(self, name) < 1:
                 raise FlextronError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.mlp_score not in MLP_SCORES:
+            raise FlextronError(f"--mlp-score {self.mlp_score!r} is not one of {list(MLP_SCORES)}")
 
 
 def _check_out_dir(run: RunDir, cfg: ConvertConfig) -> dict | None:
@@ -62,6 +72,8 @@ def _check_out_dir(run: RunDir, cfg: ConvertConfig) -> dict | None:
     prev_cfg = run / CONFIG_FILE
     if prev_cfg.is_file() and (run.elastic / SPEC_FILE).is_file():
         prev = read_json(prev_cfg, run.root)
+        # Fields added since the run was converted take the value the conversion had then.
+        prev = {**PRE_FIELD_VALUES, **prev}
         same = {k: v for k, v in prev.items() if k not in ("out", "overwrite")} == {
             k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")
         }
@@ -115,7 +127,8 @@ def convert(cfg: ConvertConfig) -> dict:
 
     if cfg.rank:
         calib = token_windows(tok, adapter, "calibration", cfg.calib_seq_len, cfg.calib_windows, corpus=cfg.corpus)
-        importance = measure_importance(model, calib, progress=lambda it: progress(it, desc="importance"))
+        importance = measure_importance(model, calib, progress=lambda it: progress(it, desc="importance"),
+                                        mlp_score=cfg.mlp_score)
         order = importance_order(importance, spec.num_kv_heads)
     else:
         importance, order = None, identity_order(spec)
@@ -163,6 +176,7 @@ def convert(cfg: ConvertConfig) -> dict:
         "fp32_noise_floor": fp32_floor,
         "parity_tokens": parity_ids.numel(),
         "ranked": cfg.rank,
+        "mlp_score": cfg.mlp_score if cfg.rank else None,
         "calibration_tokens": importance["tokens"] if importance else 0,
         "load_s": round(t_load, 2),
         "convert_s": round(time.perf_counter() - t0, 2),

@@ -45,3 +45,42 @@ def test_real_gemma3_parity(tmp_path):
     assert s["family"] == "gemma3_text"
     assert s["parity_fp64_max_abs_diff"] <= max(1e-8, 0.25 * s["fp32_noise_floor"]) == s["parity_fp64_bound"]
     assert s["parity_max_abs_diff"] <= max(1e-4, 2 * s["fp32_noise_floor"])
+
+def test_mlp_score_output_weighs_what_a_neuron_adds_to_the_residual_stream():
+    """`output` scores a neuron by activation RMS x its down_proj column norm: a neuron with the
+    largest activation whose column is scaled near zero ranks first by activation and last by output."""
+    import torch
+
+    from flextron.elastic import measure_importance
+    from flextron.models import load_source
+
+    model, _ = load_source("tiny-llama")
+    ids = torch.randint(0, 300, (2, 32))
+    top = int(torch.tensor(measure_importance(model, ids, mlp_score="activation")["mlp"][0]).argmax())
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, top] *= 1e-4
+    act = torch.tensor(measure_importance(model, ids, mlp_score="activation")["mlp"][0])
+    out = measure_importance(model, ids)  # the default
+    assert out["mlp_score"] == "output"
+    assert int(act.argmax()) == top  # its activation is untouched
+    assert int(torch.tensor(out["mlp"][0]).argmin()) == top
+    with pytest.raises(Exception, match="unknown MLP importance score 'x'"):
+        measure_importance(model, ids, mlp_score="x")
+
+
+def test_a_run_converted_before_mlp_score_is_still_the_same_conversion(tmp_path, capsys):
+    """Runs converted before --mlp-score ranked by activation: their directory is reused by the same
+    command with --mlp-score activation, and the new default refuses it with the fix."""
+    run = tmp_path / "r"
+    argv = ["convert", "--model", "tiny-llama", "--out", str(run), "--calib-windows", "2"]
+    assert main(argv + ["--mlp-score", "activation"]) == 0
+    cfg = json.loads((run / "convert_config.json").read_text())
+    assert cfg.pop("mlp_score") == "activation"
+    (run / "convert_config.json").write_text(json.dumps(cfg))  # as written before the field existed
+    capsys.readouterr()
+    assert main(argv + ["--mlp-score", "activation"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reused"]
+    assert main(argv) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main(argv + ["--mlp-score", "mean"]) == 2
+    assert "--mlp-score 'mean' is not one of ['output', 'activation']" in capsys.readouterr().err
