@@ -123,7 +123,8 @@ def main():
               f"full-model ppl {ppl(spec.full()):.2f} on {windows[:, 1:].numel()} validation tokens; quality model "
               f"held-out Spearman {qm['heldout']['spearman']} on {qm['heldout']['n']} configs "
               f"(additive {qm['heldout']['spearman_additive']}), "
-              f"table {qm['table_seconds']} s")
+              f"table {qm['table_seconds']} s, depth path {qm.get('depth_path', {}).get('layers')} "
+              f"{qm.get('depth_path', {}).get('seconds')} s")
         # A baseline is "measured within" a budget by the rule verify holds the lookup's rows to (the upper
         # 95% bound of its ratio within the budget) and, printed beside it, by its point estimate alone (which
         # favours the baselines: among many noisy configs, some read under the budget by chance).

@@ -7,6 +7,10 @@ per layer one option (an MLP width with a head count, or the layer skipped), lat
 loss delta as the value. A dynamic program over the budget, discretised into `bins` steps with every
 option's latency rounded up, solves it exactly for the rounded weights, so its answer always fits.
 
+`path_pick` is the joint pick along the quality table's greedy depth path: skip one of its prefixes
+(whose measured loss counts their interaction, which the per-layer deltas cannot) and cut widths in
+the other layers to fit.
+
 `repair` makes an over-budget proposal fit: it takes, one at a time, the change (one layer's MLP or
 heads one step narrower, or the layer skipped) that costs the least predicted loss per ms saved.
 """
@@ -35,6 +39,8 @@ class LayerTables:
     d_heads: list[np.ndarray]
     d_mlp: list[np.ndarray]
     d_skip: np.ndarray
+    path: tuple[int, ...] = ()  # the quality table's greedy depth path (layers in the order it skips them)
+    d_path: tuple[float, ...] = ()  # measured loss delta of skipping path[:k + 1] together
 
     @classmethod
     def build(cls, lat_model, qmodel, spec: ElasticSpec) -> "LayerTables":
@@ -42,12 +48,15 @@ class LayerTables:
         d_mlp, d_heads, d_skip = qmodel.layer_tables()
         skip = tab["skip_ms"].numpy() if "skip_ms" in tab else None
         return cls(spec, float(tab["fixed_ms"]), tab["attn_ms"].numpy(), tab["mlp_ms"].numpy(), skip, d_heads, d_mlp,
-                   d_skip)
+                   d_skip, tuple(qmodel.table.path), tuple(qmodel.table.path_loss))
 
     def options(self, layer: int, space: str = "joint") -> list[tuple[tuple[int, int] | None, float, float]]:
-        """(choice, ms, loss delta) of one layer: choice (width index, heads index), or None for skipped."""
+        """(choice, ms, loss delta) of one layer: choice (width index, heads index), or None for skipped;
+        space `skipped`: only the skip."""
         out = []
         nw, nh = len(self.spec.mlp_widths[layer]), len(self.spec.head_counts[layer])
+        if space == "skipped":
+            return [(None, float(self.skip_ms[layer]), 0.0)]
         if space != "depth":
             out += [((wi, hi), self.attn_ms[layer, hi] + self.mlp_ms[layer, wi],
                      self.d_mlp[layer][wi] + self.d_heads[layer][hi]) for wi in range(nw) for hi in range(nh)]
@@ -65,14 +74,15 @@ class LayerTables:
 
 
 def best_under_budget(tables: LayerTables, budget_ms: float, space: str = "joint", bins: int = 2000,
-                      cut_penalty: float = 0.0):
+                      cut_penalty: float = 0.0, skipped: tuple[int, ...] = ()):
     """The config with the least predicted loss whose predicted latency is within `budget_ms` (the
     latency model's median scale), in `space`; None when nothing fits. Exact for latencies rounded
     up to `budget/bins` steps. `cut_penalty` adds that much predicted loss per layer whose widths are
     cut (not skipped, not full): the additive model under-counts width cuts spread over many layers
-    (their damage compounds), so penalised picks concentrate the cuts in fewer layers."""
+    (their damage compounds), so penalised picks concentrate the cuts in fewer layers. The layers in
+    `skipped` are skipped, whatever `space`."""
     L = tables.spec.num_layers
-    opts = [tables.options(l, space) for l in range(L)]
+    opts = [tables.options(l, "skipped" if l in skipped else space) for l in range(L)]
     if cut_penalty:
         full = [(len(tables.spec.mlp_widths[l]) - 1, len(tables.spec.head_counts[l]) - 1) for l in range(L)]
         opts = [[(c, ms, dq + (cut_penalty if c is not None and c != full[l] else 0.0)) for c, ms, dq in layer]
@@ -118,10 +128,45 @@ def sparse_penalties(tables: LayerTables) -> tuple[float, ...]:
     return tuple(f * scale for f in (0.25, 1.0)) if scale > 0 else ()
 
 
+def path_pick(tables: LayerTables, budget_ms: float, tries: int = 5) -> SubnetConfig | None:
+    """The best config that skips a prefix of the depth path and cuts only widths elsewhere: for the
+    `tries` prefixes ending at the shortest one that fits at full width (or the whole path), the
+    knapsack over the other layers' widths, scored by the prefix's measured loss plus the width deltas.
+    None without a path or when nothing fits."""
+    if not tables.path or tables.skip_ms is None:
+        return None
+    fits = [k for k in range(1, len(tables.path) + 1) if _depth_ms(tables, tables.path[:k]) <= budget_ms]
+    last = min(fits) if fits else len(tables.path)
+    best, best_loss = None, math.inf
+    for k in range(max(1, last - tries + 1), last + 1):
+        cfg = best_under_budget(tables, budget_ms, "width", skipped=tables.path[:k])
+        if cfg is None:
+            continue
+        loss = tables.d_path[k - 1] + _width_loss(tables, cfg)
+        if loss < best_loss:
+            best, best_loss = cfg, loss
+    return best
+
+
+def _depth_ms(tables: LayerTables, skipped) -> float:
+    """Predicted ms of the full-width model with the layers in `skipped` skipped."""
+    skipped = set(skipped)
+    return tables.fixed_ms + float(sum(tables.skip_ms[l] if l in skipped else tables.attn_ms[l, -1] + tables.mlp_ms[l, -1]
+                                       for l in range(tables.spec.num_layers)))
+
+
+def _width_loss(tables: LayerTables, cfg: SubnetConfig) -> float:
+    """The predicted loss of `cfg`'s width choices in the layers it runs."""
+    spec, skipped = tables.spec, set(cfg.skip)
+    return float(sum(tables.d_mlp[l][spec.mlp_widths[l].index(cfg.mlp_width[l])]
+                     + tables.d_heads[l][spec.head_counts[l].index(cfg.heads[l])]
+                     for l in range(spec.num_layers) if l not in skipped))
+
+
 def picks_at(tables: LayerTables, budget_ms: float) -> list[tuple[str, SubnetConfig]]:
-    """The knapsack's distinct picks for one budget in every space: joint, sparse (width cuts penalised
-    per layer), depth-only, width-only. (source, config) pairs in that order."""
-    out = [("knapsack", best_under_budget(tables, budget_ms))]
+    """The knapsack's distinct picks for one budget in every space: joint, along the depth path, sparse
+    (width cuts penalised per layer), depth-only, width-only. (source, config) pairs in that order."""
+    out = [("knapsack", best_under_budget(tables, budget_ms)), ("knapsack_path", path_pick(tables, budget_ms))]
     out += [("knapsack_sparse", best_under_budget(tables, budget_ms, cut_penalty=p)) for p in sparse_penalties(tables)]
     out += [(f"knapsack_{space}", best_under_budget(tables, budget_ms, space)) for space in ("depth", "width")]
     return distinct(out)
@@ -149,10 +194,12 @@ def seeds(tables: LayerTables, budget_ms: float, n: int, spread: float = 0.04) -
 def ladder(tables: LayerTables, budget_ms: float, below_ms: float) -> list[tuple[str, SubnetConfig]]:
     """The knapsack's joint, sparse and depth-only picks at `budget_ms` ("knapsack_stretch*") and halfway
     down to `below_ms` ("knapsack_stretch_half*"): candidates between a budget and the margin below it
-    that a search aims at, for verify to try in loss order. (source, config) pairs, without repeats."""
+    that a search aims at, for verify to try in loss order; with a depth path, its pick stands in for the
+    depth-only one (which skips by single-layer deltas). (source, config) pairs, without repeats."""
     out = []
+    leave = {"knapsack_width"} | ({"knapsack_depth"} if tables.path else set())
     for name, at in (("knapsack_stretch", budget_ms), ("knapsack_stretch_half", (budget_ms + below_ms) / 2)):
-        out += [(src.replace("knapsack", name), c) for src, c in picks_at(tables, at) if src != "knapsack_width"]
+        out += [(src.replace("knapsack", name), c) for src, c in picks_at(tables, at) if src not in leave]
     return distinct(out)
 
 

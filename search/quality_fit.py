@@ -48,6 +48,9 @@ class QualityConfig:
     heldout_configs: int = 30  #: other sampled configs the model is scored on (Spearman, error)
     seed: int = 0  #: seed of the sampled configs
     device: str = "auto"  #: cpu, cuda, cuda:N, or auto (CUDA when present)
+    #: steps of the greedy depth path measured with the table (the layers skipping costs least together, in
+    #: order; it ranks layers for `depth:N` and seeds the search); -1: a third of the layers; 0: none
+    depth_path: int = -1
     restart: bool = False  #: measure the table again even when one with the same key is kept
 
     def __post_init__(self):
@@ -55,7 +58,8 @@ class QualityConfig:
         from flextron.rundir import check_finite
 
         for name, low in (("calib_windows", 1), ("calib_seq_len", 2), ("eval_windows", 1), ("eval_seq_len", 2),
-                          ("fit_configs", 0), ("heldout_configs", 3), ("seed", 0), ("calibration_rounds", 0)):
+                          ("fit_configs", 0), ("heldout_configs", 3), ("seed", 0), ("calibration_rounds", 0),
+                          ("depth_path", -1)):
             check_finite(name, getattr(self, name), low=low, whole=True)
         set_device_field(self)
 
@@ -141,7 +145,7 @@ def quality(cfg: QualityConfig) -> dict:
     from flextron.devices import check_device
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
-    from flextron.quality_model import QualityModel, QualityTable, measure_table
+    from flextron.quality_model import QualityModel, QualityTable, measure_table, with_depth_path
     from flextron.rundir import (
         RunDir,
         rebuild,
@@ -174,13 +178,17 @@ def quality(cfg: QualityConfig) -> dict:
         except FlextronError as e:
             print(f"flextron quality: measuring the table again: {e}", file=sys.stderr)
     reused = table is not None
+    steps = spec.num_layers // 3 if cfg.depth_path < 0 else cfg.depth_path
+    windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.calib_seq_len,
+                            cfg.calib_windows, corpus)
     if table is None:
-        windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.calib_seq_len,
-                                cfg.calib_windows, corpus)
-        table = measure_table(elastic, windows, key, progress=progress)
+        table = measure_table(elastic, windows, key, progress=progress, path_steps=steps)
+    elif len(table.path) != min(steps, spec.num_layers - 1):  # a table kept from before, or another length
+        table = with_depth_path(table, elastic, windows, steps, progress)
     evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len,
                                  corpus=corpus, tag=wtag)
-    configs = sample_configs(spec, table.layer_ranking(), cfg.fit_configs + cfg.heldout_configs, cfg.seed)
+    # sampled along the single-layer ranking, as before the depth path (held-out scores stay comparable)
+    configs = sample_configs(spec, table.solo_ranking(), cfg.fit_configs + cfg.heldout_configs, cfg.seed)
     if len(configs) < cfg.fit_configs + 3:
         raise FlextronError(f"only {len(configs)} distinct configs to sample in this model; lower --fit-configs")
     losses = np.array([evaluator.loss(c) for c in progress(configs, desc="quality: real evaluations")])
@@ -215,6 +223,8 @@ def quality(cfg: QualityConfig) -> dict:
         "fit_configs": int(len(fit_idx)), "calibration_configs": n_calibration, "table_seconds": table.seconds,
         "table_reused": reused,
         "layer_ranking": table.layer_ranking(), "base_loss": table.base_loss,
+        "depth_path": {"layers": list(table.path), "loss": [round(v, 4) for v in table.path_loss],
+                       "seconds": table.path_seconds},
     }
     with rebuild(folder) as out:  # concurrent builders swap in turn, never share .tmp
         write_json_atomic(out / TABLE_FILE, table.to_dict())
@@ -229,6 +239,9 @@ def quality(cfg: QualityConfig) -> dict:
     print(f"flextron quality: held-out Spearman {held['spearman']} on {held['n']} configs it was not fitted on "
           f"(additive alone {held['spearman_additive']}), mean abs error {held['mae_loss']} nats; form {model.form_}",
           file=sys.stderr)
+    if table.path:
+        print(f"flextron quality: depth path {list(table.path)} (loss +{table.path_loss[-1]:.3f} nats with all "
+              f"{len(table.path)} skipped; {table.path_seconds:.0f} s)", file=sys.stderr)
     return {"folder": str(folder), **{k: metrics[k] for k in ("weights", "form", "scales", "heldout", "fit_configs",
-                                                               "table_seconds", "table_reused")},
+                                                               "table_seconds", "table_reused", "depth_path")},
             "quality_evaluations": evaluator.evaluations, "seconds": round(time.perf_counter() - t0, 1)}

@@ -92,3 +92,34 @@ def test_depth_forms_and_bad_depth_input_are_refused_clearly():
         SubnetConfig.from_dict({"mlp_width": [512] * 4, "heads": [8] * 4, "skipped": [1]})
     assert SubnetConfig.from_json(parse_config(spec, "skip:2").to_json()).skip == (2,)
     assert "skip" not in spec.full().to_dict()  # configs without depth keep the JSON they always had
+
+
+def test_the_depth_path_skips_the_cheapest_layer_on_top_of_the_ones_before(tmp_path, monkeypatch):
+    """On a 6-layer model (fp64): each step's recorded loss is the whole model's with the path so far
+    skipped, and it is the least among that step's candidates (the neighbours of the skipped layers and
+    the cheapest single skips left); `layer_ranking` follows the path; a saved table keeps it."""
+    from flextron.convert import ConvertConfig, convert
+    from flextron.models import TINY
+    from flextron.quality_model import path_candidates
+
+    assert path_candidates([4, 5], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], 8) == [0, 1, 2, 3, 6]
+    assert path_candidates([0, 1, 2], [0.0] * 4, 4) == []  # never the last layer standing
+    monkeypatch.setitem(TINY, "tiny-llama", ("LlamaConfig", {"num_hidden_layers": 6}))
+    convert(ConvertConfig(model="tiny-llama", out=str(tmp_path / "r"), calib_windows=2, calib_seq_len=32))
+    elastic = ElasticModel.load(tmp_path / "r" / "elastic").to(dtype=torch.float64)
+    spec = elastic.spec
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(2))
+    table = measure_table(elastic, ids, path_steps=4)
+    base = mean_loss(elastic, spec.full(), ids)
+    assert len(table.path) == len(table.path_loss) == 4 and table.path_seconds > 0
+    for k, layer in enumerate(table.path):
+        before = list(table.path[:k])
+        cands = path_candidates(before, list(table.skip), spec.num_layers)
+        losses = {c: mean_loss(elastic, spec.depth(before + [c]), ids) - base for c in cands}
+        assert layer == min(losses, key=losses.get)
+        assert abs(table.path_loss[k] - losses[layer]) < 2e-6
+    assert table.layer_ranking()[:4] == list(table.path)
+    assert sorted(table.layer_ranking()) == list(range(6))
+    again = QualityTable.from_dict(table.to_dict())
+    assert again.path == table.path and again.path_loss == table.path_loss
+    assert measure_table(elastic, ids).path == ()  # no steps asked, none walked

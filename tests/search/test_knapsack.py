@@ -125,3 +125,50 @@ def test_the_ladder_holds_picks_at_the_budget_and_halfway_down_to_the_margin():
     assert any(lat.predict_config(c) > (budget + below) / 2 for _, c in top)  # the top rung uses the room above
     depth = [c for s, c in steps if s.endswith("_depth")]
     assert all(c.mlp_width == spec.full().mlp_width and c.heads == spec.full().heads for c in depth)
+
+
+def _with_path(spec, lat, qm, path, d_path):
+    import dataclasses
+
+    table = dataclasses.replace(qm.table, path=tuple(path), path_loss=tuple(d_path))
+    return LayerTables.build(lat, QualityModel(table, spec), spec)
+
+
+def test_the_path_pick_is_the_best_prefix_of_the_depth_path_with_widths_cut_elsewhere():
+    """Brute force over every config that skips a prefix of the path (and no other layer): the pick fits,
+    is one of them, and no other fitting one scores lower by the prefix's measured loss plus the width
+    deltas of the layers it runs. Measured path losses far below the per-layer skip deltas make it skip
+    layers the joint pick (per-layer deltas) keeps; without a path there is no path pick."""
+    from search.knapsack import _width_loss, path_pick
+
+    spec, lat, qm = _models(num_layers=5, seed=2)
+    path = [3, 2, 1]
+    lo, hi = lat.range_ms(spec)
+    prefixed = {spec.canonical(SubnetConfig(w, h, path[:k])) for k in range(1, len(path) + 1)
+                for w in itertools.product(*spec.mlp_widths) for h in itertools.product(*spec.head_counts)}
+    lengths = {}
+    for d_path in ([0.01, 0.02, 0.04], [0.01, 0.6, 2.5]):  # cheap prefixes; then steep: cut widths instead
+        tables = _with_path(spec, lat, qm, path, d_path)
+        for frac in (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9):
+            budget = lo + frac * (hi - lo)
+            pick = path_pick(tables, budget, tries=len(path))
+            fitting = [c for c in prefixed if lat.predict_config(c) <= budget]
+            if not fitting:
+                assert pick is None
+                continue
+            assert pick in fitting
+
+            def score(c):
+                return tables.d_path[len(c.skip) - 1] + _width_loss(tables, c)
+
+            assert score(pick) <= min(score(c) for c in fitting) + 1e-9
+            lengths[(d_path[1], frac)] = len(pick.skip)
+    assert any(lengths[(0.6, f)] < lengths[(0.02, f)] for f in (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)
+               if (0.6, f) in lengths)  # steep losses: a shorter prefix with width cuts
+    tables = _with_path(spec, lat, qm, path, [0.01, 0.02, 0.04])
+    budget = lo + 0.6 * (hi - lo)
+    assert path_pick(tables, budget) is not None and path_pick(tables, budget).skip
+    assert path_pick(LayerTables.build(lat, qm, spec), budget) is None  # no path measured
+    # with a path, the ladder tries its pick in place of the depth-only one
+    steps = [s for s, _ in ladder(tables, budget, lo + 0.5 * (hi - lo))]
+    assert "knapsack_stretch_path" in steps and not any(s.endswith("_depth") for s in steps)
