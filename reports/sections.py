@@ -295,9 +295,16 @@ def quality_model(a: Artifacts) -> Section:
                        num(m.get("table_seconds"), 0)])
     s.add(t)
     for weights, rec, _ in a.quality:
-        ranking = rec.get("metrics", {}).get("layer_ranking") or []
+        m = rec.get("metrics", {})
+        path = m.get("depth_path") or {}
+        if path.get("layers"):
+            losses = ", ".join(f"{l} (+{v:.3f})" for l, v in zip(path["layers"], path.get("loss", [])))
+            s.add(f"Depth path ({weights_label(weights)}): the layers skipped together at the least loss, in the "
+                  f"order a greedy walk removed them, with the loss increase (nats) of skipping each prefix: "
+                  f"{losses}; {num(path.get('seconds'), 0)} s.")
+        ranking = m.get("layer_ranking") or []
         if ranking:
-            s.add(f"Layers by the loss their removal costs ({weights_label(weights)}), cheapest first: "
+            s.add(f"Layers in the order `depth:K` skips them ({weights_label(weights)}): "
                   f"{', '.join(map(str, ranking))}.")
     return s
 

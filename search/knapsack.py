@@ -135,8 +135,7 @@ def path_pick(tables: LayerTables, budget_ms: float, tries: int = 5) -> SubnetCo
     None without a path or when nothing fits."""
     if not tables.path or tables.skip_ms is None:
         return None
-    fits = [k for k in range(1, len(tables.path) + 1) if _depth_ms(tables, tables.path[:k]) <= budget_ms]
-    last = min(fits) if fits else len(tables.path)
+    last = _shortest_fitting(tables, budget_ms) or len(tables.path)
     best, best_loss = None, math.inf
     for k in range(max(1, last - tries + 1), last + 1):
         cfg = best_under_budget(tables, budget_ms, "width", skipped=tables.path[:k])
@@ -146,6 +145,17 @@ def path_pick(tables: LayerTables, budget_ms: float, tries: int = 5) -> SubnetCo
         if loss < best_loss:
             best, best_loss = cfg, loss
     return best
+
+
+def path_depth_pick(tables: LayerTables, budget_ms: float) -> SubnetConfig | None:
+    """The shortest prefix of the depth path that fits at full width, alone (None without a path or
+    when none fits): the path's depth-only pick, which the scores of width cuts may wrongly pass over."""
+    k = _shortest_fitting(tables, budget_ms) if tables.path and tables.skip_ms is not None else None
+    return tables.spec.depth(tables.path[:k]) if k else None
+
+
+def _shortest_fitting(tables: LayerTables, budget_ms: float) -> int | None:
+    return next((k for k in range(1, len(tables.path) + 1) if _depth_ms(tables, tables.path[:k]) <= budget_ms), None)
 
 
 def _depth_ms(tables: LayerTables, skipped) -> float:
@@ -164,9 +174,11 @@ def _width_loss(tables: LayerTables, cfg: SubnetConfig) -> float:
 
 
 def picks_at(tables: LayerTables, budget_ms: float) -> list[tuple[str, SubnetConfig]]:
-    """The knapsack's distinct picks for one budget in every space: joint, along the depth path, sparse
-    (width cuts penalised per layer), depth-only, width-only. (source, config) pairs in that order."""
-    out = [("knapsack", best_under_budget(tables, budget_ms)), ("knapsack_path", path_pick(tables, budget_ms))]
+    """The knapsack's distinct picks for one budget in every space: joint, along the depth path (with width
+    cuts, then depth alone), sparse (width cuts penalised per layer), depth-only, width-only. (source,
+    config) pairs in that order."""
+    out = [("knapsack", best_under_budget(tables, budget_ms)), ("knapsack_path", path_pick(tables, budget_ms)),
+           ("knapsack_path_depth", path_depth_pick(tables, budget_ms))]
     out += [("knapsack_sparse", best_under_budget(tables, budget_ms, cut_penalty=p)) for p in sparse_penalties(tables)]
     out += [(f"knapsack_{space}", best_under_budget(tables, budget_ms, space)) for space in ("depth", "width")]
     return distinct(out)
@@ -194,8 +206,8 @@ def seeds(tables: LayerTables, budget_ms: float, n: int, spread: float = 0.04) -
 def ladder(tables: LayerTables, budget_ms: float, below_ms: float) -> list[tuple[str, SubnetConfig]]:
     """The knapsack's joint, sparse and depth-only picks at `budget_ms` ("knapsack_stretch*") and halfway
     down to `below_ms` ("knapsack_stretch_half*"): candidates between a budget and the margin below it
-    that a search aims at, for verify to try in loss order; with a depth path, its pick stands in for the
-    depth-only one (which skips by single-layer deltas). (source, config) pairs, without repeats."""
+    that a search aims at, for verify to try in loss order; with a depth path, its depth-only pick stands
+    in for the knapsack's (which skips by single-layer deltas). (source, config) pairs, without repeats."""
     out = []
     leave = {"knapsack_width"} | ({"knapsack_depth"} if tables.path else set())
     for name, at in (("knapsack_stretch", budget_ms), ("knapsack_stretch_half", (budget_ms + below_ms) / 2)):

@@ -479,3 +479,14 @@ def test_uniform_baselines_print_achieved_bandwidth_and_throughput(staged):
             assert _shows(row[j], float(r["achieved_gbps"])) and _shows(row[k], float(r["achieved_tflops"]))
             shown += 1
     assert shown
+
+
+def test_the_quality_section_shows_the_depth_path_and_the_order_depth_k_skips(run):
+    rec = json.loads(next((run / "quality").glob("*/quality_model.json")).read_text())
+    path = rec["metrics"]["depth_path"]
+    assert path["layers"]  # the tiny run's quality stage walked one
+    build_report(ReportConfig(run=str(run)))
+    html = (run / "reports" / "index.html").read_text()
+    first = f"{path['layers'][0]} (+{path['loss'][0]:.3f})"
+    assert "Depth path (" in html and first in html
+    assert "Layers in the order `depth:K` skips them" in html or "Layers in the order <code>depth:K</code>" in html

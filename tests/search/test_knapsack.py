@@ -139,7 +139,7 @@ def test_the_path_pick_is_the_best_prefix_of_the_depth_path_with_widths_cut_else
     is one of them, and no other fitting one scores lower by the prefix's measured loss plus the width
     deltas of the layers it runs. Measured path losses far below the per-layer skip deltas make it skip
     layers the joint pick (per-layer deltas) keeps; without a path there is no path pick."""
-    from search.knapsack import _width_loss, path_pick
+    from search.knapsack import _width_loss, path_depth_pick, path_pick
 
     spec, lat, qm = _models(num_layers=5, seed=2)
     path = [3, 2, 1]
@@ -169,6 +169,15 @@ def test_the_path_pick_is_the_best_prefix_of_the_depth_path_with_widths_cut_else
     budget = lo + 0.6 * (hi - lo)
     assert path_pick(tables, budget) is not None and path_pick(tables, budget).skip
     assert path_pick(LayerTables.build(lat, qm, spec), budget) is None  # no path measured
-    # with a path, the ladder tries its pick in place of the depth-only one
-    steps = [s for s, _ in ladder(tables, budget, lo + 0.5 * (hi - lo))]
-    assert "knapsack_stretch_path" in steps and not any(s.endswith("_depth") for s in steps)
+    # the path's depth-only pick: the shortest prefix that fits at full width
+    k = next(k for k in range(1, 4) if lat.predict_config(spec.depth(path[:k])) <= budget)
+    assert path_depth_pick(tables, budget) == spec.depth(path[:k])
+    assert path_depth_pick(tables, lo - 1.0) is None
+    # with a path, the ladder tries its picks, and its depth-only one in place of the knapsack's
+    steep = _with_path(spec, lat, qm, path, [0.01, 0.6, 2.5])
+    budget = next(b for b in np.linspace(lo, hi, 41)  # where the best-scored prefix cuts widths
+                  if path_pick(steep, b) not in (None, path_depth_pick(steep, b)) and path_depth_pick(steep, b))
+    steps = ladder(steep, budget, lo + 0.5 * (budget - lo))
+    assert ("knapsack_stretch_path", path_pick(steep, budget)) in steps
+    assert ("knapsack_stretch_path_depth", path_depth_pick(steep, budget)) in steps
+    assert not any(s.endswith("_depth") and "path" not in s for s, _ in steps)

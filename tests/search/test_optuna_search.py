@@ -362,8 +362,8 @@ def test_at_a_budget_random_proposals_almost_never_fit_the_search_evaluates_the_
     assert ev["config"].nunique() == 6 and (ev["predicted_latency_ms"] <= b + 1e-9).all()
     infeasible = trials[trials["predicted_latency_ms"] > b + 1e-9]
     assert not infeasible["evaluated"].any()
-    assert (ev["source"].isin(["knapsack", "knapsack_path", "knapsack_sparse", "knapsack_depth", "knapsack_width",
-                               "repair", "uniform", "search"])).all()
+    assert (ev["source"].isin(["knapsack", "knapsack_path", "knapsack_path_depth", "knapsack_sparse", "knapsack_depth",
+                               "knapsack_width", "repair", "uniform", "search"])).all()
     assert per["repaired_here"] + per["seeded"] >= 1
 
 
