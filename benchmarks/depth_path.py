@@ -32,7 +32,8 @@ def main():
     full = math.exp(mean_loss(el, spec.full(), windows))
     print(f"{args.run}: depth path {list(table.path)} (measured in {table.path_seconds} s on the table's "
           f"{table.key.get('calibration')} calibration tokens); single-layer order {solo[:len(table.path)]}")
-    print(f"full model ppl {full:.2f} on {windows[:, 1:].numel()} validation tokens ({torch.get_num_threads()} threads)")
+    print(f"full model ppl {full:.2f} on {windows[:, 1:].numel()} validation tokens "
+          f"({torch.get_num_threads()} threads)")
     print(f"{'k':>3s} {'path: ppl':>10s} {'layers':>32s} {'single deltas: ppl':>19s} {'layers':>32s}")
     for k in range(2, len(table.path) + 1, 2):
         p = math.exp(mean_loss(el, spec.depth(table.path[:k]), windows))

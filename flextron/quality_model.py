@@ -12,12 +12,13 @@ sums of per-layer terms, so a knapsack over the per-layer tables optimises the m
 `layer_ranking` orders layers by the loss their removal costs (Minitron-style depth importance).
 
 Skipped layers do not add up: removing several neighbours costs less than their single-layer deltas
-say, and scattered ones more (SmolLM2: six layers by single deltas 41.4 ppl, six chosen greedily 36.6;
-eight 70.1 against 54.9). `measure_table` therefore also walks a greedy *depth path*: from the full
-model, it skips, one step at a time, the layer whose removal on top of the ones already skipped costs
-the least loss, trying the neighbours of the skipped layers and the cheapest single-layer skips left
-(`PATH_SOLO`), and records each prefix's measured loss. The path orders `layer_ranking` (the `depth:N`
-shorthand) and seeds the search with its prefixes (search.knapsack.path_pick).
+say, and scattered ones more (SmolLM2 one-shot, 16k validation tokens: six layers by single deltas
+42.9 ppl, along the path below 39.5; eight 64.9 against 53.0: benchmarks/depth_path.py).
+`measure_table` therefore also walks a greedy *depth path*: from the full model, it skips, one step at
+a time, the layer whose removal on top of the ones already skipped costs the least loss, trying the
+neighbours of the skipped layers and the cheapest single-layer skips left (`PATH_SOLO`), and records
+each prefix's measured loss. The path orders `layer_ranking` (the `depth:N` shorthand) and seeds the
+search with its prefixes (search.knapsack.path_pick, path_depth_pick).
 """
 
 from __future__ import annotations

@@ -161,8 +161,9 @@ def _shortest_fitting(tables: LayerTables, budget_ms: float) -> int | None:
 def _depth_ms(tables: LayerTables, skipped) -> float:
     """Predicted ms of the full-width model with the layers in `skipped` skipped."""
     skipped = set(skipped)
-    return tables.fixed_ms + float(sum(tables.skip_ms[l] if l in skipped else tables.attn_ms[l, -1] + tables.mlp_ms[l, -1]
-                                       for l in range(tables.spec.num_layers)))
+    per_layer = [tables.skip_ms[l] if l in skipped else tables.attn_ms[l, -1] + tables.mlp_ms[l, -1]
+                 for l in range(tables.spec.num_layers)]
+    return tables.fixed_ms + float(sum(per_layer))
 
 
 def _width_loss(tables: LayerTables, cfg: SubnetConfig) -> float:
