@@ -205,8 +205,8 @@ def seeds(tables: LayerTables, budget_ms: float, n: int, spread: float = 0.04) -
 
 
 def ladder(tables: LayerTables, budget_ms: float, below_ms: float) -> list[tuple[str, SubnetConfig]]:
-    """The knapsack's joint, sparse and depth-only picks at `budget_ms` ("knapsack_stretch*") and halfway
-    down to `below_ms` ("knapsack_stretch_half*"): candidates between a budget and the margin below it
+    """The knapsack's joint, depth-path, sparse and depth-only picks at `budget_ms` ("knapsack_stretch*") and
+    halfway down to `below_ms` ("knapsack_stretch_half*"): candidates between a budget and the margin below it
     that a search aims at, for verify to try in loss order; with a depth path, its depth-only pick stands
     in for the knapsack's (which skips by single-layer deltas). (source, config) pairs, without repeats."""
     out = []

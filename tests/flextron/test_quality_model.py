@@ -123,3 +123,25 @@ def test_the_depth_path_skips_the_cheapest_layer_on_top_of_the_ones_before(tmp_p
     again = QualityTable.from_dict(table.to_dict())
     assert again.path == table.path and again.path_loss == table.path_loss
     assert measure_table(elastic, ids).path == ()  # no steps asked, none walked
+    from search.quality_fit import QualityConfig
+
+    with pytest.raises(FlextronError, match="--depth-path must be >= -1, got -2"):
+        QualityConfig(run=str(tmp_path / "r"), depth_path=-2)
+
+
+def test_a_table_kept_from_before_the_depth_path_gets_one_without_being_measured_again(tiny_run, tmp_path):
+    import json
+    import shutil
+
+    from search.quality_fit import QualityConfig, quality
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    small = dict(run=str(run), calib_windows=1, calib_seq_len=16, eval_windows=1, eval_seq_len=16, fit_configs=4,
+                 heldout_configs=3, device="cpu")
+    first = quality(QualityConfig(**small, depth_path=0))  # as a table measured before the path
+    assert first["depth_path"]["layers"] == [] and not first["table_reused"]
+    again = quality(QualityConfig(**small))  # the default: a third of the (3) layers
+    assert again["table_reused"] and len(again["depth_path"]["layers"]) == 1
+    table = json.loads((run / "quality" / "elastic" / "quality_table.json").read_text())
+    assert table["path"] == again["depth_path"]["layers"] and table["seconds"] == first["table_seconds"]
