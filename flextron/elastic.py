@@ -80,7 +80,7 @@ def spec_from_model(model, alignment: int, mlp_choices: int, head_choices: int) 
 #: residual stream (Wanda's |W|*||X|| per output channel); "activation": its mean absolute activation
 #: alone (Minitron). Measured on SmolLM2 (benchmarks/ranking_quality.py): "output" keeps uniform
 #: 90/75/50% MLP widths nearer the full model. Heads are scored by their activation either way
-#: (weighting them by o_proj's norm ranked worse there).
+#: (weighting them by o_proj's norm ranked worse in an ad-hoc try, not a committed benchmark).
 MLP_SCORES = ("output", "activation")
 
 
