@@ -48,8 +48,16 @@ def test_eval_serves_the_dynamic_routers_verdict_and_times_it(routed_run, capsys
     mid["serve"] = "dynamic"
     mid["selection"]["dynamic"] = {"loss": 1.0, "ratio": 0.5, "point": {f: mid[f] for f in (
         "router_frac", "heads", "shift", "fixed_layers", "expected_frac")}}
+    # and the top budget's verdict dynamic with the routing calibrated lower (what a calibration that measured
+    # the lower routing within the top budget decides): it serves that routing at its expected latency
+    top = calibrated_point(calib, calib[-1]["router_frac"])
+    top["serve"] = "dynamic"
+    top["selection"]["dynamic"] = {**mid["selection"]["dynamic"], "point": dict(mid["selection"]["dynamic"]["point"])}
+    # and one verdict static (the tiny model's usual verdict, forced so it does not hang on the timing)
+    low = next(c for c in calib[: len(calib) // 2] if calibrated_point(calib, c["router_frac"]) is c)
+    low["serve"] = "static"
     path.write_text(json.dumps({**meta, "dynamic_calibration": calib}))
-    for point in (calibrated_point(calib, calib[-1]["router_frac"]), mid):
+    for point in (top, mid, low):
         budget_ms = point["router_frac"] * meta["table"]["full_ms"] * 1.0001  # just above the calibrated point
         code, res = _eval(capsys, "--run", str(run), "--router", "dynamic", "--budget-ms", str(budget_ms),
                           "--windows", "2", "--seq-len", "32", "--rounds", "2", "--reps", "2")
@@ -61,6 +69,7 @@ def test_eval_serves_the_dynamic_routers_verdict_and_times_it(routed_run, capsys
         # lower one; which one depends on the calibration's timing), expected where it was calibrated
         routed = point["selection"]["dynamic"]["point"] if point["serve"] == "dynamic" else None
         expected = routed["expected_frac"] if routed else res["expected_frac"]
+        assert res["served"]["routed_at"] == (routed["router_frac"] if routed else None)
         assert res["expected_ms"] == pytest.approx(expected * meta["table"]["full_ms"], rel=1e-3)
         assert res["rounds"] == 2 and res["ratio_noise_floor_pct"] >= 0
     # the top budget serves the full widths (dynamic routing at every widest choice, or the full config)
