@@ -139,7 +139,7 @@ class QualityTable:
 
 class _Suffix:
     """Runs the model from layer l onwards on captured inputs: each single-layer change shares the
-    computation below l of the config the inputs were captured under (the full model, or `capture`'s)."""
+    full model's computation below l (the depth path replaces `inputs` with its own as it goes)."""
 
     def __init__(self, elastic, ids):
         import torch
@@ -147,13 +147,6 @@ class _Suffix:
         self.torch, self.elastic, self.ids = torch, elastic, ids
         model = elastic.model
         self.layers = elastic._all_layers
-        self.base = self.capture(elastic.spec.full())
-        self.norm = model.model.norm
-        self.cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-style logit capping
-
-    def capture(self, cfg: SubnetConfig) -> float:
-        """Run `cfg` whole, keep every running layer's input, and return its loss."""
-        torch = self.torch
         self.inputs: dict[int, tuple] = {}
         hooks = []
         for i, layer in enumerate(self.layers):
@@ -161,11 +154,13 @@ class _Suffix:
                 self.inputs[i] = (args[0], {k: v for k, v in kwargs.items() if k != "hidden_states"})
             hooks.append(layer.register_forward_pre_hook(grab, with_kwargs=True))
         try:
-            with torch.no_grad(), self.elastic.use(cfg):
-                return self._loss(self.elastic.model(input_ids=self.ids, use_cache=False).logits)
+            with torch.no_grad(), elastic.use(elastic.spec.full()):
+                self.base = self._loss(model(input_ids=ids, use_cache=False).logits)
         finally:
             for h in hooks:
                 h.remove()
+        self.norm = model.model.norm
+        self.cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma-style logit capping
 
     def _loss(self, logits) -> float:
         import torch.nn.functional as F
@@ -174,9 +169,8 @@ class _Suffix:
         return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.ids[:, 1:].reshape(-1)))
 
     def loss(self, cfg: SubnetConfig, first: int, record: dict | None = None) -> float:
-        """Loss of `cfg`, which equals the captured config below layer `first` (and runs layer `first`
-        or skips it). `record`, when given, receives the input of every layer it runs (what `capture`
-        of `cfg` would keep from `first` on)."""
+        """Loss of `cfg`, which equals the config the inputs were captured under below layer `first` (and
+        runs layer `first` or skips it). `record`, when given, receives the input of every layer it runs."""
         torch = self.torch
         el = self.elastic
         with torch.no_grad(), el.use(cfg):
@@ -238,13 +232,12 @@ def with_depth_path(table: QualityTable, elastic, windows, steps: int, progress=
     import dataclasses
     import time
 
-    if steps <= 0:
-        return table
+    if steps <= 0:  # none asked: no path (a kept one is dropped)
+        return dataclasses.replace(table, path=(), path_loss=(), path_seconds=0.0)
     t0 = time.perf_counter()
     run = run or _Suffix(elastic, windows.to(elastic.device))
     path, losses = depth_path(run, elastic.spec, list(table.skip), steps, progress)
-    base_shift = run.base - table.base_loss  # 0 for the same windows and weights
-    return dataclasses.replace(table, path=tuple(path), path_loss=tuple(v + base_shift for v in losses),
+    return dataclasses.replace(table, path=tuple(path), path_loss=tuple(losses),
                                path_seconds=round(time.perf_counter() - t0, 2))
 
 
@@ -260,11 +253,11 @@ def path_candidates(skipped: list[int], solo: list[float], num_layers: int) -> l
 
 def depth_path(run: _Suffix, spec: ElasticSpec, solo: list[float], steps: int, progress=None):
     """The greedy depth path (see the module's doc): at most `steps` layers, each the candidate whose
-    removal on top of the ones before costs the least measured loss. Returns (layers, loss deltas)."""
+    removal on top of the ones before costs the least measured loss. `run` holds the full model's inputs
+    (it is left holding the path's). Returns (layers, loss deltas)."""
     path, losses = [], []
     steps = min(steps, spec.num_layers - 1)
     bar = progress(total=steps, desc="quality: depth path") if progress and steps else None
-    run.capture(spec.full())
     for _ in range(steps):
         cands = path_candidates(path, solo, spec.num_layers)
         if not cands:

@@ -179,12 +179,11 @@ def quality(cfg: QualityConfig) -> dict:
             print(f"flextron quality: measuring the table again: {e}", file=sys.stderr)
     reused = table is not None
     steps = spec.num_layers // 3 if cfg.depth_path < 0 else cfg.depth_path
-    windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.calib_seq_len,
-                            cfg.calib_windows, corpus)
-    if table is None:
-        table = measure_table(elastic, windows, key, progress=progress, path_steps=steps)
-    elif len(table.path) != min(steps, spec.num_layers - 1):  # a table kept from before, or another length
-        table = with_depth_path(table, elastic, windows, steps, progress)
+    if table is None or len(table.path) != min(steps, spec.num_layers - 1):  # new, or kept without this path
+        windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.calib_seq_len,
+                                cfg.calib_windows, corpus)
+        table = (measure_table(elastic, windows, key, progress=progress, path_steps=steps) if table is None
+                 else with_depth_path(table, elastic, windows, steps, progress))
     evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len,
                                  corpus=corpus, tag=wtag)
     # sampled along the single-layer ranking, as before the depth path (held-out scores stay comparable)

@@ -145,3 +145,4 @@ def test_a_table_kept_from_before_the_depth_path_gets_one_without_being_measured
     assert again["table_reused"] and len(again["depth_path"]["layers"]) == 1
     table = json.loads((run / "quality" / "elastic" / "quality_table.json").read_text())
     assert table["path"] == again["depth_path"]["layers"] and table["seconds"] == first["table_seconds"]
+    assert quality(QualityConfig(**small, depth_path=0))["depth_path"]["layers"] == []  # 0: none, as it says
