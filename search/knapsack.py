@@ -216,6 +216,30 @@ def ladder(tables: LayerTables, budget_ms: float, below_ms: float) -> list[tuple
     return distinct(out)
 
 
+def deep_rung(tables: LayerTables, budget_ms: float) -> list[tuple[str, SubnetConfig]]:
+    """The joint and the depth path's depth-only picks at `budget_ms` as "knapsack_deep*": a search with a
+    margin seeds them as far below the margin as the margin is below the budget, so where a measuring session
+    runs slower relative to the full model than the profile did (a shift of several % between sessions on a
+    noisy machine), verify still finds a candidate of this budget that fits before it takes the next lower
+    budget's. (source, config) pairs, without repeats."""
+    keep = ("knapsack", "knapsack_path_depth")
+    return [(src.replace("knapsack", "knapsack_deep"), c) for src, c in picks_at(tables, budget_ms) if src in keep]
+
+
+def budget_seeds(tables: LayerTables, raw_ms: float, budget_ms: float, n: int, floor_ms: float = 0.0):
+    """A budget's seeds in the order a search enqueues them. With a margin (`budget_ms`, the search's target,
+    below `raw_ms`, the budget itself): the ladder from the budget halfway down to the margin (verify tries
+    them in loss order), the margin's joint and depth-path picks, the deep rung one margin further down
+    (not below `floor_ms`), then the margin's other spaces. Without one: `n` joint picks spread down from
+    the budget, then every space's pick there. (source, config) pairs, without repeats."""
+    if raw_ms <= budget_ms:
+        return seeds(tables, budget_ms, n)
+    below = seeds(tables, budget_ms, 1)
+    first = [p for p in below if p[0] in ("knapsack", "knapsack_path", "knapsack_path_depth")]
+    deep = deep_rung(tables, max(budget_ms - (raw_ms - budget_ms), floor_ms))
+    return distinct(ladder(tables, raw_ms, budget_ms) + first + deep + below)
+
+
 def repair(tables: LayerTables, cfg: SubnetConfig, budget_ms: float, predict) -> SubnetConfig | None:
     """`cfg` made to fit `budget_ms` (by `predict`, the latency model's ms) by the cheapest changes in
     predicted loss per ms saved; `cfg` itself when it fits; None when nothing more can be cut."""

@@ -151,14 +151,16 @@ def search_budget(
     depth-only picks at the budget itself and halfway down to the margin are seeded first
     ("knapsack_stretch*", "knapsack_stretch_half*"): predicted within it but not `margin` below it, they are
     what verify measures first, so a pick does not leave the margin unused where it measures within (verify
-    falls back to the next best where it does not). Without `tables` an over-budget
+    falls back to the next best where it does not); after the margin's own picks, the joint and depth-path
+    picks one margin further down ("knapsack_deep*", `search.knapsack.deep_rung`) are this budget's candidates
+    for a verify session that measures slower than the profile. Without `tables` an over-budget
     proposal is told as a constraint violation and never evaluated. A repeat of a config already
     evaluated is told its cached loss and not counted; a config another worker is evaluating right
     now is skipped (told as failed). Returns what happened, including why it stopped."""
     import optuna
 
     from profiler.latency_model import encode
-    from search.knapsack import distinct, ladder, repair, seeds
+    from search.knapsack import budget_seeds, distinct, repair
 
     # on the median scale the latency model predicts, `margin` below the budget (never below the fastest config)
     budget_ms = max(budget["budget_ms"] / tail * (1 - margin), floor_ms)
@@ -184,14 +186,13 @@ def search_budget(
         # joint, sparse and depth-only picks at the budget itself go first ("knapsack_stretch*"), then
         # those halfway down to the margin ("knapsack_stretch_half*"): verify tries the candidates in loss
         # order and falls back to the ones below the margin only where these measure over, so the budget
-        # is used. Real evaluations arbitrate between the spaces; TPE proposes the rest.
+        # is used; after the margin's joint and path picks, one rung a margin further down ("knapsack_deep*")
+        # for a verify session that measures slower than the profile did. Real evaluations arbitrate between
+        # the spaces; TPE proposes the rest.
         # Workers starting together may both seed: the repeat is then told its cached loss, not re-evaluated.
         queue = []
         if tables is not None:
-            if raw_ms > budget_ms:  # from the budget halfway down to the margin: verify tries them in loss order
-                queue += ladder(tables, raw_ms, budget_ms)
-            # below the margin: the joint picks spread down from it (one when the ladder above takes the room)
-            queue += seeds(tables, budget_ms, 1 if raw_ms > budget_ms else max(1, cfg.trials // 4))
+            queue += budget_seeds(tables, raw_ms, budget_ms, max(1, cfg.trials // 4), floor_ms)
         if routers is not None:  # the trained static router's answer for this budget goes first
             queue.insert(0, ("router", routers.config_for(budget_ms, lat_model.predict_config)))
         uniform = spec.uniform_configs()

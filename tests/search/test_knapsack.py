@@ -5,7 +5,16 @@ import numpy as np
 from flextron.quality_model import QualityModel, QualityTable
 from flextron.spec import ElasticSpec, SubnetConfig
 from profiler.latency_model import LatencyModel, encode
-from search.knapsack import LayerTables, best_under_budget, ladder, picks_at, repair, seeds, sparse_penalties
+from search.knapsack import (
+    LayerTables,
+    best_under_budget,
+    budget_seeds,
+    ladder,
+    picks_at,
+    repair,
+    seeds,
+    sparse_penalties,
+)
 
 
 def _models(num_layers=3, seed=0):
@@ -125,6 +134,41 @@ def test_the_ladder_holds_picks_at_the_budget_and_halfway_down_to_the_margin():
     assert any(lat.predict_config(c) > (budget + below) / 2 for _, c in top)  # the top rung uses the room above
     depth = [c for s, c in steps if s.endswith("_depth")]
     assert all(c.mlp_width == spec.full().mlp_width and c.heads == spec.full().heads for c in depth)
+
+
+def test_with_a_margin_one_more_rung_below_it_is_seeded_before_the_other_spaces():
+    """A verify session may measure every config a few % slower relative to the full model than the profile
+    did: then neither the ladder nor the margin's picks fit, and without more a budget's row comes from the
+    next lower budget's candidates. After the ladder and the margin's joint and path picks, the joint and
+    depth-path picks one margin further down ("knapsack_deep*", each the exact best of its space there) are
+    seeded, before the margin's other spaces; never below the floor; without a margin, the plain seeds."""
+    from search.knapsack import path_depth_pick
+
+    spec, lat, qm = _models(num_layers=6)
+    tables = _with_path(spec, lat, qm, [4, 1, 2], [0.2, 0.5, 0.9])
+    lo, hi = lat.range_ms(spec)
+    raw = lo + 0.8 * (hi - lo)
+    target = raw * 0.9
+    got = budget_seeds(tables, raw, target, 3)
+    names = [s for s, _ in got]
+    assert len({c for _, c in got}) == len(got)
+    assert got[: len(ladder(tables, raw, target))] == ladder(tables, raw, target)
+    deep = dict((s, c) for s, c in got if s.startswith("knapsack_deep"))
+    assert deep, names
+    for s, c in deep.items():
+        assert lat.predict_config(c) <= target - (raw - target) + 1e-9
+    assert deep.get("knapsack_deep") in (None, best_under_budget(tables, target - (raw - target)))
+    assert deep.get("knapsack_deep_path_depth") in (None, path_depth_pick(tables, target - (raw - target)))
+    last_deep = max(i for i, s in enumerate(names) if s.startswith("knapsack_deep"))
+    others = [i for i, s in enumerate(names) if s in ("knapsack_sparse", "knapsack_depth", "knapsack_width")]
+    assert not others or last_deep < min(others), names
+    first_deep = min(i for i, s in enumerate(names) if s.startswith("knapsack_deep"))
+    assert all(s.startswith("knapsack_stretch") or s in ("knapsack", "knapsack_path", "knapsack_path_depth")
+               for s in names[:first_deep]), names
+    floor = target - 0.2 * (raw - target)  # the deep rung never goes below the fastest config
+    assert all(lat.predict_config(c) <= floor + 1e-9 for s, c in budget_seeds(tables, raw, target, 3, floor)
+               if s.startswith("knapsack_deep"))
+    assert budget_seeds(tables, target, target, 3) == seeds(tables, target, 3)
 
 
 def _with_path(spec, lat, qm, path, d_path):
