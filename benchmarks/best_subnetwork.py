@@ -121,7 +121,8 @@ def main():
         qm = json.loads((run / "quality" / "elastic" / "quality_model.json").read_text())["metrics"]
         print(f"\nrun {run}: ratio noise floor {floor['ratio_noise_floor_pct']}% ({args.rounds} rounds x {args.reps}); "
               f"full-model ppl {ppl(spec.full()):.2f} on {windows[:, 1:].numel()} validation tokens; quality model "
-              f"held-out Spearman {qm['heldout']['spearman']} on {qm['heldout']['n']} configs "
+              f"held-out Spearman {qm['heldout']['spearman']} (90% interval {qm['heldout'].get('spearman_ci90')}) on "
+              f"{qm['heldout']['n']} configs "
               f"(additive {qm['heldout']['spearman_additive']}), "
               f"table {qm['table_seconds']} s, depth path {qm.get('depth_path', {}).get('layers')} "
               f"{qm.get('depth_path', {}).get('seconds')} s")

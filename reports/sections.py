@@ -285,12 +285,15 @@ def quality_model(a: Artifacts) -> Section:
     if not a.quality:
         s.missing = f"`{_cmd(a, 'quality')}` measures the table and scores the model"
         return s
-    t = Table(["weights", "held-out Spearman", "additive alone", "mean abs error (nats)", "held out", "fitted on",
-               "form", "table s"])
+    t = Table(["weights", "held-out Spearman", "90% interval", "additive alone", "mean abs error (nats)", "held out",
+               "fitted on", "form", "table s"])
     for weights, rec, _ in a.quality:
         m = rec.get("metrics", {})
         h = m.get("heldout", {})
-        t.rows.append([weights_label(weights), frac(h.get("spearman")), frac(h.get("spearman_additive")),
+        ci = h.get("spearman_ci90") or [None, None]
+        t.rows.append([weights_label(weights), frac(h.get("spearman")),
+                       Cell("–" if None in ci else f"{frac(ci[0]).text}–{frac(ci[1]).text}", num=True),
+                       frac(h.get("spearman_additive")),
                        num(h.get("mae_loss"), 3), count(h.get("n")), count(m.get("fit_configs")), str(m.get("form")),
                        num(m.get("table_seconds"), 0)])
     s.add(t)

@@ -146,3 +146,21 @@ def test_a_table_kept_from_before_the_depth_path_gets_one_without_being_measured
     table = json.loads((run / "quality" / "elastic" / "quality_table.json").read_text())
     assert table["path"] == again["depth_path"]["layers"] and table["seconds"] == first["table_seconds"]
     assert quality(QualityConfig(**small, depth_path=0))["depth_path"]["layers"] == []  # 0: none, as it says
+
+
+def test_the_held_out_spearmans_interval_is_the_bootstrap_over_the_held_out_configs():
+    """The interval is the 5th-95th percentile of Spearman over resamples of the held-out configs, the same as
+    scipy's Spearman on each resample; a model that ranks every config right has [1, 1]."""
+    from scipy.stats import spearmanr
+
+    from search.quality_fit import spearman_interval
+
+    rng = np.random.default_rng(1)
+    y = rng.normal(size=30)
+    p = y + rng.normal(scale=0.8, size=30)
+    lo, hi = spearman_interval(y, p, seed=3, n=400)
+    idx = np.random.default_rng(3).integers(0, 30, size=(400, 30))
+    rho = [spearmanr(y[i], p[i]).statistic for i in idx]
+    assert (lo, hi) == tuple(round(float(v), 4) for v in np.quantile(rho, [0.05, 0.95]))
+    assert lo < spearmanr(y, p).statistic < hi and hi - lo > 0.1
+    assert spearman_interval(y, 2 * y + 1) == [1.0, 1.0]

@@ -490,3 +490,15 @@ def test_the_quality_section_shows_the_depth_path_and_the_order_depth_k_skips(ru
     first = f"{path['layers'][0]} (+{path['loss'][0]:.3f})"
     assert "Depth path (" in html and first in html
     assert "Layers in the order `depth:K` skips them" in html or "Layers in the order <code>depth:K</code>" in html
+
+
+def test_the_quality_section_shows_the_held_out_spearman_with_its_interval(run):
+    """The stage scores the model on 30 configs: which 30 moves the score by hundredths, so the report shows
+    the bootstrap interval the stage recorded beside the score."""
+    rec = json.loads(next((run / "quality").glob("*/quality_model.json")).read_text())
+    h = rec["metrics"]["heldout"]
+    lo, hi = h["spearman_ci90"]
+    assert lo <= h["spearman"] + 1e-9 and hi >= lo
+    build_report(ReportConfig(run=str(run)))
+    (table,) = [t for t in _page(run).in_section("quality-model") if "held-out Spearman" in t["header"]]
+    assert table["rows"][0][table["header"].index("90% interval")] == f"{lo:.3f}–{hi:.3f}"
