@@ -49,7 +49,7 @@ class QualityConfig:
     seed: int = 0  #: seed of the sampled configs
     device: str = "auto"  #: cpu, cuda, cuda:N, or auto (CUDA when present)
     #: steps of the greedy depth path measured with the table (the layers skipping costs least together, in
-    #: order; it ranks layers for `depth:N` and seeds the search); -1: a third of the layers; 0: none
+    #: order; it ranks layers for `depth:N` and seeds the search); -1: half of the layers; 0: none
     depth_path: int = -1
     restart: bool = False  #: measure the table again even when one with the same key is kept
 
@@ -197,7 +197,7 @@ def quality(cfg: QualityConfig) -> dict:
         except FlextronError as e:
             print(f"flextron quality: measuring the table again: {e}", file=sys.stderr)
     reused = table is not None
-    steps = spec.num_layers // 3 if cfg.depth_path < 0 else cfg.depth_path
+    steps = spec.num_layers // 2 if cfg.depth_path < 0 else cfg.depth_path
     if table is None or len(table.path) != min(steps, spec.num_layers - 1):  # new, or kept without this path
         windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.calib_seq_len,
                                 cfg.calib_windows, corpus)
