@@ -226,18 +226,28 @@ def deep_rung(tables: LayerTables, budget_ms: float) -> list[tuple[str, SubnetCo
     return [(src.replace("knapsack", "knapsack_deep"), c) for src, c in picks_at(tables, budget_ms) if src in keep]
 
 
+MAIN_SPACES = ("knapsack", "knapsack_path", "knapsack_path_depth")  # the joint and depth-path picks of a rung
+
+
 def budget_seeds(tables: LayerTables, raw_ms: float, budget_ms: float, n: int, floor_ms: float = 0.0):
-    """A budget's seeds in the order a search enqueues them. With a margin (`budget_ms`, the search's target,
-    below `raw_ms`, the budget itself): the ladder from the budget halfway down to the margin (verify tries
-    them in loss order), the margin's joint and depth-path picks, the deep rung one margin further down
-    (not below `floor_ms`), then the margin's other spaces. Without one: `n` joint picks spread down from
-    the budget, then every space's pick there. (source, config) pairs, without repeats."""
+    """A budget's seeds in the order a search enqueues them (a study with few trials keeps the first). With a
+    margin (`budget_ms`, the search's target, below `raw_ms`, the budget itself): the joint and depth-path picks
+    of every rung first, from the budget down (the ladder's two rungs, verify tries them in loss order; the
+    margin; the deep rung one margin further down, not below `floor_ms`), then the ladder's and the margin's
+    other spaces (sparse, depth-only, width-only: never a budget's best in sessions 13-14's five-budget runs).
+    Without one: `n` joint picks spread down from the budget, then every space's pick there. (source,
+    config) pairs, without repeats."""
     if raw_ms <= budget_ms:
         return seeds(tables, budget_ms, n)
-    below = seeds(tables, budget_ms, 1)
-    first = [p for p in below if p[0] in ("knapsack", "knapsack_path", "knapsack_path_depth")]
+    steps, below = ladder(tables, raw_ms, budget_ms), seeds(tables, budget_ms, 1)
     deep = deep_rung(tables, max(budget_ms - (raw_ms - budget_ms), floor_ms))
-    return distinct(ladder(tables, raw_ms, budget_ms) + first + deep + below)
+
+    def main(pairs, prefix):
+        return [(s, c) for s, c in pairs if s in tuple(p.replace("knapsack", prefix) for p in MAIN_SPACES)]
+
+    first = (main(steps, "knapsack_stretch") + main(steps, "knapsack_stretch_half") + main(below, "knapsack")
+             + deep)
+    return distinct(first + steps + below)
 
 
 def repair(tables: LayerTables, cfg: SubnetConfig, budget_ms: float, predict) -> SubnetConfig | None:

@@ -147,13 +147,13 @@ def search_budget(
     given, seed the study with the knapsack's best configs under the budget (joint, depth-only and
     width-only) and repair every proposal the latency model puts over budget: the repaired config is
     evaluated and added to the study as its own trial, the proposal is told as infeasible, so no
-    proposal that does not fit is ever evaluated and none is wasted. With a `margin`, the joint, sparse and
-    depth-only picks at the budget itself and halfway down to the margin are seeded first
-    ("knapsack_stretch*", "knapsack_stretch_half*"): predicted within it but not `margin` below it, they are
-    what verify measures first, so a pick does not leave the margin unused where it measures within (verify
-    falls back to the next best where it does not); after the margin's own picks, the joint and depth-path
-    picks one margin further down ("knapsack_deep*", `search.knapsack.deep_rung`) are this budget's candidates
-    for a verify session that measures slower than the profile. Without `tables` an over-budget
+    proposal that does not fit is ever evaluated and none is wasted. With a `margin`, the picks at the budget
+    itself and halfway down to the margin are seeded first ("knapsack_stretch*", "knapsack_stretch_half*"):
+    predicted within it but not `margin` below it, they are what verify measures first, so a pick does not
+    leave the margin unused where it measures within (verify falls back to the next best where it does not);
+    the picks one margin below the margin ("knapsack_deep*", `search.knapsack.deep_rung`) are this budget's
+    candidates for a verify session that measures slower than the profile (`search.knapsack.budget_seeds`
+    orders them all). Without `tables` an over-budget
     proposal is told as a constraint violation and never evaluated. A repeat of a config already
     evaluated is told its cached loss and not counted; a config another worker is evaluating right
     now is skipped (told as failed). Returns what happened, including why it stopped."""
@@ -183,12 +183,12 @@ def search_budget(
         # Seeds: the knapsack's picks (the quality model's best guesses under the budget; sparse ones that
         # concentrate width cuts in few layers; depth- and width-only ones), the router's answer, and the
         # largest fitting uniform config, the baseline the search must beat anyway. With a margin, the
-        # joint, sparse and depth-only picks at the budget itself go first ("knapsack_stretch*"), then
-        # those halfway down to the margin ("knapsack_stretch_half*"): verify tries the candidates in loss
-        # order and falls back to the ones below the margin only where these measure over, so the budget
-        # is used; after the margin's joint and path picks, one rung a margin further down ("knapsack_deep*")
-        # for a verify session that measures slower than the profile did. Real evaluations arbitrate between
-        # the spaces; TPE proposes the rest.
+        # joint and depth-path picks of four rungs go first (`budget_seeds`): at the budget itself
+        # ("knapsack_stretch*"), halfway down to the margin ("knapsack_stretch_half*"), at the margin, and
+        # a margin further down ("knapsack_deep*"), then the other spaces' picks: verify tries the candidates
+        # in loss order and falls back to the lower rungs only where the upper ones measure over, so the
+        # budget is used, and a verify session that measures slower than the profile did still finds this
+        # budget's candidate. Real evaluations arbitrate between the spaces; TPE proposes the rest.
         # Workers starting together may both seed: the repeat is then told its cached loss, not re-evaluated.
         queue = []
         if tables is not None:

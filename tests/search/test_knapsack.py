@@ -136,12 +136,13 @@ def test_the_ladder_holds_picks_at_the_budget_and_halfway_down_to_the_margin():
     assert all(c.mlp_width == spec.full().mlp_width and c.heads == spec.full().heads for c in depth)
 
 
-def test_with_a_margin_one_more_rung_below_it_is_seeded_before_the_other_spaces():
+def test_with_a_margin_every_rungs_main_picks_come_first_down_to_one_rung_below_the_margin():
     """A verify session may measure every config a few % slower relative to the full model than the profile
     did: then neither the ladder nor the margin's picks fit, and without more a budget's row comes from the
-    next lower budget's candidates. After the ladder and the margin's joint and path picks, the joint and
-    depth-path picks one margin further down ("knapsack_deep*", each the exact best of its space there) are
-    seeded, before the margin's other spaces; never below the floor; without a margin, the plain seeds."""
+    next lower budget's candidates. The joint and depth-path picks of every rung come first, from the budget
+    down: the ladder's two rungs, the margin, and one margin further down ("knapsack_deep*", each the exact
+    best of its space there); then the other spaces' picks (a study with few trials keeps the first). Never
+    below the floor; without a margin, the plain seeds."""
     from search.knapsack import path_depth_pick
 
     spec, lat, qm = _models(num_layers=6)
@@ -149,22 +150,23 @@ def test_with_a_margin_one_more_rung_below_it_is_seeded_before_the_other_spaces(
     lo, hi = lat.range_ms(spec)
     raw = lo + 0.8 * (hi - lo)
     target = raw * 0.9
+    deep_at = target - (raw - target)
     got = budget_seeds(tables, raw, target, 3)
     names = [s for s, _ in got]
     assert len({c for _, c in got}) == len(got)
-    assert got[: len(ladder(tables, raw, target))] == ladder(tables, raw, target)
+    assert {c for _, c in got} >= {c for _, c in ladder(tables, raw, target)} | {c for _, c in seeds(tables, target, 1)}
     deep = dict((s, c) for s, c in got if s.startswith("knapsack_deep"))
     assert deep, names
-    for s, c in deep.items():
-        assert lat.predict_config(c) <= target - (raw - target) + 1e-9
-    assert deep.get("knapsack_deep") in (None, best_under_budget(tables, target - (raw - target)))
-    assert deep.get("knapsack_deep_path_depth") in (None, path_depth_pick(tables, target - (raw - target)))
-    last_deep = max(i for i, s in enumerate(names) if s.startswith("knapsack_deep"))
-    others = [i for i, s in enumerate(names) if s in ("knapsack_sparse", "knapsack_depth", "knapsack_width")]
-    assert not others or last_deep < min(others), names
-    first_deep = min(i for i, s in enumerate(names) if s.startswith("knapsack_deep"))
-    assert all(s.startswith("knapsack_stretch") or s in ("knapsack", "knapsack_path", "knapsack_path_depth")
-               for s in names[:first_deep]), names
+    assert all(lat.predict_config(c) <= deep_at + 1e-9 for c in deep.values())
+    assert deep.get("knapsack_deep") in (None, best_under_budget(tables, deep_at))
+    assert deep.get("knapsack_deep_path_depth") in (None, path_depth_pick(tables, deep_at))
+    main = [i for i, s in enumerate(names) if s.split("_")[-1] not in ("sparse", "depth", "width")
+            or s.endswith("path_depth")]
+    assert main == list(range(len(main))), names  # every rung's joint and path picks before any other space
+    rung = [0 if s.startswith("knapsack_stretch_half") else -1 if s.startswith("knapsack_stretch") else
+            2 if s.startswith("knapsack_deep") else 1 for s in names[: len(main)]]
+    assert rung == sorted(rung), names  # from the budget down
+    assert all(lat.predict_config(c) <= target + 1e-9 for s, c in got if not s.startswith("knapsack_stretch"))
     floor = target - 0.2 * (raw - target)  # the deep rung never goes below the fastest config
     assert all(lat.predict_config(c) <= floor + 1e-9 for s, c in budget_seeds(tables, raw, target, 3, floor)
                if s.startswith("knapsack_deep"))
