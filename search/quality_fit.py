@@ -93,7 +93,7 @@ def sample_configs(spec, ranking: list[int], n: int, seed: int) -> list[SubnetCo
     return out
 
 
-def spearman_interval(y, p, seed: int = 0, n: int = 2000) -> list[float]:
+def spearman_interval(y, p, seed: int = 0, n: int = 2000) -> list[float | None]:
     """The 5th and 95th percentiles of the Spearman correlation of `y` and `p` over bootstrap resamples of
     the configs: how much the score depends on which configs happened to be held out (30 configs leave
     several hundredths either way)."""
@@ -107,8 +107,8 @@ def spearman_interval(y, p, seed: int = 0, n: int = 2000) -> list[float]:
     den = np.sqrt((ry ** 2).sum(1) * (rp ** 2).sum(1))
     rho = np.divide((ry * rp).sum(1), den, out=np.full(n, np.nan), where=den > 0)
     rho = rho[np.isfinite(rho)]
-    if not len(rho):
-        return [float("nan"), float("nan")]
+    if not len(rho):  # every resample tied (too few distinct configs): no interval
+        return [None, None]
     return [round(float(v), 4) for v in np.quantile(rho, [0.05, 0.95])]
 
 

@@ -164,3 +164,4 @@ def test_the_held_out_spearmans_interval_is_the_bootstrap_over_the_held_out_conf
     assert (lo, hi) == tuple(round(float(v), 4) for v in np.quantile(rho, [0.05, 0.95]))
     assert lo < spearmanr(y, p).statistic < hi and hi - lo > 0.1
     assert spearman_interval(y, 2 * y + 1) == [1.0, 1.0]
+    assert spearman_interval([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == [None, None]  # no ranking to correlate
