@@ -234,7 +234,8 @@ def budget_seeds(tables: LayerTables, raw_ms: float, budget_ms: float, n: int, f
     margin (`budget_ms`, the search's target, below `raw_ms`, the budget itself): the joint and depth-path picks
     of every rung first, from the budget down (the ladder's two rungs, verify tries them in loss order; the
     margin; the deep rung one margin further down, not below `floor_ms`), then the ladder's and the margin's
-    other spaces (sparse, depth-only, width-only: never a budget's best in sessions 13-14's five-budget runs).
+    other spaces (sparse, depth-only, width-only: the best of none of the 20 budget searches in sessions 13-14's
+    benchmark runs, of one of 3 in session 14's demo, by 1%).
     Without one: `n` joint picks spread down from the budget, then every space's pick there. (source,
     config) pairs, without repeats."""
     if raw_ms <= budget_ms:
