@@ -216,17 +216,28 @@ def ladder(tables: LayerTables, budget_ms: float, below_ms: float) -> list[tuple
     return distinct(out)
 
 
+def main_picks(tables: LayerTables, budget_ms: float, name: str = "knapsack") -> list[tuple[str, SubnetConfig]]:
+    """A rung's joint pick and its picks along the depth path (with width cuts, then depth alone) at
+    `budget_ms`, as `name`, `name`_path and `name`_path_depth; a pick another one repeats keeps the first
+    label. (source, config) pairs."""
+    return distinct([(name, best_under_budget(tables, budget_ms)), (f"{name}_path", path_pick(tables, budget_ms)),
+                     (f"{name}_path_depth", path_depth_pick(tables, budget_ms))])
+
+
 def deep_rung(tables: LayerTables, budget_ms: float) -> list[tuple[str, SubnetConfig]]:
     """The joint and the depth path's depth-only picks at `budget_ms` as "knapsack_deep*": a search with a
     margin seeds them as far below the margin as the margin is below the budget, so where a measuring session
     runs slower relative to the full model than the profile did (a shift of several % between sessions on a
     noisy machine), verify still finds a candidate of this budget that fits before it takes the next lower
     budget's. (source, config) pairs, without repeats."""
-    keep = ("knapsack", "knapsack_path_depth")
-    return [(src.replace("knapsack", "knapsack_deep"), c) for src, c in picks_at(tables, budget_ms) if src in keep]
+    return distinct([("knapsack_deep", best_under_budget(tables, budget_ms)),
+                     ("knapsack_deep_path_depth", path_depth_pick(tables, budget_ms))])
 
 
-MAIN_SPACES = ("knapsack", "knapsack_path", "knapsack_path_depth")  # the joint and depth-path picks of a rung
+def deep_target(raw_ms: float, budget_ms: float, floor_ms: float = 0.0) -> float:
+    """Where the deep rung aims: as far below the margin (`budget_ms`) as the margin is below the budget
+    (`raw_ms`), never below `floor_ms` (the fastest config)."""
+    return max(budget_ms - (raw_ms - budget_ms), floor_ms)
 
 
 def budget_seeds(tables: LayerTables, raw_ms: float, budget_ms: float, n: int, floor_ms: float = 0.0):
@@ -234,21 +245,15 @@ def budget_seeds(tables: LayerTables, raw_ms: float, budget_ms: float, n: int, f
     margin (`budget_ms`, the search's target, below `raw_ms`, the budget itself): the joint and depth-path picks
     of every rung first, from the budget down (the ladder's two rungs, verify tries them in loss order; the
     margin; the deep rung one margin further down, not below `floor_ms`), then the ladder's and the margin's
-    other spaces (sparse, depth-only, width-only: the best of none of the 20 budget searches in sessions 13-14's
-    benchmark runs, of one of 3 in session 14's demo, by 1%).
+    other spaces (sparse, depth-only, width-only), each labelled by the first rung and space that picked it.
     Without one: `n` joint picks spread down from the budget, then every space's pick there. (source,
     config) pairs, without repeats."""
     if raw_ms <= budget_ms:
         return seeds(tables, budget_ms, n)
-    steps, below = ladder(tables, raw_ms, budget_ms), seeds(tables, budget_ms, 1)
-    deep = deep_rung(tables, max(budget_ms - (raw_ms - budget_ms), floor_ms))
-
-    def main(pairs, prefix):
-        return [(s, c) for s, c in pairs if s in tuple(p.replace("knapsack", prefix) for p in MAIN_SPACES)]
-
-    first = (main(steps, "knapsack_stretch") + main(steps, "knapsack_stretch_half") + main(below, "knapsack")
-             + deep)
-    return distinct(first + steps + below)
+    first = (main_picks(tables, raw_ms, "knapsack_stretch")
+             + main_picks(tables, (raw_ms + budget_ms) / 2, "knapsack_stretch_half")
+             + main_picks(tables, budget_ms) + deep_rung(tables, deep_target(raw_ms, budget_ms, floor_ms)))
+    return distinct(first + ladder(tables, raw_ms, budget_ms) + seeds(tables, budget_ms, 1))
 
 
 def repair(tables: LayerTables, cfg: SubnetConfig, budget_ms: float, predict) -> SubnetConfig | None:

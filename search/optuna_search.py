@@ -144,16 +144,16 @@ def search_budget(
     `budget` is a resolved Budget's dict; `tail` the regime's quantile-over-median factor (see
     `Profile.tail_factor`), so a proposal fits when its predicted median x tail is within budget_ms.
     `tables` (search/knapsack.py LayerTables: the latency and quality models' per-layer terms), when
-    given, seed the study with the knapsack's best configs under the budget (joint, depth-only and
-    width-only) and repair every proposal the latency model puts over budget: the repaired config is
+    given, seed the study with the knapsack's best configs under the budget (every space's picks) and
+    repair every proposal the latency model puts over budget: the repaired config is
     evaluated and added to the study as its own trial, the proposal is told as infeasible, so no
-    proposal that does not fit is ever evaluated and none is wasted. With a `margin`, the picks at the budget
-    itself and halfway down to the margin are seeded first ("knapsack_stretch*", "knapsack_stretch_half*"):
-    predicted within it but not `margin` below it, they are what verify measures first, so a pick does not
-    leave the margin unused where it measures within (verify falls back to the next best where it does not);
-    the picks one margin below the margin ("knapsack_deep*", `search.knapsack.deep_rung`) are this budget's
-    candidates for a verify session that measures slower than the profile (`search.knapsack.budget_seeds`
-    orders them all). Without `tables` an over-budget
+    proposal that does not fit is ever evaluated and none is wasted. With a `margin`, the joint and depth-path
+    picks at the budget itself and halfway down to the margin are seeded first ("knapsack_stretch*",
+    "knapsack_stretch_half*"): predicted within it but not `margin` below it, they are what verify measures
+    first, so a pick does not leave the margin unused where it measures within (verify falls back to the next
+    best where it does not); then the margin's, then those one margin below the margin ("knapsack_deep*",
+    this budget's candidates for a verify session that measures slower than the profile), then the other
+    spaces' (`search.knapsack.budget_seeds`). Without `tables` an over-budget
     proposal is told as a constraint violation and never evaluated. A repeat of a config already
     evaluated is told its cached loss and not counted; a config another worker is evaluating right
     now is skipped (told as failed). Returns what happened, including why it stopped."""

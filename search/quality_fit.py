@@ -93,6 +93,12 @@ def sample_configs(spec, ranking: list[int], n: int, seed: int) -> list[SubnetCo
     return out
 
 
+def path_steps(depth_path: int, num_layers: int) -> int:
+    """The depth path's length: `depth_path` steps, or half of the layers for -1 (the budgets of 0.5-0.7x of
+    SmolLM2's step need 11-15 of its 30 layers skipped, where the path beats single-layer deltas most)."""
+    return num_layers // 2 if depth_path < 0 else depth_path
+
+
 def spearman_interval(y, p, seed: int = 0, n: int = 2000) -> list[float | None]:
     """The 5th and 95th percentiles of the Spearman correlation of `y` and `p` over bootstrap resamples of
     the configs: how much the score depends on which configs happened to be held out (30 configs leave
@@ -197,7 +203,7 @@ def quality(cfg: QualityConfig) -> dict:
         except FlextronError as e:
             print(f"flextron quality: measuring the table again: {e}", file=sys.stderr)
     reused = table is not None
-    steps = spec.num_layers // 2 if cfg.depth_path < 0 else cfg.depth_path
+    steps = path_steps(cfg.depth_path, spec.num_layers)
     if table is None or len(table.path) != min(steps, spec.num_layers - 1):  # new, or kept without this path
         windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.calib_seq_len,
                                 cfg.calib_windows, corpus)
@@ -256,8 +262,9 @@ def quality(cfg: QualityConfig) -> dict:
         save_stage_config(out / CONFIG_FILE, cfg)
     held = metrics["heldout"]
     lo, hi = held["spearman_ci90"]
-    print(f"flextron quality: held-out Spearman {held['spearman']} (90% interval {lo}-{hi} over which configs were "
-          f"held out) on {held['n']} configs it was not fitted on "
+    interval = "no interval: too few distinct configs" if lo is None else f"90% interval {lo} to {hi}"
+    print(f"flextron quality: held-out Spearman {held['spearman']} ({interval} over which configs were held out) "
+          f"on {held['n']} configs it was not fitted on "
           f"(additive alone {held['spearman_additive']}), mean abs error {held['mae_loss']} nats; form {model.form_}",
           file=sys.stderr)
     if table.path:

@@ -141,7 +141,7 @@ def test_a_table_kept_from_before_the_depth_path_gets_one_without_being_measured
                  heldout_configs=3, device="cpu")
     first = quality(QualityConfig(**small, depth_path=0))  # as a table measured before the path
     assert first["depth_path"]["layers"] == [] and not first["table_reused"]
-    again = quality(QualityConfig(**small))  # the default: a third of the (3) layers
+    again = quality(QualityConfig(**small))  # the default: half of the (3) layers
     assert again["table_reused"] and len(again["depth_path"]["layers"]) == 1
     table = json.loads((run / "quality" / "elastic" / "quality_table.json").read_text())
     assert table["path"] == again["depth_path"]["layers"] and table["seconds"] == first["table_seconds"]
@@ -165,3 +165,10 @@ def test_the_held_out_spearmans_interval_is_the_bootstrap_over_the_held_out_conf
     assert lo < spearmanr(y, p).statistic < hi and hi - lo > 0.1
     assert spearman_interval(y, 2 * y + 1) == [1.0, 1.0]
     assert spearman_interval([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == [None, None]  # no ranking to correlate
+
+
+def test_the_default_depth_path_walks_half_of_the_layers():
+    """SmolLM2's budgets of 0.5-0.7x need 11-15 of its 30 layers skipped: the default path covers them."""
+    from search.quality_fit import path_steps
+
+    assert path_steps(-1, 30) == 15 and path_steps(-1, 3) == 1 and path_steps(4, 30) == 4 and path_steps(0, 30) == 0

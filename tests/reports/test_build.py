@@ -502,3 +502,14 @@ def test_the_quality_section_shows_the_held_out_spearman_with_its_interval(run):
     build_report(ReportConfig(run=str(run)))
     (table,) = [t for t in _page(run).in_section("quality-model") if "held-out Spearman" in t["header"]]
     assert table["rows"][0][table["header"].index("90% interval")] == f"{lo:.3f}–{hi:.3f}"
+    # a quality model fitted before the interval was recorded: a dash, not an error
+    path = next((run / "quality").glob("*/quality_model.json"))
+    kept = path.read_text()
+    try:
+        del rec["metrics"]["heldout"]["spearman_ci90"]
+        path.write_text(json.dumps(rec))
+        build_report(ReportConfig(run=str(run)))
+        (table,) = [t for t in _page(run).in_section("quality-model") if "held-out Spearman" in t["header"]]
+        assert table["rows"][0][table["header"].index("90% interval")] == "–"
+    finally:
+        path.write_text(kept)

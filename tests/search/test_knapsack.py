@@ -1,6 +1,7 @@
 import itertools
 
 import numpy as np
+import pytest
 
 from flextron.quality_model import QualityModel, QualityTable
 from flextron.spec import ElasticSpec, SubnetConfig
@@ -9,6 +10,7 @@ from search.knapsack import (
     LayerTables,
     best_under_budget,
     budget_seeds,
+    deep_target,
     ladder,
     picks_at,
     repair,
@@ -141,35 +143,41 @@ def test_with_a_margin_every_rungs_main_picks_come_first_down_to_one_rung_below_
     did: then neither the ladder nor the margin's picks fit, and without more a budget's row comes from the
     next lower budget's candidates. The joint and depth-path picks of every rung come first, from the budget
     down: the ladder's two rungs, the margin, and one margin further down ("knapsack_deep*", each the exact
-    best of its space there); then the other spaces' picks (a study with few trials keeps the first). Never
-    below the floor; without a margin, the plain seeds."""
-    from search.knapsack import path_depth_pick
+    best of its space there, present even where another space picked the same config); then the other
+    spaces' picks (a study with few trials keeps the first). Never below the floor; without a margin, the
+    plain seeds."""
+    from search.knapsack import path_depth_pick, path_pick
 
-    spec, lat, qm = _models(num_layers=6)
-    tables = _with_path(spec, lat, qm, [4, 1, 2], [0.2, 0.5, 0.9])
+    spec, lat, qm = _models(num_layers=8)
+    # a path whose prefixes cost little: at the deep rung the path pick is its depth-only pick (no cut pays),
+    # and the ladder holds a pick of another space
+    tables = _with_path(spec, lat, qm, [1, 2, 3, 4], [0.05, 0.1, 0.2, 0.4])
     lo, hi = lat.range_ms(spec)
-    raw = lo + 0.8 * (hi - lo)
+    raw = lo + 0.7 * (hi - lo)
     target = raw * 0.9
-    deep_at = target - (raw - target)
+    half, deep_at = (raw + target) / 2, target - (raw - target)
     got = budget_seeds(tables, raw, target, 3)
-    names = [s for s, _ in got]
-    assert len({c for _, c in got}) == len(got)
-    assert {c for _, c in got} >= {c for _, c in ladder(tables, raw, target)} | {c for _, c in seeds(tables, target, 1)}
-    deep = dict((s, c) for s, c in got if s.startswith("knapsack_deep"))
-    assert deep, names
-    assert all(lat.predict_config(c) <= deep_at + 1e-9 for c in deep.values())
-    assert deep.get("knapsack_deep") in (None, best_under_budget(tables, deep_at))
-    assert deep.get("knapsack_deep_path_depth") in (None, path_depth_pick(tables, deep_at))
-    main = [i for i, s in enumerate(names) if s.split("_")[-1] not in ("sparse", "depth", "width")
-            or s.endswith("path_depth")]
-    assert main == list(range(len(main))), names  # every rung's joint and path picks before any other space
-    rung = [0 if s.startswith("knapsack_stretch_half") else -1 if s.startswith("knapsack_stretch") else
-            2 if s.startswith("knapsack_deep") else 1 for s in names[: len(main)]]
-    assert rung == sorted(rung), names  # from the budget down
+    names, configs = [s for s, _ in got], [c for _, c in got]
+    assert len(set(configs)) == len(got)
+    assert set(configs) >= {c for _, c in ladder(tables, raw, target)} | {c for _, c in seeds(tables, target, 1)}
+    rungs = [(at, [best_under_budget(tables, at), path_pick(tables, at), path_depth_pick(tables, at)])
+             for at in (raw, half, target)] + [(deep_at, [best_under_budget(tables, deep_at),
+                                                           path_depth_pick(tables, deep_at)])]
+    main = [c for _, picks in rungs for c in picks if c is not None]
+    deep_depth = path_depth_pick(tables, deep_at)
+    assert deep_depth is not None and deep_depth == path_pick(tables, deep_at)
+    assert {c for _, c in ladder(tables, raw, target)} - set(main)  # another space's pick, to come after
+    n_main = len(set(main))
+    assert set(configs[:n_main]) == set(main), names  # every rung's main picks, before any other space's
+    order = [min(i for i, (_, picks) in enumerate(rungs) if c in picks) for c in configs[:n_main]]
+    assert order == sorted(order), names  # from the budget down
+    assert all(lat.predict_config(c) <= deep_at + 1e-9 for s, c in got if s.startswith("knapsack_deep"))
     assert all(lat.predict_config(c) <= target + 1e-9 for s, c in got if not s.startswith("knapsack_stretch"))
-    floor = target - 0.2 * (raw - target)  # the deep rung never goes below the fastest config
-    assert all(lat.predict_config(c) <= floor + 1e-9 for s, c in budget_seeds(tables, raw, target, 3, floor)
-               if s.startswith("knapsack_deep"))
+    # the deep rung never goes below the floor (the fastest config): there it is the picks at the floor
+    assert deep_target(raw, target) == pytest.approx(deep_at) and deep_target(10.0, 9.0, 8.5) == 8.5
+    floor = target - 0.3 * (raw - target)
+    at_floor = {c for c in (best_under_budget(tables, floor), path_depth_pick(tables, floor)) if c is not None}
+    assert at_floor and at_floor <= {c for _, c in budget_seeds(tables, raw, target, 3, floor)}
     assert budget_seeds(tables, target, target, 3) == seeds(tables, target, 3)
 
 
