@@ -178,11 +178,7 @@ def picks_at(tables: LayerTables, budget_ms: float) -> list[tuple[str, SubnetCon
     """The knapsack's distinct picks for one budget in every space: joint, along the depth path (with width
     cuts, then depth alone), sparse (width cuts penalised per layer), depth-only, width-only. (source,
     config) pairs in that order."""
-    out = [("knapsack", best_under_budget(tables, budget_ms)), ("knapsack_path", path_pick(tables, budget_ms)),
-           ("knapsack_path_depth", path_depth_pick(tables, budget_ms))]
-    out += [("knapsack_sparse", best_under_budget(tables, budget_ms, cut_penalty=p)) for p in sparse_penalties(tables)]
-    out += [(f"knapsack_{space}", best_under_budget(tables, budget_ms, space)) for space in ("depth", "width")]
-    return distinct(out)
+    return distinct(main_picks(tables, budget_ms) + other_picks(tables, budget_ms))
 
 
 def distinct(pairs) -> list[tuple[str, SubnetConfig]]:
@@ -204,16 +200,19 @@ def seeds(tables: LayerTables, budget_ms: float, n: int, spread: float = 0.04) -
     return distinct(joint + picks_at(tables, budget_ms))
 
 
+def _ladder_rungs(tables: LayerTables, budget_ms: float, below_ms: float):
+    """(name, ms, spaces left out) of the ladder's two rungs: at the budget and halfway down to `below_ms`;
+    with a depth path, its depth-only pick stands in for the knapsack's (which skips by single-layer deltas)."""
+    leave = ("width",) + (("depth",) if tables.path else ())
+    return (("knapsack_stretch", budget_ms, leave), ("knapsack_stretch_half", (budget_ms + below_ms) / 2, leave))
+
+
 def ladder(tables: LayerTables, budget_ms: float, below_ms: float) -> list[tuple[str, SubnetConfig]]:
     """The knapsack's joint, depth-path, sparse and depth-only picks at `budget_ms` ("knapsack_stretch*") and
     halfway down to `below_ms` ("knapsack_stretch_half*"): candidates between a budget and the margin below it
-    that a search aims at, for verify to try in loss order; with a depth path, its depth-only pick stands
-    in for the knapsack's (which skips by single-layer deltas). (source, config) pairs, without repeats."""
-    out = []
-    leave = {"knapsack_width"} | ({"knapsack_depth"} if tables.path else set())
-    for name, at in (("knapsack_stretch", budget_ms), ("knapsack_stretch_half", (budget_ms + below_ms) / 2)):
-        out += [(src.replace("knapsack", name), c) for src, c in picks_at(tables, at) if src not in leave]
-    return distinct(out)
+    that a search aims at, for verify to try in loss order. (source, config) pairs, without repeats."""
+    return distinct([p for name, at, leave in _ladder_rungs(tables, budget_ms, below_ms)
+                     for p in main_picks(tables, at, name) + other_picks(tables, at, name, leave)])
 
 
 def main_picks(tables: LayerTables, budget_ms: float, name: str = "knapsack") -> list[tuple[str, SubnetConfig]]:
@@ -222,6 +221,14 @@ def main_picks(tables: LayerTables, budget_ms: float, name: str = "knapsack") ->
     label. (source, config) pairs."""
     return distinct([(name, best_under_budget(tables, budget_ms)), (f"{name}_path", path_pick(tables, budget_ms)),
                      (f"{name}_path_depth", path_depth_pick(tables, budget_ms))])
+
+
+def other_picks(tables: LayerTables, budget_ms: float, name: str = "knapsack", leave: tuple[str, ...] = ()):
+    """A rung's picks in the other spaces at `budget_ms`: sparse (`name`_sparse), depth-only and width-only
+    (`name`_depth, `name`_width), but for the spaces in `leave`. (source, config) pairs."""
+    out = [(f"{name}_sparse", best_under_budget(tables, budget_ms, cut_penalty=p)) for p in sparse_penalties(tables)]
+    return distinct(out + [(f"{name}_{space}", best_under_budget(tables, budget_ms, space))
+                           for space in ("depth", "width") if space not in leave])
 
 
 def deep_rung(tables: LayerTables, budget_ms: float) -> list[tuple[str, SubnetConfig]]:
@@ -250,10 +257,10 @@ def budget_seeds(tables: LayerTables, raw_ms: float, budget_ms: float, n: int, f
     config) pairs, without repeats."""
     if raw_ms <= budget_ms:
         return seeds(tables, budget_ms, n)
-    first = (main_picks(tables, raw_ms, "knapsack_stretch")
-             + main_picks(tables, (raw_ms + budget_ms) / 2, "knapsack_stretch_half")
-             + main_picks(tables, budget_ms) + deep_rung(tables, deep_target(raw_ms, budget_ms, floor_ms)))
-    return distinct(first + ladder(tables, raw_ms, budget_ms) + seeds(tables, budget_ms, 1))
+    rungs = (*_ladder_rungs(tables, raw_ms, budget_ms), ("knapsack", budget_ms, ()))
+    first = [p for name, at, _ in rungs for p in main_picks(tables, at, name)]
+    rest = [p for name, at, leave in rungs for p in other_picks(tables, at, name, leave)]
+    return distinct(first + deep_rung(tables, deep_target(raw_ms, budget_ms, floor_ms)) + rest)
 
 
 def repair(tables: LayerTables, cfg: SubnetConfig, budget_ms: float, predict) -> SubnetConfig | None:
