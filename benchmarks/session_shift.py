@@ -26,10 +26,6 @@ from flextron.spec import ElasticSpec, SubnetConfig
 from profiler.latency_model import LatencyModels
 
 
-def _config(c) -> SubnetConfig:
-    return SubnetConfig.from_json(c) if isinstance(c, str) else SubnetConfig.from_dict(c)
-
-
 def main(runs: list[str]) -> None:
     print("run | model meas/pred: profile all, profile uniform, verify uniform, verify rows | uniform verify/profile "
           "ratio: median (p10-p90), n | ratio floor % profile, verify | steal %, other % medians: profile, verify")
@@ -45,7 +41,7 @@ def main(runs: list[str]) -> None:
         full = lat.predict_config(spec.full())
 
         def pred(configs):
-            return np.array([lat.predict_config(_config(c)) / full for c in configs])
+            return np.array([lat.predict_config(SubnetConfig.from_json(c)) / full for c in configs])
 
         e2e = pd.read_parquet(root / "profile" / "e2e.parquet")
         e2e = e2e[e2e["ratio_to_full"].notna()]

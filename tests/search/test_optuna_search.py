@@ -399,4 +399,3 @@ def test_a_quality_model_measured_on_another_text_is_refused(run_copy):
     load_quality_model(run_copy, "elastic", wtag, spec, "wiki")
     with pytest.raises(FlextronError, match=r"measured on 'wiki@\w+'.*flextron quality --run .* --corpus pydoc"):
         load_quality_model(run_copy, "elastic", wtag, spec, "pydoc")
-
