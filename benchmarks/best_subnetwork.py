@@ -108,7 +108,12 @@ def main():
         best = json.loads(next((run / "search").glob("*/*/best.json")).read_text())
         scfg = json.loads(next((run / "search").glob("*/*/search_config.json")).read_text())
         corpus = RunDir(run).corpus(scfg.get("corpus", ""))  # the search's text (resolved as the search did)
-        ev = QualityEvaluator(el, run / "search" / QUALITY_CACHE, scfg["eval_windows"], scfg["eval_seq_len"],
+        # the baselines are chosen by the search's own losses (its windows and precision); every perplexity
+        # printed below is float32 on --ppl-windows
+        search_dtype = scfg.get("eval_dtype", "float32")
+        ev_model = el if search_dtype == "float32" else ElasticModel.load(run / "elastic",
+                                                                        dtype=getattr(torch, search_dtype))
+        ev = QualityEvaluator(ev_model, run / "search" / QUALITY_CACHE, scfg["eval_windows"], scfg["eval_seq_len"],
                               corpus=corpus)
         assert ev.setting == best["quality_setting"], (ev.setting, best["quality_setting"])
         windows = token_windows(el.tokenizer, el.adapter, "validation", 128, args.ppl_windows, corpus)

@@ -58,6 +58,10 @@ class SearchConfig:
     corpus: str = ""  #: validation text; empty: the corpus the run was converted with
     seed: int = 0  #: sampler seed
     device: str = "auto"  #: where quality is evaluated: cpu, cuda, cuda:N, or auto (CUDA when present)
+    #: the precision configs are evaluated in: float32 | bfloat16 | auto (this search's kept results', else
+    #: bfloat16 where the device computes it natively: flextron.devices.resolve_eval_dtype); saved resolved, and
+    #: part of the quality setting
+    eval_dtype: str = "auto"
     skip_infeasible: bool = False  #: drop budgets below the smallest sub-network instead of failing
     weights: str = "auto"  #: elastic (one-shot) | trained | auto (trained when `flextron train` made it)
     restart: bool = False  #: remove this regime's and weights' search results and studies, then search anew
@@ -72,7 +76,7 @@ class SearchConfig:
     nsga_population: int = 8  #: --frontier: NSGA-II's population size
 
     def __post_init__(self):
-        from flextron.devices import set_device_field
+        from flextron.devices import check_eval_dtype, set_device_field
         from flextron.rundir import check_finite
 
         check_finite("trials", self.trials, low=1)
@@ -92,6 +96,7 @@ class SearchConfig:
         if not self.frontier and not self.budget_ms and not self.budget_frac:
             raise FlextronError("give --budget-ms X or --budget-frac F (repeatable), or --frontier")
         set_device_field(self)
+        check_eval_dtype(self.eval_dtype)
         check_finite("margin", self.margin, low=-1, high=0.5)
         if -1 < self.margin < 0:
             raise FlextronError(f"--margin must be -1 (auto) or in [0, 0.5], got {self.margin}")
@@ -332,9 +337,10 @@ def search(cfg: SearchConfig) -> dict:
     import sys
 
     import pandas as pd
+    import torch
 
     from flextron.budget import Budget
-    from flextron.devices import check_device
+    from flextron.devices import check_device, resolve_eval_dtype
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
     from flextron.router_store import Routers, regime_dir
@@ -358,17 +364,18 @@ def search(cfg: SearchConfig) -> dict:
     regime_key = models.resolve(cfg.regime)
     lat_model = models.get(regime_key)
     storage = open_storage(cfg, run.root)
-    elastic = ElasticModel.load(wdir, device=cfg.device)
+    out = results_dir(run.root, regime_key, wname)
+    dtype = resolve_eval_dtype(cfg.eval_dtype, cfg.device, None if cfg.restart else out / "search_config.json")
+    elastic = ElasticModel.load(wdir, device=cfg.device, dtype=getattr(torch, dtype))
     elastic.check_positions(cfg.eval_seq_len, "--eval-seq-len")
     spec = elastic.spec
     lo, hi = feasible_range(lat_model, spec)
     corpus = run.corpus(cfg.corpus)
-    cfg = replace(cfg, corpus=corpus)  # saved as resolved: an absolute path, or wiki / pydoc
+    cfg = replace(cfg, corpus=corpus, eval_dtype=dtype)  # saved as resolved: an absolute path, or wiki / pydoc
     wtag = run.weights_tag(wname)
     evaluator = QualityEvaluator(
         elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len, corpus=corpus, tag=wtag
     )
-    out = results_dir(run.root, regime_key, wname)
     prefix = cfg.study_prefix or f"{models.device_name}|{regime_key}|{cfg.sampler}|{wname}|{evaluator.setting}"
     routers = None
     router_dir = regime_dir(run.root, regime_key, weights=wname)
@@ -420,9 +427,8 @@ def search(cfg: SearchConfig) -> dict:
         if prev.get("quality_setting") != evaluator.setting:
             raise FlextronError(
                 f"{out} holds picks evaluated on {prev.get('quality_setting')!r}; this search evaluates on "
-                f"{evaluator.setting!r} (--eval-windows, --eval-seq-len, --corpus, or re-trained weights). "
-                "Their losses "
-                "are not comparable: "
+                f"{evaluator.setting!r} (--eval-windows, --eval-seq-len, --eval-dtype, --corpus, or re-trained "
+                "weights). Their losses are not comparable: "
                 "search with the same settings, or pass --restart to replace those results"
             )
     margin = search_margin(run.root, regime_key) if cfg.margin < 0 else cfg.margin

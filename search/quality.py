@@ -33,13 +33,16 @@ def read_quality_cache(path: str | Path, setting: str | None = None) -> dict[str
     return out
 
 
-def quality_setting(split: str, corpus: str, windows: int, seq_len: int, weights: str = "elastic") -> str:
+def quality_setting(split: str, corpus: str, windows: int, seq_len: int, weights: str = "elastic",
+                    dtype: str = "float32") -> str:
     """The cache key of an evaluation setting. The corpus is named with its content id (`corpus@id`), so
     losses on an edited text never mix with the old ones; the weights' tag is part of it, so trained and
-    one-shot losses never mix (one-shot keeps the untagged form)."""
+    one-shot losses never mix (one-shot keeps the untagged form); so is a dtype other than float32
+    (`:bfloat16`), so losses of two precisions never mix either (float32 keeps the untagged form)."""
     from flextron.data import corpus_label
 
     base = f"{split}:{corpus_label(corpus)}:{windows}x{seq_len}"
+    base = base if dtype == "float32" else f"{base}:{dtype}"
     return base if weights == "elastic" else f"{base}:{weights}"
 
 
@@ -56,6 +59,11 @@ def search_quality_setting(run_root: str | Path, regime: str | None = None, weig
     return None
 
 
+def model_dtype(elastic) -> str:
+    """The dtype of `elastic`'s weights, by name (`float32`, `bfloat16`)."""
+    return str(next(elastic.model.parameters()).dtype).removeprefix("torch.")
+
+
 class QualityEvaluator:
     def __init__(self, elastic, cache_path: str | Path, windows: int = 8, seq_len: int = 128,
                  split: str = "validation", corpus: str = "wiki", batch_size: int = 8, tag: str = "elastic"):
@@ -63,7 +71,8 @@ class QualityEvaluator:
 
         self.elastic = elastic
         self.cache_path = Path(cache_path)
-        self.setting = quality_setting(split, corpus, windows, seq_len, tag)
+        self.dtype = model_dtype(elastic)  # the losses' precision is the model's: part of the setting
+        self.setting = quality_setting(split, corpus, windows, seq_len, tag, self.dtype)
         self.batch_size = batch_size
         self._windows = token_windows(elastic.tokenizer, elastic.adapter, split, seq_len, windows, corpus)
         self.evaluations = 0  # real forward evaluations made by this process

@@ -48,13 +48,17 @@ class QualityConfig:
     heldout_configs: int = 30  #: other sampled configs the model is scored on (Spearman, error)
     seed: int = 0  #: seed of the sampled configs
     device: str = "auto"  #: cpu, cuda, cuda:N, or auto (CUDA when present)
+    #: the precision the table and the evaluations are computed in: float32 | bfloat16 | auto (the kept quality
+    #: model's, else bfloat16 where the device computes it natively: flextron.devices.resolve_eval_dtype; saved
+    #: resolved)
+    eval_dtype: str = "auto"
     #: steps of the greedy depth path measured with the table (the layers skipping costs least together, in
     #: order; it ranks layers for `depth:N` and seeds the search); -1: half of the layers; 0: none
     depth_path: int = -1
     restart: bool = False  #: measure the table again even when one with the same key is kept
 
     def __post_init__(self):
-        from flextron.devices import set_device_field
+        from flextron.devices import check_eval_dtype, set_device_field
         from flextron.rundir import check_finite
 
         for name, low in (("calib_windows", 1), ("calib_seq_len", 2), ("eval_windows", 1), ("eval_seq_len", 2),
@@ -62,12 +66,13 @@ class QualityConfig:
                           ("depth_path", -1)):
             check_finite(name, getattr(self, name), low=low, whole=True)
         set_device_field(self)
+        check_eval_dtype(self.eval_dtype)
 
 
-def table_key(spec, wtag: str, corpus: str, windows: int, seq_len: int) -> dict:
+def table_key(spec, wtag: str, corpus: str, windows: int, seq_len: int, dtype: str = "float32") -> dict:
     spec_id = hashlib.sha1(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
     return {"weights_tag": wtag, "corpus": corpus_label(corpus), "calibration": f"{windows}x{seq_len}",
-            "spec": spec_id}
+            "spec": spec_id, **({} if dtype == "float32" else {"dtype": dtype})}  # float32: tables made before
 
 
 def sample_configs(spec, ranking: list[int], n: int, seed: int) -> list[SubnetConfig]:
@@ -164,10 +169,11 @@ def load_quality_model(run_root: str | Path, weights: str, wtag: str, spec, corp
 
 def quality(cfg: QualityConfig) -> dict:
     import pandas as pd
+    import torch
     from scipy.stats import spearmanr
 
     from flextron.data import token_windows
-    from flextron.devices import check_device
+    from flextron.devices import check_device, resolve_eval_dtype
     from flextron.elastic import ElasticModel
     from flextron.progress import progress
     from flextron.quality_model import QualityModel, QualityTable, measure_table, with_depth_path
@@ -185,16 +191,17 @@ def quality(cfg: QualityConfig) -> dict:
     wname, wdir = run.weights(cfg.weights)
     check_device(cfg.device)
     corpus = run.corpus(cfg.corpus)
-    cfg = replace(cfg, corpus=corpus)  # saved as resolved: an absolute path, or wiki / pydoc
+    folder = quality_dir(run.root, wname)
+    recover_swap(folder)
+    dtype = resolve_eval_dtype(cfg.eval_dtype, cfg.device, None if cfg.restart else folder / CONFIG_FILE)
+    cfg = replace(cfg, corpus=corpus, eval_dtype=dtype)  # saved as resolved: an absolute path, or wiki / pydoc
     t0 = time.perf_counter()
-    elastic = ElasticModel.load(wdir, device=cfg.device)
+    elastic = ElasticModel.load(wdir, device=cfg.device, dtype=getattr(torch, dtype))
     elastic.check_positions(cfg.calib_seq_len, "--calib-seq-len")
     elastic.check_positions(cfg.eval_seq_len, "--eval-seq-len")
     spec = elastic.spec
     wtag = run.weights_tag(wname)
-    key = table_key(spec, wtag, corpus, cfg.calib_windows, cfg.calib_seq_len)
-    folder = quality_dir(run.root, wname)
-    recover_swap(folder)
+    key = table_key(spec, wtag, corpus, cfg.calib_windows, cfg.calib_seq_len, dtype)
     table = None
     if (folder / TABLE_FILE).is_file() and not cfg.restart:
         try:

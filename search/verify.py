@@ -401,6 +401,8 @@ def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -
     that the search of `best_file` never evaluated, on that search's own setting. Returns how many."""
     import sys
 
+    import torch
+
     from flextron.elastic import ElasticModel
     from flextron.rundir import read_json
     from search.quality import QUALITY_CACHE, QualityEvaluator, read_quality_cache
@@ -419,7 +421,8 @@ def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -
         return 0
     scfg = read_json(config_path, run.root)
     wname = best.get("weights", "elastic")
-    model = ElasticModel.load(run.weights(wname)[1], device=device)  # fp32, as the search evaluated
+    dtype = getattr(torch, scfg.get("eval_dtype", "float32"))  # the search's precision (float32 before it chose)
+    model = ElasticModel.load(run.weights(wname)[1], device=device, dtype=dtype)
     ev = QualityEvaluator(
         model,
         cache,

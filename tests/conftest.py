@@ -17,6 +17,13 @@ def require_llama_cpp():
     return llama_cpp
 
 
+@pytest.fixture(autouse=True)
+def _float32_unless_asked(monkeypatch):
+    """`--eval-dtype auto` picks bfloat16 on a CPU with native bfloat16 (flextron.devices.native_bf16): tests
+    see float32 on every machine alike; the ones about the choice ask for it or patch this back."""
+    monkeypatch.setattr("flextron.devices.native_bf16", lambda device: False)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A converted tiny-llama run directory shared by tests that only read it."""

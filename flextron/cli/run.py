@@ -34,16 +34,20 @@ class RunConfig:
     max_rounds: int = MAX_ROUNDS  #: the most rounds a config of the profile's end-to-end set gets (at least --rounds)
     threads: int = 0  #: CPU torch threads while measuring; 0 = one (steady on small, shared CPUs)
     eval_windows: int = 8  #: validation windows per config the search evaluates
+    #: the precision quality is evaluated in (table, evaluations, search): float32 | bfloat16 | auto (bfloat16
+    #: where the device computes it natively; a resumed stage keeps its own)
+    eval_dtype: str = "auto"
     mlp_choices: int = 8  #: nested MLP widths per layer
     head_choices: int = 4  #: nested head counts per layer
     restart: bool = False  #: measure and search again instead of resuming the stages already in --out
 
     def __post_init__(self):
         from flextron.budget import check_quantile
-        from flextron.devices import set_device_field
+        from flextron.devices import check_eval_dtype, set_device_field
         from flextron.rundir import check_finite
 
         set_device_field(self, cpu_only=self.engine == "llamacpp")
+        check_eval_dtype(self.eval_dtype)
         check_quantile(self.quantile)
         check_finite("rounds", self.rounds, low=2)
         check_finite("max_rounds", self.max_rounds, low=self.rounds, whole=True)
@@ -84,10 +88,11 @@ def run_pipeline(cfg: RunConfig) -> dict:
          e2e_random=cfg.e2e_random, rounds=cfg.rounds, threads=cfg.threads, restart=cfg.restart,
          target_floor_pct=cfg.target_floor_pct, max_rounds=cfg.max_rounds)
     step("fit", "fit", run=cfg.out)
-    step("quality", "quality", run=cfg.out, device=cfg.device, restart=cfg.restart)
+    step("quality", "quality", run=cfg.out, device=cfg.device, eval_dtype=cfg.eval_dtype, restart=cfg.restart)
     for r in cfg.regime:
         step(f"search {r}", "search", run=cfg.out, regime=r, budget_frac=cfg.budget_frac, trials=cfg.trials,
-             quantile=cfg.quantile, eval_windows=cfg.eval_windows, device=cfg.device, skip_infeasible=True,
+             quantile=cfg.quantile, eval_windows=cfg.eval_windows, eval_dtype=cfg.eval_dtype, device=cfg.device,
+             skip_infeasible=True,
              restart=cfg.restart)
     step("verify", "verify", run=cfg.out, device=cfg.device, rounds=cfg.rounds, threads=cfg.threads)
     step("export", "export", run=cfg.out, lookup=True)

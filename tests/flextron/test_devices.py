@@ -59,3 +59,50 @@ def test_pinning_to_a_core_is_restored_after_and_a_core_that_does_not_exist_is_r
         with pinned(-2, device, threads) as got:
             assert got is None and os.sched_getaffinity(0) == before
     assert os.sched_getaffinity(0) == before
+
+
+from flextron.devices import native_bf16 as real_native_bf16  # noqa: E402  (before conftest patches it per test)
+
+
+def test_eval_dtype_auto_is_bfloat16_only_where_the_device_has_it_natively(tmp_path, monkeypatch):
+    from flextron import devices
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert {"avx512f", "avx512_bf16"} <= devices.cpu_flags(str(info))
+    assert devices.cpu_flags(str(tmp_path / "none")) == set()  # no /proc/cpuinfo (not Linux): no flags, no error
+    for flags, native in (({"avx2", "avx512f"}, False), ({"avx512_bf16"}, True), ({"amx_bf16"}, True), (set(), False)):
+        monkeypatch.setattr(devices, "cpu_flags", lambda flags=flags: flags)
+        assert real_native_bf16("cpu") is native
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(devices, "native_bf16", lambda device, native=native: native)
+        assert devices.resolve_eval_dtype("auto", "cpu") == expected
+        assert devices.resolve_eval_dtype("float32", "cpu") == "float32"  # asked: as asked
+        assert devices.resolve_eval_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+def test_eval_dtype_auto_keeps_the_dtype_of_the_stages_kept_results(tmp_path, monkeypatch):
+    import json
+
+    from flextron import devices
+
+    monkeypatch.setattr(devices, "native_bf16", lambda device: True)
+    kept = tmp_path / "search_config.json"
+    assert devices.resolve_eval_dtype("auto", "cpu", kept) == "bfloat16"  # nothing kept: the device's choice
+    kept.write_text(json.dumps({"eval_windows": 8}))  # saved before the choice existed: float32
+    assert devices.resolve_eval_dtype("auto", "cpu", kept) == "float32"
+    kept.write_text(json.dumps({"eval_dtype": "float32"}))
+    assert devices.resolve_eval_dtype("auto", "cpu", kept) == "float32"
+    assert devices.resolve_eval_dtype("bfloat16", "cpu", kept) == "bfloat16"  # asked: the stage refuses a mix
+    kept.write_text("{not json")
+    assert devices.resolve_eval_dtype("auto", "cpu", kept) == "bfloat16"  # damaged: the stage's own checks say so
+
+
+@pytest.mark.parametrize("bad", ["fp16", "float16", "", "BF16", None])
+def test_bad_eval_dtypes_are_refused_naming_the_choices(bad):
+    from flextron.cli.run import RunConfig
+    from search.quality_fit import QualityConfig
+
+    for make in (lambda: RunConfig(out="r", eval_dtype=bad), lambda: QualityConfig(run="r", eval_dtype=bad)):
+        with pytest.raises(FlextronError, match="--eval-dtype must be one of.*bfloat16"):
+            make()

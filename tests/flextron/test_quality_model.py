@@ -172,3 +172,41 @@ def test_the_default_depth_path_walks_half_of_the_layers():
     from search.quality_fit import path_steps
 
     assert path_steps(-1, 30) == 15 and path_steps(-1, 3) == 1 and path_steps(4, 30) == 4 and path_steps(0, 30) == 0
+
+
+def test_bfloat16_quality_is_its_own_setting_close_to_float32_and_kept_on_resume(tiny_run, tmp_path):
+    """An evaluation's precision is part of its setting: bfloat16 losses (close to float32's) never answer a
+    float32 evaluation from the cache; the quality stage keys its table by it, saves it, and `auto` keeps it."""
+    import json
+    import shutil
+
+    import torch
+
+    from flextron.elastic import ElasticModel
+    from search.quality import QualityEvaluator, quality_setting
+    from search.quality_fit import QualityConfig, quality
+
+    assert quality_setting("validation", "wiki", 4, 32) == quality_setting("validation", "wiki", 4, 32, dtype="float32")
+    assert quality_setting("validation", "wiki", 4, 32, dtype="bfloat16").endswith(":4x32:bfloat16")
+    cache = tmp_path / "cache.jsonl"
+    evs = {dt: QualityEvaluator(ElasticModel.load(tiny_run / "elastic", dtype=getattr(torch, dt)), cache, 2, 32)
+           for dt in ("bfloat16", "float32")}
+    cfg = ElasticModel.load(tiny_run / "elastic").spec.smallest()
+    low, full = evs["bfloat16"].loss(cfg), evs["float32"].loss(cfg)
+    assert evs["float32"].evaluations == 1  # not answered by the bfloat16 line already in the cache
+    assert evs["bfloat16"].setting.endswith(":bfloat16") and low != full and abs(low - full) < 0.05 * full
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    small = dict(run=str(run), calib_windows=1, calib_seq_len=16, eval_windows=1, eval_seq_len=16, fit_configs=4,
+                 heldout_configs=3, device="cpu", depth_path=0)
+    first = quality(QualityConfig(**small, eval_dtype="bfloat16"))
+    folder = run / "quality" / "elastic"
+    assert json.loads((folder / "quality_table.json").read_text())["key"]["dtype"] == "bfloat16"
+    assert json.loads((folder / "quality_config.json").read_text())["eval_dtype"] == "bfloat16"
+    assert json.loads((folder / "quality_model.json").read_text())["metrics"]["quality_setting"].endswith(":bfloat16")
+    again = quality(QualityConfig(**small))  # auto (float32 on this test's device): the kept results' bfloat16
+    assert again["table_reused"] and again["table_seconds"] == first["table_seconds"]
+    assert json.loads((folder / "quality_config.json").read_text())["eval_dtype"] == "bfloat16"
+    third = quality(QualityConfig(**small, eval_dtype="float32"))  # asked otherwise: measured again, keyed so
+    assert not third["table_reused"] and "dtype" not in json.loads((folder / "quality_table.json").read_text())["key"]

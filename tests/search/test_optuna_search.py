@@ -399,3 +399,26 @@ def test_a_quality_model_measured_on_another_text_is_refused(run_copy):
     load_quality_model(run_copy, "elastic", wtag, spec, "wiki")
     with pytest.raises(FlextronError, match=r"measured on 'wiki@\w+'.*flextron quality --run .* --corpus pydoc"):
         load_quality_model(run_copy, "elastic", wtag, spec, "pydoc")
+
+
+def test_a_bfloat16_search_is_resumed_in_bfloat16_refuses_a_mix_and_verify_evaluates_alike(run_copy):
+    from flextron.elastic import ElasticModel
+    from flextron.rundir import RunDir
+    from search.quality import QUALITY_CACHE, read_quality_cache
+    from search.verify import _fallback_losses
+
+    b = _budget(run_copy, 0.6)
+    _search(run_copy, budget_ms=(b,), eval_dtype="bfloat16")
+    best = json.loads((_results(run_copy) / "best.json").read_text())
+    assert best["quality_setting"].endswith("2x32:bfloat16")
+    assert json.loads((_results(run_copy) / "search_config.json").read_text())["eval_dtype"] == "bfloat16"
+    again = _search(run_copy, budget_ms=(b,))  # auto: the kept search's precision, so it resumes
+    assert again["quality_evaluations"] == 0
+    with pytest.raises(FlextronError, match="--eval-dtype.*--restart"):
+        _search(run_copy, budget_ms=(b,), eval_dtype="float32")
+    # verify's uniform fallbacks are scored in the search's precision, so their losses compare with the picks'
+    spec = ElasticModel.load(run_copy / "elastic").spec
+    todo = [c for c in spec.uniform_configs()
+            if c.key not in read_quality_cache(run_copy / "search" / QUALITY_CACHE, best["quality_setting"])][:1]
+    assert todo and _fallback_losses(RunDir(run_copy), _results(run_copy) / "best.json", best, todo, "cpu") == 1
+    assert todo[0].key in read_quality_cache(run_copy / "search" / QUALITY_CACHE, best["quality_setting"])
