@@ -30,7 +30,10 @@ def open_storage(cfg, run_root: Path):
                 from optuna.storages.journal import JournalFileBackend
 
                 return optuna.storages.JournalStorage(JournalFileBackend(url))
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=None)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=None)
+            if url.startswith("sqlite:"):
+                _write_ahead(storage.engine)
+            return storage
         except Exception as e:
             # workers starting together on a fresh database race to create Optuna's schema: the losers
             # see "already exists" and find the schema there when they try again
@@ -38,6 +41,25 @@ def open_storage(cfg, run_root: Path):
                 time.sleep(0.2 * (attempt + 1) + random.uniform(0.0, 0.2))
                 continue
             raise FlextronError(f"cannot open Optuna storage {url!r}: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+def _write_ahead(engine) -> None:
+    """SQLite in write-ahead-log mode with NORMAL sync on every connection: a commit appends to the log
+    instead of syncing the database file, which is what Optuna's one-commit-per-parameter costs (36 trials
+    of 90 parameters: 11.4 s in the default mode, 5.3 s in this one, a journal file 2.7 s, on the 2-core
+    development box: benchmarks/optuna_storage.py). Readers and
+    one writer still share the file across processes; a killed process loses nothing it committed (an OS
+    crash may lose the last commits, never the database)."""
+    from sqlalchemy import event
+
+    def pragmas(dbapi_connection, _record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(engine, "connect", pragmas)
+    engine.dispose()  # connections made while Optuna created its schema reopen with the pragmas
 
 
 def suggest_config(trial, spec, depth: bool = False) -> SubnetConfig:

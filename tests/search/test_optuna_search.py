@@ -422,3 +422,19 @@ def test_a_bfloat16_search_is_resumed_in_bfloat16_refuses_a_mix_and_verify_evalu
             if c.key not in read_quality_cache(run_copy / "search" / QUALITY_CACHE, best["quality_setting"])][:1]
     assert todo and _fallback_losses(RunDir(run_copy), _results(run_copy) / "best.json", best, todo, "cpu") == 1
     assert todo[0].key in read_quality_cache(run_copy / "search" / QUALITY_CACHE, best["quality_setting"])
+
+
+def test_the_runs_sqlite_storage_commits_to_a_write_ahead_log(tmp_path):
+    """Optuna commits once per parameter; the run's SQLite file is opened in WAL mode with NORMAL sync
+    on every connection (a commit appends to the log instead of syncing the file)."""
+    import sqlite3
+    from types import SimpleNamespace
+
+    from sqlalchemy import text
+
+    from search.study import STORAGE_FILE, open_storage
+
+    storage = open_storage(SimpleNamespace(storage=""), tmp_path)
+    with storage.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 1  # NORMAL, on Optuna's own connections
+    assert sqlite3.connect(tmp_path / "search" / STORAGE_FILE).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
