@@ -10,11 +10,13 @@ budget is a fraction of this session's full model (`flextron.budget`); a pick is
 order statistics of the round medians for p50, a bootstrap over rounds for p90/p99) is within the
 fraction, `over` when the lower bound is above it, and `uncertain` otherwise. Uncertain picks whose
 estimate is within get more rounds (up to `--max-rounds`), the 5% error spent over those looks
-(`look_confidence`); a pick still not `within` is replaced by the next best config evaluated for the
-same regime and weights, for its budget or for another one and predicted no slower than its own
-candidates, that is measured `within` (`--max-replacements`, `--max-seconds`); those the latency model
-predicts within after this session's correction (how it measured the configs decided so far against
-their prediction) are tried first.
+(`look_confidence`), all of them in the same rounds; a pick still not `within` is replaced by the next
+best config evaluated for the same regime and weights, for its budget or for another one and predicted
+no slower than its own candidates, that is measured `within` (`--max-replacements`, `--max-seconds`);
+those the latency model predicts within after this session's correction (how it measured the configs
+decided so far against their prediction) are tried first. Replacements go in waves: every budget still
+missing tries its next candidate, and a wave's candidates share their rounds (each round measures the
+full model once for all of them), as the undecided picks do.
 The budget a row keeps is the one searched (`budget_ms`, `budget_frac`, `reference_full_ms`).
 """
 
@@ -190,63 +192,61 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                 key = spec.validate(SubnetConfig.from_dict(b["config"])).key
                 seen[key] = measured[session.key_of(key)]["ratio_to_full"] / (b["predicted_latency_ms"] / _reference(b))
 
-        decided, missed = [], 0
+        budgets = []  # one per searched budget, in the order of the search results
         for bf, best in picks:
             trials_path = bf.with_name("trials.parquet")
             trials = read_parquet(trials_path, run.root) if trials_path.is_file() else None
             for b in best["best"]:
                 # the search's Budget, resolved against this session's full model (measured in these rounds)
                 frac = b.get("budget_frac") or b["budget_ms"] / b["reference_full_ms"]
-                limit = frac * (1 + cfg.tolerance)
-                sub = orig = spec.validate(SubnetConfig.from_dict(b["config"]))
-                pred, loss, source = b["predicted_latency_ms"], b["loss"], b["source"]
-                quantile = cfg.quantile or b.get("quantile", "p50")
-                st = _decide(session, sub, limit, cfg, quantile, deadline, capped)
+                sub = spec.validate(SubnetConfig.from_dict(b["config"]))
+                budgets.append({"best": best, "b": b, "trials": trials, "frac": frac,
+                                "limit": frac * (1 + cfg.tolerance), "sub": sub, "orig": sub,
+                                "quantile": cfg.quantile or b.get("quantile", "p50"),
+                                "pred": b["predicted_latency_ms"], "loss": b["loss"], "source": b["source"],
+                                "replaced": 0, "tried": {sub.key}, "done": trials is None})
+        for x, st in zip(budgets, _decide_all(session, [(x["sub"], x["limit"], x["quantile"]) for x in budgets],
+                                              cfg, deadline, capped)):
+            x["st"] = st
+            futile += bool(st.get("futile"))
+        # Misses are replaced in waves: each budget still without a config within tries its next candidate,
+        # and a wave's candidates share their rounds (and the full model measured in each).
+        while wave := _next_wave(budgets, seen, cfg, deadline, capped, regime.key):
+            fresh = {alt.key: alt for _, alt, _ in wave  # one measured already (another budget's) is not again
+                     if session.rounds_of.get(session.key_of(alt.key), 0) < cfg.rounds}
+            if fresh:
+                session.run(fresh, cfg.rounds)
+            sts = _decide_all(session, [(alt, x["limit"], x["quantile"]) for x, alt, _ in wave], cfg, deadline, capped)
+            for (x, alt, c), st in zip(wave, sts):
                 futile += bool(st.get("futile"))
-                replaced = 0
-                if st["verdict"] != "within" and trials is not None:
-                    cands, worst = _candidates(trials, b)
-                    correction = statistics.median(seen.values()) if len(seen) >= 2 else 1.0
-                    for c in _corrected_order(cands[cands["loss"] <= worst], limit, correction,
-                                              _reference(b)).itertuples():
-                        alt = SubnetConfig.from_json(c.config)
-                        if alt == sub:
-                            continue
-                        if replaced >= cfg.max_replacements:
-                            break
-                        if time.perf_counter() >= deadline:
-                            capped.append(f"{regime.key} budget {frac:.3g}: replacements")
-                            break
-                        replaced += 1
-                        session.run({alt.key: alt}, cfg.rounds)
-                        alt_st = _decide(session, alt, limit, cfg, quantile, deadline, capped)
-                        futile += bool(alt_st.get("futile"))
-                        seen[alt.key] = alt_st["ratio"] / (c.predicted_latency_ms / _reference(b))
-                        if alt_st["verdict"] == "within":
-                            sub, pred, loss, st, source = alt, c.predicted_latency_ms, c.loss, alt_st, c.source
-                            break
-                missed += st["verdict"] != "within"
-                decided.append((sub, quantile, limit, frac, b["budget_ms"]))
-                rows.append(
-                    {
-                        "regime": regime.key,
-                        "engine": regime.engine,
-                        "device_name": device_name,
-                        "weights": best.get("weights", "elastic"),
-                        "weights_tag": best.get("weights_tag"),
-                        "quality_setting": best.get("quality_setting"),  # the loss's split, corpus@id, windows
-                        "quantile": quantile,
-                        "limit_frac": limit,
-                        "config": sub.to_json(),
-                        "config_key": sub.key,
-                        "predicted_latency_ms": pred,
-                        "loss": loss,
-                        "ppl": math.exp(loss),
-                        "replacements_tried": replaced,
-                        "replaced": sub != orig,
-                        "source": source,
-                    }
-                )
+                seen[alt.key] = st["ratio"] / (c.predicted_latency_ms / _reference(x["b"]))
+                if st["verdict"] == "within":
+                    x.update(sub=alt, pred=c.predicted_latency_ms, loss=c.loss, st=st, source=c.source, done=True)
+        decided, missed = [], 0
+        for x in budgets:
+            best, sub = x["best"], x["sub"]
+            missed += x["st"]["verdict"] != "within"
+            decided.append((sub, x["quantile"], x["limit"], x["frac"], x["b"]["budget_ms"]))
+            rows.append(
+                {
+                    "regime": regime.key,
+                    "engine": regime.engine,
+                    "device_name": device_name,
+                    "weights": best.get("weights", "elastic"),
+                    "weights_tag": best.get("weights_tag"),
+                    "quality_setting": best.get("quality_setting"),  # the loss's split, corpus@id, windows
+                    "quantile": x["quantile"],
+                    "limit_frac": x["limit"],
+                    "config": sub.to_json(),
+                    "config_key": sub.key,
+                    "predicted_latency_ms": x["pred"],
+                    "loss": x["loss"],
+                    "ppl": math.exp(x["loss"]),
+                    "replacements_tried": x["replaced"],
+                    "replaced": sub != x["orig"],
+                    "source": x["source"],
+                }
+            )
         # Every pick's numbers from the session's final rounds: one measured full model for all rows. The
         # budget stays the one searched (its ms, fraction and reference), so `lookup --budget-ms X` at the
         # searched X finds its row; verify's own full model is `measured_full_ms`.
@@ -379,6 +379,38 @@ def _candidates(trials, b: dict):
     return pool.drop_duplicates("config"), (float(max(uni)) if len(uni) else math.inf)
 
 
+def _next_wave(budgets: list[dict], seen: dict, cfg: VerifyConfig, deadline: float, capped: list,
+               regime_key: str) -> list[tuple]:
+    """(budget, candidate config, its trials row) for each budget whose config is not within and that may
+    still try one: its best candidate not tried yet, in `_corrected_order` under this session's correction
+    so far (`seen`: measured over predicted ratio per config decided)."""
+    wave = []
+    for x in budgets:
+        if x["done"] or x["st"]["verdict"] == "within":
+            continue
+        if x["replaced"] >= cfg.max_replacements:
+            x["done"] = True
+            continue
+        if time.perf_counter() >= deadline:
+            capped.append(f"{regime_key} budget {x['frac']:.3g}: replacements")
+            x["done"] = True
+            continue
+        if "cands" not in x:
+            cands, worst = _candidates(x["trials"], x["b"])
+            x["cands"] = cands[cands["loss"] <= worst]
+        correction = statistics.median(seen.values()) if len(seen) >= 2 else 1.0
+        nxt = next((c for c in _corrected_order(x["cands"], x["limit"], correction, _reference(x["b"])).itertuples()
+                    if SubnetConfig.from_json(c.config).key not in x["tried"]), None)
+        if nxt is None:
+            x["done"] = True
+            continue
+        alt = SubnetConfig.from_json(nxt.config)
+        x["tried"].add(alt.key)
+        x["replaced"] += 1
+        wave.append((x, alt, nxt))
+    return wave
+
+
 def _reference(b: dict) -> float:
     """The full model's step (ms) a searched budget `b` was a fraction of: its predictions over it are
     predicted ratios."""
@@ -466,22 +498,41 @@ def _power(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, conf: fl
 
 def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, quantile: str,
             deadline: float = math.inf, capped: list | None = None) -> dict:
-    """The pick's verdict against `limit` (a fraction of the full model), measuring more rounds of it
-    and the full model while it sits inside the noise band (until `deadline`, noted in `capped`);
-    each look at `look_confidence(cfg)`. A pick whose estimate is already over the limit gets no more
-    rounds, nor (p50) one that more rounds would almost surely leave undecided (`cfg.futility`): it
-    stays undecided, never within (stopping for futility only lowers the false-within rate)."""
+    """One pick's verdict against `limit`: `_decide_all` of it alone."""
+    return _decide_all(session, [(sub, limit, quantile)], cfg, deadline, capped)[0]
+
+
+def _decide_all(session, items: list, cfg: VerifyConfig, deadline: float = math.inf,
+                capped: list | None = None) -> list[dict]:
+    """Each (config, limit, quantile)'s verdict against its limit (a fraction of the full model), measuring
+    more rounds while it sits inside the noise band (until `deadline`, noted in `capped`): the undecided ones
+    share their rounds (one full model a round for all of them), `cfg.rounds` at a time, each look at
+    `look_confidence(cfg)`. A config whose estimate is already over its limit gets no more rounds, nor (p50)
+    one that more rounds would almost surely leave undecided (`cfg.futility`): it stays undecided, never
+    within (stopping for futility only lowers the false-within rate)."""
     conf = look_confidence(cfg)
-    st = session.stats(sub.key, quantile, limit, conf)
-    while (st["verdict"] == "uncertain" and st["ratio"] <= limit
-           and session.rounds_of[session.key_of(sub.key)] < cfg.max_rounds):
-        if cfg.futility > 0 and quantile == "p50" and _power(session, sub, limit, cfg, conf) < cfg.futility:
-            st = {**st, "futile": True}
+    sts = [session.stats(sub.key, quantile, limit, conf) for sub, limit, quantile in items]
+    open_ = list(range(len(items)))
+    while open_:
+        todo = {}
+        for i in list(open_):
+            (sub, limit, quantile), st = items[i], sts[i]
+            if not (st["verdict"] == "uncertain" and st["ratio"] <= limit
+                    and session.rounds_of[session.key_of(sub.key)] < cfg.max_rounds):
+                open_.remove(i)
+            elif cfg.futility > 0 and quantile == "p50" and _power(session, sub, limit, cfg, conf) < cfg.futility:
+                sts[i] = {**st, "futile": True}
+                open_.remove(i)
+            else:
+                todo[sub.key] = sub
+        if not todo:
             break
         if time.perf_counter() >= deadline:
             if capped is not None:
-                capped.append(f"{sub.key[:24]}: rounds")
+                capped += [f"{key[:24]}: rounds" for key in todo]
             break
-        session.run({sub.key: sub}, min(cfg.rounds, cfg.max_rounds - session.rounds_of[session.key_of(sub.key)]))
-        st = session.stats(sub.key, quantile, limit, conf)
-    return st
+        session.run(todo, min(cfg.rounds, *(cfg.max_rounds - session.rounds_of[session.key_of(k)] for k in todo)))
+        for i in open_:
+            sub, limit, quantile = items[i]
+            sts[i] = session.stats(sub.key, quantile, limit, conf)
+    return sts

@@ -308,3 +308,71 @@ def test_replacements_the_session_would_measure_within_go_first():
     assert list(_corrected_order(cands, 0.8, 1.0, 100.0)["config"]) == list("abcd")
     assert list(_corrected_order(cands, 0.8, 1.05, 100.0)["config"]) == list("bdac")  # 79, 78 -> 83, 82: later
     assert list(_corrected_order(cands, 0.8, 0.9, 100.0)["config"]) == list("abcd")
+
+
+def test_misses_of_several_budgets_are_replaced_in_shared_rounds(run_copy, monkeypatch):
+    """Two budgets whose picks miss each try their next candidate in the same wave: both candidates share
+    the wave's rounds (one full model a round), so the session runs its first rounds and one wave, not
+    one set of rounds per replacement; a candidate already measured (another budget's pick) is not
+    measured again from scratch."""
+    from flextron.elastic import ElasticModel
+    from flextron.spec import SubnetConfig
+    from search.verify import VerifyConfig, verify
+
+    spec = ElasticModel.load(run_copy / "elastic").spec
+    _search(run_copy, budget_ms=(_budget(run_copy, 0.95),), trials=8)
+    _fake_latency(monkeypatch, spec)
+    folder = _results(run_copy)
+    trials = pd.read_parquet(folder / "trials.parquet")
+    ev = trials[trials["evaluated"]].drop_duplicates("config")
+    params = {c: spec.validate(SubnetConfig.from_json(c)).param_count(spec) for c in ev["config"]}
+    full = spec.full().param_count(spec)
+    sizes = sorted(set(params.values()))
+    assert len(sizes) >= 3
+    by_size = {params[c]: c for c in params}
+    ev = ev.assign(predicted_latency_ms=[10.0 * params[c] / full for c in ev["config"]])  # as the fake timer measures
+    best = json.loads((folder / "best.json").read_text())
+    rows, entries = [], []
+    for size, pick in ((sizes[-2], by_size[sizes[-1]]), (sizes[-3], by_size[sizes[-2]])):  # each pick one size over
+        budget = 10.0 * size / full
+        rows.append(ev.assign(budget_ms=budget, budget_frac=budget / 10.0))
+        entries.append({**best["best"][0], "budget_ms": budget, "budget_frac": budget / 10.0, "reference_full_ms": 10.0,
+                        "config": json.loads(pick), "predicted_latency_ms": 10.0 * params[pick] / full, "loss": 0.0})
+    pd.concat(rows).to_parquet(folder / "trials.parquet", index=False)
+    (folder / "best.json").write_text(json.dumps({**best, "best": entries}))
+    v = verify(VerifyConfig(run=str(run_copy), rounds=2, reps=1, warmup=0))
+    ver = pd.read_parquet(run_copy / "verify" / "verified.parquet")
+    assert v["replaced"] == 2 and ver["within_budget"].all() and (ver["replacements_tried"] == 1).all()
+    samples = pd.read_parquet(run_copy / "verify" / "samples.parquet")
+    assert samples[samples["key"] == "full"]["round"].nunique() == 4  # 2 first rounds + 1 shared wave of 2
+
+
+class _Two(_OnBudget):
+    """Two picks, each round's ratio read in turn from its own cycle (times `frac`); records each run's keys."""
+
+    cycles = {"a": (0.95, 1.02, 0.95, 0.96, 0.94, 0.95), "b": (0.96, 0.95, 1.03, 0.95, 0.94, 0.95)}
+
+    def run(self, subs, rounds, progress=None):
+        self.calls = getattr(self, "calls", []) + [sorted(subs)]
+        first = self.session.rounds_of.get(self.full, 0)
+        for r in range(first, first + rounds):
+            self.session.samples.append({"key": self.full, "round": r, "latency_ms": 100.0})
+            self.session.samples += [{"key": k, "round": r, "latency_ms": 100 * self.frac * self.cycles[k][r % 6]}
+                                     for k in subs]
+        for k in (self.full, *subs):
+            self.session.rounds_of[k] = self.session.rounds_of.get(k, 0) + rounds
+
+
+def test_picks_inside_the_noise_band_share_their_extra_rounds():
+    """Two picks that each need 18 rounds to be bound within get their extra rounds together: 18 rounds
+    of the full model in all, not 6 + 12 + 12."""
+    from types import SimpleNamespace
+
+    import search.verify as v
+
+    cfg = v.VerifyConfig(run="unused", rounds=6, max_rounds=18)
+    sim = _Two(0.8, 0)
+    sim.run({"a": None, "b": None}, cfg.rounds)
+    sts = v._decide_all(sim.session, [(SimpleNamespace(key=k), 0.8, "p50") for k in ("a", "b")], cfg)
+    assert [st["verdict"] for st in sts] == ["within", "within"] and [st["rounds"] for st in sts] == [18, 18]
+    assert sim.calls == [["a", "b"]] * 3 and sim.session.rounds_of["full"] == 18
