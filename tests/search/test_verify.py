@@ -78,26 +78,29 @@ def test_quantile_budgets_use_the_tail_samples(run_copy, monkeypatch, quantile, 
     assert ver["verdict"] == verdict and ver["quantile"] == quantile
 
 
+def _searched_on_a_fake_timer(run, monkeypatch, trials: int):
+    """Search `run` at one budget, then time every config at its parameter share of a 10 ms full model.
+    Returns (spec, results folder, trials, evaluated trials (one per config), {config: params}, full params)."""
+    from flextron.elastic import ElasticModel
+    from flextron.spec import SubnetConfig
+
+    spec = ElasticModel.load(run / "elastic").spec
+    _search(run, budget_ms=(_budget(run, 0.95),), trials=trials)
+    _fake_latency(monkeypatch, spec)
+    folder = _results(run)
+    table = pd.read_parquet(folder / "trials.parquet")
+    ev = table[table["evaluated"]].drop_duplicates("config")
+    params = {c: spec.validate(SubnetConfig.from_json(c)).param_count(spec) for c in ev["config"]}
+    return spec, folder, table, ev, params, spec.full().param_count(spec)
+
+
 def test_verify_replaces_a_miss_with_a_config_that_fits(run_copy, monkeypatch):
     """A pick measured over its budget is replaced by the next best evaluated config of the same
     budget, regime and weights that measures within it."""
-    from flextron.elastic import ElasticModel
     from search.verify import VerifyConfig, verify
 
-    spec = ElasticModel.load(run_copy / "elastic").spec
-    _search(run_copy, budget_ms=(_budget(run_copy, 0.95),), trials=6)
-    _fake_latency(monkeypatch, spec)
-    folder = _results(run_copy)
-    trials = pd.read_parquet(folder / "trials.parquet")
-    ev = trials[trials["evaluated"]].drop_duplicates("config")
+    spec, folder, trials, ev, params, full = _searched_on_a_fake_timer(run_copy, monkeypatch, 6)
     assert len(ev) >= 3
-    params = {
-        c: spec.validate(__import__("flextron.spec", fromlist=["SubnetConfig"]).SubnetConfig.from_json(c)).param_count(
-            spec
-        )
-        for c in ev["config"]
-    }
-    full = spec.full().param_count(spec)
     best = json.loads((folder / "best.json").read_text())
     pick = max(params, key=params.get)  # make the largest evaluated config the pick, and let it miss
     budget = 10.0 * sorted(params.values())[-2] / full  # the second largest fits exactly
@@ -315,18 +318,9 @@ def test_misses_of_several_budgets_are_replaced_in_shared_rounds(run_copy, monke
     the wave's rounds (one full model a round), so the session runs its first rounds and one wave, not
     one set of rounds per replacement; a candidate already measured (another budget's pick) is not
     measured again from scratch."""
-    from flextron.elastic import ElasticModel
-    from flextron.spec import SubnetConfig
     from search.verify import VerifyConfig, verify
 
-    spec = ElasticModel.load(run_copy / "elastic").spec
-    _search(run_copy, budget_ms=(_budget(run_copy, 0.95),), trials=8)
-    _fake_latency(monkeypatch, spec)
-    folder = _results(run_copy)
-    trials = pd.read_parquet(folder / "trials.parquet")
-    ev = trials[trials["evaluated"]].drop_duplicates("config")
-    params = {c: spec.validate(SubnetConfig.from_json(c)).param_count(spec) for c in ev["config"]}
-    full = spec.full().param_count(spec)
+    spec, folder, _, ev, params, full = _searched_on_a_fake_timer(run_copy, monkeypatch, 8)
     sizes = sorted(set(params.values()))
     assert len(sizes) >= 3
     by_size = {params[c]: c for c in params}
