@@ -111,8 +111,7 @@ def main():
         # the baselines are chosen by the search's own losses (its windows and precision); every perplexity
         # printed below is float32 on --ppl-windows
         search_dtype = scfg.get("eval_dtype", "float32")
-        ev_model = el if search_dtype == "float32" else ElasticModel.load(run / "elastic",
-                                                                        dtype=getattr(torch, search_dtype))
+        ev_model = el if search_dtype == "float32" else ElasticModel.load(run / "elastic", dtype=search_dtype)
         ev = QualityEvaluator(ev_model, run / "search" / QUALITY_CACHE, scfg["eval_windows"], scfg["eval_seq_len"],
                               corpus=corpus)
         assert ev.setting == best["quality_setting"], (ev.setting, best["quality_setting"])

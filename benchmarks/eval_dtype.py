@@ -45,7 +45,7 @@ def main() -> None:
     run = RunDir(args.run)
     wdir = run.weights("elastic")[1]
     corpus = run.corpus("")
-    models = {dt: ElasticModel.load(wdir, dtype=getattr(torch, dt)) for dt in ("float32", "bfloat16")}
+    models = {dt: ElasticModel.load(wdir, dtype=dt) for dt in ("float32", "bfloat16")}
     spec = models["float32"].spec
     flags = sorted(cpu_flags() & {"avx512_bf16", "amx_bf16", "avx512f", "avx2"})
     print(f"device: {Telemetry('cpu').device_name}  flags {flags}  torch {torch.__version__}  "

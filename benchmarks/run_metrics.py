@@ -33,7 +33,14 @@ print(v[["budget_frac", "source", "predicted_ratio", "ratio", "ratio_hi", "verdi
       .round(3).to_string(index=False))
 
 full = ElasticSpec.load(f"{run}/elastic/elastic_spec.json").full()
-rt = per_round(pd.read_parquet(f"{run}/verify/samples.parquet"), FULL)
+samples = pd.read_parquet(f"{run}/verify/samples.parquet")
+first_rounds = json.load(open(f"{run}/verify/verify_config.json"))["rounds"]
+per_key = samples[samples["key"] != FULL].groupby("key")["round"].agg(["min", "nunique"])
+# the same configs one at a time (each config's rounds beyond the first round set alone with the full model)
+alone = first_rounds + int(sum(n - first_rounds if lo == 0 else n for lo, n in zip(per_key["min"], per_key["nunique"])))
+print(f"verify: {samples[samples['key'] == FULL]['round'].nunique()} rounds for {len(per_key)} configs "
+      f"({int((per_key['min'] == 0).sum())} in the first {first_rounds}); one at a time the same configs take {alone}")
+rt = per_round(samples, FULL)
 measured, rounds = rt.groupby("key")["ratio_to_full"].median(), rt.groupby("key").size()
 for path in sorted(__import__("pathlib").Path(run, "search").glob("*/*/trials.parquet")):
     t = pd.read_parquet(path)

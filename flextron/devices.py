@@ -129,12 +129,13 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
 
 
 def native_bf16(device: str) -> bool:
-    """Whether `device` multiplies bfloat16 natively: a CUDA device torch says supports it, or a CPU with
-    AVX512-BF16 or AMX (elsewhere bfloat16 is emulated on the CPU and slower than float32)."""
+    """Whether `device` multiplies bfloat16 natively: a CUDA device of compute capability 8 or later (Ampere
+    on; older ones emulate it), or a CPU with AVX512-BF16 or AMX (elsewhere the CPU emulates it, slower
+    than float32)."""
     if device.startswith("cuda"):
         import torch
 
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and torch.cuda.get_device_properties(torch.device(device)).major >= 8
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
@@ -148,10 +149,8 @@ def resolve_eval_dtype(dtype: str, device: str, kept_config=None) -> str:
     """The dtype quality is evaluated in (losses, the quality table): `float32` or `bfloat16` as asked; for
     `auto`, the one the stage's earlier results in this run were made in (`kept_config`: their saved
     config, whose losses a resume must compare with; float32 when it names none, made before the choice),
-    else bfloat16 where `device` computes it natively, else float32. On the 2-core development CPU
-    (AVX512-BF16) bfloat16 evaluated SmolLM2-135M 1.9x faster (the quality table too), each config's perplexity
-    within 1.2% of float32's (median 0.3%, the same order of 15 configs), the table's deltas 0.003 nats apart
-    on average, the quality model's held-out Spearman 0.885 against 0.887 (benchmarks/eval_dtype.py)."""
+    else bfloat16 where `device` computes it natively, else float32 (what it costs and buys, measured:
+    benchmarks/eval_dtype.py, docs/method.md "Evaluation precision")."""
     import json
     from pathlib import Path
 

@@ -302,14 +302,16 @@ class ElasticModel:
         self.spec.save(folder / SPEC_FILE)
 
     @classmethod
-    def load(cls, elastic_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "ElasticModel":
-        """Load a converted model (safetensors only, no remote code)."""
+    def load(cls, elastic_dir: str | Path, device: str = "cpu",
+             dtype: torch.dtype | str = torch.float32) -> "ElasticModel":
+        """Load a converted model (safetensors only, no remote code), in `dtype` (a torch dtype or its name)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         elastic_dir = Path(elastic_dir)
         if not (elastic_dir / SPEC_FILE).is_file():
             raise FlextronError(f"{elastic_dir} holds no converted model; run `flextron convert` first")
         spec = ElasticSpec.load(elastic_dir / SPEC_FILE)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 elastic_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False

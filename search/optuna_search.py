@@ -337,7 +337,6 @@ def search(cfg: SearchConfig) -> dict:
     import sys
 
     import pandas as pd
-    import torch
 
     from flextron.budget import Budget
     from flextron.devices import check_device, resolve_eval_dtype
@@ -366,7 +365,7 @@ def search(cfg: SearchConfig) -> dict:
     storage = open_storage(cfg, run.root)
     out = results_dir(run.root, regime_key, wname)
     dtype = resolve_eval_dtype(cfg.eval_dtype, cfg.device, None if cfg.restart else out / "search_config.json")
-    elastic = ElasticModel.load(wdir, device=cfg.device, dtype=getattr(torch, dtype))
+    elastic = ElasticModel.load(wdir, device=cfg.device, dtype=dtype)
     elastic.check_positions(cfg.eval_seq_len, "--eval-seq-len")
     spec = elastic.spec
     lo, hi = feasible_range(lat_model, spec)
@@ -556,7 +555,8 @@ def _layer_tables(run_root: Path, wname: str, wtag: str, spec, lat_model, cfg: S
                 qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec, cfg.corpus)
             except FlextronError:
                 print(f"flextron search: {e}; building it now", file=sys.stderr)
-                quality(QualityConfig(run=str(run_root), weights=wname, corpus=cfg.corpus, device=cfg.device))
+                quality(QualityConfig(run=str(run_root), weights=wname, corpus=cfg.corpus, device=cfg.device,
+                                      eval_dtype=cfg.eval_dtype))
                 qmodel, qmetrics = load_quality_model(run_root, wname, wtag, spec, cfg.corpus)
     if not lat_model.depth:
         print("flextron search: the latency model has no depth (profiled before whole-layer cells): searching "

@@ -47,7 +47,7 @@ def quality_setting(split: str, corpus: str, windows: int, seq_len: int, weights
 
 
 def search_quality_setting(run_root: str | Path, regime: str | None = None, weights: str | None = None) -> str | None:
-    """The quality setting (split, corpus, windows, weights) the run's search used for `regime` and
+    """The quality setting (split, corpus, windows, dtype, weights) the run's search used for `regime` and
     `weights` (any when None), from its `best.json` files; None when nothing was searched."""
     from flextron.rundir import read_json
 

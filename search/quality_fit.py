@@ -169,7 +169,6 @@ def load_quality_model(run_root: str | Path, weights: str, wtag: str, spec, corp
 
 def quality(cfg: QualityConfig) -> dict:
     import pandas as pd
-    import torch
     from scipy.stats import spearmanr
 
     from flextron.data import token_windows
@@ -196,7 +195,7 @@ def quality(cfg: QualityConfig) -> dict:
     dtype = resolve_eval_dtype(cfg.eval_dtype, cfg.device, None if cfg.restart else folder / CONFIG_FILE)
     cfg = replace(cfg, corpus=corpus, eval_dtype=dtype)  # saved as resolved: an absolute path, or wiki / pydoc
     t0 = time.perf_counter()
-    elastic = ElasticModel.load(wdir, device=cfg.device, dtype=getattr(torch, dtype))
+    elastic = ElasticModel.load(wdir, device=cfg.device, dtype=dtype)
     elastic.check_positions(cfg.calib_seq_len, "--calib-seq-len")
     elastic.check_positions(cfg.eval_seq_len, "--eval-seq-len")
     spec = elastic.spec

@@ -62,7 +62,8 @@ class VerifyConfig:
     #: -1: not pinned
     pin_core: int = -2
     #: time cap (s): past it, no more rounds are added to decide picks and no more replacements tried
-    #: (undecided picks fall back); the stage says when the cap was hit before the decisions were made
+    #: (undecided picks fall back; a wave of replacements started before it gets its first rounds); the
+    #: stage says when the cap was hit before the decisions were made
     max_seconds: float = 600.0
     #: the uniform configs (the lookup's fallbacks) measured beside the picks: `needed` only when some budget
     #: of the regime has no pick or replacement measured within it (a budget's uniform seeds are among its
@@ -222,10 +223,9 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                 seen[alt.key] = st["ratio"] / (c.predicted_latency_ms / _reference(x["b"]))
                 if st["verdict"] == "within":
                     x.update(sub=alt, pred=c.predicted_latency_ms, loss=c.loss, st=st, source=c.source, done=True)
-        decided, missed = [], 0
+        decided = []
         for x in budgets:
             best, sub = x["best"], x["sub"]
-            missed += x["st"]["verdict"] != "within"
             decided.append((sub, x["quantile"], x["limit"], x["frac"], x["b"]["budget_ms"]))
             rows.append(
                 {
@@ -278,6 +278,8 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                     "within_budget": st["verdict"] == "within",
                 }
             )
+        # by the final verdicts: a config shared by two budgets may have had rounds after one decided it
+        missed = sum(not row["within_budget"] for row in rows[len(rows) - len(decided):])
         # The lookup's fallbacks, measured beside the same full model as the picks (ratios at every
         # quantile): every uniform config where a budget has nothing within (or with --uniform all), else
         # those tried as replacements.
@@ -337,7 +339,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
     floors = ", ".join(f"{k} {v['ratio_noise_floor_pct']:.2f}%" if v["ratio_noise_floor_pct"] is not None
                        else f"{k} n/a (only the full model was measured)" for k, v in noise.items())
     print(f"flextron verify: ratio noise floor reached {floors} in {seconds:.0f} s"
-          + (f"; {futile} config(s) left undecided early (more rounds would almost surely not have decided "
+          + (f"; {futile} decision(s) left undecided early (more rounds would almost surely not have decided "
              f"them, --futility {cfg.futility:g})" if futile else "")
           + (f"; the time cap (--max-seconds {cfg.max_seconds:g}) stopped {len(capped)} decision(s) first"
              if capped else ""), file=sys.stderr)
@@ -385,23 +387,23 @@ def _next_wave(budgets: list[dict], seen: dict, cfg: VerifyConfig, deadline: flo
     still try one: its best candidate not tried yet, in `_corrected_order` under this session's correction
     so far (`seen`: measured over predicted ratio per config decided)."""
     wave = []
+    correction = statistics.median(seen.values()) if len(seen) >= 2 else 1.0
     for x in budgets:
         if x["done"] or x["st"]["verdict"] == "within":
             continue
         if x["replaced"] >= cfg.max_replacements:
             x["done"] = True
             continue
-        if time.perf_counter() >= deadline:
-            capped.append(f"{regime_key} budget {x['frac']:.3g}: replacements")
-            x["done"] = True
-            continue
         if "cands" not in x:
             cands, worst = _candidates(x["trials"], x["b"])
             x["cands"] = cands[cands["loss"] <= worst]
-        correction = statistics.median(seen.values()) if len(seen) >= 2 else 1.0
         nxt = next((c for c in _corrected_order(x["cands"], x["limit"], correction, _reference(x["b"])).itertuples()
                     if SubnetConfig.from_json(c.config).key not in x["tried"]), None)
         if nxt is None:
+            x["done"] = True
+            continue
+        if time.perf_counter() >= deadline:
+            capped.append(f"{regime_key} budget {x['frac']:.3g}: replacements")
             x["done"] = True
             continue
         alt = SubnetConfig.from_json(nxt.config)
@@ -433,8 +435,6 @@ def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -
     that the search of `best_file` never evaluated, on that search's own setting. Returns how many."""
     import sys
 
-    import torch
-
     from flextron.elastic import ElasticModel
     from flextron.rundir import read_json
     from search.quality import QUALITY_CACHE, QualityEvaluator, read_quality_cache
@@ -453,8 +453,8 @@ def _fallback_losses(run, best_file, best: dict, compliant: list, device: str) -
         return 0
     scfg = read_json(config_path, run.root)
     wname = best.get("weights", "elastic")
-    dtype = getattr(torch, scfg.get("eval_dtype", "float32"))  # the search's precision (float32 before it chose)
-    model = ElasticModel.load(run.weights(wname)[1], device=device, dtype=dtype)
+    # in the search's precision (float32 before it chose one)
+    model = ElasticModel.load(run.weights(wname)[1], device=device, dtype=scfg.get("eval_dtype", "float32"))
     ev = QualityEvaluator(
         model,
         cache,
@@ -506,10 +506,10 @@ def _decide_all(session, items: list, cfg: VerifyConfig, deadline: float = math.
                 capped: list | None = None) -> list[dict]:
     """Each (config, limit, quantile)'s verdict against its limit (a fraction of the full model), measuring
     more rounds while it sits inside the noise band (until `deadline`, noted in `capped`): the undecided ones
-    share their rounds (one full model a round for all of them), `cfg.rounds` at a time, each look at
-    `look_confidence(cfg)`. A config whose estimate is already over its limit gets no more rounds, nor (p50)
-    one that more rounds would almost surely leave undecided (`cfg.futility`): it stays undecided, never
-    within (stopping for futility only lowers the false-within rate)."""
+    at the same round count share their rounds (one full model a round for all of them), `cfg.rounds` at a
+    time, each look at `look_confidence(cfg)`. A config whose estimate is already over its limit gets no
+    more rounds, nor (p50) one that more rounds would almost surely leave undecided (`cfg.futility`): it
+    stays undecided, never within (stopping for futility only lowers the false-within rate)."""
     conf = look_confidence(cfg)
     sts = [session.stats(sub.key, quantile, limit, conf) for sub, limit, quantile in items]
     open_ = list(range(len(items)))
@@ -531,7 +531,11 @@ def _decide_all(session, items: list, cfg: VerifyConfig, deadline: float = math.
             if capped is not None:
                 capped += [f"{key[:24]}: rounds" for key in todo]
             break
-        session.run(todo, min(cfg.rounds, *(cfg.max_rounds - session.rounds_of[session.key_of(k)] for k in todo)))
+        # the configs at the fewest rounds go together, so each keeps its own looks (every cfg.rounds rounds,
+        # as look_confidence counts them); the others catch up or are decided first
+        have = {k: session.rounds_of[session.key_of(k)] for k in todo}
+        least = min(have.values())
+        session.run({k: v for k, v in todo.items() if have[k] == least}, min(cfg.rounds, cfg.max_rounds - least))
         for i in open_:
             sub, limit, quantile = items[i]
             sts[i] = session.stats(sub.key, quantile, limit, conf)

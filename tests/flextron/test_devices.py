@@ -74,6 +74,17 @@ def test_eval_dtype_auto_is_bfloat16_only_where_the_device_has_it_natively(tmp_p
     for flags, native in (({"avx2", "avx512f"}, False), ({"avx512_bf16"}, True), ({"amx_bf16"}, True), (set(), False)):
         monkeypatch.setattr(devices, "cpu_flags", lambda flags=flags: flags)
         assert real_native_bf16("cpu") is native
+    from types import SimpleNamespace
+
+    import torch
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for major, native in ((7, False), (8, True), (9, True)):  # Volta/Turing emulate bfloat16; Ampere on do not
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda d, major=major: asked.append(str(d)) or SimpleNamespace(major=major))
+        assert real_native_bf16("cuda:1") is native
+    assert set(asked) == {"cuda:1"}  # the device asked about, not the current one
     for native, expected in ((True, "bfloat16"), (False, "float32")):
         monkeypatch.setattr(devices, "native_bf16", lambda device, native=native: native)
         assert devices.resolve_eval_dtype("auto", "cpu") == expected

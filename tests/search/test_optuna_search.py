@@ -402,16 +402,22 @@ def test_a_quality_model_measured_on_another_text_is_refused(run_copy):
 
 
 def test_a_bfloat16_search_is_resumed_in_bfloat16_refuses_a_mix_and_verify_evaluates_alike(run_copy):
+    import shutil
+
     from flextron.elastic import ElasticModel
     from flextron.rundir import RunDir
     from search.quality import QUALITY_CACHE, read_quality_cache
     from search.verify import _fallback_losses
 
+    shutil.rmtree(run_copy / "quality", ignore_errors=True)  # the search builds its quality model itself
     b = _budget(run_copy, 0.6)
     _search(run_copy, budget_ms=(b,), eval_dtype="bfloat16")
     best = json.loads((_results(run_copy) / "best.json").read_text())
     assert best["quality_setting"].endswith("2x32:bfloat16")
     assert json.loads((_results(run_copy) / "search_config.json").read_text())["eval_dtype"] == "bfloat16"
+    # the quality model the search built for its seeds was measured in the search's precision too
+    quality_config = json.loads((run_copy / "quality" / "elastic" / "quality_config.json").read_text())
+    assert quality_config["eval_dtype"] == "bfloat16"
     again = _search(run_copy, budget_ms=(b,))  # auto: the kept search's precision, so it resumes
     assert again["quality_evaluations"] == 0
     with pytest.raises(FlextronError, match="--eval-dtype.*--restart"):

@@ -318,13 +318,17 @@ def test_misses_of_several_budgets_are_replaced_in_shared_rounds(run_copy, monke
     the wave's rounds (one full model a round), so the session runs its first rounds and one wave, not
     one set of rounds per replacement; a candidate already measured (another budget's pick) is not
     measured again from scratch."""
+    from flextron.spec import SubnetConfig
     from search.verify import VerifyConfig, verify
 
     spec, folder, _, ev, params, full = _searched_on_a_fake_timer(run_copy, monkeypatch, 8)
     sizes = sorted(set(params.values()))
     assert len(sizes) >= 3
     by_size = {params[c]: c for c in params}
-    ev = ev.assign(predicted_latency_ms=[10.0 * params[c] / full for c in ev["config"]])  # as the fake timer measures
+    # predicted as the fake timer measures; the larger the better, so budget A's best candidate is B's pick
+    # (no uniform seeds: no candidate is too bad to try)
+    ev = ev.assign(predicted_latency_ms=[10.0 * params[c] / full for c in ev["config"]],
+                   loss=[-float(params[c]) for c in ev["config"]], source="search")
     best = json.loads((folder / "best.json").read_text())
     rows, entries = [], []
     for size, pick in ((sizes[-2], by_size[sizes[-1]]), (sizes[-3], by_size[sizes[-2]])):  # each pick one size over
@@ -339,6 +343,9 @@ def test_misses_of_several_budgets_are_replaced_in_shared_rounds(run_copy, monke
     assert v["replaced"] == 2 and ver["within_budget"].all() and (ver["replacements_tried"] == 1).all()
     samples = pd.read_parquet(run_copy / "verify" / "samples.parquet")
     assert samples[samples["key"] == "full"]["round"].nunique() == 4  # 2 first rounds + 1 shared wave of 2
+    shared = SubnetConfig.from_json(by_size[sizes[-2]])  # B's pick, then A's replacement: measured once
+    assert ver["config"].iloc[0] == shared.to_json()
+    assert samples[samples["key"] == shared.key]["round"].nunique() == 2  # its first rounds serve the wave too
 
 
 class _Two(_OnBudget):
@@ -370,3 +377,29 @@ def test_picks_inside_the_noise_band_share_their_extra_rounds():
     sts = v._decide_all(sim.session, [(SimpleNamespace(key=k), 0.8, "p50") for k in ("a", "b")], cfg)
     assert [st["verdict"] for st in sts] == ["within", "within"] and [st["rounds"] for st in sts] == [18, 18]
     assert sim.calls == [["a", "b"]] * 3 and sim.session.rounds_of["full"] == 18
+
+
+def test_a_wave_past_the_time_cap_tries_nothing_and_names_only_budgets_with_a_candidate_left():
+    import math
+
+    import search.verify as v
+    from flextron.spec import SubnetConfig
+
+    a, b = SubnetConfig((64, 64), (2, 2)), SubnetConfig((32, 32), (2, 2))
+    trials = pd.DataFrame({"evaluated": [True, True], "budget_ms": [10.0, 10.0], "predicted_latency_ms": [9.0, 8.0],
+                           "config": [a.to_json(), b.to_json()], "loss": [1.0, 2.0], "source": ["search", "search"]})
+    budget = {"budget_ms": 10.0, "budget_frac": 0.5, "reference_full_ms": 20.0}
+
+    def budgets():
+        def one(tried):
+            return {"b": budget, "trials": trials, "frac": 0.5, "limit": 0.5, "st": {"verdict": "over"},
+                    "replaced": 0, "tried": set(tried), "done": False}
+        return [one({a.key}), one({a.key, b.key})]  # the first has b left to try, the second nothing
+
+    cfg = v.VerifyConfig(run="unused")
+    capped: list = []
+    assert v._next_wave(budgets(), {}, cfg, 0.0, capped, "R") == [] and capped == ["R budget 0.5: replacements"]
+    capped = []
+    wave = v._next_wave(xs := budgets(), {}, cfg, math.inf, capped, "R")
+    assert [alt for _, alt, _ in wave] == [b] and not capped
+    assert xs[0]["replaced"] == 1 and b.key in xs[0]["tried"] and xs[1]["done"]
