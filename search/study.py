@@ -46,9 +46,9 @@ def open_storage(cfg, run_root: Path):
 def _write_ahead(engine) -> None:
     """SQLite in write-ahead-log mode with NORMAL sync on every connection: a commit appends to the log
     instead of syncing the database file, which is what Optuna's one-commit-per-parameter costs (half the
-    time of the default mode: benchmarks/optuna_storage.py). Readers and
-    one writer still share the file across processes; a killed process loses nothing it committed (an OS
-    crash may lose the last commits, never the database). The log mode is the file's (set once, here, where
+    time of the default mode: benchmarks/optuna_storage.py). Readers and one writer still share the file
+    across processes; a killed process loses nothing it committed (an OS crash may lose the last commits,
+    never the database). The log mode is the file's (set once, here, where
     workers racing to open the file retry); the sync level is each connection's."""
     from sqlalchemy import event, text
 
