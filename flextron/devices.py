@@ -116,16 +116,23 @@ def set_cpu_threads(device: str, threads: int = 0) -> int | None:
 EVAL_DTYPES = ("auto", "float32", "bfloat16")
 
 
-def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
-    """The CPU's feature flags (Linux `/proc/cpuinfo`); empty where there is no such file."""
+def cpuinfo(field: str, path: str = "/proc/cpuinfo") -> str | None:
+    """The first CPU's `field` in Linux `/proc/cpuinfo` (e.g. `model name`, `flags`); None where there is no
+    such file or field."""
     try:
         with open(path) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                key, _, value = line.partition(":")
+                if key.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags; empty where `/proc/cpuinfo` is missing (not Linux)."""
+    return set((cpuinfo("flags", path) or "").split())
 
 
 def native_bf16(device: str) -> bool:

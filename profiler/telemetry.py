@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from flextron.devices import cpuinfo
+
 # NVML throttle reasons that mean the clocks were pulled down by power or heat while measuring.
 # (GpuIdle and the application-clock setting are not throttling of a running kernel.)
 # Bits: 0x4 SW power cap, 0x8 HW slowdown, 0x20 SW thermal, 0x40 HW thermal, 0x80 HW power brake.
@@ -24,13 +26,7 @@ def _git_hash() -> str | None:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 class Telemetry:

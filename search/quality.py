@@ -59,11 +59,6 @@ def search_quality_setting(run_root: str | Path, regime: str | None = None, weig
     return None
 
 
-def model_dtype(elastic) -> str:
-    """The dtype of `elastic`'s weights, by name (`float32`, `bfloat16`)."""
-    return str(next(elastic.model.parameters()).dtype).removeprefix("torch.")
-
-
 class QualityEvaluator:
     def __init__(self, elastic, cache_path: str | Path, windows: int = 8, seq_len: int = 128,
                  split: str = "validation", corpus: str = "wiki", batch_size: int = 8, tag: str = "elastic"):
@@ -71,7 +66,7 @@ class QualityEvaluator:
 
         self.elastic = elastic
         self.cache_path = Path(cache_path)
-        self.dtype = model_dtype(elastic)  # the losses' precision is the model's: part of the setting
+        self.dtype = str(elastic.model.dtype).removeprefix("torch.")  # the losses' precision: part of the setting
         self.setting = quality_setting(split, corpus, windows, seq_len, tag, self.dtype)
         self.batch_size = batch_size
         self._windows = token_windows(elastic.tokenizer, elastic.adapter, split, seq_len, windows, corpus)

@@ -92,8 +92,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     for r in cfg.regime:
         step(f"search {r}", "search", run=cfg.out, regime=r, budget_frac=cfg.budget_frac, trials=cfg.trials,
              quantile=cfg.quantile, eval_windows=cfg.eval_windows, eval_dtype=cfg.eval_dtype, device=cfg.device,
-             skip_infeasible=True,
-             restart=cfg.restart)
+             skip_infeasible=True, restart=cfg.restart)
     step("verify", "verify", run=cfg.out, device=cfg.device, rounds=cfg.rounds, threads=cfg.threads)
     step("export", "export", run=cfg.out, lookup=True)
     step("report", "report", run=cfg.out)

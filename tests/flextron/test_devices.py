@@ -70,6 +70,7 @@ def test_eval_dtype_auto_is_bfloat16_only_where_the_device_has_it_natively(tmp_p
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
     assert {"avx512f", "avx512_bf16"} <= devices.cpu_flags(str(info))
+    assert devices.cpuinfo("model name", str(info)) == "AMD EPYC" and devices.cpuinfo("model", str(info)) is None
     assert devices.cpu_flags(str(tmp_path / "none")) == set()  # no /proc/cpuinfo (not Linux): no flags, no error
     for flags, native in (({"avx2", "avx512f"}, False), ({"avx512_bf16"}, True), ({"amx_bf16"}, True), (set(), False)):
         monkeypatch.setattr(devices, "cpu_flags", lambda flags=flags: flags)

@@ -180,8 +180,6 @@ def test_bfloat16_quality_is_its_own_setting_close_to_float32_and_kept_on_resume
     import json
     import shutil
 
-    import torch
-
     from flextron.elastic import ElasticModel
     from search.quality import QualityEvaluator, quality_setting
     from search.quality_fit import QualityConfig, quality
@@ -189,9 +187,9 @@ def test_bfloat16_quality_is_its_own_setting_close_to_float32_and_kept_on_resume
     assert quality_setting("validation", "wiki", 4, 32) == quality_setting("validation", "wiki", 4, 32, dtype="float32")
     assert quality_setting("validation", "wiki", 4, 32, dtype="bfloat16").endswith(":4x32:bfloat16")
     cache = tmp_path / "cache.jsonl"
-    evs = {dt: QualityEvaluator(ElasticModel.load(tiny_run / "elastic", dtype=getattr(torch, dt)), cache, 2, 32)
+    evs = {dt: QualityEvaluator(ElasticModel.load(tiny_run / "elastic", dtype=dt), cache, 2, 32)
            for dt in ("bfloat16", "float32")}
-    cfg = ElasticModel.load(tiny_run / "elastic").spec.smallest()
+    cfg = evs["float32"].elastic.spec.smallest()
     low, full = evs["bfloat16"].loss(cfg), evs["float32"].loss(cfg)
     assert evs["float32"].evaluations == 1  # not answered by the bfloat16 line already in the cache
     assert evs["bfloat16"].setting.endswith(":bfloat16") and low != full and abs(low - full) < 0.05 * full
