@@ -163,6 +163,31 @@ def continuation_power(values, n: int, limit: float, confidence: float = CONFIDE
     return float((np.sort(draws, axis=1)[:, idx] <= limit).mean())
 
 
+def round_spread(samples, reference: str, min_values: int = 12) -> float | None:
+    """How far one round's `ratio_to_full` strays from its config's median over rounds, as a share: the
+    scaled median absolute deviation (1.4826 MAD, the standard deviation were it normal) of every config's
+    per-round ratios over its own median, pooled over the configs measured in at least 3 rounds. None with
+    fewer than `min_values` such ratios."""
+    rt = per_round(samples, reference)
+    devs = [g.to_numpy() / np.median(g.to_numpy()) - 1 for k, g in rt.groupby("key")["ratio_to_full"]
+            if k != reference and len(g) >= 3]
+    d = np.concatenate(devs) if devs else np.empty(0)
+    if len(d) < min_values:
+        return None
+    return float(1.4826 * np.median(np.abs(d - np.median(d))))
+
+
+def first_look_margin(spread: float, rounds: int, confidence: float) -> float:
+    """The share by which a p50 upper bound (`median_bounds`, at `confidence`) over `rounds` rounds is
+    expected to sit above the ratio's median when each round strays by `spread` (`round_spread`): the
+    bound is an order statistic, whose normal score (Blom's approximation) times the spread is the margin.
+    A config predicted more than this under its limit is likely within at its first look."""
+    from scipy.stats import norm
+
+    idx = int(median_bounds(np.arange(rounds, dtype=float), confidence)[1])  # the bound's position, 0-based
+    return float(norm.ppf((idx + 1 - 0.375) / (rounds + 0.25)) * spread)
+
+
 RATIO_COLUMN = {"p50": "ratio_to_full", "p90": "ratio_p90", "p99": "ratio_p99"}
 QUANTILE = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
 MIN_TAIL_SAMPLES = {"p50": 1, "p90": 20, "p99": 100}  # samples a quantile needs to be more than the maximum

@@ -14,14 +14,18 @@ estimate is within get more rounds (up to `--max-rounds`), the 5% error spent ov
 best config evaluated for the same regime and weights, for its budget or for another one and predicted
 no slower than its own candidates, that is measured `within` (`--max-replacements`, `--max-seconds`);
 those the latency model predicts within after this session's correction (how it measured the configs
-decided so far against their prediction) are tried first. Replacements go in waves: every budget still
-missing tries its next candidate, and a wave's candidates share their rounds (each round measures the
-full model once for all of them), as the undecided picks do.
+decided so far against their prediction) are tried first. Candidates go in waves that share their rounds
+(each round measures the full model once for all of them): the first holds every pick and, below a pick
+the noise may keep from being bound within, its budget's best candidates likely to be by their last look
+and at their first (from how far a round strays: the profile's rounds, then this session's); each later
+wave, every budget still missing its next candidate and the same rungs below it. A budget's row is its
+best-loss candidate measured within; a candidate stops getting rounds once one as good is within.
 The budget a row keeps is the one searched (`budget_ms`, `budget_frac`, `reference_full_ms`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -127,7 +131,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
         write_parquet_atomic,
     )
     from profiler.interleaved import FULL, InterleavedSession
-    from profiler.rounds import MIN_TAIL_SAMPLES, noise_floor, summarise
+    from profiler.rounds import MIN_TAIL_SAMPLES, noise_floor, round_spread, summarise
     from profiler.telemetry import Telemetry
 
     run = RunDir(cfg.run)
@@ -180,19 +184,6 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
         )
         spec = elastic.spec
         first = {s.key: s for s in spec.uniform_configs()} if cfg.uniform == "all" else {}
-        for _, best in picks:
-            for b in best["best"]:
-                sub = spec.validate(SubnetConfig.from_dict(b["config"]))
-                first[sub.key] = sub
-        session.run(first, cfg.rounds, progress)
-        # how this session measures the latency model's picks against their prediction (measured ratio over
-        # predicted, per config decided): replacements predicted within after it go first
-        seen, measured = {}, session.ratios()
-        for _, best in picks:
-            for b in best["best"]:
-                key = spec.validate(SubnetConfig.from_dict(b["config"])).key
-                seen[key] = measured[session.key_of(key)]["ratio_to_full"] / (b["predicted_latency_ms"] / _reference(b))
-
         budgets = []  # one per searched budget, in the order of the search results
         for bf, best in picks:
             trials_path = bf.with_name("trials.parquet")
@@ -205,24 +196,37 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                                 "limit": frac * (1 + cfg.tolerance), "sub": sub, "orig": sub,
                                 "quantile": cfg.quantile or b.get("quantile", "p50"),
                                 "pred": b["predicted_latency_ms"], "loss": b["loss"], "source": b["source"],
-                                "replaced": 0, "tried": {sub.key}, "done": trials is None})
-        for x, st in zip(budgets, _decide_all(session, [(x["sub"], x["limit"], x["quantile"]) for x in budgets],
-                                              cfg, deadline, capped)):
-            x["st"] = st
-            futile += bool(st.get("futile"))
-        # Misses are replaced in waves: each budget still without a config within tries its next candidate,
-        # and a wave's candidates share their rounds (and the full model measured in each).
-        while wave := _next_wave(budgets, seen, cfg, deadline, capped, regime.key):
+                                "replaced": 0, "tried": {sub.key}, "done": trials is None, "st": None})
+        # The first wave: every pick, and below each pick the noise may keep from being bound within, its
+        # budget's best candidates likely to be by their last look and at their first (`_rungs`, from how far
+        # the profile's rounds strayed): a few steps a round each, where a second wave would cost rounds of the
+        # full model and of every undecided config again.
+        spread = _profile_spread(run, regime.key, cfg.reps)
+        wave = [(x, x["sub"], _Pick(x["b"])) for x in budgets]
+        wave += _ladders(budgets, _margins(cfg, spread), cfg)
+        session.run({**first, **{alt.key: alt for _, alt, _ in wave}}, cfg.rounds, progress)
+        # how this session measures the latency model's picks against their prediction (measured ratio over
+        # predicted, per config decided): replacements predicted within after it go first
+        seen: dict = {}
+        while wave:
             fresh = {alt.key: alt for _, alt, _ in wave  # one measured already (another budget's) is not again
                      if session.rounds_of.get(session.key_of(alt.key), 0) < cfg.rounds}
             if fresh:
                 session.run(fresh, cfg.rounds)
-            sts = _decide_all(session, [(alt, x["limit"], x["quantile"]) for x, alt, _ in wave], cfg, deadline, capped)
+            sts = _decide_all(session, [(alt, x["limit"], x["quantile"]) for x, alt, _ in wave], cfg, deadline,
+                              capped, groups=[(id(x), c.loss) for x, _, c in wave])
             for (x, alt, c), st in zip(wave, sts):
                 futile += bool(st.get("futile"))
                 seen[alt.key] = st["ratio"] / (c.predicted_latency_ms / _reference(x["b"]))
-                if st["verdict"] == "within":
-                    x.update(sub=alt, pred=c.predicted_latency_ms, loss=c.loss, st=st, source=c.source, done=True)
+                if x["st"] is None:  # the pick itself
+                    x["st"] = st
+                elif st["verdict"] == "within" and (x["st"]["verdict"] != "within" or c.loss < x["loss"]):
+                    x.update(sub=alt, pred=c.predicted_latency_ms, loss=c.loss, st=st, source=c.source)
+            # Misses are replaced in waves: each budget still without a config within tries its next candidate
+            # (and its rungs below it, from how far this session's rounds stray), all of them in shared rounds.
+            here = round_spread(session.samples, FULL)
+            spread = spread if here is None else here
+            wave = _next_wave(budgets, seen, cfg, deadline, capped, regime.key, _margins(cfg, spread))
         decided = []
         for x in budgets:
             best, sub = x["best"], x["sub"]
@@ -381,35 +385,116 @@ def _candidates(trials, b: dict):
     return pool.drop_duplicates("config"), (float(max(uni)) if len(uni) else math.inf)
 
 
+class _Pick:
+    """A searched pick in the shape of a trials row (what a wave's entries carry)."""
+
+    def __init__(self, b: dict):
+        self.predicted_latency_ms, self.loss, self.source = b["predicted_latency_ms"], b["loss"], b["source"]
+
+
+def _profile_spread(run, regime_key: str, reps: int) -> float | None:
+    """How far one of verify's rounds is expected to stray (`profiler.rounds.round_spread`), from the profile's
+    end-to-end rounds of the regime, scaled from the profile's steps a round to `reps` (a round's median over
+    fewer steps strays more); None when the profile kept no rounds of it."""
+    import pandas as pd
+
+    from flextron.spec import ElasticSpec
+    from profiler.interleaved import FULL
+    from profiler.rounds import round_spread
+
+    path, conf = run / "profile" / "e2e_samples.parquet", run / "profile" / "profile_config.json"
+    if not (path.is_file() and conf.is_file()):
+        return None
+    try:
+        samples = pd.read_parquet(path)
+        samples = samples[samples["regime"] == regime_key]
+        full = ElasticSpec.load(run.elastic / "elastic_spec.json").full().key
+        spread = round_spread(samples.assign(key=samples["key"].where(samples["key"] != full, FULL)), FULL)
+        profile_reps = int(json.loads(conf.read_text())["reps"])
+    except (FlextronError, KeyError, ValueError, OSError):  # an older or partial profile: no prior
+        return None
+    return None if spread is None else spread * math.sqrt(profile_reps / reps)
+
+
+def _margins(cfg: "VerifyConfig", spread: float | None) -> tuple[float, ...]:
+    """The shares by which a config's p50 bound is expected over its ratio at its last look (`max_rounds`) and
+    at its first (`rounds`), when a round strays by `spread`, smaller first (none when that is unknown)."""
+    from profiler.rounds import first_look_margin
+
+    if spread is None:
+        return ()
+    conf = look_confidence(cfg)
+    return tuple(sorted({first_look_margin(spread, n, conf) for n in (cfg.max_rounds, cfg.rounds)}))
+
+
+def _cands(x: dict):
+    if "cands" not in x:
+        cands, worst = _candidates(x["trials"], x["b"])
+        x["cands"] = cands[cands["loss"] <= worst]
+    return x["cands"]
+
+
+def _untried(x: dict, correction: float) -> list:
+    return [c for c in _corrected_order(_cands(x), x["limit"], correction, _reference(x["b"])).itertuples()
+            if SubnetConfig.from_json(c.config).key not in x["tried"]]
+
+
+def _rungs(x: dict, head_ms: float, rows: list, correction: float, margins: tuple) -> list:
+    """Below a budget's head candidate (predicted `head_ms`), the best of `rows` (loss order) likely to be bound
+    within by its last look, then the best likely within at its first: each `margins` share under the limit
+    after this session's `correction`, and each only where the candidate above it is not."""
+    out, ratio = [], correction * head_ms / _reference(x["b"])
+    for m in margins:
+        if ratio * (1 + m) <= x["limit"]:
+            continue  # the candidate above is likely within already
+        c = next((c for c in rows if c not in out
+                  and correction * c.predicted_latency_ms / _reference(x["b"]) * (1 + m) <= x["limit"]), None)
+        if c is not None:
+            out.append(c)
+            ratio = correction * c.predicted_latency_ms / _reference(x["b"])
+    return out
+
+
+def _take(x: dict, c, wave: list, cfg: "VerifyConfig") -> None:
+    if x["replaced"] >= cfg.max_replacements:
+        return
+    alt = SubnetConfig.from_json(c.config)
+    x["tried"].add(alt.key)
+    x["replaced"] += 1
+    wave.append((x, alt, c))
+
+
+def _ladders(budgets: list[dict], margins: tuple, cfg: "VerifyConfig") -> list[tuple]:
+    """(budget, candidate, its trials row) for the first wave: beside each pick the noise may keep from being
+    bound within, its budget's `_rungs` (nothing before this session has measured anything: no correction)."""
+    wave = []
+    for x in budgets:
+        if not x["done"]:
+            for c in _rungs(x, x["pred"], _untried(x, 1.0), 1.0, margins):
+                _take(x, c, wave, cfg)
+    return wave
+
+
 def _next_wave(budgets: list[dict], seen: dict, cfg: VerifyConfig, deadline: float, capped: list,
-               regime_key: str) -> list[tuple]:
+               regime_key: str, margins: tuple = ()) -> list[tuple]:
     """(budget, candidate config, its trials row) for each budget whose config is not within and that may
     still try one: its best candidate not tried yet, in `_corrected_order` under this session's correction
-    so far (`seen`: measured over predicted ratio per config decided)."""
+    so far (`seen`: measured over predicted ratio per config decided), and its `_rungs` below it."""
     wave = []
     correction = statistics.median(seen.values()) if len(seen) >= 2 else 1.0
     for x in budgets:
         if x["done"] or x["st"]["verdict"] == "within":
             continue
-        if x["replaced"] >= cfg.max_replacements:
-            x["done"] = True
-            continue
-        if "cands" not in x:
-            cands, worst = _candidates(x["trials"], x["b"])
-            x["cands"] = cands[cands["loss"] <= worst]
-        nxt = next((c for c in _corrected_order(x["cands"], x["limit"], correction, _reference(x["b"])).itertuples()
-                    if SubnetConfig.from_json(c.config).key not in x["tried"]), None)
-        if nxt is None:
+        rows = _untried(x, correction)
+        if x["replaced"] >= cfg.max_replacements or not rows:
             x["done"] = True
             continue
         if time.perf_counter() >= deadline:
             capped.append(f"{regime_key} budget {x['frac']:.3g}: replacements")
             x["done"] = True
             continue
-        alt = SubnetConfig.from_json(nxt.config)
-        x["tried"].add(alt.key)
-        x["replaced"] += 1
-        wave.append((x, alt, nxt))
+        for c in [rows[0], *_rungs(x, rows[0].predicted_latency_ms, rows[1:], correction, margins)]:
+            _take(x, c, wave, cfg)
     return wave
 
 
@@ -503,13 +588,15 @@ def _decide(session, sub: SubnetConfig, limit: float, cfg: VerifyConfig, quantil
 
 
 def _decide_all(session, items: list, cfg: VerifyConfig, deadline: float = math.inf,
-                capped: list | None = None) -> list[dict]:
+                capped: list | None = None, groups: list | None = None) -> list[dict]:
     """Each (config, limit, quantile)'s verdict against its limit (a fraction of the full model), measuring
     more rounds while it sits inside the noise band (until `deadline`, noted in `capped`): the undecided ones
     at the same round count share their rounds (one full model a round for all of them), `cfg.rounds` at a
     time, each look at `look_confidence(cfg)`. A config whose estimate is already over its limit gets no
     more rounds, nor (p50) one that more rounds would almost surely leave undecided (`cfg.futility`): it
-    stays undecided, never within (stopping for futility only lowers the false-within rate)."""
+    stays undecided, never within (stopping for futility only lowers the false-within rate). With `groups`
+    ((group, loss) per item: a budget's candidates), an item gets no more rounds once another of its group
+    with a loss no worse is within: its verdict would choose nothing."""
     conf = look_confidence(cfg)
     sts = [session.stats(sub.key, quantile, limit, conf) for sub, limit, quantile in items]
     open_ = list(range(len(items)))
@@ -520,6 +607,9 @@ def _decide_all(session, items: list, cfg: VerifyConfig, deadline: float = math.
             if not (st["verdict"] == "uncertain" and st["ratio"] <= limit
                     and session.rounds_of[session.key_of(sub.key)] < cfg.max_rounds):
                 open_.remove(i)
+            elif groups and any(j != i and groups[j][0] == groups[i][0] and groups[j][1] <= groups[i][1]
+                                and sts[j]["verdict"] == "within" for j in range(len(items))):
+                open_.remove(i)  # moot: a config as good is within
             elif cfg.futility > 0 and quantile == "p50" and _power(session, sub, limit, cfg, conf) < cfg.futility:
                 sts[i] = {**st, "futile": True}
                 open_.remove(i)

@@ -317,10 +317,12 @@ def test_misses_of_several_budgets_are_replaced_in_shared_rounds(run_copy, monke
     """Two budgets whose picks miss each try their next candidate in the same wave: both candidates share
     the wave's rounds (one full model a round), so the session runs its first rounds and one wave, not
     one set of rounds per replacement; a candidate already measured (another budget's pick) is not
-    measured again from scratch."""
+    measured again from scratch. (No rungs below the picks: the profile's spread is not known here.)"""
+    import search.verify as v
     from flextron.spec import SubnetConfig
     from search.verify import VerifyConfig, verify
 
+    monkeypatch.setattr(v, "_profile_spread", lambda *a: None)
     spec, folder, _, ev, params, full = _searched_on_a_fake_timer(run_copy, monkeypatch, 8)
     sizes = sorted(set(params.values()))
     assert len(sizes) >= 3
@@ -346,6 +348,67 @@ def test_misses_of_several_budgets_are_replaced_in_shared_rounds(run_copy, monke
     shared = SubnetConfig.from_json(by_size[sizes[-2]])  # B's pick, then A's replacement: measured once
     assert ver["config"].iloc[0] == shared.to_json()
     assert samples[samples["key"] == shared.key]["round"].nunique() == 2  # its first rounds serve the wave too
+
+
+def test_a_pick_the_noise_may_miss_has_its_rungs_measured_in_the_first_rounds(run_copy, monkeypatch):
+    """With rounds straying 5% (the profile's spread), a pick predicted on its budget is measured beside its
+    budget's best candidate likely to be bound within by its last look and the best likely within at its
+    first, in the same first rounds: the pick measures over, the better rung within, and no second wave
+    runs. The row is the best-loss candidate within; the rung below it gets no rounds past the first."""
+    import search.verify as v
+    from flextron.spec import SubnetConfig
+    from profiler.rounds import first_look_margin
+
+    monkeypatch.setattr(v, "_profile_spread", lambda *a: 0.05)
+    spec, folder, _, ev, params, full = _searched_on_a_fake_timer(run_copy, monkeypatch, 8)
+    sizes = sorted(set(params.values()))
+    by_size = {params[c]: c for c in params}
+    cfg = v.VerifyConfig(run=str(run_copy), rounds=6, reps=1, warmup=0, max_rounds=18)
+    last, first = (first_look_margin(0.05, n, v.look_confidence(cfg)) for n in (18, 6))
+    limit = sizes[-1] / full / (1 + last / 2)  # the largest (the pick) measures over; the rungs lie below
+    mid = next(s for s in reversed(sizes) if s / full * (1 + last) <= limit)
+    low = next(s for s in reversed(sizes) if s / full * (1 + first) <= limit)
+    assert mid > low, "the spec's configs are too coarse for two distinct rungs"
+    ev = ev.assign(predicted_latency_ms=[10.0 * params[c] / full for c in ev["config"]],
+                   loss=[-float(params[c]) for c in ev["config"]], source="search", budget_ms=10.0 * limit,
+                   budget_frac=limit)
+    ev.to_parquet(folder / "trials.parquet", index=False)
+    best = json.loads((folder / "best.json").read_text())
+    pick = by_size[sizes[-1]]
+    (folder / "best.json").write_text(json.dumps({**best, "best": [{
+        **best["best"][0], "budget_ms": 10.0 * limit, "budget_frac": limit, "reference_full_ms": 10.0,
+        "config": json.loads(pick), "predicted_latency_ms": 10.0 * sizes[-1] / full, "loss": -float(sizes[-1])}]}))
+    out = v.verify(cfg)
+    ver = pd.read_parquet(run_copy / "verify" / "verified.parquet")
+    samples = pd.read_parquet(run_copy / "verify" / "samples.parquet")
+    assert out["replaced"] == 1 and ver["within_budget"].all() and ver["replacements_tried"].iloc[0] == 2
+    assert ver["config"].iloc[0] == SubnetConfig.from_json(by_size[mid]).to_json()
+    assert samples[samples["key"] == "full"]["round"].nunique() == 6  # one wave: the first rounds
+    measured = set(samples["key"]) - {"full"}
+    assert measured == {SubnetConfig.from_json(by_size[s]).key for s in (sizes[-1], mid, low)}
+
+
+def test_a_candidate_stops_getting_rounds_once_one_as_good_is_within():
+    """Of one budget's two candidates, the better-loss one within stops the worse, still uncertain, from
+    getting its extra rounds; the worse one within does not stop the better."""
+    from types import SimpleNamespace
+
+    import search.verify as v
+
+    cfg = v.VerifyConfig(run="unused", rounds=6, max_rounds=18)
+    items = [(SimpleNamespace(key=k), 0.8, "p50") for k in ("a", "b")]
+
+    class _Settled(_Two):  # "a" is bound within at its first look; "b" needs 18 rounds
+        cycles = {"a": (0.9,) * 6, "b": _Two.cycles["b"]}
+
+    for losses, b_rounds in (((1.0, 2.0), 6), ((2.0, 1.0), 18)):
+        sim = _Settled(0.8, 0)
+        sim.run({"a": None, "b": None}, cfg.rounds)
+        sts = v._decide_all(sim.session, items, cfg, groups=[("x", loss) for loss in losses])
+        assert sts[0]["verdict"] == "within" and sts[1]["rounds"] == b_rounds
+    sim = _Settled(0.8, 0)
+    sim.run({"a": None, "b": None}, cfg.rounds)
+    assert v._decide_all(sim.session, items, cfg, groups=[("x", 1.0), ("y", 2.0)])[1]["rounds"] == 18  # other budget
 
 
 class _Two(_OnBudget):
