@@ -19,6 +19,13 @@ a time, the layer whose removal on top of the ones already skipped costs the lea
 neighbours of the skipped layers and the cheapest single-layer skips left (`PATH_SOLO`), and records
 each prefix's measured loss. The path orders `layer_ranking` (the `depth:N` shorthand) and seeds the
 search with its prefixes (search.knapsack.path_pick, path_depth_pick).
+
+A layer's MLP deltas fall smoothly with width (SmolLM2: 1.94, 1.13, 0.58, 0.23, 0.15, 0.07, 0.02 nats
+from 192 to 1344 of 1536 neurons), so by default (`MLP_TABLE` "alternate") only the two narrowest
+widths and every other one above are measured and the others are filled in log-linearly between their
+measured neighbours: 3 of SmolLM2's 10 changes a layer fewer; on seven runs' full tables the filled
+entries lie 0.009 nats from the measured ones on average and the held-out Spearman moves by +0.002 to
++0.008 (benchmarks/mlp_table.py).
 """
 
 from __future__ import annotations
@@ -36,6 +43,29 @@ from flextron.spec import ElasticSpec, SubnetConfig
 TABLE_FILE = "quality_table.json"
 FORMS = ("additive", "scaled", "scaled_counts")
 PATH_SOLO = 3  #: each step of the depth path also tries this many of the cheapest single-layer skips left
+MLP_TABLES = ("alternate", "all")  #: which narrower MLP widths the table measures (see the module's doc)
+
+
+def measured_mlp(n: int, mode: str) -> list[int]:
+    """The indices of a layer's `n` MLP widths (narrowest first, the last the full width, delta 0) the table
+    measures: every narrower one (`all`), or the two narrowest and every other one above (`alternate`)."""
+    if mode not in MLP_TABLES:
+        raise FlextronError(f"unknown MLP table {mode!r}; use one of {list(MLP_TABLES)}")
+    return [i for i in range(n - 1) if mode == "all" or i < 2 or (i - 1) % 2 == 0]
+
+
+def fill_mlp(values: list[float], measured: list[int]) -> list[float]:
+    """`values` (one per width, the full width's 0 last) with every index not in `measured` filled in between
+    its measured neighbours: log-linearly where both are positive, else linearly (the full width's 0)."""
+    known = sorted(set(measured) | {len(values) - 1})
+    out = list(values)
+    for i in range(len(values)):
+        if i in known:
+            continue
+        lo, hi = max(k for k in known if k < i), min(k for k in known if k > i)
+        a, b, t = values[lo], values[hi], (i - lo) / (hi - lo)
+        out[i] = math.exp((1 - t) * math.log(a) + t * math.log(b)) if a > 0 and b > 0 else (1 - t) * a + t * b
+    return out
 
 
 def quality_dir(run_root: str | Path, weights: str) -> Path:
@@ -189,10 +219,11 @@ class _Suffix:
         return self._loss(logits)
 
 
-def measure_table(elastic, windows, key: dict | None = None, progress=None, path_steps: int = 0) -> QualityTable:
-    """Change one layer at a time (each MLP width, each head count, skipped) and record the loss
-    increase over the full model on `windows` [n, seq_len] (one batch); then walk the greedy depth
-    path for `path_steps` steps (0: none)."""
+def measure_table(elastic, windows, key: dict | None = None, progress=None, path_steps: int = 0,
+                  mlp_table: str = "alternate") -> QualityTable:
+    """Change one layer at a time (each MLP width `mlp_table` measures, each head count, skipped) and record
+    the loss increase over the full model on `windows` [n, seq_len] (one batch), the MLP widths it does not
+    measure filled in (`fill_mlp`); then walk the greedy depth path for `path_steps` steps (0: none)."""
     import time
 
     t0 = time.perf_counter()
@@ -205,7 +236,7 @@ def measure_table(elastic, windows, key: dict | None = None, progress=None, path
     jobs = []
     for l in range(spec.num_layers):
         jobs.append((l, "skip", 0))
-        jobs += [(l, "mlp", i) for i in range(len(spec.mlp_widths[l]) - 1)]
+        jobs += [(l, "mlp", i) for i in measured_mlp(len(spec.mlp_widths[l]), mlp_table)]
         jobs += [(l, "heads", i) for i in range(len(spec.head_counts[l]) - 1)]
     for l, kind, i in (progress(jobs, desc="quality table") if progress else jobs):
         if kind == "skip":
@@ -221,6 +252,7 @@ def measure_table(elastic, windows, key: dict | None = None, progress=None, path
             skip[l] = delta
         else:
             (mlp if kind == "mlp" else heads)[l][i] = delta
+    mlp = [fill_mlp(m, measured_mlp(len(m), mlp_table)) for m in mlp]
     table = QualityTable(run.base, tuple(map(tuple, mlp)), tuple(map(tuple, heads)), tuple(skip), dict(key or {}),
                          round(time.perf_counter() - t0, 2))
     return with_depth_path(table, elastic, windows, path_steps, progress, run)

@@ -24,7 +24,7 @@ import numpy as np
 
 from flextron.data import corpus_label
 from flextron.errors import FlextronError
-from flextron.quality_model import TABLE_FILE, quality_dir
+from flextron.quality_model import MLP_TABLES, TABLE_FILE, quality_dir
 from flextron.spec import SubnetConfig
 
 MODEL_FILE = "quality_model.json"
@@ -52,6 +52,9 @@ class QualityConfig:
     #: model's, else bfloat16 where the device computes it natively: flextron.devices.resolve_eval_dtype; saved
     #: resolved)
     eval_dtype: str = "auto"
+    #: the narrower MLP widths the table measures: alternate (the two narrowest and every other one above, the
+    #: others filled in between them: flextron.quality_model.fill_mlp) | all
+    mlp_table: str = "alternate"
     #: steps of the greedy depth path measured with the table (the layers skipping costs least together, in
     #: order; it ranks layers for `depth:N` and seeds the search); -1: half of the layers; 0: none
     depth_path: int = -1
@@ -67,12 +70,17 @@ class QualityConfig:
             check_finite(name, getattr(self, name), low=low, whole=True)
         set_device_field(self)
         check_eval_dtype(self.eval_dtype)
+        if self.mlp_table not in MLP_TABLES:
+            raise FlextronError(f"--mlp-table must be one of {list(MLP_TABLES)}, got {self.mlp_table!r}")
 
 
-def table_key(spec, wtag: str, corpus: str, windows: int, seq_len: int, dtype: str = "float32") -> dict:
+def table_key(spec, wtag: str, corpus: str, windows: int, seq_len: int, dtype: str = "float32",
+              mlp_table: str = "all") -> dict:
     spec_id = hashlib.sha1(json.dumps(spec.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    # float32 and every MLP width: what tables made before either choice measured
     return {"weights_tag": wtag, "corpus": corpus_label(corpus), "calibration": f"{windows}x{seq_len}",
-            "spec": spec_id, **({} if dtype == "float32" else {"dtype": dtype})}  # float32: tables made before
+            "spec": spec_id, **({} if dtype == "float32" else {"dtype": dtype}),
+            **({} if mlp_table == "all" else {"mlp_table": mlp_table})}
 
 
 def sample_configs(spec, ranking: list[int], n: int, seed: int) -> list[SubnetConfig]:
@@ -200,12 +208,14 @@ def quality(cfg: QualityConfig) -> dict:
     elastic.check_positions(cfg.eval_seq_len, "--eval-seq-len")
     spec = elastic.spec
     wtag = run.weights_tag(wname)
-    key = table_key(spec, wtag, corpus, cfg.calib_windows, cfg.calib_seq_len, dtype)
+    key = table_key(spec, wtag, corpus, cfg.calib_windows, cfg.calib_seq_len, dtype, cfg.mlp_table)
     table = None
     if (folder / TABLE_FILE).is_file() and not cfg.restart:
         try:
             kept = QualityTable.load(folder / TABLE_FILE)
-            table = kept if kept.key == key else None
+            # a table that measured every MLP width (one made before the choice, too) serves an alternate one
+            every = table_key(spec, wtag, corpus, cfg.calib_windows, cfg.calib_seq_len, dtype, "all")
+            table = kept if kept.key in (key, every) else None
         except FlextronError as e:
             print(f"flextron quality: measuring the table again: {e}", file=sys.stderr)
     reused = table is not None
@@ -213,7 +223,8 @@ def quality(cfg: QualityConfig) -> dict:
     if table is None or len(table.path) != min(steps, spec.num_layers - 1):  # new, or kept without this path
         windows = token_windows(elastic.tokenizer, elastic.adapter, "calibration", cfg.calib_seq_len,
                                 cfg.calib_windows, corpus)
-        table = (measure_table(elastic, windows, key, progress=progress, path_steps=steps) if table is None
+        table = (measure_table(elastic, windows, key, progress=progress, path_steps=steps, mlp_table=cfg.mlp_table)
+                 if table is None
                  else with_depth_path(table, elastic, windows, steps, progress))
     evaluator = QualityEvaluator(elastic, run / "search" / QUALITY_CACHE, cfg.eval_windows, cfg.eval_seq_len,
                                  corpus=corpus, tag=wtag)

@@ -15,7 +15,7 @@ def test_the_table_holds_each_single_layer_change_as_the_whole_model_scores_it(t
     elastic = ElasticModel.load(tiny_run / "elastic").to(dtype=torch.float64)
     spec = elastic.spec
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
-    table = measure_table(elastic, ids)
+    table = measure_table(elastic, ids, mlp_table="all")
     base = mean_loss(elastic, spec.full(), ids)
     assert abs(table.base_loss - base) < 2e-6
     full = spec.full()
@@ -29,6 +29,47 @@ def test_the_table_holds_each_single_layer_change_as_the_whole_model_scores_it(t
             assert abs(table.heads[l][i] - (mean_loss(elastic, cfg, ids) - base)) < 2e-6
     assert table.mlp[0][-1] == 0.0 and table.heads[0][-1] == 0.0
     assert elastic.config == spec.full()  # the model is left as it was found
+
+
+def test_the_alternate_table_measures_fewer_mlp_widths_and_fills_the_others_between_its_neighbours(tiny_run):
+    """By default the two narrowest MLP widths and every other one above are measured (the same values as
+    the full table's) and each other width lies between its measured neighbours: log-linearly where both
+    are positive, linearly next to the full width's 0; fewer layer runs than the full table."""
+    import math
+
+    import flextron.quality_model as qm
+
+    elastic = ElasticModel.load(tiny_run / "elastic").to(dtype=torch.float64)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    calls = {"n": 0}
+    real = qm._Suffix.loss
+
+    def counted(self, *a, **kw):
+        calls["n"] += 1
+        return real(self, *a, **kw)
+
+    qm._Suffix.loss = counted
+    try:
+        every = measure_table(elastic, ids, mlp_table="all")
+        n_all, calls["n"] = calls["n"], 0
+        alt = measure_table(elastic, ids)
+    finally:
+        qm._Suffix.loss = real
+    n = len(elastic.spec.mlp_widths[0])
+    assert qm.measured_mlp(n, "alternate") == [i for i in range(n - 1) if i < 2 or i % 2 == 1]
+    assert calls["n"] == n_all - elastic.spec.num_layers * (n - 1 - len(qm.measured_mlp(n, "alternate")))
+    assert calls["n"] < n_all
+    for m_all, m_alt in zip(every.mlp, alt.mlp):
+        for i in range(n):
+            if i in qm.measured_mlp(n, "alternate") or i == n - 1:
+                assert m_alt[i] == pytest.approx(m_all[i], abs=1e-9)
+            else:
+                a, b = m_alt[i - 1], m_alt[i + 1]
+                want = math.sqrt(a * b) if a > 0 and b > 0 else (a + b) / 2
+                assert m_alt[i] == pytest.approx(want)
+    assert qm.fill_mlp([4.0, 9.9, 1.0, 7.7, 0.0], [0, 2]) == pytest.approx([4.0, 2.0, 1.0, 0.5, 0.0])
+    with pytest.raises(FlextronError, match="unknown MLP table 'some'"):
+        qm.measured_mlp(8, "some")
 
 
 def _known_table(spec, rng):
@@ -208,3 +249,26 @@ def test_bfloat16_quality_is_its_own_setting_close_to_float32_and_kept_on_resume
     assert json.loads((folder / "quality_config.json").read_text())["eval_dtype"] == "bfloat16"
     third = quality(QualityConfig(**small, eval_dtype="float32"))  # asked otherwise: measured again, keyed so
     assert not third["table_reused"] and "dtype" not in json.loads((folder / "quality_table.json").read_text())["key"]
+
+
+def test_an_alternate_table_is_keyed_so_and_a_kept_full_one_serves_it(tiny_run, tmp_path):
+    """The MLP widths a table measured are part of its key: a kept table that measured every width (as every
+    table before the choice did) serves the default alternate one; asked for every width, an alternate table
+    is measured again."""
+    import json
+    import shutil
+
+    from search.quality_fit import QualityConfig, quality
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    small = dict(run=str(run), calib_windows=1, calib_seq_len=16, eval_windows=1, eval_seq_len=16, fit_configs=4,
+                 heldout_configs=3, device="cpu", depth_path=0)
+    key = run / "quality" / "elastic" / "quality_table.json"
+    assert not quality(QualityConfig(**small))["table_reused"]
+    assert json.loads(key.read_text())["key"]["mlp_table"] == "alternate"
+    assert not quality(QualityConfig(**small, mlp_table="all"))["table_reused"]
+    assert "mlp_table" not in json.loads(key.read_text())["key"]
+    assert quality(QualityConfig(**small))["table_reused"]
+    with pytest.raises(FlextronError, match="--mlp-table must be one of"):
+        QualityConfig(**small, mlp_table="half")
