@@ -83,10 +83,11 @@ class ProfileConfig:
     #: torch layer cells: the least total timed time of a cell, in ms; 0: --min-reps alone decides
     min_time_ms: float = 30.0
     warmup: int = 3  #: untimed calls before a layer cell is timed
-    #: torch engine: untimed steps before an end-to-end config's timed ones in each round (after another
-    #: config ran, a CPU decode step's first one measured no slower than the rest: benchmarks/e2e_warmup.py);
-    #: llama.cpp's end-to-end steps take --warmup
-    e2e_warmup: int = 1
+    #: torch engine: untimed steps before an end-to-end config's timed ones in each round, besides the one that
+    #: fills its cache (after another config ran, a CPU decode step's first one measured no slower than the rest:
+    #: benchmarks/e2e_warmup.py); -1: the kept profile's on resume (1 before session 16), else 0. llama.cpp's
+    #: end-to-end steps take --warmup
+    e2e_warmup: int = -1
     anchor_every: int = 40  #: re-measure the anchor layer cell after this many cells, to expose and correct drift
     #: CUDA with NVML: seconds of each energy-per-token measurement (uniform configs only); 0 skips it
     energy_s: float = 0.5
@@ -120,7 +121,7 @@ class ProfileConfig:
             raise FlextronError("give at least one --regime, e.g. --regime decode:b1:ctx1024")
         for name, low in (("e2e_random", 0), ("e2e_depth", 0), ("seed", None), ("min_reps", 1), ("warmup", 0),
                           ("anchor_every", 1), ("rounds", 2), ("reps", 1), ("threads", 0), ("pin_core", PIN_AUTO),
-                          ("e2e_warmup", 0)):
+                          ("e2e_warmup", -1)):
             check_finite(name, getattr(self, name), low=low, whole=True)
         check_finite("min_time_ms", self.min_time_ms, low=0)
         check_finite("energy_s", self.energy_s, low=0)
@@ -291,6 +292,9 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
     if cfg.restart and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.e2e_warmup < 0:  # a kept profile's own (profiles before the default was 0 took 1), else none
+        kept = _read_state(out_dir / CONFIG_FILE, out_dir.parent) if (out_dir / CONFIG_FILE).is_file() else {}
+        cfg = dataclasses.replace(cfg, e2e_warmup=int(kept.get("e2e_warmup", 0)))
     threads = set_cpu_threads(cfg.device, cfg.threads)  # before device_info, which records the count
     tele = Telemetry(cfg.device)
     info = {**tele.device_info(), "threads_choice": threads, "engine": cfg.engine, "pinned_core": cfg.pin_core}

@@ -52,9 +52,9 @@ class VerifyConfig:
     #: to --max-rounds would be declared within (profiler.rounds.continuation_power); 0: it gets every round
     futility: float = 0.1
     reps: int = 5  #: timed steps per config per round
-    #: untimed steps before each config's timed ones in a round (a CPU decode step's first one after another
-    #: config measured no slower than the rest: benchmarks/e2e_warmup.py)
-    warmup: int = 1
+    #: untimed steps before each config's timed ones in a round, besides the one that fills its cache (a CPU
+    #: decode step's first one after another config measured no slower than the rest: benchmarks/e2e_warmup.py)
+    warmup: int = 0
     #: p50 | p90 | p99 of per-step latency a budget bounds; empty: the one each pick was searched for
     quantile: str = ""
     tolerance: float = 0.0  #: a pick may exceed its budget fraction by this share (0.02 = 2%)

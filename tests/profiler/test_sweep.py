@@ -167,13 +167,14 @@ def test_resume_refuses_other_settings_and_keeps_the_first_device_record(tiny_ru
     saved = json.loads((out / "profile_config.json").read_text())  # saved when the sweep started
     assert saved["regime"] == ["decode:b1:ctx32:float32:eager"] and saved["dtype"] == "float32"
     assert saved["min_reps"] == 2 and saved["layers_only"] is True
+    assert saved["e2e_warmup"] == 0  # the default (-1) saved resolved: none on a fresh start
     device = json.loads((out / "device.json").read_text())
     (out / "device.json").write_text(json.dumps({**device, "hostname": "first start"}))
 
     for change, flag in [({"min_reps": 3}, "--min-reps"), ({"min_time_ms": 2.0}, "--min-time-ms"),
                          ({"warmup": 2}, "--warmup"), ({"seed": 1}, "--seed"), ({"anchor_every": 5}, "--anchor-every"),
                          ({"e2e_random": 3}, "--e2e-random"), ({"energy_s": 0.0}, "--energy-s"),
-                         ({"dtype": "bfloat16"}, "--dtype"),
+                         ({"dtype": "bfloat16"}, "--dtype"), ({"e2e_warmup": 1}, "--e2e-warmup"),
                          ({"regime": ("decode:b1:ctx32", "prefill:b1:s16")}, "--regime")]:
         with pytest.raises(FlextronError, match=f"started with {flag} .*or --restart"):
             run_sweep(el, out, replace(cfg, **change))
@@ -188,6 +189,14 @@ def test_resume_refuses_other_settings_and_keeps_the_first_device_record(tiny_ru
     assert_each_cell_written_once(out)
     assert json.loads((out / "profile_config.json").read_text())["layers_only"] is False
     assert json.loads((out / "device.json").read_text())["hostname"] == "first start"
+
+    # a profile kept from before the default was 0 took one warm-up step: the default resumes it with its own
+    saved = json.loads((out / "profile_config.json").read_text())
+    (out / "profile_config.json").write_text(json.dumps({**saved, "e2e_warmup": 1}))
+    assert run_sweep(el, out, replace(cfg, layers_only=False))["measured_now"] == 0
+    assert json.loads((out / "profile_config.json").read_text())["e2e_warmup"] == 1
+    with pytest.raises(FlextronError, match="started with --e2e-warmup 1, now 0"):
+        run_sweep(el, out, replace(cfg, layers_only=False, e2e_warmup=0))
 
     with pytest.raises(Kill):  # --restart removes the old profile and records the new settings
         run_sweep(el, out, replace(cfg, min_reps=3, restart=True), progress=dying_at(0))
