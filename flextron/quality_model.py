@@ -21,11 +21,11 @@ each prefix's measured loss. The path orders `layer_ranking` (the `depth:N` shor
 search with its prefixes (search.knapsack.path_pick, path_depth_pick).
 
 A layer's MLP deltas fall smoothly with width (SmolLM2: 1.94, 1.13, 0.58, 0.23, 0.15, 0.07, 0.02 nats
-from 192 to 1344 of 1536 neurons), so by default (`MLP_TABLE` "alternate") only the two narrowest
-widths and every other one above are measured and the others are filled in log-linearly between their
-measured neighbours: 3 of SmolLM2's 10 changes a layer fewer; on seven runs' full tables the filled
-entries lie 0.009 nats from the measured ones on average and the held-out Spearman moves by +0.002 to
-+0.008 (benchmarks/mlp_table.py).
+from 192 to 1344 of 1536 neurons), so by default (`MLP_TABLES` "alternate") only the two narrowest
+widths, every other one above and the widest narrower one are measured and the others are filled in
+log-linearly between their measured neighbours: 2 of SmolLM2's 10 changes a layer fewer; on seven runs
+(two distinct tables) the filled entries lie 0.009-0.010 nats from the measured ones on average and the
+held-out Spearman moves by -0.004 to +0.007 (median +0.002; benchmarks/mlp_table.py).
 """
 
 from __future__ import annotations
@@ -48,10 +48,12 @@ MLP_TABLES = ("alternate", "all")  #: which narrower MLP widths the table measur
 
 def measured_mlp(n: int, mode: str) -> list[int]:
     """The indices of a layer's `n` MLP widths (narrowest first, the last the full width, delta 0) the table
-    measures: every narrower one (`all`), or the two narrowest and every other one above (`alternate`)."""
+    measures: every narrower one (`all`), or the two narrowest, every other one above and the widest narrower
+    one (the cheapest cut, which the search uses most: never filled in toward the full width's 0)
+    (`alternate`)."""
     if mode not in MLP_TABLES:
         raise FlextronError(f"unknown MLP table {mode!r}; use one of {list(MLP_TABLES)}")
-    return [i for i in range(n - 1) if mode == "all" or i < 2 or (i - 1) % 2 == 0]
+    return [i for i in range(n - 1) if mode == "all" or i < 2 or i == n - 2 or (i - 1) % 2 == 0]
 
 
 def fill_mlp(values: list[float], measured: list[int]) -> list[float]:
@@ -220,7 +222,7 @@ class _Suffix:
 
 
 def measure_table(elastic, windows, key: dict | None = None, progress=None, path_steps: int = 0,
-                  mlp_table: str = "alternate") -> QualityTable:
+                  mlp_table: str = "all") -> QualityTable:
     """Change one layer at a time (each MLP width `mlp_table` measures, each head count, skipped) and record
     the loss increase over the full model on `windows` [n, seq_len] (one batch), the MLP widths it does not
     measure filled in (`fill_mlp`); then walk the greedy depth path for `path_steps` steps (0: none)."""

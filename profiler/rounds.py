@@ -164,24 +164,30 @@ def continuation_power(values, n: int, limit: float, confidence: float = CONFIDE
 
 
 def round_spread(samples, reference: str, min_values: int = 12) -> float | None:
-    """How far one round's `ratio_to_full` strays from its config's median over rounds, as a share: the
-    scaled median absolute deviation (1.4826 MAD, the standard deviation were it normal) of every config's
-    per-round ratios over its own median, pooled over the configs measured in at least 3 rounds. None with
-    fewer than `min_values` such ratios."""
+    """How far one round's `ratio_to_full` strays from its config's typical ratio, as a share: from every pair
+    of rounds of the same config, the median of |log ratio_i - log ratio_j| times 1.4826 / sqrt(2) (the
+    standard deviation, were the rounds normal), pooled over the configs measured in at least 3 rounds.
+    Pairs need no estimate of each config's own centre, which at 6 rounds would read about a fifth low.
+    None with fewer than `min_values` pairs."""
     rt = per_round(samples, reference)
-    devs = [g.to_numpy() / np.median(g.to_numpy()) - 1 for k, g in rt.groupby("key")["ratio_to_full"]
-            if k != reference and len(g) >= 3]
-    d = np.concatenate(devs) if devs else np.empty(0)
+    diffs = []
+    for k, g in rt.groupby("key")["ratio_to_full"]:
+        if k == reference or len(g) < 3:
+            continue
+        v = np.log(g.to_numpy(dtype=float))
+        i, j = np.triu_indices(len(v), 1)
+        diffs.append(np.abs(v[i] - v[j]))
+    d = np.concatenate(diffs) if diffs else np.empty(0)
     if len(d) < min_values:
         return None
-    return float(1.4826 * np.median(np.abs(d - np.median(d))))
+    return float(1.4826 / math.sqrt(2) * np.median(d))
 
 
 def first_look_margin(spread: float, rounds: int, confidence: float) -> float:
     """The share by which a p50 upper bound (`median_bounds`, at `confidence`) over `rounds` rounds is
     expected to sit above the ratio's median when each round strays by `spread` (`round_spread`): the
     bound is an order statistic, whose normal score (Blom's approximation) times the spread is the margin.
-    A config predicted more than this under its limit is likely within at its first look."""
+    A config whose ratio sits this far under its limit is bound within at that look about half of the time."""
     from scipy.stats import norm
 
     idx = int(median_bounds(np.arange(rounds, dtype=float), confidence)[1])  # the bound's position, 0-based

@@ -84,8 +84,8 @@ class ProfileConfig:
     min_time_ms: float = 30.0
     warmup: int = 3  #: untimed calls before a layer cell is timed
     #: torch engine: untimed steps before an end-to-end config's timed ones in each round, besides the one that
-    #: fills its cache (after another config ran, a CPU decode step's first one measured no slower than the rest:
-    #: benchmarks/e2e_warmup.py); -1: the kept profile's on resume (1 before session 16), else 0. llama.cpp's
+    #: fills its cache; -1: the kept profile's on resume, else 0 on the CPU (after another config ran, a decode
+    #: step's first one measured no slower than the rest: benchmarks/e2e_warmup.py) and 1 on CUDA. llama.cpp's
     #: end-to-end steps take --warmup
     e2e_warmup: int = -1
     anchor_every: int = 40  #: re-measure the anchor layer cell after this many cells, to expose and correct drift
@@ -292,9 +292,10 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
     if cfg.restart and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.e2e_warmup < 0:  # a kept profile's own (profiles before the default was 0 took 1), else none
+    if cfg.e2e_warmup < 0:  # a kept profile's own (1, or --warmup before it had its own), else 0 on the CPU
         kept = _read_state(out_dir / CONFIG_FILE, out_dir.parent) if (out_dir / CONFIG_FILE).is_file() else {}
-        cfg = dataclasses.replace(cfg, e2e_warmup=int(kept.get("e2e_warmup", 0)))
+        fresh = 0 if cfg.device == "cpu" else 1  # a CUDA graph's first replay is not timed
+        cfg = dataclasses.replace(cfg, e2e_warmup=int(kept.get("e2e_warmup", kept.get("warmup", fresh))))
     threads = set_cpu_threads(cfg.device, cfg.threads)  # before device_info, which records the count
     tele = Telemetry(cfg.device)
     info = {**tele.device_info(), "threads_choice": threads, "engine": cfg.engine, "pinned_core": cfg.pin_core}

@@ -15,11 +15,13 @@ best config evaluated for the same regime and weights, for its budget or for ano
 no slower than its own candidates, that is measured `within` (`--max-replacements`, `--max-seconds`);
 those the latency model predicts within after this session's correction (how it measured the configs
 decided so far against their prediction) are tried first. Candidates go in waves that share their rounds
-(each round measures the full model once for all of them): the first holds every pick and, below a pick
-the noise may keep from being bound within, its budget's best candidates likely to be by their last look
-and at their first (from how far a round strays: the profile's rounds, then this session's); each later
-wave, every budget still missing its next candidate and the same rungs below it. A budget's row is its
-best-loss candidate measured within; a candidate stops getting rounds once one as good is within.
+(each round measures the full model once for all of them): the first holds every pick and, below a p50
+pick the noise may keep from being bound within, its budget's best candidates expected to be by their last
+look and at their first (each about half of the time; placed by how far a round strays: the profile's
+rounds, then this session's); each later wave, every budget still missing its next candidate and the
+same rungs below it. A budget's row is its best-loss candidate measured within (once one is, better ones
+not yet tried are not: the rungs trade some quality for time); a candidate stops getting rounds once one
+as good is within.
 The budget a row keeps is the one searched (`budget_ms`, `budget_frac`, `reference_full_ms`).
 """
 
@@ -52,14 +54,16 @@ class VerifyConfig:
     #: to --max-rounds would be declared within (profiler.rounds.continuation_power); 0: it gets every round
     futility: float = 0.1
     reps: int = 5  #: timed steps per config per round
-    #: untimed steps before each config's timed ones in a round, besides the one that fills its cache (a CPU
-    #: decode step's first one after another config measured no slower than the rest: benchmarks/e2e_warmup.py)
-    warmup: int = 0
+    #: untimed steps before each config's timed ones in a round, besides the one that fills its cache; -1: none
+    #: for the torch engine on the CPU (a decode step's first one after another config measured no slower than the
+    #: rest: benchmarks/e2e_warmup.py), one elsewhere (a CUDA graph's first replay, llama.cpp's first call)
+    warmup: int = -1
     #: p50 | p90 | p99 of per-step latency a budget bounds; empty: the one each pick was searched for
     quantile: str = ""
     tolerance: float = 0.0  #: a pick may exceed its budget fraction by this share (0.02 = 2%)
     threads: int = 0  #: CPU: torch intra-op threads while measuring; 0 = one (steady on small, shared CPUs)
-    #: candidates of a budget tried, best first, when its pick does not measure within (then the uniform fallback)
+    #: candidates of a budget measured besides its pick: its rungs beside the pick in the first rounds, then, while
+    #: nothing is within, the next ones (then the uniform fallback)
     max_replacements: int = MAX_REPLACEMENTS
     #: CPU (Linux): pin the measuring process to this core (the one pinned to is recorded in noise.json); -2: the
     #: last core it may use when measuring on one thread (steadier: benchmarks/pinning.py), else not pinned;
@@ -84,7 +88,7 @@ class VerifyConfig:
         RoundsConfig(rounds=self.rounds, reps=self.reps)
         check_finite("max_rounds", self.max_rounds, low=self.rounds)
         check_finite("futility", self.futility, low=0, high=1)
-        check_finite("warmup", self.warmup, low=0)
+        check_finite("warmup", self.warmup, low=-1, whole=True)
         check_finite("tolerance", self.tolerance, low=0, high=0.5)
         check_finite("threads", self.threads, low=0)
         check_finite("max_replacements", self.max_replacements, low=0, whole=True)
@@ -177,7 +181,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
             regime,
             cfg.device,
             cfg.reps,
-            cfg.warmup,
+            cfg.warmup if cfg.warmup >= 0 else int(regime.engine != "torch" or cfg.device != "cpu"),
             seed=len(all_samples),
             threads=threads,
             source_gguf=run.source_gguf() if regime.engine == "llamacpp" else None,
@@ -198,12 +202,12 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                                 "pred": b["predicted_latency_ms"], "loss": b["loss"], "source": b["source"],
                                 "replaced": 0, "tried": {sub.key}, "done": trials is None, "st": None})
         # The first wave: every pick, and below each pick the noise may keep from being bound within, its
-        # budget's best candidates likely to be by their last look and at their first (`_rungs`, from how far
+        # budget's best candidates expected to be by their last look and at their first (`_rungs`, from how far
         # the profile's rounds strayed): a few steps a round each, where a second wave would cost rounds of the
         # full model and of every undecided config again.
         spread = _profile_spread(run, regime.key, cfg.reps)
         wave = [(x, x["sub"], _Pick(x["b"])) for x in budgets]
-        wave += _ladders(budgets, _margins(cfg, spread), cfg)
+        wave += _ladders(budgets, _margins(cfg, spread), cfg, deadline, capped, regime.key)
         session.run({**first, **{alt.key: alt for _, alt, _ in wave}}, cfg.rounds, progress)
         # how this session measures the latency model's picks against their prediction (measured ratio over
         # predicted, per config decided): replacements predicted within after it go first
@@ -215,9 +219,11 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
                 session.run(fresh, cfg.rounds)
             sts = _decide_all(session, [(alt, x["limit"], x["quantile"]) for x, alt, _ in wave], cfg, deadline,
                               capped, groups=[(id(x), c.loss) for x, _, c in wave])
+            medians = session.ratios()  # the median ratio whatever a budget's quantile: what the model predicts
             for (x, alt, c), st in zip(wave, sts):
                 futile += bool(st.get("futile"))
-                seen[alt.key] = st["ratio"] / (c.predicted_latency_ms / _reference(x["b"]))
+                seen[alt.key] = (medians[session.key_of(alt.key)]["ratio_to_full"]
+                                 / (c.predicted_latency_ms / _reference(x["b"])))
                 if x["st"] is None:  # the pick itself
                     x["st"] = st
                 elif st["verdict"] == "within" and (x["st"]["verdict"] != "within" or c.loss < x["loss"]):
@@ -440,13 +446,16 @@ def _untried(x: dict, correction: float) -> list:
 
 
 def _rungs(x: dict, head_ms: float, rows: list, correction: float, margins: tuple) -> list:
-    """Below a budget's head candidate (predicted `head_ms`), the best of `rows` (loss order) likely to be bound
-    within by its last look, then the best likely within at its first: each `margins` share under the limit
-    after this session's `correction`, and each only where the candidate above it is not."""
+    """Below a budget's head candidate (predicted `head_ms`), the first of `rows` (`_corrected_order`) expected
+    to be bound within by its last look, then the first expected to be at its first (each about half of the
+    time: `first_look_margin`): each `margins` share under the limit after this session's `correction`, and
+    each only where the candidate above it is not. The margins are p50 bounds': none for a tail budget."""
+    if not margins or x["quantile"] != "p50":
+        return []
     out, ratio = [], correction * head_ms / _reference(x["b"])
     for m in margins:
         if ratio * (1 + m) <= x["limit"]:
-            continue  # the candidate above is likely within already
+            continue  # the candidate above is expected within already
         c = next((c for c in rows if c not in out
                   and correction * c.predicted_latency_ms / _reference(x["b"]) * (1 + m) <= x["limit"]), None)
         if c is not None:
@@ -464,14 +473,20 @@ def _take(x: dict, c, wave: list, cfg: "VerifyConfig") -> None:
     wave.append((x, alt, c))
 
 
-def _ladders(budgets: list[dict], margins: tuple, cfg: "VerifyConfig") -> list[tuple]:
+def _ladders(budgets: list[dict], margins: tuple, cfg: "VerifyConfig", deadline: float, capped: list,
+             regime_key: str) -> list[tuple]:
     """(budget, candidate, its trials row) for the first wave: beside each pick the noise may keep from being
-    bound within, its budget's `_rungs` (nothing before this session has measured anything: no correction)."""
+    bound within, its budget's `_rungs` (nothing in this session is measured yet: no correction); none past
+    `deadline` (noted in `capped`)."""
     wave = []
     for x in budgets:
-        if not x["done"]:
-            for c in _rungs(x, x["pred"], _untried(x, 1.0), 1.0, margins):
-                _take(x, c, wave, cfg)
+        if x["done"] or not (rungs := _rungs(x, x["pred"], _untried(x, 1.0), 1.0, margins)):
+            continue
+        if time.perf_counter() >= deadline:
+            capped.append(f"{regime_key} budget {x['frac']:.3g}: rungs")
+            continue
+        for c in rungs:
+            _take(x, c, wave, cfg)
     return wave
 
 

@@ -31,15 +31,18 @@ def test_the_table_holds_each_single_layer_change_as_the_whole_model_scores_it(t
     assert elastic.config == spec.full()  # the model is left as it was found
 
 
-def test_the_alternate_table_measures_fewer_mlp_widths_and_fills_the_others_between_its_neighbours(tiny_run):
-    """By default the two narrowest MLP widths and every other one above are measured (the same values as
-    the full table's) and each other width lies between its measured neighbours: log-linearly where both
-    are positive, linearly next to the full width's 0; fewer layer runs than the full table."""
+def test_the_alternate_table_measures_fewer_mlp_widths_and_fills_the_others_between_its_neighbours(tmp_path):
+    """An alternate table measures the two narrowest MLP widths, every other one above and the widest narrower
+    one (the same values as the full table's); each other width lies between its measured neighbours:
+    log-linearly where both are positive, else linearly; fewer layer runs than the full table."""
     import math
 
     import flextron.quality_model as qm
+    from flextron.convert import ConvertConfig, convert
 
-    elastic = ElasticModel.load(tiny_run / "elastic").to(dtype=torch.float64)
+    convert(ConvertConfig(model="tiny-llama", out=str(tmp_path / "r"), calib_windows=2, calib_seq_len=32,
+                          alignment=32, mlp_choices=8))  # 8 widths, as SmolLM2: 2 of 7 narrower ones filled in
+    elastic = ElasticModel.load(tmp_path / "r" / "elastic").to(dtype=torch.float64)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     calls = {"n": 0}
     real = qm._Suffix.loss
@@ -50,13 +53,14 @@ def test_the_alternate_table_measures_fewer_mlp_widths_and_fills_the_others_betw
 
     qm._Suffix.loss = counted
     try:
-        every = measure_table(elastic, ids, mlp_table="all")
+        every = measure_table(elastic, ids)  # every width unless asked otherwise (the stage asks alternate)
         n_all, calls["n"] = calls["n"], 0
-        alt = measure_table(elastic, ids)
+        alt = measure_table(elastic, ids, mlp_table="alternate")
     finally:
         qm._Suffix.loss = real
     n = len(elastic.spec.mlp_widths[0])
-    assert qm.measured_mlp(n, "alternate") == [i for i in range(n - 1) if i < 2 or i % 2 == 1]
+    assert qm.measured_mlp(n, "alternate") == [i for i in range(n - 1) if i < 2 or i % 2 == 1 or i == n - 2]
+    assert qm.measured_mlp(8, "alternate") == [0, 1, 3, 5, 6]  # SmolLM2's 192..1344 of 1536: 576 and 960 filled
     assert calls["n"] == n_all - elastic.spec.num_layers * (n - 1 - len(qm.measured_mlp(n, "alternate")))
     assert calls["n"] < n_all
     for m_all, m_alt in zip(every.mlp, alt.mlp):

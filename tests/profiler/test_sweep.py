@@ -197,6 +197,11 @@ def test_resume_refuses_other_settings_and_keeps_the_first_device_record(tiny_ru
     assert json.loads((out / "profile_config.json").read_text())["e2e_warmup"] == 1
     with pytest.raises(FlextronError, match="started with --e2e-warmup 1, now 0"):
         run_sweep(el, out, replace(cfg, layers_only=False, e2e_warmup=0))
+    # one from before it had its own setting timed them after --warmup steps: resumed with those
+    saved = {k: v for k, v in json.loads((out / "profile_config.json").read_text()).items() if k != "e2e_warmup"}
+    (out / "profile_config.json").write_text(json.dumps({**saved, "warmup": 1}))
+    run_sweep(el, out, replace(cfg, layers_only=False))
+    assert json.loads((out / "profile_config.json").read_text())["e2e_warmup"] == 1
 
     with pytest.raises(Kill):  # --restart removes the old profile and records the new settings
         run_sweep(el, out, replace(cfg, min_reps=3, restart=True), progress=dying_at(0))

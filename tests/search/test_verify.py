@@ -3,6 +3,7 @@
 import json
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 from search_helpers import _budget, _fake_latency, _one_pick, _results, _search
@@ -466,3 +467,73 @@ def test_a_wave_past_the_time_cap_tries_nothing_and_names_only_budgets_with_a_ca
     wave = v._next_wave(xs := budgets(), {}, cfg, math.inf, capped, "R")
     assert [alt for _, alt, _ in wave] == [b] and not capped
     assert xs[0]["replaced"] == 1 and b.key in xs[0]["tried"] and xs[1]["done"]
+
+
+def test_the_profiles_rounds_give_verify_its_prior_spread(tmp_path):
+    """How far the profile's rounds strayed, scaled from its steps a round to verify's (a median of fewer
+    steps strays more), for the regime asked; none without the profile's rounds or its settings."""
+    import math
+
+    from flextron.rundir import RunDir
+    from flextron.spec import ElasticSpec
+    from profiler.rounds import round_spread
+    from search.verify import _profile_spread
+
+    spec = ElasticSpec.build("llama", 2, 64, 256, 4, 2, 16, 320)
+    (tmp_path / "elastic").mkdir()
+    spec.save(tmp_path / "elastic" / "elastic_spec.json")
+    run = RunDir(tmp_path)
+    assert _profile_spread(run, "R", 5) is None
+    rng = np.random.default_rng(0)
+    rows = []
+    for r in range(8):
+        rows.append({"key": spec.full().key, "round": r, "latency_ms": 10.0, "regime": "R"})
+        rows += [{"key": f"c{i}", "round": r, "latency_ms": 6.0 + i + rng.normal(0, 0.3), "regime": "R"}
+                 for i in range(3)]
+        rows.append({"key": "c0", "round": r, "latency_ms": 50.0 * (1 + r % 2), "regime": "other"})
+    (tmp_path / "profile").mkdir()
+    pd.DataFrame(rows).to_parquet(tmp_path / "profile" / "e2e_samples.parquet")
+    assert _profile_spread(run, "R", 5) is None  # no settings saved beside the rounds
+    (tmp_path / "profile" / "profile_config.json").write_text(json.dumps({"reps": 3}))
+    mine = pd.DataFrame([r for r in rows if r["regime"] == "R"]).replace({spec.full().key: "full"})
+    assert _profile_spread(run, "R", 5) == pytest.approx(round_spread(mine, "full") * math.sqrt(3 / 5))
+    assert _profile_spread(run, "R", 3) == pytest.approx(round_spread(mine, "full"))
+
+
+def test_rungs_follow_the_margins_the_cap_and_the_quantile():
+    """Below a head candidate predicted on its limit, a wave adds the first candidate under the limit by the
+    last-look margin and the first under it by the first-look margin; none where the head is under them
+    already, none for a p90 budget, none without a spread, never past --max-replacements; the first wave's
+    rungs stop at the time cap, which names the budget."""
+    import math
+
+    import search.verify as v
+    from flextron.spec import SubnetConfig
+    from profiler.rounds import first_look_margin
+
+    cfgs = [SubnetConfig((w, w), (2, 2)) for w in (64, 56, 48, 40, 32)]
+    pred = [10.0, 9.7, 9.4, 9.0, 8.0]  # of a 20 ms full model: ratios 0.5, 0.485, 0.47, 0.45, 0.4
+    trials = pd.DataFrame({"evaluated": [True] * 5, "budget_ms": [10.0] * 5, "predicted_latency_ms": pred,
+                           "config": [c.to_json() for c in cfgs], "loss": [1.0, 2.0, 3.0, 4.0, 5.0],
+                           "source": ["search"] * 5})
+    budget = {"budget_ms": 10.0, "budget_frac": 0.5, "reference_full_ms": 20.0}
+
+    def one(quantile="p50", head=0):
+        return {"b": budget, "trials": trials, "frac": 0.5, "limit": 0.5, "st": {"verdict": "over"}, "replaced": 0,
+                "tried": {cfgs[head].key}, "done": False, "quantile": quantile, "pred": pred[head]}
+
+    cfg = v.VerifyConfig(run="unused")
+    margins = (0.05, 0.1)  # 0.5 / 1.05 = 0.476, 0.5 / 1.1 = 0.4545
+    assert v._margins(cfg, None) == () and v._margins(cfg, 0.05) == pytest.approx(
+        sorted(first_look_margin(0.05, n, v.look_confidence(cfg)) for n in (18, 6)))
+    wave = v._ladders([x := one()], margins, cfg, math.inf, capped := [], "R")
+    assert [alt for _, alt, _ in wave] == [cfgs[2], cfgs[3]] and x["replaced"] == 2 and not capped
+    assert v._ladders([one(head=3)], margins, cfg, math.inf, [], "R") == []  # 0.45: under both already
+    assert v._ladders([one("p90")], margins, cfg, math.inf, [], "R") == []
+    assert [alt for _, alt, _ in v._ladders([one()], margins, replace(cfg, max_replacements=1), math.inf, [], "R")] \
+        == [cfgs[2]]
+    assert v._ladders([one()], margins, cfg, 0.0, capped, "R") == [] and capped == ["R budget 0.5: rungs"]
+    # a later wave: the next candidate (0.485), then the rungs below it
+    wave = v._next_wave([one()], {}, cfg, math.inf, [], "R", margins)
+    assert [alt for _, alt, _ in wave] == [cfgs[1], cfgs[2], cfgs[3]]
+    assert [alt for _, alt, _ in v._next_wave([one()], {}, cfg, math.inf, [], "R")] == [cfgs[1]]  # no spread
