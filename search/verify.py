@@ -19,9 +19,10 @@ decided so far against their prediction) are tried first. Candidates go in waves
 pick the noise may keep from being bound within, its budget's best candidates expected to be by their last
 look and at their first (each about half of the time; placed by how far a round strays: the profile's
 rounds, then this session's); each later wave, every budget still missing its next candidate and the
-same rungs below it. A budget's row is its best-loss candidate measured within (once one is, better ones
-not yet tried are not: the rungs trade some quality for time); a candidate stops getting rounds once one
-as good is within.
+same rungs below it, and every budget whose row is within its best-loss better candidate that this
+session's own spread expects to be bound within by its last look (rungs placed by a noisier profile may
+sit far under the budget). A budget's row is its best-loss candidate measured within; a candidate stops
+getting rounds once one as good is within.
 The budget a row keeps is the one searched (`budget_ms`, `budget_frac`, `reference_full_ms`).
 """
 
@@ -492,23 +493,34 @@ def _ladders(budgets: list[dict], margins: tuple, cfg: "VerifyConfig", deadline:
 
 def _next_wave(budgets: list[dict], seen: dict, cfg: VerifyConfig, deadline: float, capped: list,
                regime_key: str, margins: tuple = ()) -> list[tuple]:
-    """(budget, candidate config, its trials row) for each budget whose config is not within and that may
-    still try one: its best candidate not tried yet, in `_corrected_order` under this session's correction
-    so far (`seen`: measured over predicted ratio per config decided), and its `_rungs` below it."""
+    """(budget, candidate config, its trials row) for each budget that may still try one, under this session's
+    correction so far (`seen`: measured over predicted ratio per config decided) and `margins` (`_margins` of
+    its own spread): a budget with nothing within, its best candidate not tried yet in `_corrected_order` and
+    its `_rungs` below it; a budget whose row is within, its best-loss untried candidate better than the row
+    and expected to be bound within by its last look (a first wave placed by a noisier profile's rounds may
+    have put its rungs far under the budget)."""
     wave = []
     correction = statistics.median(seen.values()) if len(seen) >= 2 else 1.0
     for x in budgets:
-        if x["done"] or x["st"]["verdict"] == "within":
+        within = x["st"]["verdict"] == "within"
+        if x["done"] or (within and not margins):
+            continue
+        if x["replaced"] >= cfg.max_replacements:
+            x["done"] = True
             continue
         rows = _untried(x, correction)
-        if x["replaced"] >= cfg.max_replacements or not rows:
-            x["done"] = True
+        if within:
+            rows = [c for c in rows if c.loss < x["loss"] and x["quantile"] == "p50"
+                    and correction * c.predicted_latency_ms / _reference(x["b"]) * (1 + margins[0]) <= x["limit"]]
+        if not rows:
+            x["done"] = x["done"] or not within
             continue
         if time.perf_counter() >= deadline:
             capped.append(f"{regime_key} budget {x['frac']:.3g}: replacements")
             x["done"] = True
             continue
-        for c in [rows[0], *_rungs(x, rows[0].predicted_latency_ms, rows[1:], correction, margins)]:
+        for c in [rows[0]] if within else [rows[0], *_rungs(x, rows[0].predicted_latency_ms, rows[1:], correction,
+                                                                  margins)]:
             _take(x, c, wave, cfg)
     return wave
 

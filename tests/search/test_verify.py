@@ -537,3 +537,9 @@ def test_rungs_follow_the_margins_the_cap_and_the_quantile():
     wave = v._next_wave([one()], {}, cfg, math.inf, [], "R", margins)
     assert [alt for _, alt, _ in wave] == [cfgs[1], cfgs[2], cfgs[3]]
     assert [alt for _, alt, _ in v._next_wave([one()], {}, cfg, math.inf, [], "R")] == [cfgs[1]]  # no spread
+    # a row within (a low rung): its best untried better candidate the session's spread expects within, alone
+    row = {**one(), "st": {"verdict": "within"}, "loss": 4.0, "tried": {cfgs[0].key, cfgs[3].key}}
+    assert [alt for _, alt, _ in v._next_wave([row], {}, cfg, math.inf, [], "R", margins)] == [cfgs[2]]
+    assert v._next_wave([{**row, "tried": set(row["tried"])}], {}, cfg, math.inf, [], "R") == []  # no spread
+    assert v._next_wave([{**row, "tried": set(row["tried"]), "quantile": "p90"}], {}, cfg, math.inf, [], "R",
+                        margins) == []
