@@ -20,9 +20,10 @@ neighbours of the skipped layers and the cheapest single-layer skips left (`PATH
 each prefix's measured loss. The path orders `layer_ranking` (the `depth:N` shorthand) and seeds the
 search with its prefixes (search.knapsack.path_pick, path_depth_pick).
 
-A layer's MLP deltas fall smoothly with width (SmolLM2: 1.94, 1.13, 0.58, 0.23, 0.15, 0.07, 0.02 nats
-from 192 to 1344 of 1536 neurons), so by default (`MLP_TABLES` "alternate") only the two narrowest
-widths, every other one above and the widest narrower one are measured and the others are filled in
+A layer's MLP deltas fall smoothly with width (SmolLM2's layer 0 in a session-15 demo's table: 1.94, 1.13,
+0.58, 0.23, 0.15, 0.07, 0.02 nats from 192 to 1344 of 1536 neurons), so by default (`MLP_TABLES`
+"alternate") only the two narrowest widths, every other one above and the widest narrower one are
+measured and the others are filled in
 log-linearly between their measured neighbours: 2 of SmolLM2's 10 changes a layer fewer; on seven runs
 (two distinct tables) the filled entries lie 0.009-0.010 nats from the measured ones on average and the
 held-out Spearman moves by -0.004 to +0.007 (median +0.002; benchmarks/mlp_table.py).

@@ -84,9 +84,8 @@ class ProfileConfig:
     min_time_ms: float = 30.0
     warmup: int = 3  #: untimed calls before a layer cell is timed
     #: torch engine: untimed steps before an end-to-end config's timed ones in each round, besides the one that
-    #: fills its cache; -1: the kept profile's on resume, else 0 on the CPU (after another config ran, a decode
-    #: step's first one measured no slower than the rest: benchmarks/e2e_warmup.py) and 1 on CUDA. llama.cpp's
-    #: end-to-end steps take --warmup
+    #: fills its cache; -1: the kept profile's on resume, else profiler.timer.default_e2e_warmup (0 on the CPU,
+    #: 1 on CUDA). llama.cpp's end-to-end steps take --warmup
     e2e_warmup: int = -1
     anchor_every: int = 40  #: re-measure the anchor layer cell after this many cells, to expose and correct drift
     #: CUDA with NVML: seconds of each energy-per-token measurement (uniform configs only); 0 skips it
@@ -292,9 +291,11 @@ def run_sweep(elastic, out_dir: str | Path, cfg: ProfileConfig, progress=None) -
     if cfg.restart and out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.e2e_warmup < 0:  # a kept profile's own (1, or --warmup before it had its own), else 0 on the CPU
+    if cfg.e2e_warmup < 0:  # a kept profile's own (1, or --warmup before it had its own), else the default
+        from profiler.timer import default_e2e_warmup
+
         kept = _read_state(out_dir / CONFIG_FILE, out_dir.parent) if (out_dir / CONFIG_FILE).is_file() else {}
-        fresh = 0 if cfg.device == "cpu" else 1  # a CUDA graph's first replay is not timed
+        fresh = default_e2e_warmup(cfg.device)  # the torch engine's; llama.cpp's steps take --warmup
         cfg = dataclasses.replace(cfg, e2e_warmup=int(kept.get("e2e_warmup", kept.get("warmup", fresh))))
     threads = set_cpu_threads(cfg.device, cfg.threads)  # before device_info, which records the count
     tele = Telemetry(cfg.device)

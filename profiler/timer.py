@@ -18,6 +18,14 @@ import torch
 L2_FLUSH_BYTES = 256 * 1024 * 1024  # larger than any current GPU's L2 (H100: 50 MB)
 
 
+def default_e2e_warmup(device: str, engine: str = "torch") -> int:
+    """Untimed steps before an end-to-end config's timed ones in a round, besides the one that fills its cache:
+    none for the torch engine on the CPU (a decode step's first one after another config measured no slower
+    than the rest: benchmarks/e2e_warmup.py), one elsewhere (a CUDA graph's first replay, llama.cpp's first
+    call)."""
+    return 0 if engine == "torch" and device == "cpu" else 1
+
+
 @dataclass(frozen=True)
 class TimerConfig:
     warmup: int = 3

@@ -52,8 +52,8 @@ class QualityConfig:
     #: model's, else bfloat16 where the device computes it natively: flextron.devices.resolve_eval_dtype; saved
     #: resolved)
     eval_dtype: str = "auto"
-    #: the narrower MLP widths the table measures: alternate (the two narrowest and every other one above, the
-    #: others filled in between them: flextron.quality_model.fill_mlp) | all
+    #: the narrower MLP widths the table measures: alternate (flextron.quality_model.measured_mlp; the others
+    #: filled in between them: fill_mlp) | all
     mlp_table: str = "alternate"
     #: steps of the greedy depth path measured with the table (the layers skipping costs least together, in
     #: order; it ranks layers for `depth:N` and seeds the search); -1: half of the layers; 0: none

@@ -55,9 +55,8 @@ class VerifyConfig:
     #: to --max-rounds would be declared within (profiler.rounds.continuation_power); 0: it gets every round
     futility: float = 0.1
     reps: int = 5  #: timed steps per config per round
-    #: untimed steps before each config's timed ones in a round, besides the one that fills its cache; -1: none
-    #: for the torch engine on the CPU (a decode step's first one after another config measured no slower than the
-    #: rest: benchmarks/e2e_warmup.py), one elsewhere (a CUDA graph's first replay, llama.cpp's first call)
+    #: untimed steps before each config's timed ones in a round, besides the one that fills its cache; -1: the
+    #: engine's and device's default (profiler.timer.default_e2e_warmup: none for torch on the CPU, else one)
     warmup: int = -1
     #: p50 | p90 | p99 of per-step latency a budget bounds; empty: the one each pick was searched for
     quantile: str = ""
@@ -138,6 +137,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
     from profiler.interleaved import FULL, InterleavedSession
     from profiler.rounds import MIN_TAIL_SAMPLES, noise_floor, round_spread, summarise
     from profiler.telemetry import Telemetry
+    from profiler.timer import default_e2e_warmup
 
     run = RunDir(cfg.run)
     best_files = _best_files(run)
@@ -182,7 +182,7 @@ def _verify(cfg: VerifyConfig, core: int | None) -> dict:
             regime,
             cfg.device,
             cfg.reps,
-            cfg.warmup if cfg.warmup >= 0 else int(regime.engine != "torch" or cfg.device != "cpu"),
+            cfg.warmup if cfg.warmup >= 0 else default_e2e_warmup(cfg.device, regime.engine),
             seed=len(all_samples),
             threads=threads,
             source_gguf=run.source_gguf() if regime.engine == "llamacpp" else None,

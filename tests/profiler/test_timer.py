@@ -34,3 +34,10 @@ def test_cuda_graph_replay_is_faster_than_eager_for_launch_bound_work():
     eager = Timer("cuda", "eager").measure(many_small).median_ms
     graph = Timer("cuda", "cuda_graph").measure(many_small).median_ms
     assert graph < eager
+
+
+def test_end_to_end_warm_up_is_none_only_for_the_torch_engine_on_the_cpu():
+    from profiler.timer import default_e2e_warmup
+
+    assert default_e2e_warmup("cpu") == 0
+    assert default_e2e_warmup("cuda:0") == 1 and default_e2e_warmup("cpu", "llamacpp") == 1

@@ -355,7 +355,7 @@ def test_a_pick_the_noise_may_miss_has_its_rungs_measured_in_the_first_rounds(ru
     """With rounds straying 5% (the profile's spread), a pick predicted on its budget is measured beside its
     budget's best candidate likely to be bound within by its last look and the best likely within at its
     first, in the same first rounds: the pick measures over, the better rung within, and no second wave
-    runs. The row is the best-loss candidate within; the rung below it gets no rounds past the first."""
+    runs. The row is the best-loss candidate within."""
     import search.verify as v
     from flextron.spec import SubnetConfig
     from profiler.rounds import first_look_margin
