@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -9,6 +10,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from flextron import bridges as bridging
 from flextron.data import BUILTIN_CORPUS, resolve_corpus, token_windows
 from flextron.elastic import (
     IMPORTANCE_FILE,
@@ -34,7 +36,7 @@ FP64_FLIP_SHARE = 0.25  # of the model's own fp32-vs-fp64 error: what fp32 round
 
 #: What a run converted before a field existed did, so its directory is still "the same conversion"
 #: (runs before --mlp-score ranked neurons by mean absolute activation).
-PRE_FIELD_VALUES = {"mlp_score": "activation"}
+PRE_FIELD_VALUES = {"mlp_score": "activation", "bridges": False}
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,10 @@ class ConvertConfig:
     #: calibration, training and evaluation text: `wiki` (Wikipedia summaries, the default), `pydoc`, a text
     #: file (paragraphs split at blank lines) or a folder of .txt files; a path is stored absolute
     corpus: str = BUILTIN_CORPUS
-    calib_windows: int = 32  #: calibration windows for the importance ranking
+    #: fit a linear bridge per layer (flextron.bridges) on the calibration windows: what a sub-network that
+    #: skips the layer runs in its place; --no-bridges: a skipped layer is the identity
+    bridges: bool = True
+    calib_windows: int = 32  #: calibration windows for the importance ranking and the bridges
     calib_seq_len: int = 256  #: tokens per calibration window
     overwrite: bool = False  #: replace another conversion in --out (removes every later stage's results)
 
@@ -125,13 +130,23 @@ def convert(cfg: ConvertConfig) -> dict:
     ref_logits = model(input_ids=parity_ids, use_cache=False).logits
     ref_logits64 = _logits64(model, parity_ids)
 
-    if cfg.rank:
-        calib = token_windows(tok, adapter, "calibration", cfg.calib_seq_len, cfg.calib_windows, corpus=cfg.corpus)
-        importance = measure_importance(model, calib, progress=lambda it: progress(it, desc="importance"),
-                                        mlp_score=cfg.mlp_score)
-        order = importance_order(importance, spec.num_kv_heads)
-    else:
-        importance, order = None, identity_order(spec)
+    # The bridges are fitted in the same forward passes as the importance ranking (a layer's input and
+    # output do not depend on the order of its neurons), or in their own when --no-rank.
+    stats = bridging.BridgeStats(model, adapter.layers(model), float(getattr(model.config, "rms_norm_eps", 1e-6))) \
+        if cfg.bridges else contextlib.nullcontext()
+    calib = token_windows(tok, adapter, "calibration", cfg.calib_seq_len, cfg.calib_windows, corpus=cfg.corpus) \
+        if cfg.rank or cfg.bridges else None
+    with stats:
+        if cfg.rank:
+            importance = measure_importance(model, calib, progress=lambda it: progress(it, desc="importance"),
+                                            mlp_score=cfg.mlp_score)
+            order = importance_order(importance, spec.num_kv_heads)
+        else:
+            importance, order = None, identity_order(spec)
+            if cfg.bridges:
+                for ids in progress(list(calib.split(4)), desc="bridges"):
+                    model(input_ids=ids, use_cache=False)
+    bridges, gains = stats.fit() if cfg.bridges else (None, None)
     permute_weights(model, order)
 
     # Write the new checkpoint beside the old one and swap at the end: a failure leaves the
@@ -143,6 +158,8 @@ def convert(cfg: ConvertConfig) -> dict:
     spec.save(tmp / SPEC_FILE)
     if importance is not None:
         (tmp / IMPORTANCE_FILE).write_text(json.dumps({**importance, "order": order}))
+    if bridges is not None:
+        bridging.save_bridges(tmp, bridges)
 
     # Parity is measured on the checkpoint as written, reloaded the way every later stage loads it.
     elastic = ElasticModel.load(tmp)
@@ -177,7 +194,10 @@ def convert(cfg: ConvertConfig) -> dict:
         "parity_tokens": parity_ids.numel(),
         "ranked": cfg.rank,
         "mlp_score": cfg.mlp_score if cfg.rank else None,
-        "calibration_tokens": importance["tokens"] if importance else 0,
+        "calibration_tokens": int(calib.numel()) if calib is not None else 0,
+        # per layer, the share of its held-out update the bridge predicts (0 or less: no bridge, identity)
+        "bridges": None if gains is None else {"heldout_gain": gains, "layers": sum(g > 0 for g in gains),
+                                               "fit_tokens": stats.tokens[0], "heldout_tokens": stats.tokens[1]},
         "load_s": round(t_load, 2),
         "convert_s": round(time.perf_counter() - t0, 2),
     }

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flextron import bridges as bridging
 from flextron.errors import FlextronError
 from flextron.models import FamilyAdapter, adapter_for
 from flextron.spec import ElasticSpec, SubnetConfig
@@ -206,7 +207,7 @@ class ElasticModel:
     only its q/k/v/o and gate/up/down Linears are swapped for ElasticLinears sharing the weights.
     """
 
-    def __init__(self, model, tokenizer, spec: ElasticSpec):
+    def __init__(self, model, tokenizer, spec: ElasticSpec, bridges: torch.Tensor | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -232,11 +233,39 @@ class ElasticModel:
         self._all_layers = self.adapter.layers(model)
         self._layer_types = list(getattr(model.config, "layer_types", None) or [])
         self._skip: tuple[int, ...] = ()
+        # Linear bridges (flextron.bridges): [L, d, d], what a skipped layer leaves in its place; None for
+        # a checkpoint converted without them (a skipped layer is then the identity). Fixed weights, not
+        # parameters: training does not update them.
+        self._bridge_hooks: list = []
+        self._bridges = bridges
+        self._bridges_as = None
         self.config = spec.full()
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def bridges(self) -> torch.Tensor | None:
+        return self._bridges
+
+    @bridges.setter
+    def bridges(self, value: torch.Tensor | None) -> None:
+        """Replace the bridges (None: skipped layers are the identity); the config in use runs with them."""
+        self._bridges, self._bridges_as = value, None
+        skip, self._skip = self._skip, None
+        self._set_depth(skip)
+
+    def _cast_bridges(self) -> torch.Tensor:
+        """The bridges on the model's device and in its dtype (cast once per device and dtype)."""
+        p = next(self.model.parameters())
+        if self._bridges_as is None or self._bridges_as.dtype != p.dtype or self._bridges_as.device != p.device:
+            self._bridges_as = self.bridges.to(device=p.device, dtype=p.dtype)
+        return self._bridges_as
+
+    @property
+    def rms_eps(self) -> float:
+        return float(getattr(self.model.config, "rms_norm_eps", 1e-6))
 
     def check_positions(self, tokens: int, flag: str = "--seq-len") -> None:
         """Refuse a sequence longer than the positions the model has (a typo like 100000 would otherwise
@@ -260,12 +289,18 @@ class ElasticModel:
         layers, renumbered 0..K-1 for the KV cache, exactly as in a model built with K layers (a cache
         indexed by the original numbers would leave layer 0's slot empty when layer 0 is skipped, and
         transformers reads the sequence length from slot 0). Per-layer attention types (Gemma 3's
-        sliding/full pattern) move with their layers. No weights are copied."""
+        sliding/full pattern) move with their layers. No weights are copied. A skipped layer's bridge, when
+        the checkpoint has one, runs in a hook of the active layer before it (`bridges.attach`)."""
         if skip == self._skip:
             return
         active = [l for l in range(len(self._all_layers)) if l not in set(skip)]
         layers = self._all_layers if not skip else nn.ModuleList([self._all_layers[l] for l in active])
         setattr(self._layers_holder, self._layers_name, layers)
+        for h in self._bridge_hooks:
+            h.remove()
+        self._bridge_hooks = []
+        if skip and self.bridges is not None:
+            self._bridge_hooks = bridging.attach(layers, active, skip, self._cast_bridges(), self.rms_eps)
         for j, l in enumerate(range(len(self._all_layers)) if not skip else active):
             layer = self._all_layers[l]
             for mod in (layer, self.adapter.attn_of(layer)):
@@ -300,6 +335,8 @@ class ElasticModel:
             self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         self.spec.save(folder / SPEC_FILE)
+        if self.bridges is not None:
+            bridging.save_bridges(folder, self.bridges)
 
     @classmethod
     def load(cls, elastic_dir: str | Path, device: str = "cpu",
@@ -322,7 +359,7 @@ class ElasticModel:
                 f"cannot load the elastic checkpoint in {elastic_dir} ({type(e).__name__}: {str(e)[:200]}); "
                 "it may be corrupt: re-run `flextron convert`"
             ) from e
-        return cls(model.to(device).eval(), tok, spec)
+        return cls(model.to(device).eval(), tok, spec, bridging.load_bridges(elastic_dir))
 
 
 def load_importance(elastic_dir: str | Path) -> dict | None:

@@ -5,7 +5,9 @@ becomes a `deci` GGUF: llama.cpp's `deci` architecture builds every layer from i
 KV-head and FFN-width entries (per-layer arrays), while plain `llama` builds every layer from layer
 0's shapes. The head dimension is the same in every layer, as in every flextron model. Skipped
 layers (depth) are not written: the blocks are the active layers, renumbered, and "uniform" looks at
-those only.
+those only; a skipped layer with a linear bridge (flextron.bridges) becomes a `deci` block of its own,
+"linear attention" (attn_output applied to the RMS-normed input, an attention norm of ones) and a zero
+FFN of `BRIDGE_FFN` neurons.
 
 Weights are the elastic model's prefix slices (`hf_export._sliced_state_dict`), with Q and K rows
 reordered for llama.cpp's rotary layout (the same row permutation llama.cpp's own converter applies
@@ -26,10 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from flextron import bridges as bridging
 from flextron.errors import FlextronError
 from flextron.spec import SubnetConfig
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
+BRIDGE_FFN = 32  #: neurons of a bridge block's zero FFN (one quantisation block: q8_0 rows hold 32 values)
 # Families whose decoder llama.cpp's llama/deci graphs compute exactly (RMSNorm, SwiGLU, rotary
 # positions with rotate-half, optional q/k/v/o biases: Qwen2's q/k/v biases included). The others
 # are refused, naming the family.
@@ -196,14 +200,25 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
     out = check_gguf_out(out, overwrite)
     config = elastic.model.config
     theta = _rope_theta(config)
-    # Blocks are the active layers only, renumbered 0..K-1 (skipped layers are not written); the
-    # per-layer lists below are per block.
+    # Blocks are the active layers, renumbered 0..K-1, and in place of a skipped layer its linear bridge
+    # when the checkpoint has one (a skipped layer without one is not written); the lists below are per block.
     active = cfg.active_layers
-    uniform = cfg.is_uniform() and not drop_attention
+    blocks = [("layer", l) if l not in cfg.skip else ("bridge", l)
+              for l in range(spec.num_layers) if l in active or bridging.used(elastic.bridges, l)]
+    bridged = [l for kind, l in blocks if kind == "bridge"]
+    if bridged and spec.hidden_size % spec.head_dim:
+        raise FlextronError(
+            f"this config skips layers {bridged} with linear bridges, which llama.cpp runs as deci 'linear attention' "
+            f"blocks of hidden_size / head_dim heads, but {spec.hidden_size} is not a multiple of {spec.head_dim}; "
+            "convert with --no-bridges to export configs that skip layers")
+    uniform = cfg.is_uniform() and not drop_attention and not bridged
     arch = "llama" if uniform else "deci"
-    mlp_width = [cfg.mlp_width[l] for l in active]
-    n_head = [0 if drop_attention and j else cfg.heads[l] for j, l in enumerate(active)]
-    kv = [h // spec.q_per_kv for h in n_head]
+    # A bridge block: "linear attention" (n_head > 0, n_head_kv 0: attn_output applied to the normed input)
+    # and a zero FFN of BRIDGE_FFN neurons (this llama.cpp's deci graph drops an FFN-free block's output).
+    mlp_width = [cfg.mlp_width[l] if kind == "layer" else BRIDGE_FFN for kind, l in blocks]
+    n_head = [spec.hidden_size // spec.head_dim if kind == "bridge" else 0 if drop_attention and j else cfg.heads[l]
+              for j, (kind, l) in enumerate(blocks)]
+    kv = [0 if kind == "bridge" else h // spec.q_per_kv for h, (kind, _) in zip(n_head, blocks)]
     qtype, file_type = _gguf_kinds(gguf_type)
 
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
@@ -211,7 +226,7 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
     try:
         writer.add_name(name)
         writer.add_file_type(file_type)
-        writer.add_block_count(len(active))
+        writer.add_block_count(len(blocks))
         writer.add_context_length(int(config.max_position_embeddings))
         writer.add_embedding_length(spec.hidden_size)
         writer.add_vocab_size(spec.vocab_size)
@@ -238,8 +253,18 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
         _tensor(writer, "output_norm.weight", state["model.norm.weight"], qtype)
         if not spec.tie_word_embeddings:
             _tensor(writer, "output.weight", state["lm_head.weight"], qtype)
-        for i in range(len(active)):  # the sliced state dict numbers the active layers 0..K-1
-            p, b = f"model.layers.{i}.", f"blk.{i}."
+        row = {l: j for j, l in enumerate(active)}  # the sliced state dict numbers the active layers 0..K-1
+        d = spec.hidden_size
+        for i, (kind, l) in enumerate(blocks):
+            b = f"blk.{i}."
+            if kind == "bridge":
+                _tensor(writer, f"{b}attn_norm.weight", np.ones(d, np.float32), qtype)
+                _tensor(writer, f"{b}attn_output.weight", elastic.bridges[l].float().numpy(), qtype)
+                for gg, shape in (("ffn_gate", (BRIDGE_FFN, d)), ("ffn_up", (BRIDGE_FFN, d)), ("ffn_down", (d, BRIDGE_FFN))):
+                    _tensor(writer, f"{b}{gg}.weight", np.zeros(shape, np.float32), qtype)
+                _tensor(writer, f"{b}ffn_norm.weight", np.ones(d, np.float32), qtype)
+                continue
+            p = f"model.layers.{row[l]}."
             heads = {"q_proj": n_head[i], "k_proj": kv[i]}
             for hf, gg in (("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output")):
                 for part in ("weight", "bias"):
@@ -262,6 +287,6 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
         tmp.unlink(missing_ok=True)
         raise
     return {"out": str(out), "format": "gguf", "arch": arch, "gguf_type": gguf_type, "uniform": uniform,
-            "num_layers": len(active),
+            "num_layers": len(active), "bridges": bridged,
             "params": cfg.param_count(spec), "bytes": out.stat().st_size,
             "loader": "llama.cpp (llama_cpp.Llama(model_path=...))"}

@@ -4,7 +4,9 @@ A uniform config becomes an ordinary transformers checkpoint (smaller intermedia
 counts in config.json). A heterogeneous one keeps per-layer shapes in `flextron_subnet.json` and
 loads with `load_subnet`, which builds the transformers model and resizes each layer's Linears.
 Skipped layers (depth) are left out: the checkpoint has the active layers only, renumbered, with
-`num_hidden_layers` and `layer_types` of those layers; "uniform" looks at the active layers only.
+`num_hidden_layers` and `layer_types` of those layers; "uniform" looks at the active layers only. A
+skipped layer's linear bridge (flextron.bridges), when the run has one, is kept in `bridges.safetensors`
+and run by `load_subnet` where the layer stood (such an export always loads with `load_subnet`).
 
 An export only ever replaces a previous export, and only when asked (`overwrite`): never a model it
 did not write, and never a run's own elastic checkpoint. It is built beside its target and swapped
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flextron import bridges as bridging
 from flextron.elastic import SPEC_FILE, ElasticModel
 from flextron.errors import FlextronError
 from flextron.models import adapter_for
@@ -139,9 +142,12 @@ def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path,
     # Plain transformers can load it only if every layer has the same shape and the head count
     # passes config validation (hidden_size divisible by heads); otherwise load_subnet resizes.
     # Skipped layers are not written: the checkpoint has the active layers only, renumbered.
+    # A skipped layer with a linear bridge (flextron.bridges) keeps it: the export carries those bridges
+    # and loads with load_subnet, which runs them where their layers stood.
     active = cfg.active_layers
     first = active[0]
-    uniform = cfg.is_uniform() and spec.hidden_size % cfg.heads[first] == 0
+    bridged = [l for l in cfg.skip if bridging.used(elastic.bridges, l)]
+    uniform = cfg.is_uniform() and spec.hidden_size % cfg.heads[first] == 0 and not bridged
     config = copy.deepcopy(elastic.model.config)
     config.head_dim = spec.head_dim  # stays fixed while heads shrink
     config.intermediate_size = cfg.mlp_width[first] if uniform else spec.intermediate_size
@@ -158,7 +164,10 @@ def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path,
     if getattr(elastic.model, "generation_config", None) is not None:
         elastic.model.generation_config.save_pretrained(tmp)
     elastic.tokenizer.save_pretrained(tmp)
-    record = {"config": cfg.to_dict(), "uniform": uniform, "num_layers": len(active),
+    if bridged:
+        save_file({"bridges": elastic.bridges[bridged].float().contiguous()}, str(tmp / bridging.BRIDGES_FILE),
+                  metadata={"format": "pt"})
+    record = {"config": cfg.to_dict(), "uniform": uniform, "num_layers": len(active), "bridges": bridged,
               "params": cfg.param_count(spec), **(extra or {})}
     write_json_atomic(tmp / SUBNET_FILE, record)
     if not uniform:
@@ -168,7 +177,8 @@ def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path,
         (tmp / "config.json").write_text(json.dumps(cfg_json, indent=2))
     (tmp / PARTIAL_MARKER).unlink()
     swap_in(tmp, out_dir)
-    return {"out": str(out_dir), "uniform": uniform, "num_layers": len(active), "params": record["params"],
+    return {"out": str(out_dir), "uniform": uniform, "num_layers": len(active), "bridges": bridged,
+            "params": record["params"],
             "loader": "AutoModelForCausalLM.from_pretrained" if uniform else "flextron.load_subnet"}
 
 
@@ -203,4 +213,15 @@ def load_subnet(path: str | Path, device: str = "cpu", dtype: torch.dtype = torc
         )
     if config.tie_word_embeddings:
         model.tie_weights()
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if meta.get("bridges"):  # linear bridges of skipped layers, run by hooks where those layers stood
+        weights = bridging.load_bridges(path)
+        if weights is None or len(weights) != len(meta["bridges"]):
+            raise FlextronError(f"{path} is a damaged export (the bridges of layers {meta['bridges']} are missing or "
+                                "do not match); export it again")
+        full = torch.zeros(max(meta["bridges"]) + 1, *weights.shape[1:], dtype=dtype, device=device)
+        full[meta["bridges"]] = weights.to(device=device, dtype=dtype)
+        model._flextron_bridge_hooks = bridging.attach(
+            adapter_for(config).layers(model), list(cfg.active_layers), meta["bridges"], full,
+            float(getattr(config, "rms_norm_eps", 1e-6)))
+    return model

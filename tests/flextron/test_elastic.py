@@ -3,6 +3,8 @@ import json
 import pytest
 import torch
 
+from flextron import bridges as bridging
+
 from flextron.convert import ConvertConfig, convert
 from flextron.elastic import ElasticModel
 from flextron.models import TINY, load_source
@@ -131,15 +133,56 @@ def _deleted_by_hand(model, skip, cfg):
     return small
 
 
+class _Bridged(torch.nn.Module):
+    """A decoder layer with linear bridges written out by hand around it: `h + W (h / rms(h))` for each
+    matrix in `before` on its input and in `after` on its output."""
+
+    def __init__(self, inner, before, after, eps):
+        super().__init__()
+        self.inner, self.before, self.after, self.eps = inner, before, after, eps
+
+    def _bridge(self, h, ws):
+        for w in ws:
+            h = h + (h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)) @ w.to(h.dtype).T
+        return h
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.inner(self._bridge(hidden_states, self.before), *args, **kwargs)
+        return self._bridge(out, self.after)
+
+
+def _bridged_by_hand(small, keep, skip, bridges, eps):
+    """`small` (the kept layers `keep`) with every skipped layer's bridge after the kept layer before it
+    (before the first kept layer when none is)."""
+    from flextron.models import adapter_for
+
+    adapter = adapter_for(small.config)
+    path, _, name = adapter.layers_path.rpartition(".")
+    holder = small.get_submodule(path)
+    layers = list(getattr(holder, name))
+    wrapped = []
+    for j, (l, layer) in enumerate(zip(keep, layers)):
+        nxt = keep[j + 1] if j + 1 < len(keep) else 10**9
+        before = [bridges[s] for s in sorted(skip) if s < l] if j == 0 else []
+        after = [bridges[s] for s in sorted(skip) if l < s < nxt]
+        wrapped.append(_Bridged(layer, before, after, eps))
+    setattr(holder, name, torch.nn.ModuleList(wrapped))
+    return small
+
+
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma3", "tiny-qwen3"])
 @pytest.mark.parametrize("skip", [(0,), (1,), (0, 2)])
 def test_skipped_layers_give_the_model_with_those_layers_deleted(family, skip, tmp_path):
+    """A skipped layer runs its fitted linear bridge in its place; checked against the dense model with the
+    layers deleted by hand and the bridges written out by hand (and, without bridges, deletion alone)."""
     convert(ConvertConfig(model=family, out=str(tmp_path / "r"), calib_windows=2, calib_seq_len=64))
     elastic = ElasticModel.load(tmp_path / "r" / "elastic").to(dtype=torch.float64)
     spec = elastic.spec
+    assert all(bridging.used(elastic.bridges, l) for l in skip)  # the tiny models' bridges all predict their layer
     cfg = spec.depth(skip, spec.uniform(0.5, 0.5))
     reference = _deleted_by_hand(_dense_sliced(ElasticModel.load(tmp_path / "r" / "elastic").model, spec, cfg),
                                  skip, cfg).to(torch.float64)
+    reference = _bridged_by_hand(reference, cfg.active_layers, skip, elastic.bridges.double(), elastic.rms_eps)
     if reference.config.tie_word_embeddings:
         reference.tie_weights()
     ids = torch.randint(0, 300, (2, 24))
@@ -160,6 +203,62 @@ def test_skipped_layers_give_the_model_with_those_layers_deleted(family, skip, t
         full = elastic(input_ids=ids).logits
         original = ElasticModel.load(tmp_path / "r" / "elastic").to(dtype=torch.float64)(input_ids=ids).logits
     assert (full - original).abs().max().item() <= 1e-9
+
+
+def test_without_bridges_a_skipped_layer_is_deleted(tmp_path):
+    convert(ConvertConfig(model="tiny-llama", out=str(tmp_path / "r"), calib_windows=2, calib_seq_len=64,
+                          bridges=False))
+    assert not (tmp_path / "r" / "elastic" / bridging.BRIDGES_FILE).exists()
+    elastic = ElasticModel.load(tmp_path / "r" / "elastic").to(dtype=torch.float64)
+    assert elastic.bridges is None
+    cfg = elastic.spec.depth((1,))
+    reference = _deleted_by_hand(ElasticModel.load(tmp_path / "r" / "elastic").model, (1,), cfg).to(torch.float64)
+    ids = torch.randint(0, 300, (2, 24))
+    with torch.no_grad(), elastic.use(cfg):
+        got = elastic(input_ids=ids).logits
+    with torch.no_grad():
+        want = reference(input_ids=ids).logits
+    assert (got - want).abs().max().item() <= 1e-9
+
+
+def test_bridges_predict_held_out_updates_and_fall_back_to_the_identity():
+    """A layer whose update is a known linear map of its normalised input gets that map back (held-out gain
+    near 1); a layer whose update is noise unrelated to its input gets no bridge (zeros: the identity)."""
+    torch.manual_seed(0)
+    d, eps = 16, 1e-6
+
+    class Linear(torch.nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.w = w
+
+        def forward(self, h):
+            return h + bridging.rms(h, eps) @ self.w.T
+
+    class Noise(torch.nn.Module):
+        def forward(self, h):
+            return h + torch.randn_like(h)
+
+    class Stack(torch.nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(layers)
+            self.config = type("C", (), {"hidden_size": d})()
+
+        def forward(self, h):
+            for layer in self.layers:
+                h = layer(h)
+            return h
+
+    w = torch.randn(d, d)
+    model = Stack([Linear(w), Noise()])
+    with bridging.BridgeStats(model, model.layers, eps) as stats:
+        for _ in range(4):
+            model(torch.randn(8, 33, d))
+    weights, gains = stats.fit()
+    assert gains[0] > 0.99 and torch.allclose(weights[0], w, atol=0.05)
+    assert gains[1] <= 0 and not weights[1].any()
+    assert stats.tokens == [8 * 4 * 24, 8 * 4 * 8]  # position 0 left out, every 4th position held out
 
 
 def test_a_saved_model_keeps_every_layer_while_a_depth_config_is_set(tiny_run, tmp_path):

@@ -97,6 +97,30 @@ def test_skipped_layers_are_not_written_and_llama_cpp_matches(family, tmp_path):
     assert elastic.config == spec.depth([2])
 
 
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen2"])
+def test_bridged_skips_become_linear_attention_blocks_and_llama_cpp_matches(family, tmp_path):
+    """With linear bridges, a skipped layer is a deci block of its own (linear attention, zero FFN), uniform
+    widths or not, with layer 0 skipped too (its bridge is then the first block)."""
+    elastic = _elastic(family)
+    spec = elastic.spec
+    torch.manual_seed(0)
+    elastic.bridges = torch.randn(spec.num_layers, spec.hidden_size, spec.hidden_size) * 0.05
+    elastic.bridges[2] = 0  # a layer without a bridge: skipped, not written
+    tok_dir = tmp_path / "tok"
+    elastic.tokenizer.save_pretrained(tok_dir)
+    for name, cfg in {"uniform": spec.depth([1], spec.uniform(0.5, 0.5)),
+                      "hetero": spec.depth([0, 2], _configs(spec)["hetero"])}.items():
+        out = write_gguf(elastic, cfg, tmp_path / f"{name}.gguf", "f32", elastic_dir=tok_dir)
+        assert out["arch"] == "deci" and out["bridges"] == [l for l in cfg.skip if l != 2]
+        assert _block_count(tmp_path / f"{name}.gguf") == len(cfg.active_layers) + len(out["bridges"])
+        got, ref = _logits(tmp_path / f"{name}.gguf", IDS), _reference(elastic, cfg, IDS)
+        assert np.abs(got - ref).max() < 1e-3, (family, name)
+        plain = elastic.bridges
+        elastic.bridges = None
+        assert np.abs(got - _reference(elastic, cfg, IDS)).max() > 1e-2  # the bridges show in the logits
+        elastic.bridges = plain
+
+
 def test_f16_and_q8_0_stay_close_and_are_smaller(tmp_path):
     elastic = _elastic("tiny-llama")
     tok_dir = tmp_path / "tok"

@@ -88,7 +88,7 @@ def test_a_heterogeneous_depth_config_round_trips_through_load_subnet(tiny_run, 
     cfg = spec.depth([0], widths)  # layers 1 and 2 run, with different widths and heads
     assert not cfg.is_uniform()
     info = export_subnet(elastic, cfg, tmp_path / "h")
-    assert not info["uniform"] and info["num_layers"] == 2
+    assert not info["uniform"] and info["num_layers"] == 2 and info["bridges"] == [0]  # layer 0's bridge runs first
     model = load_subnet(tmp_path / "h")
     layers = model.model.layers
     assert len(layers) == model.config.num_hidden_layers == 2
@@ -101,6 +101,29 @@ def test_a_heterogeneous_depth_config_round_trips_through_load_subnet(tiny_run, 
         out = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
         ref_out = elastic.model.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
     assert out.tolist() == ref_out.tolist()
+
+
+def test_a_uniform_depth_config_with_a_bridge_loads_with_load_subnet(tiny_run, tmp_path):
+    """Uniform widths, but the skipped layer's bridge must run: not a plain checkpoint; load_subnet runs it."""
+    from flextron import bridges as bridging
+
+    elastic = ElasticModel.load(tiny_run / "elastic")
+    spec = elastic.spec
+    cfg = spec.depth([1], spec.uniform(0.5, 0.5))
+    assert bridging.used(elastic.bridges, 1)
+    info = export_subnet(elastic, cfg, tmp_path / "b")
+    assert not info["uniform"] and info["bridges"] == [1] and info["loader"] == "flextron.load_subnet"
+    model = load_subnet(tmp_path / "b")
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad(), elastic.use(cfg):
+        ref = elastic(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+        assert (got - ref).abs().max().item() < 1e-5
+        out = model.generate(ids[:, :4], max_new_tokens=5, do_sample=False)
+        assert out.tolist() == elastic.model.generate(ids[:, :4], max_new_tokens=5, do_sample=False).tolist()
+    elastic.bridges = None
+    with torch.no_grad(), elastic.use(cfg):
+        assert (got - elastic(input_ids=ids).logits).abs().max().item() > 1e-3  # the bridge shows in the logits
 
 
 @pytest.mark.parametrize("fmt", ["hf", "gguf"])
