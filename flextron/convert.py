@@ -79,15 +79,16 @@ def _check_out_dir(run: RunDir, cfg: ConvertConfig) -> dict | None:
         prev = read_json(prev_cfg, run.root)
         # Fields added since the run was converted take the value the conversion had then.
         prev = {**PRE_FIELD_VALUES, **prev}
-        same = {k: v for k, v in prev.items() if k not in ("out", "overwrite")} == {
-            k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")
-        }
-        if same and not cfg.overwrite:
+        now = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite")}
+        differ = {k: (prev.get(k), v) for k, v in now.items() if prev.get(k) != v}
+        if not differ and not cfg.overwrite:
             return prev
         if not cfg.overwrite:
+            said = ", ".join(f"--{k.replace('_', '-')} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
             raise FlextronError(
-                f"{run.root} already holds a run converted from {prev.get('model')!r} with other settings; "
-                "choose a new --out, or pass --overwrite to replace it (its later stages are removed too)"
+                f"{run.root} already holds a run converted from {prev.get('model')!r} with other settings ({said}); "
+                "choose a new --out, pass those settings to keep using it, or pass --overwrite to replace it (its "
+                "later stages are removed too)"
             )
     elif run.root.exists() and any(run.root.iterdir()) and not cfg.overwrite:
         raise FlextronError(

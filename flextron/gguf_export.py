@@ -260,7 +260,8 @@ def write_gguf(elastic, cfg: SubnetConfig, out: str | Path, gguf_type: str = "f1
             if kind == "bridge":
                 _tensor(writer, f"{b}attn_norm.weight", np.ones(d, np.float32), qtype)
                 _tensor(writer, f"{b}attn_output.weight", elastic.bridges[l].float().numpy(), qtype)
-                for gg, shape in (("ffn_gate", (BRIDGE_FFN, d)), ("ffn_up", (BRIDGE_FFN, d)), ("ffn_down", (d, BRIDGE_FFN))):
+                zero_ffn = (("ffn_gate", (BRIDGE_FFN, d)), ("ffn_up", (BRIDGE_FFN, d)), ("ffn_down", (d, BRIDGE_FFN)))
+                for gg, shape in zero_ffn:
                     _tensor(writer, f"{b}{gg}.weight", np.zeros(shape, np.float32), qtype)
                 _tensor(writer, f"{b}ffn_norm.weight", np.ones(d, np.float32), qtype)
                 continue

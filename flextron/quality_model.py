@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flextron import bridges as bridging
 from flextron.errors import FlextronError
 from flextron.spec import ElasticSpec, SubnetConfig
 
@@ -209,6 +210,15 @@ class _Suffix:
         with torch.no_grad(), el.use(cfg):
             h = self.inputs[first][0]
             skipped = set(cfg.skip)
+            # Skipped layers from `first` on whose bridges hang on an active layer below `first` (which does
+            # not run here): applied by hand. Later bridges run in the hooks of the layers run below.
+            if first in skipped and el.bridges is not None and any(a not in skipped for a in range(first)):
+                bridges = el._cast_bridges()
+                for i in range(first, len(self.layers)):
+                    if i not in skipped:
+                        break
+                    if bridging.used(el.bridges, i):
+                        h = bridging.apply_bridge(h, bridges[i], el.rms_eps)
             for i in range(first, len(self.layers)):
                 if i not in skipped:
                     kwargs = dict(self.inputs[i][1])

@@ -50,6 +50,8 @@ class Artifacts:
                 self.spec = ElasticSpec.load(run / folder / "elastic_spec.json")
                 break
         self.convert = read_json(run / "convert_config.json", run) if (run / "convert_config.json").is_file() else {}
+        report = run / "elastic" / "convert_report.json"
+        self.convert_report = read_json(report, run) if report.is_file() else {}
 
         # quality models, one per weights: (weights, quality_model.json record, evaluations table)
         self.quality = []

@@ -97,6 +97,10 @@ def about(a: Artifacts) -> tuple[str, list[str]]:
     regimes = a.profile.regimes
     facts.append(f"regime{'s' if len(regimes) != 1 else ''}: {', '.join(regimes)}")
     facts.append("weights: " + ("one-shot and trained" if a.trained else "one-shot (untrained)"))
+    bridges = a.convert_report.get("bridges")
+    if a.spec is not None and a.convert_report:
+        facts.append(f"skipped layers: a linear bridge in their place in {bridges['layers']} of {a.spec.num_layers} "
+                     "layers" if bridges else "skipped layers: dropped (converted without linear bridges)")
     date = a.measured_date()
     if date:
         facts.append(f"profiled {date}")

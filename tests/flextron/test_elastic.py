@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from flextron import bridges as bridging
-
 from flextron.convert import ConvertConfig, convert
 from flextron.elastic import ElasticModel
 from flextron.models import TINY, load_source

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from flextron.errors import FlextronError
+from flextron.spec import SubnetConfig
 from reports.build import ReportConfig, build_report
 
 REGIME = "prefill:b1:s64"
@@ -173,6 +174,8 @@ def test_the_page_is_html_with_one_title_sections_and_what_it_is(staged):
     for fact in ("tiny-llama", device["device_name"], "engine: transformers (torch ", _regime(staged),
                  "weights: one-shot and trained", "profiled 20"):
         assert fact in page.about
+    bridges = json.loads((staged / "elastic" / "convert_report.json").read_text())["bridges"]["layers"]
+    assert f"skipped layers: a linear bridge in their place in {bridges} of 3 layers" in page.about
     csp = [m for m in page.metas if m.get("http-equiv") == "Content-Security-Policy"]
     assert csp and "default-src 'none'" in csp[0]["content"]
     assert all(t["header"] and all(len(row) == len(t["header"]) for row in t["rows"]) for t in page.tables)
@@ -210,9 +213,9 @@ def test_lookup_table_has_one_row_per_lookup_row_with_its_numbers(staged):
         assert _row_shows(row, [r["budget_ms"], r["budget_frac"], r["quantile"], None, r["latency_ms_p50"],
                                 r["ratio_to_full"], r["ratio_hi"], r["ppl"], r["source"]])
         cfg = r["config"]
-        assert titles[3] == "m" + ".".join(map(str, cfg["mlp_width"])) + "-h" + ".".join(map(str, cfg["heads"]))
-        assert row[3].startswith("uniform · " if len(set(cfg["mlp_width"])) == 1 == len(set(cfg["heads"]))
-                                 else "mixed · ")
+        assert titles[3] == SubnetConfig.from_dict(cfg).key  # a skipped layer shows width and heads 0
+        c = SubnetConfig.from_dict(cfg)
+        assert row[3].startswith("mixed · " if not c.is_uniform() else "depth · " if c.skip else "uniform · ")
 
 
 def test_verify_table_has_one_row_per_verified_pick_with_its_numbers(staged):

@@ -27,13 +27,16 @@ def test_verify_lookup_report_and_budget_export(fitted, tmp_path, monkeypatch):
     search(SearchConfig(run=str(fitted), budget_ms=budgets, trials=4, eval_windows=2, eval_seq_len=32))
     v = verify(VerifyConfig(run=str(fitted), rounds=2, reps=2, warmup=1))
     assert v["verified"] == 2 and v["within_budget"] == 2  # the latency model predicts the known timer exactly
-    # every budget has its pick within: the uniform fallbacks are not measured (--uniform needed; only a pick
-    # that is itself uniform is), and the lookup serves the picks
+    # every budget has its pick within: the uniform fallbacks are not measured (--uniform needed; only a
+    # search candidate that is itself uniform is, as a pick or a rung), and the lookup serves the picks
     spec_ = ElasticModel.load(fitted / "elastic").spec
     n_uniform = len(spec_.uniform_configs())
-    picked = set(pd.read_parquet(fitted / "verify" / "verified.parquet")["config_key"]) | {spec_.full().key}
+    from flextron.spec import SubnetConfig
+
+    candidates = {SubnetConfig.from_json(c).key for c in pd.read_parquet(_results(fitted) / "trials.parquet")["config"]}
+    candidates.add(spec_.full().key)
     assert v["uniform_measured"] < n_uniform
-    assert set(pd.read_parquet(fitted / "verify" / "uniform.parquet")["config_key"]) <= picked
+    assert set(pd.read_parquet(fitted / "verify" / "uniform.parquet")["config_key"]) <= candidates
     assert export(ExportConfig(run=str(fitted), lookup=True))["rows"] == 2
     verified = {json.dumps(json.loads(c), sort_keys=True)
                 for c in pd.read_parquet(fitted / "verify" / "verified.parquet")["config"]}
