@@ -32,13 +32,15 @@ HOLDOUT_EVERY = 4  #: every 4th position of the calibration windows is held out 
 
 def rms(h: torch.Tensor, eps: float) -> torch.Tensor:
     """`h` scaled to unit root-mean-square over the hidden dimension (in float32 at least, as RMSNorm)."""
-    x = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
-    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    if h.dtype in (torch.float16, torch.bfloat16):
+        x = h.float()
+        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def apply_bridge(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`h + weight @ rms(h)` (weight in nn.Linear's [out, in] layout)."""
-    return h + F.linear(rms(h, eps), weight.to(device=h.device, dtype=h.dtype))
+    """`h + weight @ rms(h)` (weight in nn.Linear's [out, in] layout, on h's device and in its dtype)."""
+    return h + F.linear(rms(h, eps), weight)
 
 
 class BridgeStats:

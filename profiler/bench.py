@@ -134,9 +134,10 @@ class RegimeBench:
 
     def cell_fn(self, layer: int, kind: str, width: int):
         """A zero-argument callable running one layer cell: `kind` "embed" or "head" (layer -1, width
-        0), "attn" at `width` heads or "mlp" at `width` hidden neurons of layer `layer`, or "layer":
+        0), "attn" at `width` heads or "mlp" at `width` hidden neurons of layer `layer`, "layer":
         the whole decoder layer at full size (width 0), whose time beyond its attention and MLP is
-        what skipping the layer saves besides them."""
+        what skipping the layer saves besides them, or "bridge" (width 0): the layer's linear bridge,
+        what a config that skips it runs instead."""
         el, spec = self.elastic, self.elastic.spec
         model = el.model
         if kind == "embed":
@@ -166,6 +167,16 @@ class RegimeBench:
             el.set_config(SubnetConfig(tuple(width if i == layer else ws[-1] for i, ws in enumerate(spec.mlp_widths)),
                                        spec.full().heads))
             return lambda: mlp(x)
+        if kind == "bridge":  # what a skipped layer runs in its place (flextron.bridges), on the layer's input
+            from flextron.bridges import apply_bridge
+
+            full = len(spec.head_counts[0]) - 1
+            self.capture(full)
+            args, kwargs = self._layer_calls[full][layer]
+            h = args[0] if args else kwargs["hidden_states"]
+            w, eps = el._cast_bridges()[layer], el.rms_eps
+            el.set_config(spec.full())
+            return lambda: apply_bridge(h, w, eps)
         if kind == "layer":
             full = len(spec.head_counts[0]) - 1
             _, _, _, reset = self.capture(full)

@@ -148,6 +148,10 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
     attn, mlp = pool_layers(attn, list(groups.values())), pool_layers(mlp, list(groups.values()))
     if whole is not None:
         whole = pool_layers(whole, [[l for l in g if l in whole] for g in groups.values()])
+    # the linear bridges of the layers that have one (same shape in every layer: pooled the same way)
+    bridges = layer_table_from_profile(layers, regime_key, kind="bridge") if whole is not None else None
+    if bridges is not None:
+        bridges = pool_layers(bridges, [[l for l in g if l in bridges] for g in groups.values()])
     rows = e2e[(e2e["regime"] == regime_key) & (e2e["status"] == "ok")]
     if not attn or rows.empty:
         raise FlextronError(f"regime {regime_key} has no usable layer or end-to-end cells; re-run `flextron profile`")
@@ -178,7 +182,8 @@ def fit_regime(layers, e2e, regime_key: str, holdout_frac: float, seed: int,
     test = hetero[:n_test]
     train = np.setdiff1d(np.arange(len(rows)), test)
     X = encode(configs)
-    model = LatencyModel(attn, mlp, fixed, layer_table=whole, tie_layers=tie_layers).fit(X[train], y[train])
+    model = LatencyModel(attn, mlp, fixed, layer_table=whole, tie_layers=tie_layers,
+                         bridge_table=bridges).fit(X[train], y[train])
     metrics = {
         "regime": regime_key,
         "target": target,

@@ -56,7 +56,8 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         layer_table: {layer: isolated ms of the whole decoder layer at full width}, from a profile that
             measured depth (None: an older profile; configs that skip layers are then refused). With it,
             skipping a layer is one more choice per layer, encoded as width 0 and heads 0, whose prior
-            cost is 0: nothing of the layer runs. The layer's own cost beyond its attention and MLP
+            cost is its bridge's isolated time (`bridge_table`; 0 for a layer without one: nothing of the
+            layer runs), unscaled by the form's coefficients. The layer's own cost beyond its attention and MLP
             (norms, residual adds, the call itself: whole layer minus both modules) joins its attention
             choices, so a skip saves it too; the learned per-choice terms correct both from the
             end-to-end configs that skip layers.
@@ -65,10 +66,12 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         cv_folds: folds of the cross-validation that chooses among them.
         tie_layers: layers with identical isolated tables share their learned terms (see `_groups`);
             False learns every layer's own (the model before session 10, kept for comparison).
+        bridge_table: {layer: isolated ms of the layer's linear bridge (flextron.bridges)} from the
+            profile, for the layers that have one (None: a profile without bridge cells).
     """
 
     def __init__(self, attn_table=None, mlp_table=None, fixed_ms: float = 0.0, forms=FORMS, alphas=ALPHAS,
-                 cv_folds: int = 5, layer_table=None, tie_layers: bool = True):
+                 cv_folds: int = 5, layer_table=None, tie_layers: bool = True, bridge_table=None):
         self.attn_table = attn_table
         self.mlp_table = mlp_table
         self.fixed_ms = fixed_ms
@@ -77,6 +80,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         self.cv_folds = cv_folds
         self.layer_table = layer_table
         self.tie_layers = tie_layers
+        self.bridge_table = bridge_table
 
     # ---- shapes ---------------------------------------------------------------------------------
     @property
@@ -160,13 +164,18 @@ class LatencyModel(RegressorMixin, BaseEstimator):
         return np.stack([A[rows, hi].sum(1), M[rows, wi].sum(1)], axis=1)
 
     # ---- the model ------------------------------------------------------------------------------
+    def _bridges_ms(self) -> np.ndarray:
+        """[L] isolated ms of each layer's bridge (0 where it has none, or the profile timed none)."""
+        return np.array([float((self.bridge_table or {}).get(l, 0.0)) for l in range(len(self.mlp_table))])
+
     def _base(self, form: str, theta, A, M):
         c, a, m = theta[:3]
         if form == "scaled":
-            return c, a * A, m * M
-        Ae, Me = np.maximum(theta[3], a * A), np.maximum(theta[4], m * M)
-        if self.depth:  # a skipped layer makes no module call: no host floor either
-            Ae[:, 0], Me[:, 0] = 0.0, 0.0
+            Ae, Me = a * A, m * M
+        else:
+            Ae, Me = np.maximum(theta[3], a * A), np.maximum(theta[4], m * M)
+        if self.depth:  # a skipped layer runs its bridge, as timed alone, or nothing: no host floor either
+            Ae[:, 0], Me[:, 0] = 0.0, self._bridges_ms()
         return c, Ae, Me
 
     def _groups(self) -> np.ndarray:
@@ -327,6 +336,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             "mlp_table": {str(l): {str(k): v for k, v in t.items()} for l, t in self.mlp_table.items()},
             "fixed_ms": self.fixed_ms,
             **({"layer_table": {str(l): float(v) for l, v in self.layer_table.items()}} if self.depth else {}),
+            **({"bridge_table": {str(l): float(v) for l, v in self.bridge_table.items()}} if self.bridge_table else {}),
             "form_": self.form_, "alpha_": self.alpha_,
             "coef_": list(map(float, self.coef_)),
             "intercept_": self.intercept_,
@@ -343,6 +353,7 @@ class LatencyModel(RegressorMixin, BaseEstimator):
             mlp_table={int(l): {int(k): float(v) for k, v in t.items()} for l, t in d["mlp_table"].items()},
             fixed_ms=float(d["fixed_ms"]),
             layer_table={int(l): float(v) for l, v in d["layer_table"].items()} if d.get("layer_table") else None,
+            bridge_table={int(l): float(v) for l, v in d["bridge_table"].items()} if d.get("bridge_table") else None,
         )
         m.coef_ = np.asarray(d["coef_"], dtype=float)
         m.intercept_ = float(d["intercept_"])
@@ -387,11 +398,12 @@ def tables_from_profile(layers, regime_key: str) -> tuple[dict, dict, float]:
     return attn, mlp, fixed
 
 
-def layer_table_from_profile(layers, regime_key: str) -> dict | None:
+def layer_table_from_profile(layers, regime_key: str, kind: str = "layer") -> dict | None:
     """{layer: isolated ms of the whole decoder layer at full width} of one regime (drift-corrected
-    like the other cells), or None when the profile has no whole-layer cells (made before depth)."""
+    like the other cells), or None when the profile has no whole-layer cells (made before depth);
+    `kind` "bridge": the layers' linear bridges likewise (None: no bridge cells)."""
     d = layers[(layers["regime"] == regime_key) & (~layers["anchor"]) & (layers["status"] == "ok")
-               & (layers["kind"] == "layer")]
+               & (layers["kind"] == kind)]
     col = "latency_ms_corrected" if "latency_ms_corrected" in d.columns else "latency_ms_median"
     return {int(l): float(ms) for l, ms in zip(d["layer"], d[col])} or None
 

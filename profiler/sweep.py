@@ -199,10 +199,13 @@ def depth_configs(spec, n: int, seed: int) -> list[SubnetConfig]:
     return out
 
 
-def _layer_cells(spec) -> list[tuple[int, str, int]]:
+def _layer_cells(spec, bridged=()) -> list[tuple[int, str, int]]:
+    """Every isolated cell of a profile; `bridged`: the layers whose skip runs a linear bridge."""
     cells = [(-1, "embed", 0), (-1, "head", 0)]
     for layer in range(spec.num_layers):
         cells.append((layer, "layer", 0))  # the whole layer: what skipping it saves
+        if layer in bridged:
+            cells.append((layer, "bridge", 0))  # what skipping it costs instead
         cells += [(layer, "mlp", w) for w in spec.mlp_widths[layer]]
         cells += [(layer, "attn", h) for h in spec.head_counts[layer]]
     return cells
@@ -400,7 +403,9 @@ def _sweep_regime(elastic, regime: Regime, cfg: ProfileConfig, tele, base: dict,
         n_measured += 1
         return row
 
-    cells = _layer_cells(spec)
+    from flextron.bridges import used
+
+    cells = _layer_cells(spec, [l for l in range(spec.num_layers) if used(elastic.bridges, l)])
     rng.shuffle(cells)  # random order: clock drift spreads over all widths instead of biasing some
     anchor = (0, "mlp", spec.mlp_widths[0][-1])
     todo = [c for c in cells if f"{regime.key}|{c[0]}|{c[1]}|{c[2]}" not in done]

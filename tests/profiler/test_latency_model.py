@@ -259,7 +259,8 @@ def rewrite_profile(run, latency_ms, cv=0.01):
     column; the end-to-end medians become `latency_ms(configs, layers)`, their sample CV `cv`."""
     path = run / "profile" / "layers.parquet"
     layers = pd.read_parquet(path)
-    per_unit = layers["kind"].map({"attn": 0.01, "mlp": 0.001, "embed": 0.0, "head": 0.0, "layer": 0.0})
+    per_unit = layers["kind"].map({"attn": 0.01, "mlp": 0.001, "embed": 0.0, "head": 0.0, "layer": 0.0,
+                                   "bridge": 0.0})
     layers["latency_ms_median"] = layers["latency_ms_corrected"] = 0.05 + per_unit * layers["width"]
     # a whole layer: its attention and MLP at full size (0.05 + 0.01 heads, 0.05 + 0.001 width) and 0.04 ms more
     full = layers[layers["kind"].isin(["attn", "mlp"])].groupby(["layer", "kind"])["latency_ms_median"].max()
@@ -447,6 +448,34 @@ def test_skipping_a_layer_is_a_choice_the_model_predicts_and_ranges_over_exactly
     old = LatencyModel(attn, mlp, 0.0, alphas=(None,)).fit(encode(configs[:10]), y[:10])
     with pytest.raises(FlextronError, match="flextron profile --restart"):
         old.predict_config(no1)
+
+
+def test_a_skipped_layer_with_a_bridge_costs_its_bridge():
+    """With the profile's bridge cells, skipping a layer saves the layer but costs its bridge, as timed
+    alone and unscaled by the form's coefficients; the learned terms fit what is left; a layer without a
+    bridge still costs nothing skipped; the bridge table survives the JSON round trip."""
+    from profiler.sweep import depth_configs
+
+    spec = ElasticSpec.build("llama", 3, 64, 512, 8, 4, 16, 320, mlp_choices=2, head_choices=2)
+    attn, mlp = synthetic(spec)
+    whole = {l: attn[l][8] + mlp[l][512] + 0.05 for l in range(3)}
+    bridge = {0: 0.2, 1: 0.2}  # layer 2 has none
+    configs = spec.uniform_configs() + random_configs(spec, 6, 1) + depth_configs(spec, 8, 0)
+    truth = LatencyModel(attn, mlp, 0.0, layer_table=whole, bridge_table=bridge)
+    sums = truth._sums(encode(configs))
+    skipped = np.array([[l in c.skip for l in range(3)] for c in configs], float)
+    y = 0.7 + 1.3 * sums[:, 0] + 0.9 * sums[:, 1] + skipped @ np.array([0.2, 0.2, 0.0])
+    m = LatencyModel(attn, mlp, 0.0, layer_table=whole, bridge_table=bridge, alphas=(None,)).fit(encode(configs), y)
+    assert np.allclose(m.coef_, [1.3, 0.9], atol=1e-6) and np.allclose(m.predict(encode(configs)), y)
+    full = m.predict_config(spec.full())
+    assert abs(full - m.predict_config(spec.depth([1])) - (1.3 * (attn[1][8] + 0.05) + 0.9 * mlp[1][512] - 0.2)) < 1e-9
+    assert abs(full - m.predict_config(spec.depth([2])) - (1.3 * (attn[2][8] + 0.05) + 0.9 * mlp[2][512])) < 1e-9
+    assert abs(m.layer_table_ms(spec)["skip_ms"][0].item() - 0.2) < 1e-6
+    again = LatencyModel.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert again.bridge_table == bridge and np.allclose(again.predict(encode(configs)), y)
+    # without the bridge cells, the same data leaves the fit off by the bridges
+    blind = LatencyModel(attn, mlp, 0.0, layer_table=whole, alphas=(None,)).fit(encode(configs), y)
+    assert np.abs(blind.predict(encode(configs)) - y).max() > 0.05
 
 
 def test_layers_of_one_shape_share_one_cost_per_choice(profiled, tmp_path):

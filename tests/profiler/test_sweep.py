@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from flextron import bridges as bridging
 from flextron.elastic import ElasticModel
 from flextron.errors import FlextronError
 from profiler.bench import RegimeBench
@@ -73,9 +74,11 @@ def test_sweep_covers_every_layer_and_choice(tiny_run, tmp_path, one_thread):
     s = run_sweep(el, tmp_path / "p", cfg)
     layers = pd.read_parquet(tmp_path / "p" / "layers.parquet")
     spec = el.spec
-    # embedding and head, then per layer: the whole layer, each MLP width, each head count
-    per_regime = 2 + sum(1 + len(w) + len(h) for w, h in zip(spec.mlp_widths, spec.head_counts))
+    # embedding and head, then per layer: the whole layer, its bridge, each MLP width, each head count
+    assert all(bridging.used(el.bridges, l) for l in range(spec.num_layers))
+    per_regime = 2 + sum(2 + len(w) + len(h) for w, h in zip(spec.mlp_widths, spec.head_counts))
     cells = layers[~layers["anchor"]]
+    assert sorted(cells[cells["kind"] == "bridge"]["layer"]) == sorted(list(range(spec.num_layers)) * 2)
     assert len(cells) == 2 * per_regime == s["layer_cells"]
     assert_each_cell_written_once(tmp_path / "p")
     assert len(raw_parts(tmp_path / "p", "layers").query("~anchor")) == 2 * per_regime
@@ -143,7 +146,7 @@ def test_signalled_sweep_resumes_without_lost_or_duplicated_cells(tiny_run, tmp_
 
     el = ElasticModel.load(run / "elastic")
     spec = el.spec
-    n_layer_cells = 2 + sum(1 + len(w) + len(h) for w, h in zip(spec.mlp_widths, spec.head_counts))
+    n_layer_cells = 2 + sum(2 + len(w) + len(h) for w, h in zip(spec.mlp_widths, spec.head_counts))  # layer, bridge
     s = profile(ProfileConfig(run=str(run), regime=("decode:b1:ctx32",), layers_only=True, **FAST))
     cells = raw_parts(out, "layers").query("~anchor")
     # On the raw parts: a resume that measured a finished cell again would duplicate its key here.
