@@ -27,7 +27,6 @@ from flextron.errors import FlextronError
 
 BRIDGES_FILE = "bridges.safetensors"
 RIDGE = 1e-2  #: ridge strength, relative to the mean diagonal of the inputs' Gram matrix
-HOLDOUT_EVERY = 4  #: every 4th position of the calibration windows is held out to decide whether a bridge helps
 
 
 def rms(h: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,9 +45,9 @@ def apply_bridge(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 class BridgeStats:
     """While active (a context manager), forward hooks on every decoder layer accumulate the statistics of
     a least-squares fit of the layer's update (output minus input) on its RMS-normalised input, in float64,
-    for fitting tokens and held-out tokens (every `HOLDOUT_EVERY`-th position of each window) apart.
-    Position 0 of every window is left out: the first token's hidden state is an outlier (an attention
-    sink) that would dominate the fit."""
+    into the fitting set or the held-out set (`held_out`: set it between passes, so that the held-out text
+    is other text than the fitting text). Position 0 of every window is left out: the first token's hidden
+    state is an outlier (an attention sink) that would dominate the fit."""
 
     def __init__(self, model, layers, eps: float):
         self.model, self.layers, self.eps = model, list(layers), eps
@@ -58,6 +57,7 @@ class BridgeStats:
         self.cross = [[z(d, d), z(d, d)] for _ in self.layers]
         self.yy = [[0.0, 0.0] for _ in self.layers]
         self.tokens = [0, 0]
+        self.held_out = False
         self._handles = []
 
     def __enter__(self):
@@ -74,17 +74,15 @@ class BridgeStats:
         def hook(_mod, args, kwargs, output):
             h = args[0] if args else kwargs["hidden_states"]
             out = output[0] if isinstance(output, tuple) else output
-            x = rms(h[:, 1:].float(), self.eps)
-            y = out[:, 1:].float() - h[:, 1:].float()
-            held = torch.arange(1, h.shape[1], device=h.device) % HOLDOUT_EVERY == 0
-            for s, rows in ((0, ~held), (1, held)):
-                xs, ys = x[:, rows].reshape(-1, x.shape[-1]), y[:, rows].reshape(-1, y.shape[-1])
-                xy = (xs.T @ torch.cat([xs, ys], 1)).double()  # one batch's products in float32, summed in float64
-                self.gram[i][s] += xy[:, :xs.shape[1]].cpu()
-                self.cross[i][s] += xy[:, xs.shape[1]:].cpu()
-                self.yy[i][s] += float(ys.double().pow(2).sum())
-                if i == 0:
-                    self.tokens[s] += xs.shape[0]
+            x = rms(h[:, 1:].float(), self.eps).reshape(-1, h.shape[-1])
+            y = (out[:, 1:].float() - h[:, 1:].float()).reshape(-1, h.shape[-1])
+            s = int(self.held_out)
+            xy = (x.T @ torch.cat([x, y], 1)).double()  # one batch's products in float32, summed in float64
+            self.gram[i][s] += xy[:, :x.shape[1]].cpu()
+            self.cross[i][s] += xy[:, x.shape[1]:].cpu()
+            self.yy[i][s] += float(y.double().pow(2).sum())
+            if i == 0:
+                self.tokens[s] += x.shape[0]
         return hook
 
     def fit(self) -> tuple[torch.Tensor, list[float]]:
@@ -92,9 +90,8 @@ class BridgeStats:
         energy the bridge removes). A layer whose share is not positive gets a zero bridge (identity)."""
         if not self.tokens[0] or not self.tokens[1]:
             raise FlextronError(
-                f"too little calibration text to fit the layer bridges ({self.tokens[0]} fitting and {self.tokens[1]} "
-                f"held-out tokens; every {HOLDOUT_EVERY}th position is held out): pass a larger --calib-seq-len, or "
-                "--no-bridges")
+                f"too little text to fit the layer bridges ({self.tokens[0]} fitting and {self.tokens[1]} held-out "
+                "tokens): pass a larger --calib-windows or --calib-seq-len, or --no-bridges")
         weights, gains = [], []
         for g, c, yy in zip(self.gram, self.cross, self.yy):
             w = _ridge(g[0], c[0])

@@ -56,10 +56,11 @@ class ConvertConfig:
     #: calibration, training and evaluation text: `wiki` (Wikipedia summaries, the default), `pydoc`, a text
     #: file (paragraphs split at blank lines) or a folder of .txt files; a path is stored absolute
     corpus: str = BUILTIN_CORPUS
-    #: fit a linear bridge per layer (flextron.bridges) on the calibration windows: what a sub-network that
-    #: skips the layer runs in its place; --no-bridges: a skipped layer is the identity
+    #: fit a linear bridge per layer (flextron.bridges) on --calib-windows windows of the train split, kept
+    #: where it predicts the calibration windows: what a sub-network that skips the layer runs in its place;
+    #: --no-bridges: a skipped layer is the identity
     bridges: bool = True
-    calib_windows: int = 32  #: calibration windows for the importance ranking and the bridges
+    calib_windows: int = 32  #: calibration windows for the importance ranking (and train windows for the bridges)
     calib_seq_len: int = 256  #: tokens per calibration window
     overwrite: bool = False  #: replace another conversion in --out (removes every later stage's results)
 
@@ -131,13 +132,16 @@ def convert(cfg: ConvertConfig) -> dict:
     ref_logits = model(input_ids=parity_ids, use_cache=False).logits
     ref_logits64 = _logits64(model, parity_ids)
 
-    # The bridges are fitted in the same forward passes as the importance ranking (a layer's input and
-    # output do not depend on the order of its neurons), or in their own when --no-rank.
+    # The bridges are fitted on windows of the train split (text no one-shot stage reads: the quality table
+    # measures on calibration windows) and checked against the calibration windows of the importance pass
+    # (a layer's input and output do not depend on the order of its neurons).
     stats = bridging.BridgeStats(model, adapter.layers(model), float(getattr(model.config, "rms_norm_eps", 1e-6))) \
         if cfg.bridges else contextlib.nullcontext()
     calib = token_windows(tok, adapter, "calibration", cfg.calib_seq_len, cfg.calib_windows, corpus=cfg.corpus) \
         if cfg.rank or cfg.bridges else None
     with stats:
+        if cfg.bridges:
+            stats.held_out = True
         if cfg.rank:
             importance = measure_importance(model, calib, progress=lambda it: progress(it, desc="importance"),
                                             mlp_score=cfg.mlp_score)
@@ -145,8 +149,13 @@ def convert(cfg: ConvertConfig) -> dict:
         else:
             importance, order = None, identity_order(spec)
             if cfg.bridges:
-                for ids in progress(list(calib.split(4)), desc="bridges"):
+                for ids in progress(list(calib.split(4)), desc="bridges (held out)"):
                     model(input_ids=ids, use_cache=False)
+        if cfg.bridges:
+            stats.held_out = False
+            fit_text = token_windows(tok, adapter, "train", cfg.calib_seq_len, cfg.calib_windows, corpus=cfg.corpus)
+            for ids in progress(list(fit_text.split(4)), desc="bridges"):
+                model(input_ids=ids, use_cache=False)
     bridges, gains = stats.fit() if cfg.bridges else (None, None)
     permute_weights(model, order)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 ATTN_MS = (0.1, 0.2)  # 0.1 ms + 0.2 ms per attention head
 MLP_MS = (0.1, 0.005)  # 0.1 ms + 0.005 ms per MLP neuron
 LAYER_BEYOND_MS = 0.2  # a whole layer costs this beyond its attention and MLP (norms, residual adds)
+BRIDGE_MS = 0.03  # a skipped layer's linear bridge (flextron.bridges), where it has one
 EMBED_MS, HEAD_MS, GAP_MS = 0.05, 0.3, 0.1  # embedding, final norm + LM head, and what only a whole step has
 SPREAD = (0.99, 1.0, 1.01)  # each measurement's samples, as multiples of its known latency (median exact)
 
@@ -45,13 +46,16 @@ class KnownLatency:
             return self.mlp_ms(width)
         if kind == "layer":  # the whole layer at full size
             return self.attn_ms(spec.head_counts[layer][-1]) + self.mlp_ms(spec.mlp_widths[layer][-1]) + LAYER_BEYOND_MS
-        return {"embed": EMBED_MS, "head": HEAD_MS}[kind]
+        return {"embed": EMBED_MS, "head": HEAD_MS, "bridge": BRIDGE_MS}[kind]
 
-    def e2e_ms(self, cfg) -> float:
-        """One step of sub-network `cfg` (a `SubnetConfig`): the layers it runs, and the fixed part."""
+    def e2e_ms(self, cfg, bridges=None) -> float:
+        """One step of sub-network `cfg` (a `SubnetConfig`): the layers it runs, the bridges of the layers it
+        skips (`bridges`: the elastic model's, None for none), and the fixed part."""
+        from flextron.bridges import used
+
         layers = sum(self.attn_ms(cfg.heads[l]) + self.mlp_ms(cfg.mlp_width[l]) + LAYER_BEYOND_MS
                      for l in cfg.active_layers)
-        return EMBED_MS + HEAD_MS + GAP_MS + layers
+        return EMBED_MS + HEAD_MS + GAP_MS + layers + BRIDGE_MS * sum(used(bridges, l) for l in cfg.skip)
 
     def ratio(self, cfg, full) -> float:
         return self.e2e_ms(cfg) / self.e2e_ms(full)
@@ -65,7 +69,7 @@ class KnownLatency:
         known = self
 
         def forward_fn(bench, cfg):
-            return Known(real_forward(bench, cfg), known.e2e_ms(cfg))
+            return Known(real_forward(bench, cfg), known.e2e_ms(cfg, bench.elastic.bridges))
 
         def cell_fn(bench, layer, kind, width):
             return Known(real_cell(bench, layer, kind, width), known.cell_ms(bench.elastic.spec, layer, kind, width))

@@ -6,6 +6,7 @@ import torch
 from flextron import bridges as bridging
 from flextron.convert import ConvertConfig, convert
 from flextron.elastic import ElasticModel
+from flextron.errors import FlextronError
 from flextron.models import TINY, load_source
 from flextron.spec import SubnetConfig
 
@@ -174,7 +175,7 @@ def _bridged_by_hand(small, keep, skip, bridges, eps):
 def test_skipped_layers_give_the_model_with_those_layers_deleted(family, skip, tmp_path):
     """A skipped layer runs its fitted linear bridge in its place; checked against the dense model with the
     layers deleted by hand and the bridges written out by hand (and, without bridges, deletion alone)."""
-    convert(ConvertConfig(model=family, out=str(tmp_path / "r"), calib_windows=2, calib_seq_len=64))
+    convert(ConvertConfig(model=family, out=str(tmp_path / "r"), calib_windows=4, calib_seq_len=64))
     elastic = ElasticModel.load(tmp_path / "r" / "elastic").to(dtype=torch.float64)
     spec = elastic.spec
     assert all(bridging.used(elastic.bridges, l) for l in skip)  # the tiny models' bridges all predict their layer
@@ -252,12 +253,15 @@ def test_bridges_predict_held_out_updates_and_fall_back_to_the_identity():
     w = torch.randn(d, d)
     model = Stack([Linear(w), Noise()])
     with bridging.BridgeStats(model, model.layers, eps) as stats:
-        for _ in range(4):
+        for held_out in (False, False, False, True):
+            stats.held_out = held_out
             model(torch.randn(8, 33, d))
     weights, gains = stats.fit()
     assert gains[0] > 0.99 and torch.allclose(weights[0], w, atol=0.05)
     assert gains[1] <= 0 and not weights[1].any()
-    assert stats.tokens == [8 * 4 * 24, 8 * 4 * 8]  # position 0 left out, every 4th position held out
+    assert stats.tokens == [3 * 8 * 32, 8 * 32]  # position 0 of every window left out
+    with pytest.raises(FlextronError, match="--calib-windows"):
+        bridging.BridgeStats(model, model.layers, eps).fit()  # no text: a clear error
 
 
 def test_a_saved_model_keeps_every_layer_while_a_depth_config_is_set(tiny_run, tmp_path):
