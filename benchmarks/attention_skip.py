@@ -14,15 +14,18 @@ flextron's configs do not hold it.
 import argparse
 import math
 import os
-import statistics
-import time
+import sys
 import types
+from pathlib import Path
 
 import torch
 
 from flextron.data import token_windows
 from flextron.elastic import ElasticModel
 from profiler.telemetry import Telemetry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_rounds import print_table, step_ratios  # noqa: E402
 
 
 def main():
@@ -84,36 +87,12 @@ def main():
     torch.set_num_threads(1)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
-    from transformers import DynamicCache
-
     prompt, nxt = val[:1, :255], val[:1, 255:256]
-    ratios = {name: [] for name in configs}
-    with torch.no_grad():
-        for _ in range(args.rounds):
-            med = {}
-            for name, c in configs.items():
-                use(**c)
-                cache = DynamicCache(config=m.config)
-                m(input_ids=prompt, cache=cache, use_cache=True)
-                times = []
-                for s in range(args.steps + 1):
-                    t0 = time.perf_counter()
-                    m(input_ids=nxt, cache=cache, use_cache=True)
-                    if s:  # one warm-up step
-                        times.append(time.perf_counter() - t0)
-                    cache.crop(-1)
-                med[name] = statistics.median(times)
-            use()
-            for name in configs:
-                ratios[name].append(med[name] / med["full"])
+    ratios = step_ratios(m, prompt, nxt, configs, use, args.rounds, args.steps)
+    use()
     print(f"\ndevice: {Telemetry('cpu').device_name}  torch {torch.__version__}  one thread, pinned; "
           f"{args.rounds} interleaved rounds x {args.steps} steps; ppl on {val[:, 1:].numel()} validation tokens")
-    print(f"{'config':14s} {'ppl':>8s} {'ratio':>7s} {'round spread (p10-p90)':>24s}")
-    for name in configs:
-        r = sorted(ratios[name])
-        lo, hi = r[int(0.1 * (len(r) - 1))], r[int(math.ceil(0.9 * (len(r) - 1)))]
-        print(f"{name:14s} {ppl[name]:8.1f} {statistics.median(r):7.3f} {lo:11.3f}-{hi:.3f}")
-
+    print_table(ppl, ratios)
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ model's in the same round).
 import argparse
 import json
 import math
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +21,9 @@ import torch
 from flextron.data import token_windows
 from flextron.elastic import ElasticModel
 from profiler.telemetry import Telemetry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_rounds import print_table, step_ratios  # noqa: E402
 
 
 def main():
@@ -42,10 +45,10 @@ def main():
     bridges = em.bridges
     spec = em.spec
     val = token_windows(em.tokenizer, em.adapter, "validation", 256, args.windows)
-    configs = {"full": (spec.full(), True)}
+    configs = {"full": {"cfg": spec.full(), "bridged": True}}
     for k in args.ks:
-        configs[f"skip {k} bridged"] = (spec.depth(path[:k]), True)
-        configs[f"skip {k} identity"] = (spec.depth(path[:k]), False)
+        configs[f"skip {k} bridged"] = {"cfg": spec.depth(path[:k]), "bridged": True}
+        configs[f"skip {k} identity"] = {"cfg": spec.depth(path[:k]), "bridged": False}
 
     def use(cfg, bridged):
         em.bridges = bridges if bridged else None
@@ -63,39 +66,15 @@ def main():
         return math.exp(tot / n)
 
     t0 = time.time()
-    quality = {name: ppl(*c) for name, c in configs.items()}
+    quality = {name: ppl(**c) for name, c in configs.items()}
     print(f"perplexity on {val[:, 1:].numel()} validation tokens in {time.time() - t0:.0f} s", flush=True)
 
-    from transformers import DynamicCache
-
     prompt, nxt = val[:1, :255], val[:1, 255:256]
-    ratios = {name: [] for name in configs}
-    with torch.no_grad():
-        for _ in range(args.rounds):
-            med = {}
-            for name, c in configs.items():
-                use(*c)
-                cache = DynamicCache(config=em.model.config)
-                em(input_ids=prompt, cache=cache, use_cache=True)
-                times = []
-                for s in range(args.steps + 1):
-                    t = time.perf_counter()
-                    em(input_ids=nxt, cache=cache, use_cache=True)
-                    if s:  # the first step is a warm-up
-                        times.append(time.perf_counter() - t)
-                    cache.crop(-1)
-                med[name] = statistics.median(times)
-            for name in configs:
-                ratios[name].append(med[name] / med["full"])
+    ratios = step_ratios(em.model, prompt, nxt, configs, use, args.rounds, args.steps)
     print(f"\ndevice: {Telemetry('cpu').device_name}  torch {torch.__version__}  threads 2; depth path {path}")
     print(f"bridges used by layer: {[int(bool(b.any())) for b in bridges]}")
     print(f"{args.rounds} interleaved rounds x {args.steps} decode steps (b1, ctx 255)")
-    print(f"{'config':22s} {'ppl':>8s} {'ratio':>7s} {'round spread (p10-p90)':>24s}")
-    for name in configs:
-        r = sorted(ratios[name])
-        lo, hi = r[int(0.1 * (len(r) - 1))], r[int(math.ceil(0.9 * (len(r) - 1)))]
-        print(f"{name:22s} {quality[name]:8.2f} {statistics.median(r):7.3f} {lo:11.3f}-{hi:.3f}")
-
+    print_table(quality, ratios, width=22)
 
 if __name__ == "__main__":
     main()

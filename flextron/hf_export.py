@@ -183,7 +183,8 @@ def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path,
 
 
 def load_subnet(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load an exported sub-network (uniform or heterogeneous) as a plain transformers model."""
+    """Load an exported sub-network (uniform or heterogeneous) as a plain transformers model. An export with
+    linear bridges runs them in forward hooks, on `device` and in `dtype`: load it where it will run."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
