@@ -85,7 +85,11 @@ def _check_out_dir(run: RunDir, cfg: ConvertConfig) -> dict | None:
         if not differ and not cfg.overwrite:
             return prev
         if not cfg.overwrite:
-            said = ", ".join(f"--{k.replace('_', '-')} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+            def flag(k, v):
+                name = k.replace("_", "-")
+                return (f"--{name}" if v else f"--no-{name}") if isinstance(v, bool) else f"--{name} {v!r}"
+
+            said = ", ".join(f"{flag(k, a)} there, {flag(k, b)} now" for k, (a, b) in differ.items())
             raise FlextronError(
                 f"{run.root} already holds a run converted from {prev.get('model')!r} with other settings ({said}); "
                 "choose a new --out, pass those settings to keep using it, or pass --overwrite to replace it (its "

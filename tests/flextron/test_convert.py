@@ -84,3 +84,21 @@ def test_a_run_converted_before_mlp_score_is_still_the_same_conversion(tmp_path,
     assert "other settings" in capsys.readouterr().err
     assert main(argv + ["--mlp-score", "mean"]) == 2
     assert "--mlp-score 'mean' is not one of ['output', 'activation']" in capsys.readouterr().err
+
+
+def test_a_run_converted_before_bridges_has_none_and_the_default_names_the_difference(tmp_path, capsys):
+    """Runs converted before bridges skip layers as the identity: the same command with --no-bridges reuses
+    the directory; the default (bridges) refuses it, naming the flag that differs."""
+    run = tmp_path / "r"
+    argv = ["convert", "--model", "tiny-llama", "--out", str(run), "--calib-windows", "2"]
+    assert main(argv + ["--no-bridges"]) == 0
+    assert not (run / "elastic" / "bridges.safetensors").exists()
+    cfg = json.loads((run / "convert_config.json").read_text())
+    assert cfg.pop("bridges") is False
+    (run / "convert_config.json").write_text(json.dumps(cfg))  # as written before the field existed
+    capsys.readouterr()
+    assert main(argv + ["--no-bridges"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reused"]
+    assert main(argv) == 2
+    assert "other settings (--no-bridges there, --bridges now)" in capsys.readouterr().err
+    assert not (run / "elastic" / "bridges.safetensors").exists()  # nothing earlier overwritten
