@@ -2,18 +2,18 @@
 
 A decoder layer adds an update to the residual stream. Skipping it drops the update; a bridge puts back
 the part of it a linear map of the layer's RMS-normalised input predicts, `h + W rms(h)`, fitted by ridge
-least squares on calibration text at convert (ReplaceMe, Shopkhoev et al. 2025, fits a linear map in
+least squares on train-split text at convert (ReplaceMe, Shopkhoev et al. 2025, fits a linear map in
 place of pruned blocks the same way, training-free). One matrix per layer, fitted on the dense model's
 activations, so one checkpoint serves every set of skipped layers. A layer whose bridge does not
 predict its update better than nothing on held-out calibration windows keeps no bridge (skipping it stays
 the identity).
 
 Measured on SmolLM2-135M's one-shot weights (docs/results.md, session 17): skipping the depth path's
-first 9 layers reads perplexity 68.8 without bridges and 42.2 with them, at a decode-step cost of about
-1.5% of the full model for the nine bridges (one matrix-vector product and a norm each).
+first 9 layers reads perplexity 76.9 without bridges and 43.9 with them (16k validation tokens); a
+bridge (one matrix-vector product and a norm) times 0.044 ms against 2.04 ms for a whole layer.
 
 `h + W rms(h)` is what llama.cpp's `deci` architecture runs as a "linear attention" block (an
-attention-norm of ones and `attn_output` = W, no FFN), so GGUF exports carry bridges exactly.
+attention-norm of ones and `attn_output` = W, with a zero FFN), so GGUF exports carry bridges exactly.
 """
 
 from __future__ import annotations
