@@ -29,6 +29,11 @@ BRIDGES_FILE = "bridges.safetensors"
 RIDGE = 1e-2  #: ridge strength, relative to the mean diagonal of the inputs' Gram matrix
 
 
+def eps_of(config) -> float:
+    """The RMSNorm epsilon of a transformers config: the one a bridge's norm uses too."""
+    return float(getattr(config, "rms_norm_eps", 1e-6))
+
+
 def rms(h: torch.Tensor, eps: float) -> torch.Tensor:
     """`h` scaled to unit root-mean-square over the hidden dimension (in float32 at least, as RMSNorm)."""
     if h.dtype in (torch.float16, torch.bfloat16):

@@ -139,7 +139,7 @@ def convert(cfg: ConvertConfig) -> dict:
     # The bridges are fitted on windows of the train split (text no one-shot stage reads: the quality table
     # measures on calibration windows) and checked against the calibration windows of the importance pass
     # (a layer's input and output do not depend on the order of its neurons).
-    stats = bridging.BridgeStats(model, adapter.layers(model), float(getattr(model.config, "rms_norm_eps", 1e-6))) \
+    stats = bridging.BridgeStats(model, adapter.layers(model), bridging.eps_of(model.config)) \
         if cfg.bridges else contextlib.nullcontext()
     calib = token_windows(tok, adapter, "calibration", cfg.calib_seq_len, cfg.calib_windows, corpus=cfg.corpus) \
         if cfg.rank or cfg.bridges else None

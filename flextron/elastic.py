@@ -256,7 +256,7 @@ class ElasticModel:
         skip, self._skip = self._skip, None
         self._set_depth(skip)
 
-    def _cast_bridges(self) -> torch.Tensor:
+    def cast_bridges(self) -> torch.Tensor:
         """The bridges on the model's device and in its dtype (cast once per device and dtype)."""
         p = next(self.model.parameters())
         if self._bridges_as is None or self._bridges_as.dtype != p.dtype or self._bridges_as.device != p.device:
@@ -265,7 +265,7 @@ class ElasticModel:
 
     @property
     def rms_eps(self) -> float:
-        return float(getattr(self.model.config, "rms_norm_eps", 1e-6))
+        return bridging.eps_of(self.model.config)
 
     def check_positions(self, tokens: int, flag: str = "--seq-len") -> None:
         """Refuse a sequence longer than the positions the model has (a typo like 100000 would otherwise
@@ -300,7 +300,7 @@ class ElasticModel:
             h.remove()
         self._bridge_hooks = []
         if skip and self.bridges is not None:
-            self._bridge_hooks = bridging.attach(layers, active, skip, self._cast_bridges(), self.rms_eps)
+            self._bridge_hooks = bridging.attach(layers, active, skip, self.cast_bridges(), self.rms_eps)
         for j, l in enumerate(range(len(self._all_layers)) if not skip else active):
             layer = self._all_layers[l]
             for mod in (layer, self.adapter.attn_of(layer)):

@@ -165,8 +165,7 @@ def export_subnet(elastic: ElasticModel, cfg: SubnetConfig, out_dir: str | Path,
         elastic.model.generation_config.save_pretrained(tmp)
     elastic.tokenizer.save_pretrained(tmp)
     if bridged:
-        save_file({"bridges": elastic.bridges[bridged].float().contiguous()}, str(tmp / bridging.BRIDGES_FILE),
-                  metadata={"format": "pt"})
+        bridging.save_bridges(tmp, elastic.bridges[bridged].float())
     record = {"config": cfg.to_dict(), "uniform": uniform, "num_layers": len(active), "bridges": bridged,
               "params": cfg.param_count(spec), **(extra or {})}
     write_json_atomic(tmp / SUBNET_FILE, record)
@@ -224,5 +223,5 @@ def load_subnet(path: str | Path, device: str = "cpu", dtype: torch.dtype = torc
         full[meta["bridges"]] = weights.to(device=device, dtype=dtype)
         model._flextron_bridge_hooks = bridging.attach(
             adapter_for(config).layers(model), list(cfg.active_layers), meta["bridges"], full,
-            float(getattr(config, "rms_norm_eps", 1e-6)))
+            bridging.eps_of(config))
     return model

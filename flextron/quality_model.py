@@ -213,7 +213,7 @@ class _Suffix:
             # Skipped layers from `first` on whose bridges hang on an active layer below `first` (which does
             # not run here): applied by hand. Later bridges run in the hooks of the layers run below.
             if first in skipped and el.bridges is not None and any(a not in skipped for a in range(first)):
-                bridges = el._cast_bridges()
+                bridges = el.cast_bridges()
                 for i in range(first, len(self.layers)):
                     if i not in skipped:
                         break

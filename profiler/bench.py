@@ -174,7 +174,7 @@ class RegimeBench:
             self.capture(full)
             args, kwargs = self._layer_calls[full][layer]
             h = args[0] if args else kwargs["hidden_states"]
-            w, eps = el._cast_bridges()[layer], el.rms_eps
+            w, eps = el.cast_bridges()[layer], el.rms_eps
             el.set_config(spec.full())
             return lambda: apply_bridge(h, w, eps)
         if kind == "layer":
